@@ -1,0 +1,1 @@
+"""geomesh geodns package."""

@@ -1,0 +1,1 @@
+"""geomesh regional_gateway package."""
