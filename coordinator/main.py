@@ -1,0 +1,77 @@
+"""`geomesh-coordinator`: command line and process lifecycle of the coordinator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from coordinator.server import Coordinator, CoordinatorConfig
+from geomesh import logs, metrics
+from geomesh.errors import ValidationError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="geomesh-coordinator",
+        description="geomesh coordinator: the gRPC control plane (Admin, GatewayControl, RoutingFeed) over etcd. "
+                    "Run several replicas against one etcd cluster; they agree through etcd.")
+    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd client endpoint host:port (default %(default)s)")
+    p.add_argument("--listen", default="127.0.0.1:7443",
+                   help="gRPC listen address host:port; port 0 picks a free port (default %(default)s)")
+    p.add_argument("--pki-dir", type=Path, help="PKI directory made by `geomesh pki init` (CA + serving cert); "
+                   "required unless --insecure")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve plaintext without client certificates; only allowed on a loopback address, "
+                        "for demos. Callers name themselves with the x-geomesh-identity header (default admin)")
+    p.add_argument("--server-host", action="append", default=[], metavar="HOST",
+                   help="extra DNS name or IP for the serving certificate (repeatable)")
+    p.add_argument("--mesh-cidr", default="10.88.0.0/16", help="range the gateways' mesh IPs come from (default %(default)s)")
+    p.add_argument("--lease-ttl", type=int, default=3,
+                   help="seconds a gateway stays alive after its coordinator loses contact (default %(default)s)")
+    p.add_argument("--etcd-timeout", type=float, default=2.0, help="deadline of each etcd call in seconds (default %(default)s)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
+    p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default %(default)s)")
+    p.add_argument("--log-format", default="json", choices=["json", "text"], help="log format (default %(default)s)")
+    return p
+
+
+async def run(args: argparse.Namespace) -> None:
+    config = CoordinatorConfig(etcd=args.etcd, listen=args.listen, pki_dir=args.pki_dir, insecure=args.insecure,
+                               mesh_cidr=args.mesh_cidr, lease_ttl=args.lease_ttl, metrics_host=args.metrics_host,
+                               metrics_port=args.metrics_port, server_hosts=tuple(args.server_host),
+                               etcd_timeout=args.etcd_timeout)
+    coordinator = Coordinator(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    port = await coordinator.start()
+    metrics_port = metrics.serve(config.metrics_host, config.metrics_port)
+    if args.port_file:
+        args.port_file.write_text(f"{port}\n")
+    print(f"geomesh-coordinator serving on port {port}" + (f", metrics on {metrics_port}" if metrics_port else ""),
+          file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await coordinator.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    try:
+        asyncio.run(run(args))
+    except ValidationError as exc:
+        print(f"geomesh-coordinator: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

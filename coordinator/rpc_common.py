@@ -1,0 +1,145 @@
+"""What every coordinator RPC shares: who is calling, what they may do, how errors map to codes.
+
+`unary(roles)` and `stream(roles)` wrap servicer methods: they identify the caller from the mTLS
+certificate (role = OU, name = CN; in --insecure mode from the x-geomesh-identity header), refuse
+roles not listed, map geomesh's typed errors to gRPC status codes in this one place, and record
+request count and latency per method and code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from geomesh.channel import INSECURE_IDENTITY_HEADER
+from geomesh.errors import (
+    AlreadyExistsError,
+    ExhaustedError,
+    GeomeshError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+    StoreUnavailableError,
+    UnauthenticatedError,
+    ValidationError,
+)
+from geomesh.pki import ROLES, identity_of_pem
+
+log = logging.getLogger("geomesh.coordinator.rpc")
+
+REQUESTS = Counter("geomesh_coordinator_requests_total", "RPCs handled", ["method", "code"])
+LATENCY = Histogram("geomesh_coordinator_request_seconds", "RPC latency (unary) or stream lifetime",
+                    ["method"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5, 10))
+
+CODE_OF: dict[type[GeomeshError], grpc.StatusCode] = {
+    ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFoundError: grpc.StatusCode.NOT_FOUND,
+    AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    StoreUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    ExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    role: str
+    name: str
+
+    def require_gateway(self, name: str, what: str = "gateway") -> None:
+        """A gateway identity may act only on itself."""
+        if self.role == "gateway" and self.name != name:
+            raise PermissionDeniedError(f"gateway {self.name!r} may not change {what} {name!r}")
+
+
+def identify(context: grpc.aio.ServicerContext, insecure: bool) -> Caller:
+    if insecure:
+        for k, v in context.invocation_metadata() or ():
+            if k == INSECURE_IDENTITY_HEADER:
+                role, _, name = str(v).partition("/")
+                if role not in ROLES or not name:
+                    raise UnauthenticatedError(f"{INSECURE_IDENTITY_HEADER} must be '<role>/<name>'")
+                return Caller(role, name)
+        return Caller("admin", "admin")
+    auth = context.auth_context() or {}
+    pems = auth.get("x509_pem_cert")
+    if not pems:
+        raise UnauthenticatedError("no client certificate: this port requires mTLS")
+    role, name = identity_of_pem(pems[0])
+    return Caller(role, name)
+
+
+def _code(exc: GeomeshError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in CODE_OF:
+            return CODE_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _check_role(caller: Caller, roles: tuple[str, ...], method: str) -> None:
+    if caller.role not in roles:
+        raise PermissionDeniedError(f"role {caller.role!r} may not call {method} (allowed: {', '.join(roles)})")
+
+
+def unary(*roles: str) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        method = fn.__name__
+
+        @functools.wraps(fn)
+        async def handler(self, request, context):  # noqa: ANN001, ANN202
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                caller = identify(context, self.insecure)
+                _check_role(caller, roles, method)
+                return await fn(self, request, context, caller)
+            except GeomeshError as exc:
+                code = _code(exc)
+                await context.abort(code, str(exc))
+            except Exception:
+                if context.code() not in (None, grpc.StatusCode.OK):
+                    code = context.code()
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error in %s", method)
+                await context.abort(code, f"internal error in {method}")
+            finally:
+                REQUESTS.labels(method, code.name).inc()
+                LATENCY.labels(method).observe(time.perf_counter() - start)
+
+        return handler
+
+    return wrap
+
+
+def stream(*roles: str) -> Callable:
+    def wrap(fn: Callable) -> Callable:
+        method = fn.__name__
+
+        @functools.wraps(fn)
+        async def handler(self, request, context):  # noqa: ANN001, ANN202
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                caller = identify(context, self.insecure)
+                _check_role(caller, roles, method)
+                async for item in fn(self, request, context, caller):
+                    yield item
+            except GeomeshError as exc:
+                code = _code(exc)
+                await context.abort(code, str(exc))
+            finally:
+                REQUESTS.labels(method, code.name).inc()
+                LATENCY.labels(method).observe(time.perf_counter() - start)
+
+        return handler
+
+    return wrap

@@ -1,0 +1,166 @@
+"""The coordinator process: etcd cache + gRPC server, started and stopped in one order.
+
+`CoordinatorConfig` has no side effects; `Coordinator.start()` connects to etcd, loads the cache
+(waiting for etcd if it is not up yet), starts the single watch and the lease keepalive stream,
+then serves Admin, GatewayControl, RoutingFeed, reflection and grpc.health.v1 with mTLS (or
+plaintext on loopback when --insecure was asked for). `stop()` follows the house shutdown order:
+health NOT_SERVING, stop accepting, drain streams with a deadline, cancel the rest, release leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
+
+from coordinator.operations import Operations
+from coordinator.services import AdminService, GatewayControlService, RoutingFeedService
+from coordinator.state import PREFIX, State
+from coordinator.store import Compacted, EtcdStore, LeaseSet
+from geomesh import validate
+from geomesh.api import geomesh_pb2 as pb
+from geomesh.api import geomesh_pb2_grpc as pbg
+from geomesh.errors import StoreUnavailableError, ValidationError
+from geomesh.pki import Pki
+
+log = logging.getLogger("geomesh.coordinator")
+
+CACHE_REVISION = Gauge("geomesh_coordinator_cache_revision", "etcd revision of the coordinator's cache")
+ETCD_UP = Gauge("geomesh_coordinator_etcd_connected", "1 while the coordinator's watch on etcd is healthy")
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Admin", "GatewayControl", "RoutingFeed"))
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    etcd: str = "127.0.0.1:2379"
+    listen: str = "127.0.0.1:7443"
+    pki_dir: Path | None = None
+    insecure: bool = False
+    mesh_cidr: str = "10.88.0.0/16"
+    lease_ttl: int = 3
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1  # -1: off
+    server_hosts: tuple[str, ...] = field(default_factory=tuple)
+    etcd_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValidationError("listen", f"{self.listen!r} is not host:port")
+        if self.insecure:
+            try:
+                loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+            except ValueError:
+                loopback = host == "localhost"
+            if not loopback:
+                raise ValidationError("insecure", "plaintext is allowed only on a loopback address")
+        elif self.pki_dir is None:
+            raise ValidationError("pki_dir", "is required unless --insecure (loopback demos only)")
+        validate.cidr("mesh_cidr", self.mesh_cidr)
+        if not 1 <= self.lease_ttl <= 60:
+            raise ValidationError("lease_ttl", "must be 1..60 seconds")
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.store = EtcdStore(config.etcd, timeout=config.etcd_timeout)
+        self.state = State(config.mesh_cidr)
+        self.leases = LeaseSet()
+        self.ops = Operations(self.store, self.state)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task] = []
+        self._loaded = asyncio.Event()
+
+    async def start(self) -> int:
+        cfg = self.config
+        self._tasks.append(asyncio.create_task(self._watch_loop(), name="etcd-watch"))
+        self._tasks.append(asyncio.create_task(
+            self.store.keepalive_forever(self.leases, max(cfg.lease_ttl / 3, 0.3)), name="lease-keepalive"))
+        await self._loaded.wait()
+
+        server = grpc.aio.server(options=[
+            ("grpc.keepalive_time_ms", 5000),
+            ("grpc.keepalive_timeout_ms", 3000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ])
+        pbg.add_AdminServicer_to_server(AdminService(self.state, self.ops, insecure=cfg.insecure), server)
+        pbg.add_RoutingFeedServicer_to_server(RoutingFeedService(self.state, self.ops, insecure=cfg.insecure), server)
+        pbg.add_GatewayControlServicer_to_server(GatewayControlService(
+            self.state, self.ops, self.store, self.leases, insecure=cfg.insecure,
+            lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        if cfg.insecure:
+            self.port = server.add_insecure_port(cfg.listen)
+        else:
+            assert cfg.pki_dir is not None
+            ident = Pki(cfg.pki_dir).server(list(cfg.server_hosts))
+            ca, cert, key = ident.read()
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+            self.port = server.add_secure_port(cfg.listen, creds)
+        if self.port == 0:
+            raise OSError(f"could not listen on {cfg.listen}")
+        await server.start()
+        self.server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("coordinator serving", extra={"fields": {"port": self.port, "etcd": cfg.etcd,
+                                                           "revision": self.state.revision, "tls": not cfg.insecure}})
+        return self.port
+
+    async def _watch_loop(self) -> None:
+        """The one watch: load a snapshot, then follow every revision; reload on compaction."""
+        need_snapshot = True
+        backoff = 0.1
+        while True:
+            try:
+                if need_snapshot:
+                    revision, kvs = await self.store.get_prefix(PREFIX)
+                    self.state.load(revision, kvs)
+                    need_snapshot = False
+                    log.info("cache loaded", extra={"fields": {"revision": revision, "keys": len(kvs)}})
+                    self._loaded.set()
+                ETCD_UP.set(1)
+                async for item in self.store.watch_prefix(PREFIX, self.state.revision + 1):
+                    if isinstance(item, Compacted):
+                        log.warning("watch revision compacted: reloading", extra={"fields": {"compact_revision": item.compact_revision}})
+                        need_snapshot = True
+                        break
+                    self.state.apply_batch(item)
+                    CACHE_REVISION.set(self.state.revision)
+                    backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailableError as exc:
+                ETCD_UP.set(0)
+                log.warning("etcd unavailable; serving from cache", extra={"fields": {"error": str(exc), "revision": self.state.revision}})
+            except Exception:
+                ETCD_UP.set(0)
+                log.exception("watch loop error")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for lease in self.leases.ids():
+            try:
+                await self.store.revoke(lease)
+            except Exception:  # noqa: BLE001 - best effort: the lease expires on its own
+                pass
+        await self.store.close()

@@ -1,0 +1,299 @@
+"""The coordinator's in-memory cache of etcd, and the views computed from it.
+
+One watch over `/geomesh/v1/` feeds `State.apply_batch`; everything the services read comes from
+here, so reads keep working while etcd is away. Besides the current objects, the state keeps a
+change history: for each etcd revision, which routing resources and which mesh peers changed.
+A stream that is at revision R asks `changes_since(R)` and sends only those (coalesced), so a
+slow consumer catches up in one message and a join in an N-gateway mesh costs each other
+gateway one peer, not N. A consumer older than the history gets a snapshot instead.
+
+Everything here is synchronous and pure apart from the asyncio.Event used to wake streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from coordinator.store import KV, Event
+from geomesh.api import geomesh_pb2 as pb
+from geomesh.errors import ValidationError
+from geomesh.model import App, Domain, Gateway, GatewayState, Instance, Region, Resource, resource_to_proto
+from geomesh.routing_table import RoutingTable
+
+PREFIX = b"/geomesh/v1/"
+K = pb.ResourceKey
+_KIND_OF_DIR = {"regions": K.KIND_REGION, "gateways": K.KIND_GATEWAY, "alive": K.KIND_GATEWAY,
+                "apps": K.KIND_APP, "instances": K.KIND_INSTANCE, "domains": K.KIND_DOMAIN}
+HISTORY_LIMIT = 50_000
+
+
+def key(kind: str, name: str) -> bytes:
+    """The etcd key of an object: key("gateways", "gw1") -> b"/geomesh/v1/gateways/gw1"."""
+    return PREFIX + f"{kind}/{name}".encode()
+
+
+@dataclass(slots=True)
+class Change:
+    revision: int
+    routing: set[tuple[int, str]] = field(default_factory=set)  # (ResourceKey.Kind, name)
+    mesh: set[str] = field(default_factory=set)                  # gateway names whose peer changed
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """What changed after a revision: routing keys and mesh peers (None => send a snapshot)."""
+
+    revision: int
+    routing: frozenset[tuple[int, str]] | None
+    mesh: frozenset[str] | None
+
+
+class State:
+    def __init__(self, mesh_cidr: str = "10.88.0.0/16") -> None:
+        self.mesh_network = ipaddress.ip_network(mesh_cidr)
+        self.revision = 0
+        self.floor = 0  # we know every change after this revision
+        self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam")}
+        self.regions: dict[str, Region] = {}
+        self.gateways: dict[str, Gateway] = {}  # stored records (alive filled in by resource())
+        self.apps: dict[str, App] = {}
+        self.instances: dict[str, Instance] = {}
+        self.domains: dict[str, Domain] = {}
+        self.ipam: dict[str, str] = {}  # mesh ip -> gateway
+        self.history: deque[Change] = deque()
+        self._tick = asyncio.Event()
+        self._table: RoutingTable | None = None
+
+    # -- loading and applying ----------------------------------------------------------------
+
+    def load(self, revision: int, kvs: Iterable[KV]) -> None:
+        """Replace everything with a consistent snapshot taken at `revision`."""
+        for d in self.raw.values():
+            d.clear()
+        for obj in (self.regions, self.gateways, self.apps, self.instances, self.domains, self.ipam):
+            obj.clear()
+        for kv in kvs:
+            self._set(kv.key, kv.value, kv.mod_revision)
+        self.revision = revision
+        self.floor = revision  # history before this point is unknown: older consumers get snapshots
+        self.history.clear()
+        self._wake()
+
+    def apply_batch(self, events: list[Event]) -> Change:
+        """Apply the events of one etcd revision; returns what changed."""
+        rev = events[0].mod_revision
+        change = Change(rev)
+        for ev in events:
+            parsed = self._split(ev.key)
+            if parsed is None:
+                continue
+            directory, name = parsed
+            before_regions_subnet = self.regions.get(name).instance_subnet if directory == "regions" and name in self.regions else None
+            self._set(ev.key, ev.value, ev.mod_revision)
+            kind = _KIND_OF_DIR.get(directory)
+            if kind is not None:
+                change.routing.add((kind, name))
+            if directory == "gateways":
+                change.mesh.add(name)
+            elif directory == "regions":
+                after = self.regions.get(name)
+                if (after.instance_subnet if after else None) != before_regions_subnet:
+                    change.mesh.update(g.name for g in self.gateways.values() if g.region == name)
+        self.revision = max(self.revision, rev)
+        if change.routing or change.mesh:
+            self.history.append(change)
+            while len(self.history) > HISTORY_LIMIT:
+                self.floor = self.history.popleft().revision
+        self._wake()
+        return change
+
+    def note_progress(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            self._wake()
+
+    def _wake(self) -> None:
+        self._table = None
+        old, self._tick = self._tick, asyncio.Event()
+        old.set()
+
+    async def wait_change(self, after_revision: int, timeout: float | None = None) -> bool:
+        """Wait until the state is past `after_revision`; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self.revision <= after_revision:
+            tick = self._tick
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(tick.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    @staticmethod
+    def _split(raw_key: bytes) -> tuple[str, str] | None:
+        if not raw_key.startswith(PREFIX):
+            return None
+        rest = raw_key[len(PREFIX):].decode(errors="replace")
+        directory, _, name = rest.partition("/")
+        return (directory, name) if name else None
+
+    def _set(self, raw_key: bytes, value: bytes | None, mod_revision: int) -> None:
+        parsed = self._split(raw_key)
+        if parsed is None or parsed[0] not in self.raw:
+            return
+        directory, name = parsed
+        store = self.raw[directory]
+        if value is None:
+            store.pop(name, None)
+        else:
+            store[name] = KV(raw_key, value, 0, mod_revision)
+        try:
+            self._decode(directory, name, value, mod_revision)
+        except (ValueError, ValidationError, TypeError):
+            # a hand-edited or foreign value: ignore it rather than poison the cache
+            self._decode(directory, name, None, mod_revision)
+
+    def _decode(self, directory: str, name: str, value: bytes | None, mod_revision: int) -> None:
+        if directory == "regions":
+            _put(self.regions, name, None if value is None else Region.from_json(value))
+        elif directory == "gateways":
+            _put(self.gateways, name, None if value is None else Gateway.from_json(value, mod_revision=mod_revision))
+        elif directory == "apps":
+            _put(self.apps, name, None if value is None else App.from_json(value, mod_revision=mod_revision))
+        elif directory == "instances":
+            _put(self.instances, name, None if value is None else Instance.from_json(value))
+        elif directory == "domains":
+            _put(self.domains, name, None if value is None else Domain.from_json(value))
+        elif directory == "ipam":
+            _put(self.ipam, name, None if value is None else value.decode())
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def alive(self, gateway: str) -> bool:
+        return gateway in self.raw["alive"]
+
+    def gateway(self, name: str) -> Gateway | None:
+        g = self.gateways.get(name)
+        if g is None:
+            return None
+        alive = self.alive(name)
+        if g.alive == alive:
+            return g
+        return dataclasses.replace(g, alive=alive)
+
+    def resource(self, kind: int, name: str) -> Resource | None:
+        if kind == K.KIND_REGION:
+            return self.regions.get(name)
+        if kind == K.KIND_GATEWAY:
+            return self.gateway(name)
+        if kind == K.KIND_APP:
+            return self.apps.get(name)
+        if kind == K.KIND_INSTANCE:
+            return self.instances.get(name)
+        if kind == K.KIND_DOMAIN:
+            return self.domains.get(name)
+        return None
+
+    def table(self) -> RoutingTable:
+        if self._table is None or self._table.revision != self.revision:
+            gws = [self.gateway(n) for n in self.gateways]
+            self._table = RoutingTable.from_resources(
+                self.revision, [*self.regions.values(), *(g for g in gws if g), *self.apps.values(),
+                                *self.instances.values(), *self.domains.values()])
+        return self._table
+
+    # -- deltas ------------------------------------------------------------------------------
+
+    def changes_since(self, revision: int) -> Delta:
+        """Everything that changed after `revision`; None fields mean "too old: snapshot"."""
+        if revision < self.floor or revision > self.revision:
+            return Delta(self.revision, None, None)
+        routing: set[tuple[int, str]] = set()
+        mesh: set[str] = set()
+        for change in reversed(self.history):
+            if change.revision <= revision:
+                break
+            routing |= change.routing
+            mesh |= change.mesh
+        return Delta(self.revision, frozenset(routing), frozenset(mesh))
+
+    def routing_update(self, delta: Delta) -> pb.RoutingUpdate:
+        if delta.routing is None:
+            return self.table().to_snapshot()
+        upserts, removals = [], []
+        for kind, name in sorted(delta.routing):
+            obj = self.resource(kind, name)
+            if obj is None:
+                removals.append(pb.ResourceKey(kind=kind, name=name))
+            else:
+                upserts.append(resource_to_proto(obj))
+        return pb.RoutingUpdate(revision=delta.revision, snapshot=False, upserts=upserts, removals=removals)
+
+    def mesh_peer(self, name: str) -> pb.MeshPeer | None:
+        g = self.gateways.get(name)
+        if g is None or not g.mesh_ip:
+            return None
+        allowed = [f"{g.mesh_ip}/{32 if ipaddress.ip_address(g.mesh_ip).version == 4 else 128}"]
+        region = self.regions.get(g.region)
+        if region is not None and region.instance_subnet:
+            allowed.append(region.instance_subnet)
+        return pb.MeshPeer(name=g.name, region=g.region, public_key=g.wg_public_key,
+                           endpoint=f"{g.public_ip}:{g.wg_port}", allowed_ips=allowed, mesh_ip=g.mesh_ip,
+                           proxy_port=g.proxy_port)
+
+    def mesh_update(self, delta: Delta, for_gateway: str) -> pb.MeshUpdate:
+        """The mesh view of `for_gateway`: every other registered gateway is a peer."""
+        if delta.mesh is None:
+            peers = [p for n in sorted(self.gateways) if n != for_gateway and (p := self.mesh_peer(n))]
+            return pb.MeshUpdate(revision=delta.revision, snapshot=True, upserts=peers)
+        upserts, removals = [], []
+        for name in sorted(delta.mesh):
+            if name == for_gateway:
+                continue
+            peer = self.mesh_peer(name)
+            if peer is None:
+                removals.append(name)
+            else:
+                upserts.append(peer)
+        return pb.MeshUpdate(revision=delta.revision, snapshot=False, upserts=upserts, removals=removals)
+
+    # -- overview ----------------------------------------------------------------------------
+
+    def overview(self) -> pb.Overview:
+        out = pb.Overview(revision=self.revision, apps=len(self.apps), domains=len(self.domains))
+        for name in sorted(self.regions):
+            gws = [self.gateway(g) for g in self.gateways if self.gateways[g].region == name]
+            insts = [i for i in self.instances.values() if i.region == name]
+            out.regions.append(pb.RegionOverview(
+                region=self.regions[name].to_proto(), gateways=len(gws),
+                gateways_alive=sum(1 for g in gws if g and g.alive),
+                gateways_draining=sum(1 for g in gws if g and g.state is GatewayState.DRAINING),
+                instances=len(insts), instances_healthy=sum(1 for i in insts if i.healthy),
+                apps=sorted({i.app for i in insts})))
+        names = sorted(self.gateways)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                out.links.append(pb.MeshLink(a=a, b=b, up=self.alive(a) and self.alive(b)))
+        return out
+
+    def free_mesh_ips(self) -> Iterable[str]:
+        """Candidate mesh addresses not in the (possibly stale) cache, lowest first."""
+        for host in self.mesh_network.hosts():
+            ip = str(host)
+            if ip not in self.ipam:
+                yield ip
+
+
+def _put(d: dict, name: str, value: object) -> None:
+    if value is None:
+        d.pop(name, None)
+    else:
+        d[name] = value
