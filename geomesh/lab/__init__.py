@@ -1,0 +1,1 @@
+"""The multi-region lab: the whole system on one machine (see geomesh.lab.cli)."""
