@@ -1,0 +1,95 @@
+"""The WireGuard backend interface, its errors, and the choice between implementations.
+
+A backend owns one WireGuard interface in the current network namespace (or in a named one,
+for the lab and tests): `ensure_interface` creates it — or adopts the one a previous run of the
+agent left up, without touching its peers — `peers()` reads the actual peers with their
+handshake times and counters, `apply(plan)` makes exactly the changes a `Plan` lists, and
+`close()` releases the backend (leaving the interface up unless asked to remove it). Calls block;
+the asyncio side runs them in a thread (`MeshApplier`). Two implementations: userspace
+wireguard-go over its UAPI socket (`userspace.py`) and kernel WireGuard over generic netlink
+(`kernel.py`); `select_backend` picks the kernel one when the module is present.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from geomesh.errors import GeomeshError, ValidationError
+from regional_gateway.wireguard.keys import PrivateKey
+from regional_gateway.wireguard.peers import Peer, Plan
+
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+BackendKind = Literal["auto", "kernel", "userspace"]
+
+
+class WireGuardError(GeomeshError):
+    """The WireGuard device could not be created, read or configured."""
+
+
+def check_ifname(name: str) -> str:
+    """Linux interface names: 1..15 characters, no '/', ':' or whitespace."""
+    if not isinstance(name, str) or not IFNAME_RE.match(name):
+        raise ValidationError(
+            "interface", f"{name!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -, not starting with . or -)"
+        )
+    return name
+
+
+class WireGuardBackend(abc.ABC):
+    """One WireGuard interface, configured from `Plan`s."""
+
+    kind: str = ""
+
+    @abc.abstractmethod
+    def ensure_interface(self, name: str, private_key: PrivateKey, listen_port: int, address_cidr: str) -> None:
+        """Create (or adopt) the interface with this key and port, address it and bring it up.
+        Existing peers of an adopted interface are left alone."""
+
+    @abc.abstractmethod
+    def peers(self) -> dict[str, Peer]:
+        """The actual peers, {public key: Peer} with last_handshake/rx_bytes/tx_bytes filled in."""
+
+    @abc.abstractmethod
+    def apply(self, plan: Plan) -> None:
+        """Make the changes in `plan` (nothing else), and the routes they need."""
+
+    @abc.abstractmethod
+    def close(self, *, remove_interface: bool = False) -> None:
+        """Release resources; with remove_interface, also take the interface (and its tunnels) down."""
+
+    @property
+    @abc.abstractmethod
+    def interface(self) -> str | None:
+        """The interface name once ensure_interface succeeded."""
+
+    @property
+    @abc.abstractmethod
+    def public_key(self) -> str | None:
+        """This device's public key once ensure_interface succeeded."""
+
+
+def kernel_available(sys_module: Path = Path("/sys/module/wireguard")) -> bool:
+    """Whether the WireGuard kernel module is loaded (or built in)."""
+    return sys_module.exists()
+
+
+def select_backend(kind: BackendKind = "auto", *, netns: str | None = None,
+                   wireguard_go: str | None = None) -> WireGuardBackend:
+    """The kernel backend when asked for or (auto) when the module is there, else wireguard-go."""
+    from regional_gateway.wireguard.kernel import KernelBackend
+    from regional_gateway.wireguard.userspace import UserspaceBackend
+
+    if kind not in ("auto", "kernel", "userspace"):
+        raise ValidationError("wg_backend", f"{kind!r} is not one of auto, kernel, userspace")
+    if kind == "kernel" or (kind == "auto" and kernel_available()):
+        if kind == "kernel" and not kernel_available():
+            raise WireGuardError("kernel WireGuard requested but the wireguard module is not loaded")
+        return KernelBackend(netns=netns)
+    binary = wireguard_go or shutil.which("wireguard-go")
+    if binary is None:
+        raise WireGuardError("no WireGuard kernel module and no wireguard-go on PATH: install wireguard-go")
+    return UserspaceBackend(binary=binary, netns=netns)

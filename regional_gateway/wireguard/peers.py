@@ -1,0 +1,170 @@
+"""WireGuard peers as values, and the plan that turns the actual peer set into the desired one.
+
+Pure: no I/O. `Peer` holds what we configure (public key, endpoint, allowed IPs, keepalive) in
+a canonical form — allowed IPs masked, deduplicated and sorted, so their order never matters —
+plus, for peers read back from a device, what we observe (last handshake, rx/tx bytes). Only the
+configured part takes part in equality. `plan(desired, actual)` returns the adds, updates and
+removes that make `actual` equal `desired`; equal sets give an empty plan, which is what keeps
+an agent restart from touching (and flapping) links that are already right.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from geomesh.errors import ValidationError
+from regional_gateway.wireguard.keys import canonical_key
+
+MAX_KEEPALIVE = 65535
+CONFIG_FIELDS = ("endpoint", "allowed_ips", "persistent_keepalive")
+
+
+def normalize_endpoint(value: str | None) -> str | None:
+    """'ip:port' (IPv6 as '[ip]:port') in canonical form; None stays None. Hostnames are refused:
+    WireGuard endpoints are addresses, names must be resolved by whoever hands them out."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValidationError("endpoint", f"expected 'ip:port', got {type(value).__name__}")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValidationError("endpoint", f"{value!r} is not 'ip:port'")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValidationError("endpoint", f"{value!r}: {host!r} is not an IP address") from None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValidationError("endpoint", f"{value!r}: port must be 1..65535")
+    port = int(port_text)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def normalize_allowed_ips(values: Iterable[str]) -> tuple[str, ...]:
+    """Allowed IPs as sorted, unique, masked CIDRs ('10.77.0.1' -> '10.77.0.1/32')."""
+    if isinstance(values, str):
+        values = (values,)
+    nets = set()
+    for value in values:
+        try:
+            nets.add(ipaddress.ip_network(str(value).strip(), strict=False))
+        except ValueError:
+            raise ValidationError("allowed_ips", f"{value!r} is not an IP network") from None
+    return tuple(str(n) for n in sorted(nets, key=lambda n: (n.version, n.network_address, n.prefixlen)))
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One WireGuard peer. Equality covers the configured fields only."""
+
+    public_key: str
+    endpoint: str | None = None
+    allowed_ips: tuple[str, ...] = ()
+    persistent_keepalive: int = 0
+    # not configuration: a display name, and what a device reports
+    name: str = field(default="", compare=False)
+    last_handshake: float | None = field(default=None, compare=False)  # unix time, None = never
+    rx_bytes: int = field(default=0, compare=False)
+    tx_bytes: int = field(default=0, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public_key", canonical_key("public_key", self.public_key))
+        object.__setattr__(self, "endpoint", normalize_endpoint(self.endpoint))
+        object.__setattr__(self, "allowed_ips", normalize_allowed_ips(self.allowed_ips))
+        ka = self.persistent_keepalive
+        if isinstance(ka, bool) or not isinstance(ka, int) or not 0 <= ka <= MAX_KEEPALIVE:
+            raise ValidationError("persistent_keepalive", f"{ka!r} is not a number of seconds 0..{MAX_KEEPALIVE}")
+
+    @property
+    def endpoint_host_port(self) -> tuple[str, int] | None:
+        """(address, port) of the endpoint, or None."""
+        if self.endpoint is None:
+            return None
+        host, _, port = self.endpoint.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def differences(self, actual: Peer) -> frozenset[str]:
+        """Configured fields where `actual` falls short of this desired value. A desired peer
+        without an endpoint accepts whatever endpoint the device learned (nothing to unset)."""
+        changed = {f for f in CONFIG_FIELDS if getattr(self, f) != getattr(actual, f)}
+        if self.endpoint is None:
+            changed.discard("endpoint")
+        return frozenset(changed)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerUpdate:
+    """A peer that exists but differs: the desired value and which fields to change."""
+
+    peer: Peer
+    changed: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to do to a device: each tuple sorted by public key."""
+
+    adds: tuple[Peer, ...] = ()
+    updates: tuple[PeerUpdate, ...] = ()
+    removes: tuple[str, ...] = ()  # public keys
+
+    @property
+    def empty(self) -> bool:
+        return not (self.adds or self.updates or self.removes)
+
+    @property
+    def touches_allowed_ips(self) -> bool:
+        """Whether applying this can change which prefixes the device routes."""
+        return bool(self.adds or self.removes or any("allowed_ips" in u.changed for u in self.updates))
+
+    def summary(self) -> dict[str, int]:
+        return {"adds": len(self.adds), "updates": len(self.updates), "removes": len(self.removes)}
+
+
+def peer_map(peers: Mapping[str, Peer] | Iterable[Peer], *, field_name: str = "peers") -> dict[str, Peer]:
+    """A {public_key: Peer} dict from a mapping (keys checked) or an iterable (no duplicates)."""
+    out: dict[str, Peer] = {}
+    if isinstance(peers, Mapping):
+        for key, peer in peers.items():
+            if not isinstance(peer, Peer):
+                raise ValidationError(field_name, f"value for {key!r} is a {type(peer).__name__}, not a Peer")
+            if canonical_key(field_name, key) != peer.public_key:
+                raise ValidationError(field_name, f"key {key!r} is not the peer's public key {peer.public_key!r}")
+            out[peer.public_key] = peer
+        return out
+    for peer in peers:
+        if not isinstance(peer, Peer):
+            raise ValidationError(field_name, f"{peer!r} is not a Peer")
+        if peer.public_key in out:
+            raise ValidationError(field_name, f"public key {peer.public_key} appears twice")
+        out[peer.public_key] = peer
+    return out
+
+
+def check_disjoint(peers: Mapping[str, Peer]) -> None:
+    """Refuse a set where two peers claim the same allowed IP: WireGuard would give it to the last
+    one configured, the next diff would see the other one wrong, and the link would flap forever."""
+    owner: dict[str, str] = {}
+    for key in sorted(peers):
+        for net in peers[key].allowed_ips:
+            if net in owner:
+                raise ValidationError("allowed_ips", f"{net} is claimed by both {owner[net]} and {key}")
+            owner[net] = key
+
+
+def plan(desired: Mapping[str, Peer], actual: Mapping[str, Peer]) -> Plan:
+    """The changes that turn `actual` into `desired` (both {public_key: Peer})."""
+    want = peer_map(desired, field_name="desired")
+    have = peer_map(actual, field_name="actual")
+    check_disjoint(want)
+    adds = tuple(want[k] for k in sorted(want.keys() - have.keys()))
+    removes = tuple(sorted(have.keys() - want.keys()))
+    updates = []
+    for k in sorted(want.keys() & have.keys()):
+        changed = want[k].differences(have[k])
+        if changed:
+            updates.append(PeerUpdate(want[k], changed))
+    return Plan(adds=adds, updates=tuple(updates), removes=removes)
