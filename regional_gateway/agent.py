@@ -1,0 +1,250 @@
+"""The gateway agent: registration, the session stream, and making the host match the mesh.
+
+Flow: load (or create, mode 0600) the WireGuard key; register with a coordinator (public key in,
+mesh IP out); bring the WireGuard interface up with the mesh address; open the session stream
+and keep it: heartbeats up (load, backend health), mesh + routing deltas down. Each mesh delta
+is folded into the local view and the applier changes only the peers that differ; each routing
+delta gives a new immutable RoutingTable handed to the data plane. On any stream failure the
+agent moves to the next coordinator address and resumes from the last revision it applied
+(a replica without that history answers with snapshots). The data path never waits on any of
+this: it reads whatever table it was last given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from geomesh.api import geomesh_pb2 as pb
+from geomesh.api import geomesh_pb2_grpc as pbg
+from geomesh.channel import Targets, client_channel, insecure_metadata
+from geomesh.logs import event
+from geomesh.pki import Identity
+from geomesh.routing_table import RoutingTable
+from regional_gateway.agent_config import AgentConfig
+from regional_gateway.mesh_view import MeshPeerInfo, apply_mesh_update, desired_peers
+from regional_gateway.wireguard import keys
+
+log = logging.getLogger("geomesh.gateway.agent")
+
+DELTAS = Counter("geomesh_gateway_deltas_applied_total", "session messages applied", ["kind"])
+RECONNECTS = Counter("geomesh_gateway_reconnects_total", "session streams (re)opened after a failure")
+REVISION = Gauge("geomesh_gateway_revision", "etcd revision of the gateway's applied view")
+CONNECTED = Gauge("geomesh_gateway_coordinator_connected", "1 while the session stream is open")
+
+
+class DataPlane(Protocol):
+    """What the agent needs from the proxy (regional_gateway.proxy)."""
+
+    def update_table(self, table: RoutingTable, mesh: dict[str, MeshPeerInfo]) -> None: ...
+    def backend_health(self) -> list[tuple[str, str, bool]]: ...
+    def active_connections(self) -> int: ...
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, dataplane: DataPlane | None = None,
+                 on_change: Callable[[Agent], None] | None = None) -> None:
+        self.config = config
+        self.dataplane = dataplane
+        self.on_change = on_change
+        self.targets = Targets(list(config.coordinators))
+        self.identity = None if config.insecure else Identity("gateway", config.name, config.tls_ca,  # type: ignore[arg-type]
+                                                               config.tls_cert, config.tls_key)  # type: ignore[arg-type]
+        self.private_key = keys.load_or_create(config.wg_key_file)
+        self.public_key = self.private_key.public_key
+        self.mesh_ip = ""
+        self.mesh_cidr = ""
+        self.revision = 0
+        self.table = RoutingTable()
+        self.mesh: dict[str, MeshPeerInfo] = {}
+        self.applier = None
+        self.connected = asyncio.Event()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _metadata(self) -> tuple:
+        return insecure_metadata(None, "gateway", self.config.name) if self.config.insecure else ()
+
+    def _channel(self) -> grpc.aio.Channel:
+        return client_channel(self.targets.current, self.identity, insecure=self.config.insecure)
+
+    async def register(self) -> None:
+        """Register (idempotent: a known gateway keeps its mesh IP), trying each coordinator."""
+        backoff = 0.2
+        while True:
+            target = self.targets.current
+            try:
+                async with self._channel() as ch:
+                    resp = await pbg.GatewayControlStub(ch).Register(pb.RegisterRequest(
+                        name=self.config.name, region=self.config.region, public_ip=self.config.public_ip,
+                        public_ipv6=self.config.public_ipv6, wg_port=self.config.wg_listen_port,
+                        wg_public_key=self.public_key, proxy_port=self.config.proxy_port),
+                        timeout=10, metadata=self._metadata())
+                self.mesh_ip, self.mesh_cidr = resp.gateway.mesh_ip, resp.mesh_cidr
+                event(log, "registered", gateway=self.config.name, coordinator=target, mesh_ip=self.mesh_ip,
+                      public_key=self.public_key)
+                return
+            except grpc.aio.AioRpcError as exc:
+                level = logging.ERROR if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                        grpc.StatusCode.PERMISSION_DENIED) else logging.WARNING
+                event(log, "register failed", level, coordinator=target, code=exc.code().name, error=exc.details())
+                self.targets.advance()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def setup_mesh(self) -> None:
+        if self.config.wg_backend == "none":
+            event(log, "WireGuard disabled (backend=none): mesh peers are computed, not configured")
+            return
+        from regional_gateway.wireguard.applier import MeshApplier
+        from regional_gateway.wireguard.backend import select_backend
+
+        backend = select_backend(self.config.wg_backend)  # type: ignore[arg-type]
+        prefix = self.mesh_cidr.rsplit("/", 1)[1] if "/" in self.mesh_cidr else "16"
+        await asyncio.to_thread(backend.ensure_interface, self.config.wg_interface, self.private_key,
+                                self.config.wg_listen_port, f"{self.mesh_ip}/{prefix}")
+        self.applier = MeshApplier(backend)
+        event(log, "WireGuard interface up", interface=self.config.wg_interface, address=f"{self.mesh_ip}/{prefix}",
+              port=self.config.wg_listen_port)
+
+    # -- the session ---------------------------------------------------------------------------
+
+    async def _heartbeats(self, call) -> None:
+        while True:
+            hb = pb.Heartbeat()
+            if self.dataplane is not None:
+                hb.active_connections = self.dataplane.active_connections()
+                for app, instance_id, healthy in self.dataplane.backend_health():
+                    hb.backends.append(pb.BackendHealth(app=app, instance_id=instance_id, healthy=healthy))
+            await call.write(pb.SessionUp(heartbeat=hb))
+            await asyncio.sleep(self.config.heartbeat_interval)
+
+    async def apply(self, msg: pb.SessionDown) -> None:
+        if msg.HasField("mesh"):
+            self.mesh = apply_mesh_update(self.mesh, msg.mesh, self.config.name)
+            DELTAS.labels("mesh_snapshot" if msg.mesh.snapshot else "mesh_delta").inc()
+            if self.applier is not None:
+                await self.applier.apply_peers(desired_peers(self.mesh, keepalive=self.config.wg_keepalive,
+                                                             own_public_key=self.public_key))
+        if msg.HasField("routing"):
+            self.table = self.table.apply(msg.routing)
+            DELTAS.labels("routing_snapshot" if msg.routing.snapshot else "routing_delta").inc()
+        if self.dataplane is not None and (msg.HasField("routing") or msg.HasField("mesh")):
+            self.dataplane.update_table(self.table, self.mesh)
+        self.revision = max(self.revision, msg.revision)
+        REVISION.set(self.revision)
+        if self.on_change is not None:
+            self.on_change(self)
+
+    async def session_once(self) -> None:
+        """One session stream, until it fails."""
+        async with self._channel() as ch:
+            call = pbg.GatewayControlStub(ch).Session(metadata=self._metadata())
+            await call.write(pb.SessionUp(hello=pb.SessionHello(name=self.config.name, last_revision=self.revision)))
+            beats = asyncio.create_task(self._heartbeats(call))
+            try:
+                first = True
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        raise ConnectionError("coordinator closed the session")
+                    if first:
+                        CONNECTED.set(1)
+                        self.connected.set()
+                        event(log, "session open", coordinator=self.targets.current, revision=msg.revision,
+                              snapshot=msg.routing.snapshot)
+                        first = False
+                    await self.apply(msg)
+            finally:
+                CONNECTED.set(0)
+                self.connected.clear()
+                beats.cancel()
+                call.cancel()
+
+    async def run(self) -> None:
+        await self.register()
+        await self.setup_mesh()
+        observer = asyncio.create_task(self.applier.run_observer()) if self.applier is not None else None
+        backoff = 0.1
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self.session_once()
+                except grpc.aio.AioRpcError as exc:
+                    event(log, "session failed", logging.WARNING, coordinator=self.targets.current,
+                          code=exc.code().name, error=exc.details())
+                    if exc.code() == grpc.StatusCode.NOT_FOUND:  # removed by an admin: register again
+                        self.revision = 0
+                        await self.register()
+                except (ConnectionError, OSError) as exc:
+                    event(log, "session ended", logging.WARNING, coordinator=self.targets.current, error=str(exc))
+                RECONNECTS.inc()
+                if time.monotonic() - started > 5:
+                    backoff = 0.1
+                self.targets.advance()
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 2.0)
+        finally:
+            if observer is not None:
+                observer.cancel()
+            if self.applier is not None:
+                await self.applier.close(remove_interface=False)
+
+
+async def _main(config: AgentConfig, stop: asyncio.Event) -> None:
+    import signal
+
+    from geomesh import metrics
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    dataplane = None
+    proxy = None
+    if config.dataplane:
+        try:
+            from regional_gateway.proxy.agent_bridge import start_dataplane  # the proxy's seam
+        except ImportError:
+            start_dataplane = None
+        if start_dataplane is not None:
+            proxy, dataplane = await start_dataplane(config)
+    metrics.serve(config.metrics_host, config.metrics_port)
+    agent = Agent(config, dataplane=dataplane)
+    task = asyncio.create_task(agent.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    if proxy is not None:
+        await proxy.shutdown()
+    if task.done() and not task.cancelled() and task.exception() is not None and not stop.is_set():
+        raise task.exception()  # type: ignore[misc]
+
+
+def run(config_path: Path | str, args: object = None) -> int:
+    """Entry point used by `geomesh-gateway --config FILE` (regional_gateway.main)."""
+    from geomesh.errors import ValidationError
+    from regional_gateway.agent_config import load
+
+    try:
+        config = load(Path(config_path))
+    except ValidationError as exc:
+        print(f"geomesh-gateway: invalid configuration: {exc}")
+        return 2
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    runner(_main(config, asyncio.Event()))
+    return 0

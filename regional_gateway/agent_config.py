@@ -1,0 +1,118 @@
+"""The gateway agent's configuration: one TOML file, validated at start, errors name the field.
+
+Example (`deploy/gateway.example.toml` documents every field)::
+
+    name = "gw-eu-central-1"
+    region = "eu-central"
+    coordinators = ["10.0.0.5:7443", "10.0.0.6:7443"]
+    public_ip = "198.51.100.21"
+    zone = "apps.example.com"
+    [tls]
+    ca = "/etc/geomesh/ca.pem"
+    cert = "/etc/geomesh/gateway.pem"
+    key = "/etc/geomesh/gateway.key"
+    [wireguard]
+    interface = "gm0"
+    listen_port = 51820
+    key_file = "/var/lib/geomesh/wg.key"
+    backend = "auto"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from geomesh import validate
+from geomesh.errors import ValidationError
+
+BACKENDS = ("auto", "userspace", "kernel", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    name: str
+    region: str
+    coordinators: tuple[str, ...]
+    public_ip: str
+    zone: str = "geomesh.test"
+    public_ipv6: str = ""
+    proxy_port: int = 8080              # where clients (and peers over the mesh) reach the proxy
+    proxy_listen: str = "0.0.0.0"       # bind address of the client-facing listener
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure: bool = False              # plaintext to a --insecure coordinator (loopback demos)
+    wg_interface: str = "gm0"
+    wg_listen_port: int = 51820
+    wg_key_file: Path = Path("wg.key")
+    wg_backend: str = "auto"
+    wg_keepalive: int = 15
+    heartbeat_interval: float = 1.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1
+    dataplane: bool = True              # run the HTTP proxy in this process
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate.dns_label("name", self.name)
+        validate.dns_label("region", self.region)
+        if not self.coordinators:
+            raise ValidationError("coordinators", "needs at least one host:port")
+        for i, c in enumerate(self.coordinators):
+            host, _, port = c.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValidationError(f"coordinators[{i}]", f"{c!r} is not host:port")
+        validate.ip_address("public_ip", self.public_ip, version=4)
+        validate.ip_address("public_ipv6", self.public_ipv6, version=6, optional=True)
+        validate.fqdn("zone", self.zone)
+        validate.port("proxy_port", self.proxy_port)
+        validate.port("wireguard.listen_port", self.wg_listen_port)
+        if not 1 <= len(self.wg_interface) <= 15:
+            raise ValidationError("wireguard.interface", "must be 1-15 characters (a Linux interface name)")
+        if self.wg_backend not in BACKENDS:
+            raise ValidationError("wireguard.backend", f"{self.wg_backend!r} is not one of {', '.join(BACKENDS)}")
+        if not self.insecure and not (self.tls_ca and self.tls_cert and self.tls_key):
+            raise ValidationError("tls", "ca, cert and key are required unless insecure = true")
+        if not 0.1 <= self.heartbeat_interval <= 30:
+            raise ValidationError("heartbeat_interval", "must be 0.1..30 seconds")
+
+
+def load(path: Path) -> AgentConfig:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValidationError(str(path), f"cannot be read as TOML: {exc}") from None
+    base = Path(path).resolve().parent
+
+    def rel(value: str | None) -> Path | None:
+        if not value:
+            return None
+        p = Path(value)
+        return p if p.is_absolute() else base / p
+
+    tls = data.get("tls", {})
+    wg = data.get("wireguard", {})
+    known = {"name", "region", "coordinators", "public_ip", "public_ipv6", "zone", "proxy_port", "proxy_listen",
+             "insecure", "heartbeat_interval", "metrics_host", "metrics_port", "dataplane", "tls", "wireguard",
+             "routes"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValidationError(unknown[0], "is not a known setting")
+    coordinators = data.get("coordinators", [])
+    if isinstance(coordinators, str):
+        coordinators = [coordinators]
+    return AgentConfig(
+        name=data.get("name", ""), region=data.get("region", ""), coordinators=tuple(coordinators),
+        public_ip=data.get("public_ip", ""), public_ipv6=data.get("public_ipv6", ""),
+        zone=data.get("zone", "geomesh.test"), proxy_port=data.get("proxy_port", 8080),
+        proxy_listen=data.get("proxy_listen", "0.0.0.0"), insecure=bool(data.get("insecure", False)),
+        tls_ca=rel(tls.get("ca")), tls_cert=rel(tls.get("cert")), tls_key=rel(tls.get("key")),
+        wg_interface=wg.get("interface", "gm0"), wg_listen_port=wg.get("listen_port", 51820),
+        wg_key_file=rel(wg.get("key_file", "wg.key")) or base / "wg.key", wg_backend=wg.get("backend", "auto"),
+        wg_keepalive=wg.get("persistent_keepalive", 15), heartbeat_interval=float(data.get("heartbeat_interval", 1.0)),
+        metrics_host=data.get("metrics_host", "127.0.0.1"), metrics_port=data.get("metrics_port", -1),
+        dataplane=bool(data.get("dataplane", True)), extra={"routes": data.get("routes")},
+    )
