@@ -250,7 +250,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
             raise NotFoundError(f"gateway {hello.name!r} is not registered: call Register first")
         name = hello.name
         lease = await self.store.grant(self.lease_ttl)
-        self.leases.add(lease)
+        lease_lost = self.leases.add(lease)
         await self.ops.mark_alive(name, lease)
         SESSIONS.labels("gateway").inc()
         log.info("gateway session open", extra={"fields": {"gateway": name, "lease": lease}})
@@ -272,11 +272,20 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                     yield msg
                 have = delta.revision
                 waiter = asyncio.create_task(self.state.wait_change(have))
-                done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                lost = asyncio.create_task(lease_lost.wait())
+                done, _ = await asyncio.wait({waiter, reader, lost}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                lost.cancel()
                 if reader in done:
-                    waiter.cancel()
                     reader.result()  # raises if the gateway misbehaved
                     return  # the gateway closed its side
+                if lease_lost.is_set():
+                    # etcd expired the lease (e.g. it was unreachable for longer than the TTL) while
+                    # the gateway is still connected: take a new lease and mark it alive again
+                    log.warning("gateway lease expired while connected: renewing", extra={"fields": {"gateway": name}})
+                    lease = await self.store.grant(self.lease_ttl)
+                    lease_lost = self.leases.add(lease)
+                    await self.ops.mark_alive(name, lease)
         finally:
             reader.cancel()
             SESSIONS.labels("gateway").dec()

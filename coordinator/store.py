@@ -254,25 +254,23 @@ class EtcdStore:
 
 
 class LeaseSet:
-    """The leases a coordinator keeps alive, with a callback for ones etcd says expired."""
+    """The leases a coordinator keeps alive; `expired_event(id)` fires when etcd says one is gone."""
 
     def __init__(self) -> None:
-        self._ids: set[int] = set()
-        self._expired: list[int] = []
+        self._ids: dict[int, asyncio.Event] = {}
 
-    def add(self, lease_id: int) -> None:
-        self._ids.add(lease_id)
+    def add(self, lease_id: int) -> asyncio.Event:
+        event = asyncio.Event()
+        self._ids[lease_id] = event
+        return event
 
     def discard(self, lease_id: int) -> None:
-        self._ids.discard(lease_id)
+        self._ids.pop(lease_id, None)
 
     def ids(self) -> Sequence[int]:
         return tuple(self._ids)
 
     def expired(self, lease_id: int) -> None:
-        self._ids.discard(lease_id)
-        self._expired.append(lease_id)
-
-    def take_expired(self) -> list[int]:
-        out, self._expired = self._expired, []
-        return out
+        event = self._ids.pop(lease_id, None)
+        if event is not None:
+            event.set()
