@@ -21,6 +21,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd client endpoint host:port (default %(default)s)")
     p.add_argument("--listen", default="127.0.0.1:7443",
                    help="gRPC listen address host:port; port 0 picks a free port (default %(default)s)")
+    p.add_argument("--listen-unix", type=Path, metavar="PATH",
+                   help="also serve on this unix socket (same TLS rules); lets processes in other network "
+                        "namespaces on this host reach the coordinator without any route")
     p.add_argument("--pki-dir", type=Path, help="PKI directory made by `geomesh pki init` (CA + serving cert); "
                    "required unless --insecure")
     p.add_argument("--insecure", action="store_true",
@@ -44,7 +47,7 @@ async def run(args: argparse.Namespace) -> None:
     config = CoordinatorConfig(etcd=args.etcd, listen=args.listen, pki_dir=args.pki_dir, insecure=args.insecure,
                                mesh_cidr=args.mesh_cidr, lease_ttl=args.lease_ttl, metrics_host=args.metrics_host,
                                metrics_port=args.metrics_port, server_hosts=tuple(args.server_host),
-                               etcd_timeout=args.etcd_timeout)
+                               etcd_timeout=args.etcd_timeout, listen_unix=args.listen_unix)
     coordinator = Coordinator(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -49,6 +49,7 @@ class CoordinatorConfig:
     metrics_port: int = -1  # -1: off
     server_hosts: tuple[str, ...] = field(default_factory=tuple)
     etcd_timeout: float = 2.0
+    listen_unix: Path | None = None  # also serve on this unix socket (reachable from other netns)
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -111,6 +112,12 @@ class Coordinator:
             self.port = server.add_secure_port(cfg.listen, creds)
         if self.port == 0:
             raise OSError(f"could not listen on {cfg.listen}")
+        if cfg.listen_unix is not None:
+            cfg.listen_unix.unlink(missing_ok=True)
+            target = f"unix:{cfg.listen_unix}"
+            ok = server.add_insecure_port(target) if cfg.insecure else server.add_secure_port(target, creds)
+            if not ok:
+                raise OSError(f"could not listen on {target}")
         await server.start()
         self.server = server
         for name in ("", *SERVICE_NAMES):

@@ -62,9 +62,11 @@ class AgentConfig:
         if not self.coordinators:
             raise ValidationError("coordinators", "needs at least one host:port")
         for i, c in enumerate(self.coordinators):
+            if c.startswith("unix:/"):
+                continue
             host, _, port = c.rpartition(":")
             if not host or not port.isdigit():
-                raise ValidationError(f"coordinators[{i}]", f"{c!r} is not host:port")
+                raise ValidationError(f"coordinators[{i}]", f"{c!r} is not host:port or unix:/path")
         validate.ip_address("public_ip", self.public_ip, version=4)
         validate.ip_address("public_ipv6", self.public_ipv6, version=6, optional=True)
         validate.fqdn("zone", self.zone)

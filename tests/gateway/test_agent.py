@@ -145,3 +145,19 @@ def test_config_file_paths_and_errors_name_the_field(tmp_path):
         with pytest.raises(ValidationError) as info:
             load(f)
         assert info.value.field == field, str(info.value)
+
+
+async def test_agent_reaches_coordinator_over_unix_socket_with_mtls(coordinator_factory, pki, tmp_path):
+    sock = tmp_path / "coordinator.sock"
+    c = coordinator_factory("--listen-unix", str(sock))
+    await seed(c.admin())
+    cfg = config_for([c], pki, tmp_path, "gw-u", "192.0.2.30")
+    cfg = AgentConfig(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__} | {"coordinators": (f"unix:{sock}",)})
+    agent = Agent(cfg)
+    task = asyncio.create_task(agent.run())
+    try:
+        await until(lambda: agent.connected.is_set() and agent.table.revision > 0)
+        assert "eu-central" in agent.table.regions and agent.mesh_ip
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
