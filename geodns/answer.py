@@ -1,0 +1,345 @@
+"""The answer path: query bytes + client address + view -> reply bytes. No I/O.
+
+`Responder.answer(data, client, tcp=...)` is the one choke point (as in dnspython's test name
+server): a message that cannot be answered is dropped (`NotAQuery`), a malformed one gets
+FORMERR, an unknown opcode NOTIMP, EDNS version > 0 BADVERS, and any exception in the stages
+after parsing SERVFAIL -- nothing escapes. The stages, in order:
+
+1. parse (`geodns.wire`: a direct decoder for the common shape, dnslib for the rest);
+2. exact cache: replies to UDP queries whose answer depends on the query bytes alone (no
+   client address involved) are kept by the bytes after the ID in `exact`; the UDP transport
+   looks there first and only patches the ID;
+3. answer cache: packed answers keyed by what they depend on -- lowercased name, type, class,
+   RD/CD, the size limit, the EDNS shape (DO, ECS family and source prefix) and, for app
+   names only, the GeoIP network of the ECS subnet or of the client. A hit copies the
+   question from the query (so the name keeps its case) and appends the cached sections and a
+   fresh OPT (ECS echoed with the cached scope);
+4. lookup (`geodns.zone`, `geodns.nearest`) and packing with dnslib, truncation to the UDP
+   limit (TC set, answer sections dropped).
+
+Both caches are dropped whenever the view changes (`set_view`), i.e. when the routing table's
+revision moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from dnslib import RR, DNSBuffer, DNSLabel
+
+from geodns import zone as zonemod
+from geodns.nearest import Locator, Place, choose, region_order
+from geodns.stats import Stats
+from geodns.view import View
+from geodns.wire import (
+    AA,
+    CD,
+    CLASS_ANY,
+    CLASS_IN,
+    HEADER_LEN,
+    OPCODE_MASK,
+    OPCODE_QUERY,
+    QR,
+    RCODE_BADVERS,
+    RCODE_FORMERR,
+    RCODE_NAMES,
+    RCODE_NOTIMP,
+    RCODE_REFUSED,
+    RCODE_SERVFAIL,
+    RD,
+    TC,
+    TYPE_AXFR,
+    TYPE_IXFR,
+    TYPE_OPT,
+    FormError,
+    NotAQuery,
+    Query,
+    header_of,
+    opt_record,
+    pack_header,
+    parse_query,
+)
+from geomesh.logs import event
+
+log = logging.getLogger("geodns.answer")
+
+DEFAULT_UDP_PAYLOAD = 1232  # DNS Flag Day 2020
+DEFAULT_CACHE_SIZE = 200_000
+TCP_LIMIT = 65535
+_ECHO = RD | CD
+
+
+class Answer(NamedTuple):
+    wire: bytes | None  # None: send nothing
+    index: int  # Stats index of (rcode, region); -1 when dropped
+
+
+DROPPED = Answer(None, -1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A packed answer minus what each query brings (ID, RD/CD, question, OPT)."""
+
+    flags: int
+    an: int
+    ns: int
+    ar: int  # without the OPT
+    body: bytes
+    ext_rcode: int
+    scope: int  # ECS scope prefix to report
+    index: int
+    reusable: bool  # the answer depends on the query bytes only
+    rcode: int
+    region: str
+
+
+_GEO = object()  # answer-cache marker: this name's answer depends on where the client is
+
+
+class Responder:
+    """Answers queries from one `View` at a time. One per process; not thread-safe."""
+
+    def __init__(self, view: View, locator: Locator, stats: Stats | None = None, *,
+                 udp_payload: int = DEFAULT_UDP_PAYLOAD, cache_size: int = DEFAULT_CACHE_SIZE,
+                 log_queries: bool = False) -> None:
+        if not 512 <= udp_payload <= 65535:
+            raise ValueError(f"udp_payload {udp_payload} is outside 512-65535")
+        self.locator = locator
+        self.stats = stats if stats is not None else Stats()
+        self.udp_payload = udp_payload
+        self.cache_size = max(0, cache_size)
+        self.log_queries = log_queries
+        self.exact: dict[bytes, tuple[bytes, int]] = {}
+        self._cache: dict[object, object] = {}
+        self._last_error_log = 0.0
+        self.view = view
+        self._zone_len = len(view.zone.name.split("."))
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def set_view(self, view: View) -> None:
+        """Answer from `view` from now on; both caches start empty."""
+        self.view = view
+        self._zone_len = len(view.zone.name.split("."))
+        self.exact = {}
+        self._cache = {}
+
+    # -- the choke point -----------------------------------------------------------------------
+
+    def answer(self, data: bytes, client: bytes, *, tcp: bool = False) -> Answer:
+        """The reply to `data` from `client` (packed 4- or 16-octet address)."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        try:
+            ident, flags = header_of(data)
+        except NotAQuery:
+            self.stats.dropped += 1
+            return DROPPED
+        if (flags & OPCODE_MASK) >> 11 != OPCODE_QUERY:
+            return self._error(data, ident, flags, RCODE_NOTIMP, client, tcp)
+        try:
+            query = parse_query(data)
+        except FormError as exc:
+            return self._error(data, ident, flags, RCODE_FORMERR, client, tcp, str(exc))
+        except NotAQuery:
+            self.stats.dropped += 1
+            return DROPPED
+        try:
+            entry, hit = self._entry(query, client, tcp)
+            wire = self._assemble(query, entry)
+        except Exception:
+            now = time.monotonic()
+            if now - self._last_error_log > 1.0:
+                self._last_error_log = now
+                log.exception("answering failed; replying SERVFAIL")
+            return self._error(data, ident, flags, RCODE_SERVFAIL, client, tcp, query=query)
+        if hit:
+            self.stats.cache_hits += 1
+        else:
+            self.stats.cache_misses += 1
+        if entry.reusable and not tcp and self.cache_size:
+            exact = self.exact
+            if len(exact) >= self.cache_size:
+                exact.clear()
+            exact[data[2:]] = (wire[2:], entry.index)
+        if self.log_queries:
+            self._log(query, client, tcp, entry.rcode, entry.region, hit)
+        return Answer(wire, entry.index)
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _entry(self, q: Query, client: bytes, tcp: bool) -> tuple[_Entry, bool]:
+        edns = q.edns
+        if edns is not None and edns.version > 0:
+            return self._build(q, zonemod.Lookup(RCODE_BADVERS), 0, True), False
+        if tcp:
+            limit = TCP_LIMIT
+        elif edns is not None:
+            limit = max(512, min(edns.payload, self.udp_payload))
+        else:
+            limit = 512
+        ecs = edns.ecs if edns is not None else None
+        shape = None if edns is None else (edns.do, ecs.family if ecs else 0, ecs.source if ecs else -1)
+        base = (q.qname_lower, q.qtype, q.qclass, q.flags & _ECHO, limit, shape)
+        cache = self._cache
+        entry = cache.get(base)
+        if entry is None:
+            target = self._target(q)
+            if not isinstance(target, zonemod.AppName) or not self.view.ready:
+                lookup = self._lookup(q, target)
+                built = self._build(q, lookup, 0, True, limit)
+                self._remember(base, built)
+                return built, False
+            self._remember(base, _GEO)
+        elif entry is not _GEO:
+            assert isinstance(entry, _Entry)
+            return entry, True
+        # the answer depends on where the client is
+        if ecs is not None and ecs.source > 0:
+            place = self.locator.locate(ecs.padded(), ecs.source)
+            scope, reusable = place.prefix, True
+        else:
+            place = self.locator.locate(client)
+            scope, reusable = 0, False
+        key = (base, place.network, place.prefix)
+        entry = cache.get(key)
+        if isinstance(entry, _Entry):
+            return entry, True
+        target = self._target(q)
+        assert isinstance(target, zonemod.AppName)
+        region = choose(target.app, region_order(self.view.regions, place, self.view.zone.default_region))
+        lookup = zonemod.records(self.view, target, q.qtype, region)
+        built = self._build(q, lookup, scope, reusable, limit)
+        self._remember(key, built)
+        return built, False
+
+    def _remember(self, key: object, value: object) -> None:
+        if not self.cache_size:
+            return
+        if len(self._cache) >= self.cache_size:
+            self._cache.clear()
+        self._cache[key] = value
+
+    def _target(self, q: Query) -> zonemod.Target | None:
+        """What the question asks for; None when it is not ours to answer (REFUSED)."""
+        if q.qclass not in (CLASS_IN, CLASS_ANY) or q.qtype in (TYPE_AXFR, TYPE_IXFR):
+            return None
+        rel = zonemod.split(self.view, tuple(label.lower() for label in q.labels()))
+        if rel is None:
+            return None
+        return zonemod.classify(self.view, rel)
+
+    def _lookup(self, q: Query, target: zonemod.Target | None) -> zonemod.Lookup:
+        if q.qtype == TYPE_OPT:
+            return zonemod.Lookup(RCODE_FORMERR)  # OPT is not a type one may ask for
+        if target is None:
+            return zonemod.Lookup(RCODE_REFUSED)
+        return zonemod.records(self.view, target, q.qtype)
+
+    def _build(self, q: Query, lookup: zonemod.Lookup, scope: int, reusable: bool,
+               limit: int = TCP_LIMIT) -> _Entry:
+        rcode = lookup.rcode
+        authoritative = rcode not in (RCODE_REFUSED, RCODE_FORMERR, RCODE_BADVERS)
+        flags = QR | (AA if authoritative else 0) | (rcode & 0xF)
+        labels = q.labels()
+        qlabel = DNSLabel(labels)
+        apex = DNSLabel(labels[len(labels) - self._zone_len:]) if len(labels) >= self._zone_len else None
+        buf = DNSBuffer()
+        buf.append(b"\0" * HEADER_LEN)
+        buf.encode_name(qlabel)
+        buf.pack("!HH", q.qtype, q.qclass)
+        start = buf.offset
+        for section in (lookup.answer, lookup.authority, lookup.additional):
+            for rec in section:
+                if rec.owner == zonemod.OWNER_QNAME:
+                    owner = qlabel
+                elif rec.owner == zonemod.OWNER_APEX:
+                    owner = apex if apex is not None else DNSLabel(self.view.zone.name)
+                else:
+                    owner = DNSLabel(rec.owner)
+                RR(owner, rec.rtype, CLASS_IN, rec.ttl, rec.rdata).pack(buf)
+        body = bytes(buf.data[start:])
+        an, ns, ar = len(lookup.answer), len(lookup.authority), len(lookup.additional)
+        opt_len = 0
+        if q.edns is not None:
+            ecs = q.edns.ecs
+            opt_len = 11 + (8 + len(ecs.address) if ecs is not None and rcode != RCODE_BADVERS else 0)
+        if HEADER_LEN + len(q.question) + len(body) + opt_len > limit:
+            flags |= TC
+            an = ns = ar = 0
+            body = b""
+        index = self.stats.index(RCODE_NAMES.get(rcode, str(rcode)), lookup.region)
+        return _Entry(flags, an, ns, ar, body, rcode >> 4, scope, index, reusable, rcode, lookup.region)
+
+    def _assemble(self, q: Query, e: _Entry) -> bytes:
+        edns = q.edns
+        if edns is None:
+            return pack_header(q.id, e.flags | (q.flags & _ECHO), 1, e.an, e.ns, e.ar) + q.question + e.body
+        ecs = edns.ecs
+        options = ecs.option(e.scope) if ecs is not None and e.ext_rcode == 0 else b""
+        opt = opt_record(self.udp_payload, e.ext_rcode, edns.do, options)
+        return (pack_header(q.id, e.flags | (q.flags & _ECHO), 1, e.an, e.ns, e.ar + 1)
+                + q.question + e.body + opt)
+
+    def _error(self, data: bytes, ident: int, flags: int, rcode: int, client: bytes, tcp: bool,
+               detail: str = "", query: Query | None = None) -> Answer:
+        """FORMERR, NOTIMP or SERVFAIL: header, the question when it could be read, and an OPT
+        when the query had a valid one."""
+        if query is None and rcode != RCODE_FORMERR:
+            try:
+                query = parse_query(data)
+            except Exception:
+                query = None
+        out_flags = QR | (flags & (OPCODE_MASK | RD | CD)) | rcode
+        if query is None:
+            wire = pack_header(ident, out_flags, 0, 0, 0, 0)
+        elif query.edns is None:
+            wire = pack_header(ident, out_flags, 1, 0, 0, 0) + query.question
+        else:
+            wire = (pack_header(ident, out_flags, 1, 0, 0, 1) + query.question
+                    + opt_record(self.udp_payload, 0, query.edns.do))
+        index = self.stats.index(RCODE_NAMES[rcode], "")
+        self.stats.cache_misses += 1
+        if self.log_queries:
+            event(log, "query", client=_text(client), transport="tcp" if tcp else "udp",
+                  rcode=RCODE_NAMES[rcode], error=detail or None)
+        return Answer(wire, index)
+
+    def _log(self, q: Query, client: bytes, tcp: bool, rcode: int, region: str, hit: bool) -> None:
+        ecs = q.edns.ecs if q.edns is not None else None
+        event(log, "query", client=_text(client), transport="tcp" if tcp else "udp",
+              qname=_name_text(q.qname), qtype=q.qtype,
+              ecs=f"{_text(ecs.padded())}/{ecs.source}" if ecs is not None else None,
+              rcode=RCODE_NAMES.get(rcode, str(rcode)), region=region or None, cached=hit)
+
+
+def _text(packed: bytes) -> str:
+    try:
+        return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+    except (ValueError, OSError):
+        return packed.hex()
+
+
+def _name_text(wire: bytes) -> str:
+    out = []
+    i = 0
+    while i < len(wire) and wire[i]:
+        n = wire[i]
+        out.append(wire[i + 1:i + 1 + n].decode("ascii", "backslashreplace"))
+        i += 1 + n
+    return ".".join(out) + "."
+
+
+def client_of(address: str) -> bytes:
+    """The packed form of a textual client address (as asyncio hands them over)."""
+    if ":" in address:
+        return socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0])
+    return socket.inet_pton(socket.AF_INET, address)
+
+
+__all__ = ["Answer", "DROPPED", "Responder", "client_of", "Place"]

@@ -1,0 +1,70 @@
+"""Counters of the answer path, cheap enough to bump once per packet.
+
+Every answer has a small integer `index` standing for its (rcode, region) pair; the transports
+add one to `fast[index]` (a UDP answer served straight from the exact-query cache), `slow[index]`
+(any other UDP answer) or `tcp[index]`. Plain lists and ints, no locks, no label look-ups on the
+data path. `snapshot()` turns them into plain data that `geodns.metrics` exports to Prometheus
+(and that worker processes send to their parent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+RRL_ACTIONS = ("slip", "drop")
+
+
+@dataclass
+class Stats:
+    labels: list[tuple[str, str]] = field(default_factory=list)  # index -> (rcode, region)
+    fast: list[int] = field(default_factory=list)
+    slow: list[int] = field(default_factory=list)
+    tcp: list[int] = field(default_factory=list)
+    cache_hits: int = 0  # answers assembled from the structured cache (exact-cache hits: sum(fast))
+    cache_misses: int = 0  # answers computed from the view
+    dropped: int = 0  # packets that got no reply (not a query, too large, ...)
+    rrl: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RRL_ACTIONS, 0))
+    _index: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def index(self, rcode: str, region: str) -> int:
+        key = (rcode, region)
+        i = self._index.get(key)
+        if i is None:
+            i = self._index[key] = len(self.labels)
+            self.labels.append(key)
+            self.fast.append(0)
+            self.slow.append(0)
+            self.tcp.append(0)
+        return i
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain, picklable totals: {"queries": {(transport, rcode, region): n}, ...}."""
+        queries: dict[tuple[str, str, str], int] = {}
+        for i, (rcode, region) in enumerate(self.labels):
+            udp = self.fast[i] + self.slow[i]
+            if udp:
+                queries[("udp", rcode, region)] = udp
+            if self.tcp[i]:
+                queries[("tcp", rcode, region)] = self.tcp[i]
+        return {
+            "queries": queries,
+            "cache_hits": self.cache_hits + sum(self.fast),
+            "cache_misses": self.cache_misses,
+            "dropped": self.dropped,
+            "rrl": dict(self.rrl),
+        }
+
+
+def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sum of several processes' snapshots."""
+    out: dict[str, Any] = {"queries": {}, "cache_hits": 0, "cache_misses": 0, "dropped": 0,
+                           "rrl": dict.fromkeys(RRL_ACTIONS, 0)}
+    for snap in snapshots:
+        for key, n in snap["queries"].items():
+            out["queries"][key] = out["queries"].get(key, 0) + n
+        for name in ("cache_hits", "cache_misses", "dropped"):
+            out[name] += snap[name]
+        for action, n in snap["rrl"].items():
+            out["rrl"][action] = out["rrl"].get(action, 0) + n
+    return out

@@ -1,0 +1,158 @@
+"""What the DNS server answers from: one immutable `View` of the zone at one revision.
+
+A view holds the zone's own settings (`ZoneConfig`: name, name servers, SOA timers, TTLs, the
+default region) and what the routing table says about regions, their routable gateways and the
+apps with the regions that host them. It is built either from a coordinator-fed
+`geomesh.routing_table.RoutingTable` (`View.from_table`) or from a static state file
+(`geodns.static_state`). Building is pure and happens off the data path; the answer path only
+reads dicts of plain tuples. Health is decided here, once: a region is healthy when it has at
+least one alive, non-draining gateway; an app is hosted where it has a healthy instance (limited
+to its pinned regions, when it has some).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from geomesh import validate as v
+from geomesh.errors import ValidationError
+from geomesh.routing_table import RoutingTable
+
+DEFAULT_TTL = 30
+DEFAULT_NEGATIVE_TTL = 30
+DEFAULT_NS_TTL = 3600
+SOA_REFRESH = 3600
+SOA_RETRY = 600
+SOA_EXPIRE = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class NameServer:
+    name: str  # fqdn, lowercase, no trailing dot
+    addresses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", v.fqdn("ns.name", self.name))
+        addrs = tuple(v.ip_address("ns.addresses", a) for a in self.addresses)
+        object.__setattr__(self, "addresses", addrs)
+
+    @classmethod
+    def parse(cls, spec: str, zone: str) -> NameServer:
+        """`NAME[=ADDR[,ADDR...]]`; a NAME without a dot is taken relative to the zone."""
+        name, _, addrs = spec.partition("=")
+        name = name.strip().rstrip(".")
+        if name and "." not in name:
+            name = f"{name}.{zone}"
+        return cls(name, tuple(a.strip() for a in addrs.split(",") if a.strip()))
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneConfig:
+    """The zone's own data: everything an answer needs that the routing table does not hold."""
+
+    name: str
+    nameservers: tuple[NameServer, ...] = ()
+    soa_rname: str = ""  # mailbox as a name, e.g. hostmaster.<zone>
+    ttl: int = DEFAULT_TTL
+    negative_ttl: int = DEFAULT_NEGATIVE_TTL
+    ns_ttl: int = DEFAULT_NS_TTL
+    default_region: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", v.fqdn("zone", self.name))
+        if not self.nameservers:
+            object.__setattr__(self, "nameservers", (NameServer(f"ns1.{self.name}"),))
+        object.__setattr__(self, "soa_rname", v.fqdn("soa_rname", self.soa_rname or f"hostmaster.{self.name}"))
+        for fname in ("ttl", "negative_ttl", "ns_ttl"):
+            value = getattr(self, fname)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 604800:
+                raise ValidationError(fname, f"{value!r} is not a TTL in seconds (0-604800)")
+        if self.default_region:
+            v.dns_label("default_region", self.default_region)
+
+    @property
+    def soa_mname(self) -> str:
+        return self.nameservers[0].name
+
+
+@dataclass(frozen=True, slots=True)
+class RegionView:
+    name: str
+    latitude: float
+    longitude: float
+    ipv4: tuple[str, ...] = ()  # routable gateways' addresses, sorted by gateway name
+    ipv6: tuple[str, ...] = ()
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.ipv4 or self.ipv6)
+
+
+@dataclass(frozen=True, slots=True)
+class AppView:
+    name: str
+    hosting: frozenset[str] = frozenset()  # regions with a healthy instance (within pinned)
+    pinned: tuple[str, ...] = ()  # when set, answers never leave these regions
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    zone: ZoneConfig
+    revision: int = 0
+    regions: Mapping[str, RegionView] = field(default_factory=lambda: MappingProxyType({}))
+    apps: Mapping[str, AppView] = field(default_factory=lambda: MappingProxyType({}))
+    ready: bool = True  # False until the first routing snapshot arrived
+
+    @property
+    def serial(self) -> int:
+        return (self.revision & 0xFFFFFFFF) or 1
+
+    @classmethod
+    def build(cls, zone: ZoneConfig, revision: int, regions: Iterable[RegionView],
+              apps: Iterable[AppView], ready: bool = True) -> View:
+        return cls(zone, revision, MappingProxyType({r.name: r for r in regions}),
+                   MappingProxyType({a.name: a for a in apps}), ready)
+
+    @classmethod
+    def from_table(cls, table: RoutingTable, zone: ZoneConfig) -> View:
+        """The view of a routing table: the same rules as `RoutingTable.gateways_in` and
+        `.hosting_regions`, computed in one pass over gateways and instances."""
+        v4: dict[str, list[tuple[str, str]]] = {}
+        v6: dict[str, list[tuple[str, str]]] = {}
+        for gw in table.gateways.values():
+            if gw.routable:
+                v4.setdefault(gw.region, []).append((gw.name, gw.public_ip))
+                if gw.public_ipv6:
+                    v6.setdefault(gw.region, []).append((gw.name, gw.public_ipv6))
+        regions = [RegionView(r.name, r.latitude, r.longitude,
+                              tuple(ip for _, ip in sorted(v4.get(r.name, ()))),
+                              tuple(ip for _, ip in sorted(v6.get(r.name, ()))))
+                   for r in table.regions.values()]
+        hosting: dict[str, set[str]] = {}
+        for inst in table.instances.values():
+            if inst.healthy:
+                hosting.setdefault(inst.app, set()).add(inst.region)
+        apps = []
+        for app in table.apps.values():
+            where = hosting.get(app.name, set())
+            if app.pinned_regions:
+                where &= set(app.pinned_regions)
+            apps.append(AppView(app.name, frozenset(where), tuple(app.pinned_regions)))
+        return cls.build(zone, table.revision, regions, apps)
+
+    @classmethod
+    def empty(cls, zone: ZoneConfig) -> View:
+        """The view before the first snapshot: apex and name servers only, apps SERVFAIL."""
+        return cls(zone, 0, ready=False)
+
+
+def check_address(field_name: str, value: str) -> tuple[int, str]:
+    """(version, canonical text) of an IP address, or a ValidationError naming the field."""
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValidationError(field_name, f"{str(value)[:80]!r} is not an IP address") from None
+    return addr.version, str(addr)

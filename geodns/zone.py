@@ -1,0 +1,210 @@
+"""Zone lookup: which name a query asks for, and which records answer it.
+
+Two pure steps, CoreDNS-style. `classify(view, labels)` says what a name under the zone is
+(the apex, a name server, an app in one of the platform's forms `<app>`, `<app>-<port>`,
+`<app>-<port>s`, `<app>-<port>g`, a region's `gw.<region>`, an empty non-terminal, or nothing).
+`records(view, target, qtype, region)` returns a `Lookup`: the rcode, the records of each
+section and the region chosen; only `geodns.answer` turns that into a message. For apps the
+caller passes the region that `geodns.nearest` chose for the client. ANY gets one RRset
+(RFC 8482); negative answers carry the SOA (RFC 2308).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from dnslib import AAAA, NS, SOA, A
+
+from geodns.view import SOA_EXPIRE, SOA_REFRESH, SOA_RETRY, AppView, NameServer, RegionView, View
+from geodns.wire import (
+    RCODE_NOERROR,
+    RCODE_NXDOMAIN,
+    RCODE_SERVFAIL,
+    TYPE_A,
+    TYPE_AAAA,
+    TYPE_ANY,
+    TYPE_NS,
+    TYPE_SOA,
+)
+
+# Owner of a record: the question's name (case as asked), the zone apex (case as asked), or a
+# name written out (name servers outside the zone).
+OWNER_QNAME = "@q"
+OWNER_APEX = "@"
+
+_APP_FORM = re.compile(rb"^([a-z0-9][a-z0-9-]*?)-([0-9]{1,5})([sg]?)$")
+
+
+# -- what a name is ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Apex:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class NameServerHost:
+    ns: NameServer
+
+
+@dataclass(frozen=True, slots=True)
+class AppName:
+    app: AppView
+    port: int = 0
+    mode: str = ""  # "", "s" (TLS passthrough) or "g" (gRPC)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionGateways:
+    region: RegionView
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyNonTerminal:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class NoSuchName:
+    pass
+
+
+Target = Apex | NameServerHost | AppName | RegionGateways | EmptyNonTerminal | NoSuchName
+
+
+def zone_labels(view: View) -> tuple[bytes, ...]:
+    return tuple(label.encode() for label in view.zone.name.split("."))
+
+
+def split(view: View, labels: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+    """The labels in front of the zone (lowercase input), or None when outside the zone."""
+    zl = zone_labels(view)
+    n = len(zl)
+    if len(labels) < n or labels[len(labels) - n:] != zl:
+        return None
+    return labels[:len(labels) - n]
+
+
+def classify(view: View, rel: tuple[bytes, ...]) -> Target:
+    """What the name `rel` + zone (lowercase labels) is."""
+    if not rel:
+        return Apex()
+    zone = view.zone.name
+    try:
+        text = ".".join(label.decode("ascii") for label in rel)
+    except UnicodeDecodeError:
+        return NoSuchName()
+    fqdn = f"{text}.{zone}"
+    for ns in view.zone.nameservers:
+        if ns.name == fqdn:
+            return NameServerHost(ns)
+    if len(rel) == 1:
+        label = rel[0]
+        app = view.apps.get(text)
+        if app is not None:
+            return AppName(app)
+        m = _APP_FORM.match(label)
+        if m is not None:
+            app = view.apps.get(m.group(1).decode())
+            port = int(m.group(2))
+            if app is not None and 1 <= port <= 65535:
+                return AppName(app, port, m.group(3).decode())
+    if len(rel) == 2 and rel[0] == b"gw":
+        region = view.regions.get(rel[1].decode())
+        if region is not None:
+            return RegionGateways(region)
+    if len(rel) == 1 and text in view.regions:
+        return EmptyNonTerminal()  # parent of gw.<region>
+    for ns in view.zone.nameservers:
+        if ns.name.endswith("." + fqdn):
+            return EmptyNonTerminal()  # parent of a name server's name
+    return NoSuchName()
+
+
+# -- the records ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    owner: str  # OWNER_QNAME, OWNER_APEX or an fqdn
+    rtype: int
+    ttl: int
+    rdata: object  # a dnslib RD
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    rcode: int
+    answer: tuple[Record, ...] = ()
+    authority: tuple[Record, ...] = ()
+    additional: tuple[Record, ...] = ()
+    region: str = ""  # the region whose gateways answer ("" when none was involved)
+
+
+def soa(view: View) -> Record:
+    z = view.zone
+    rdata = SOA(z.soa_mname + ".", z.soa_rname + ".",
+                (view.serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, z.negative_ttl))
+    return Record(OWNER_APEX, TYPE_SOA, z.negative_ttl, rdata)
+
+
+def _address_records(owner: str, ttl: int, ipv4: tuple[str, ...], ipv6: tuple[str, ...],
+                     qtype: int) -> tuple[Record, ...]:
+    if qtype == TYPE_ANY:  # RFC 8482: one RRset is enough
+        qtype = TYPE_A if ipv4 else TYPE_AAAA
+    if qtype == TYPE_A:
+        return tuple(Record(owner, TYPE_A, ttl, A(ip)) for ip in ipv4)
+    if qtype == TYPE_AAAA:
+        return tuple(Record(owner, TYPE_AAAA, ttl, AAAA(ip)) for ip in ipv6)
+    return ()
+
+
+def _glue(view: View) -> tuple[Record, ...]:
+    out = []
+    zone_suffix = "." + view.zone.name
+    for ns in view.zone.nameservers:
+        if ns.name.endswith(zone_suffix):
+            for ip in ns.addresses:
+                rtype, rd = (TYPE_AAAA, AAAA(ip)) if ":" in ip else (TYPE_A, A(ip))
+                out.append(Record(ns.name, rtype, view.zone.ns_ttl, rd))
+    return tuple(out)
+
+
+def records(view: View, target: Target, qtype: int, region: RegionView | None = None) -> Lookup:
+    """The answer for `target`; for an AppName, `region` is the one chosen for the client."""
+    z = view.zone
+    nodata = Lookup(RCODE_NOERROR, authority=(soa(view),))
+    if isinstance(target, Apex):
+        if qtype in (TYPE_SOA, TYPE_ANY):
+            return Lookup(RCODE_NOERROR, (soa(view),))
+        if qtype == TYPE_NS:
+            ns = tuple(Record(OWNER_APEX, TYPE_NS, z.ns_ttl, NS(n.name + ".")) for n in z.nameservers)
+            return Lookup(RCODE_NOERROR, ns, additional=_glue(view))
+        return nodata
+    if isinstance(target, NameServerHost):
+        v4 = tuple(a for a in target.ns.addresses if ":" not in a)
+        v6 = tuple(a for a in target.ns.addresses if ":" in a)
+        rrs = _address_records(OWNER_QNAME, z.ns_ttl, v4, v6, qtype)
+        return Lookup(RCODE_NOERROR, rrs) if rrs else nodata
+    if isinstance(target, RegionGateways):
+        r = target.region
+        rrs = _address_records(OWNER_QNAME, z.ttl, r.ipv4, r.ipv6, qtype)
+        if rrs:
+            return Lookup(RCODE_NOERROR, rrs, region=r.name)
+        return Lookup(RCODE_NOERROR, authority=(soa(view),), region=r.name)
+    if isinstance(target, AppName):
+        if not view.ready:
+            return Lookup(RCODE_SERVFAIL)
+        if region is None:
+            return nodata  # no healthy gateway anywhere the app may be served from
+        rrs = _address_records(OWNER_QNAME, z.ttl, region.ipv4, region.ipv6, qtype)
+        if rrs:
+            return Lookup(RCODE_NOERROR, rrs, region=region.name)
+        return Lookup(RCODE_NOERROR, authority=(soa(view),), region=region.name)
+    if isinstance(target, EmptyNonTerminal):
+        return nodata
+    if not view.ready:
+        return Lookup(RCODE_SERVFAIL)  # we cannot tell yet whether the app exists
+    return Lookup(RCODE_NXDOMAIN, authority=(soa(view),))
