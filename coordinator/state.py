@@ -94,12 +94,18 @@ class State:
                 continue
             directory, name = parsed
             before_regions_subnet = self.regions.get(name).instance_subnet if directory == "regions" and name in self.regions else None
+            before_gateway = self.gateways.get(name) if directory == "gateways" else None
             self._set(ev.key, ev.value, ev.mod_revision)
             kind = _KIND_OF_DIR.get(directory)
             if kind is not None:
                 change.routing.add((kind, name))
             if directory == "gateways":
                 change.mesh.add(name)
+                # the region's instance subnet rides on one gateway of the region (the first by
+                # name), so a join or leave may move it: every gateway of the region may change
+                gw = self.gateways.get(name) or before_gateway
+                if gw is not None:
+                    change.mesh.update(g.name for g in self.gateways.values() if g.region == gw.region)
             elif directory == "regions":
                 after = self.regions.get(name)
                 if (after.instance_subnet if after else None) != before_regions_subnet:
@@ -237,13 +243,22 @@ class State:
                 upserts.append(resource_to_proto(obj))
         return pb.RoutingUpdate(revision=delta.revision, snapshot=False, upserts=upserts, removals=removals)
 
-    def mesh_peer(self, name: str) -> pb.MeshPeer | None:
+    def subnet_owner(self, region: str) -> str | None:
+        """The gateway that carries `region`'s instance subnet in its peers' allowed IPs."""
+        names = sorted(g.name for g in self.gateways.values() if g.region == region)
+        return names[0] if names else None
+
+    def mesh_peer(self, name: str, viewer_region: str | None = None) -> pb.MeshPeer | None:
+        """Gateway `name` as a WireGuard peer, seen from a gateway in `viewer_region`."""
         g = self.gateways.get(name)
         if g is None or not g.mesh_ip:
             return None
         allowed = [f"{g.mesh_ip}/{32 if ipaddress.ip_address(g.mesh_ip).version == 4 else 128}"]
         region = self.regions.get(g.region)
-        if region is not None and region.instance_subnet:
+        # WireGuard routes a network to one peer only: one gateway per region carries the region's
+        # instance subnet, and never towards gateways of the same region (the subnet is local there)
+        if (region is not None and region.instance_subnet and g.region != viewer_region
+                and self.subnet_owner(g.region) == name):
             allowed.append(region.instance_subnet)
         return pb.MeshPeer(name=g.name, region=g.region, public_key=g.wg_public_key,
                            endpoint=f"{g.public_ip}:{g.wg_port}", allowed_ips=allowed, mesh_ip=g.mesh_ip,
@@ -251,14 +266,16 @@ class State:
 
     def mesh_update(self, delta: Delta, for_gateway: str) -> pb.MeshUpdate:
         """The mesh view of `for_gateway`: every other registered gateway is a peer."""
+        me = self.gateways.get(for_gateway)
+        viewer_region = me.region if me is not None else None
         if delta.mesh is None:
-            peers = [p for n in sorted(self.gateways) if n != for_gateway and (p := self.mesh_peer(n))]
+            peers = [p for n in sorted(self.gateways) if n != for_gateway and (p := self.mesh_peer(n, viewer_region))]
             return pb.MeshUpdate(revision=delta.revision, snapshot=True, upserts=peers)
         upserts, removals = [], []
         for name in sorted(delta.mesh):
             if name == for_gateway:
                 continue
-            peer = self.mesh_peer(name)
+            peer = self.mesh_peer(name, viewer_region)
             if peer is None:
                 removals.append(name)
             else:

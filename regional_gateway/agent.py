@@ -248,3 +248,11 @@ def run(config_path: Path | str, args: object = None) -> int:
         runner = asyncio.run
     runner(_main(config, asyncio.Event()))
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m regional_gateway.agent CONFIG.toml (or: geomesh-gateway --config CONFIG.toml)")
+    sys.exit(run(sys.argv[1]))

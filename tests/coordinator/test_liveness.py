@@ -108,18 +108,22 @@ async def test_session_sends_snapshot_then_one_peer_per_join_and_resumes(coordin
     await seed(admin)
     gcs = {n: coordinator.gateway_control(n) for n in ("gw-a", "gw-b", "gw-c")}
     for i, (n, gc) in enumerate(gcs.items()):
-        if n != "gw-c":
-            await gc.Register(pb.RegisterRequest(name=n, **(REG | {"wg_public_key": gw_key(i + 1)})))
+        if n != "gw-c":  # gw-a in us-east, gw-b in eu-central
+            region = {"region": "us-east"} if n == "gw-a" else {}
+            await gc.Register(pb.RegisterRequest(name=n, **(REG | region | {"wg_public_key": gw_key(i + 1)})))
     session = await open_session(gcs["gw-a"], "gw-a")
     snap = await session.read()
     assert snap.mesh.snapshot and [p.name for p in snap.mesh.upserts] == ["gw-b"]
     peer = snap.mesh.upserts[0]
     assert peer.endpoint == "192.0.2.21:51820" and peer.allowed_ips[0].endswith("/32")
-    assert "10.90.2.0/24" in peer.allowed_ips  # the region's instance subnet rides along
+    # eu-central's instance subnet rides on its first gateway, towards other regions only
+    assert list(peer.allowed_ips)[1:] == ["10.90.2.0/24"]
 
     await gcs["gw-c"].Register(pb.RegisterRequest(name="gw-c", **(REG | {"wg_public_key": gw_key(3)})))
     delta = await asyncio.wait_for(session.read(), 10)
-    assert not delta.mesh.snapshot and [p.name for p in delta.mesh.upserts] == ["gw-c"]
+    # gw-c joins eu-central: one new peer (gw-b, the region's subnet carrier, is re-sent unchanged)
+    assert not delta.mesh.snapshot and [p.name for p in delta.mesh.upserts] == ["gw-b", "gw-c"]
+    assert len(delta.mesh.upserts[1].allowed_ips) == 1
     last = delta.revision
     session.cancel()
 
@@ -128,7 +132,9 @@ async def test_session_sends_snapshot_then_one_peer_per_join_and_resumes(coordin
     await admin.AddInstance(pb.Instance(app="web", id="i1", region="eu-central", address="10.90.2.7", port=80))
     resumed = await open_session(gcs["gw-a"], "gw-a", last_revision=last)
     msg = await asyncio.wait_for(resumed.read(), 10)
-    assert not msg.mesh.snapshot and list(msg.mesh.removals) == ["gw-b"] and not msg.mesh.upserts
+    assert not msg.mesh.snapshot and list(msg.mesh.removals) == ["gw-b"]
+    # gw-c inherits eu-central's instance subnet from the removed gw-b
+    assert [(p.name, list(p.allowed_ips)[1:]) for p in msg.mesh.upserts] == [("gw-c", ["10.90.2.0/24"])]
     assert not msg.routing.snapshot
     kinds = sorted(r.WhichOneof("kind") for r in msg.routing.upserts)
     assert "instance" in kinds and "region" not in kinds  # only what it missed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 
 import grpc
@@ -20,7 +21,7 @@ async def test_metrics_count_requests_by_method_and_code(coordinator_factory):
         await admin.CreateRegion(pb.Region(name="eu-central", latitude=50.1, longitude=8.7))
     with pytest.raises(grpc.aio.AioRpcError):
         await admin.CreateRegion(pb.Region(name="x", latitude=500, longitude=8.7))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
     assert 'geomesh_coordinator_requests_total{code="OK",method="CreateRegion"} 1.0' in text
     assert 'geomesh_coordinator_requests_total{code="ALREADY_EXISTS",method="CreateRegion"} 1.0' in text
     assert 'geomesh_coordinator_requests_total{code="INVALID_ARGUMENT",method="CreateRegion"} 1.0' in text
