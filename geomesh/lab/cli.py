@@ -1,7 +1,8 @@
-"""`geomesh lab`: bring the multi-region lab up, show it, tear it down.
+"""`geomesh lab`: bring the multi-region lab up, show it live, walk through it, tear it down.
 
-Phase 1 (this file today): an embedded etcd, the PKI and a coordinator, the regions of
-`deploy/regions/` created through the Admin API, and the grpcurl commands to talk to it.
+    geomesh lab             up, walkthrough, then a live view until Ctrl-C; then everything is removed
+    geomesh lab --check     up, walkthrough, down; exit 1 if any walkthrough step failed (CI)
+    geomesh lab down        remove whatever a previous (possibly crashed) lab left behind
 """
 
 from __future__ import annotations
@@ -12,80 +13,113 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from geomesh.api import geomesh_pb2 as pb
-from geomesh.api import geomesh_pb2_grpc as pbg
-from geomesh.channel import client_channel
-from geomesh.lab.control_plane import STATE_FILE, ControlPlane, LabRecord, stop_pid
+from geomesh import netns
+from geomesh.lab.control_plane import STATE_FILE, LabRecord, stop_pid
+from geomesh.lab.plan import make_plan
 from geomesh.regions_file import load_dir
 
 DEFAULT_STATE = Path(tempfile.gettempdir()) / "geomesh-lab"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    lab = sub.add_parser("lab", help="run the multi-region lab on this machine (the main job)",
-                         description="Bring up an embedded etcd, a coordinator, the regions in --regions "
-                                     "and print how to reach them; Ctrl-C tears everything down.")
+    lab = sub.add_parser(
+        "lab", help="run the multi-region lab on this machine (the main job)",
+        description="Bring up an embedded etcd, a coordinator, geodns and one gateway per region of --regions "
+                    "(in network namespaces joined by a wireguard-go mesh when root; on loopback otherwise), "
+                    "run a walkthrough that prints every command it runs, then show the system live. "
+                    "Ctrl-C removes every process, namespace and interface the lab made.")
     lab.add_argument("action", nargs="?", default="up", choices=["up", "down"],
-                     help="up (default): start and stay in the foreground; down: remove whatever a "
-                          "previous (possibly crashed) lab left behind")
-    lab.add_argument("--regions", type=Path, default=Path("deploy/regions"), help="directory of region TOMLs (default %(default)s)")
-    lab.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, help="where the lab keeps etcd data, PKI, logs and its PID record (default %(default)s)")
-    lab.add_argument("--once", action="store_true", help="start, print, then tear down at once (for smoke tests)")
+                     help="up (default); down: remove what a previous, possibly crashed, lab left behind")
+    lab.add_argument("--regions", type=Path, default=Path("deploy/regions"),
+                     help="directory of region TOMLs (default %(default)s)")
+    lab.add_argument("--state-dir", type=Path, default=DEFAULT_STATE,
+                     help="where the lab keeps etcd data, PKI, configs, logs and its PID record (default %(default)s)")
+    lab.add_argument("--loopback", action="store_true",
+                     help="force loopback mode (no namespaces, mesh computed but not created) even as root")
+    lab.add_argument("--check", action="store_true",
+                     help="run the walkthrough, tear down, exit 1 if a step failed (for CI)")
+    lab.add_argument("--no-walkthrough", action="store_true", help="skip the walkthrough")
+    lab.add_argument("--refresh", type=float, default=2.0, help="live view refresh interval in seconds (default %(default)s)")
     lab.set_defaults(func=run)
 
 
-def down(state_dir: Path) -> int:
+def down(state_dir: Path, quiet: bool = False) -> int:
     record = LabRecord.load(state_dir / STATE_FILE)
     for name, pid in reversed(list(record.pids.items())):
         stop_pid(pid)
-        print(f"stopped {name} (pid {pid})")
+        if not quiet:
+            print(f"stopped {name} (pid {pid})")
+    from geomesh.lab.runner import NETNS_STATE_DIR
+
+    if NETNS_STATE_DIR.exists():
+        for prefix in netns.sweep(NETNS_STATE_DIR, include_live_owners=True):
+            if not quiet:
+                print(f"removed namespaces and interfaces {prefix}-*")
     shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 
-async def _apply_regions(cp: ControlPlane, regions_dir: Path) -> list[str]:
-    files = load_dir(regions_dir)
-    async with client_channel(cp.address, cp.pki.identity("admin", "lab-admin")) as ch:
-        admin = pbg.AdminStub(ch)
-        existing = {r.name for r in (await admin.ListRegions(pb.Empty(), timeout=5)).regions}
-        for f in files:
-            if f.region.name not in existing:
-                await admin.CreateRegion(f.region.to_proto(), timeout=5)
-    return [f.region.name for f in files]
-
-
 def run(args: argparse.Namespace) -> int:
+    from geomesh.lab.runner import Lab, netns_unavailable_reason
+
     state_dir: Path = args.state_dir
     if args.action == "down":
         return down(state_dir)
     if (state_dir / STATE_FILE).exists():
         print(f"a previous lab left state in {state_dir}: cleaning it up first")
-        down(state_dir)
+        down(state_dir, quiet=True)
     state_dir.mkdir(parents=True, exist_ok=True)
-    record = LabRecord(state_dir / STATE_FILE)
-    record.save()
-    cp = ControlPlane(state_dir, record)
+    reason = "--loopback was given" if args.loopback else netns_unavailable_reason()
+    if reason:
+        print(f"LOOPBACK MODE: {reason}. Gateways run as plain processes on 127.0.1.x; WireGuard mesh links "
+              "are computed and shown but not created; cross-region forwarding is not demonstrated.")
+    regions = load_dir(args.regions)
+    lab = Lab(state_dir, regions, make_plan(regions, netns=reason is None))
+    interrupted = False
+
+    def on_signal(signum, frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    ok = True
     try:
-        print("[1/2] starting etcd and the coordinator ...", flush=True)
-        cp.start()
-        print("[2/2] creating regions ...", flush=True)
-        names = asyncio.run(_apply_regions(cp, args.regions))
-        print(f"\ngeomesh coordinator on {cp.address} (mTLS), etcd on {cp.etcd.endpoint}, regions: {', '.join(names)}")
-        print("\nTalk to it with grpcurl:")
-        g = cp.grpcurl_prefix()
-        print(f"  {g} list")
-        print(f"  {g} describe geomesh.v1.Admin")
-        print(f"  {g} geomesh.v1.Admin/ListRegions")
-        print(f"  {g} -d '{{\"name\":\"web\",\"lb_policy\":\"LB_POLICY_ROUND_ROBIN\"}}' geomesh.v1.Admin/CreateApp")
-        if args.once:
-            return 0
-        print("\nCtrl-C to stop.", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM}) if hasattr(signal, "sigwait") else signal.pause()
+        lab.up()
+        print(f"\nthe lab is up: coordinator {lab.cp.address}, geodns 127.0.0.1:{lab.dns_port}, "
+              f"zone {lab.plan.zone}, state in {state_dir}")
+        if not args.no_walkthrough:
+            from geomesh.lab.walkthrough import Walkthrough
+
+            print("\n== walkthrough (every command can be repeated by hand while the lab runs) ==")
+            ok = Walkthrough(lab).run()
+            print(f"\nwalkthrough: {'all steps hold' if ok else 'SOME STEPS FAILED'}")
+        if args.check:
+            return 0 if ok else 1
+        _live(lab, args.refresh)
         return 0
     except KeyboardInterrupt:
+        interrupted = True
         return 0
     finally:
-        print("tearing down ...", file=sys.stderr)
-        down(state_dir)
+        print("\ntearing down ..." if interrupted or not args.check else "tearing down ...", file=sys.stderr)
+        lab.down()
+        down(state_dir, quiet=True)
+
+
+def _live(lab, refresh: float) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    from geomesh.lab.display import snapshot
+
+    console = Console()
+    console.print("\nlive view (Ctrl-C to stop and remove everything):")
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        while True:
+            try:
+                live.update(asyncio.run(snapshot(lab)))
+            except Exception as exc:  # noqa: BLE001 - keep the view alive; show what failed
+                live.update(f"[red]cannot read the coordinator: {exc}[/red]")
+            time.sleep(refresh)

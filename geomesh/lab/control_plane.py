@@ -76,7 +76,7 @@ class ControlPlane:
         self.coordinator_port = 0
         self.coordinator: subprocess.Popen | None = None
 
-    def start(self, lease_ttl: int = 2) -> None:
+    def start(self, lease_ttl: int = 2, extra: list[str] | None = None) -> None:
         self.pki.init()
         self.pki.server()
         self.etcd.start()
@@ -90,7 +90,7 @@ class ControlPlane:
         self.coordinator = subprocess.Popen(
             [sys.executable, "-m", "coordinator.main", "--etcd", self.etcd.endpoint,
              "--listen", f"127.0.0.1:{self.coordinator_port}", "--pki-dir", str(self.pki.dir),
-             "--lease-ttl", str(lease_ttl), "--port-file", str(port_file), "--metrics-port", "0"],
+             "--lease-ttl", str(lease_ttl), "--port-file", str(port_file), "--metrics-port", "0", *(extra or [])],
             stdout=log, stderr=log, start_new_session=True)
         log.close()
         self.record.pids["coordinator"] = self.coordinator.pid

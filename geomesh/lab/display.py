@@ -1,0 +1,70 @@
+"""The lab's live view: regions and gateways with health, mesh links with their last handshake,
+and the app-to-region map, as rich tables built from the coordinator's Admin API and, in netns
+mode, each gateway's WireGuard interface (read over its UAPI socket).
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Group
+from rich.table import Table
+
+from geomesh.api import geomesh_pb2 as pb
+from geomesh.api import geomesh_pb2_grpc as pbg
+from geomesh.channel import client_channel
+from geomesh.lab.runner import Lab
+
+
+def _handshakes(lab: Lab) -> dict[tuple[str, str], float | None]:
+    """(gateway, peer public key) -> seconds since the last handshake (None: never)."""
+    out: dict[tuple[str, str], float | None] = {}
+    if not lab.plan.netns:
+        return out
+    from regional_gateway.wireguard.userspace import SOCKET_DIR, UapiClient
+
+    now = time.time()
+    for name, rg in lab.gateways.items():
+        try:
+            state = UapiClient(SOCKET_DIR / f"{rg.ifname}.sock", timeout=1).get()
+        except Exception:  # noqa: BLE001 - a dead gateway shows as no data
+            continue
+        for key, peer in state.peers.items():
+            out[(name, key)] = None if peer.last_handshake is None else now - peer.last_handshake
+    return out
+
+
+async def snapshot(lab: Lab) -> Group:
+    async with client_channel(lab.cp.address, lab.cp.pki.identity("admin", "lab-admin")) as ch:
+        admin = pbg.AdminStub(ch)
+        gateways = list((await admin.ListGateways(pb.ListGatewaysRequest(), timeout=5)).gateways)
+        regions = {r.name: r for r in (await admin.ListRegions(pb.Empty(), timeout=5)).regions}
+        instances = list((await admin.ListInstances(pb.ListInstancesRequest(), timeout=5)).instances)
+    gt = Table(title="regions and gateways", title_justify="left")
+    for col in ("region", "location", "gateway", "public ip", "mesh ip", "state", "alive"):
+        gt.add_column(col)
+    for g in sorted(gateways, key=lambda g: g.region):
+        r = regions.get(g.region)
+        loc = f"{r.latitude:.1f},{r.longitude:.1f}" if r else "?"
+        state = "draining" if g.state == pb.GATEWAY_STATE_DRAINING else "active"
+        gt.add_row(g.region, loc, g.name, g.public_ip, g.mesh_ip, state,
+                   "[green]yes[/green]" if g.alive else "[red]no[/red]")
+    hs = _handshakes(lab)
+    mt = Table(title="mesh links (WireGuard)" + ("" if lab.plan.netns else " — computed, not created (loopback mode)"),
+               title_justify="left")
+    for col in ("a", "b", "last handshake a→b", "up"):
+        mt.add_column(col)
+    for i, a in enumerate(gateways):
+        for b in gateways[i + 1:]:
+            age = hs.get((a.name, b.wg_public_key), "n/a")
+            text = "n/a" if age == "n/a" else ("never" if age is None else f"{age:.0f}s ago")
+            mt.add_row(a.name, b.name, text, "[green]yes[/green]" if a.alive and b.alive else "[red]no[/red]")
+    at = Table(title="apps", title_justify="left")
+    for col in ("app", "region", "instances (healthy/total)"):
+        at.add_column(col)
+    seen: dict[tuple[str, str], list[bool]] = {}
+    for inst in instances:
+        seen.setdefault((inst.app, inst.region), []).append(inst.healthy)
+    for (app, region), health in sorted(seen.items()):
+        at.add_row(app, region, f"{sum(health)}/{len(health)}")
+    return Group(gt, mt, at)
