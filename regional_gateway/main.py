@@ -1,0 +1,216 @@
+"""`geomesh-gateway`: the regional gateway process.
+
+Two modes:
+
+- standalone, `geomesh-gateway --routes FILE [--http ADDR] [--https ADDR] [--mesh ADDR] ...`: the
+  data plane alone, routes from a TOML file (docs/gateway-dataplane.md), reloaded on SIGHUP (an
+  invalid file is refused, naming the field, and the routes in service stay);
+- coordinator mode, `geomesh-gateway --config FILE`: the gateway agent (registration, mesh,
+  routing feed) runs the data plane itself; this module hands over to `regional_gateway.agent.run`.
+
+`Config` is the one settings value of a standalone process: defaults, then the `[server]` table of
+the routes file, then flags, validated before anything starts. SIGTERM/SIGINT drain: stop
+accepting, finish the exchanges in flight for up to `--drain-timeout` seconds, then exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from geomesh import logs
+from geomesh.errors import ValidationError
+
+log = logging.getLogger("geomesh.gateway")
+
+SETTING_HELP = {
+    "http": "plain HTTP listener host:port (repeatable; default 0.0.0.0:8080 when no listener is given)",
+    "https": "TLS listener host:port: termination by SNI with the routes' certificates, and TLS passthrough "
+             "for <app>-<port>s names (repeatable)",
+    "mesh": "mesh listener host:port: requests forwarded by other gateways; their X-Forwarded-* and "
+            "X-Geomesh-Forwarded headers are trusted here only (repeatable)",
+    "max_connections": "client connections over all listeners; beyond it new ones get 503 and are closed",
+    "max_header_bytes": "request line + headers limit in bytes (431 beyond)",
+    "max_headers": "number of header fields limit (431 beyond)",
+    "max_body_bytes": "request body limit in bytes, 0 = none (413 beyond)",
+    "header_timeout": "seconds to receive a complete request head (408 after; slowloris guard)",
+    "idle_timeout": "seconds a keep-alive connection may stay idle, or a response may stall",
+    "connect_timeout": "seconds to connect to a backend (another backend is tried; 504 when none answers)",
+    "upstream_timeout": "seconds from request sent to the first response byte (504 after)",
+    "tunnel_idle_timeout": "seconds a WebSocket or passthrough tunnel may stay silent",
+    "drain_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "pool_max_idle": "idle keep-alive connections kept per backend",
+    "pool_idle_timeout": "seconds an idle upstream connection is kept",
+    "cert_check_interval": "seconds between checks of the certificate files for changes",
+    "backlog": "listen(2) backlog",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    routes_path: Path
+    settings: Any  # ProxySettings
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1
+    log_level: str = "info"
+    log_format: str = "json"
+    use_uvloop: bool = True
+    check_only: bool = False
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValidationError("metrics_port", f"{self.metrics_port} is not -1 (off), 0 (any) or a port")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValidationError("log_level", f"{self.log_level!r} is not debug, info, warning or error")
+        if self.log_format not in ("json", "text"):
+            raise ValidationError("log_format", f"{self.log_format!r} is not json or text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from regional_gateway.proxy.settings import ProxySettings
+
+    p = argparse.ArgumentParser(
+        prog="geomesh-gateway",
+        description="geomesh regional gateway. Standalone data plane: --routes FILE (TOML, see "
+                    "docs/gateway-dataplane.md; SIGHUP reloads it). Coordinator mode: --config FILE "
+                    "(gateway agent config: registration, WireGuard mesh, routing feed, data plane).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--routes", type=Path, metavar="FILE", help="standalone mode: the routes TOML file")
+    mode.add_argument("--config", type=Path, metavar="FILE", help="coordinator mode: the gateway agent config")
+    defaults = ProxySettings(http=("0.0.0.0:8080",))
+    for f in dataclasses.fields(ProxySettings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type.startswith("tuple"):
+            p.add_argument(flag, action="append", metavar="HOST:PORT", default=None, help=SETTING_HELP[f.name])
+        else:
+            kind = int if f.type == "int" else float
+            p.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else "SECONDS",
+                           help=f"{SETTING_HELP[f.name]} (default {getattr(defaults, f.name)})")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus /metrics endpoint")
+    p.add_argument("--metrics-port", type=int, default=-1, help="port of /metrics (-1 = off, 0 = any free port)")
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    p.add_argument("--log-format", default="json", help="json (one object per line) or text")
+    p.add_argument("--no-uvloop", action="store_true", help="use the stock asyncio loop instead of uvloop")
+    p.add_argument("--check", action="store_true", help="validate the routes file and settings, then exit")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Defaults < the routes file's [server] table < flags; raises ValidationError naming the field."""
+    from regional_gateway.proxy.routes_file import load_routes
+    from regional_gateway.proxy.settings import ProxySettings
+
+    _routes, server_table = load_routes(args.routes)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(ProxySettings):
+        if f.name in server_table:
+            value = server_table[f.name]
+            if f.type.startswith("tuple"):
+                value = tuple(value) if isinstance(value, list) else (value,)
+            values[f.name] = value
+        flag = getattr(args, f.name)
+        if flag is not None:
+            values[f.name] = tuple(flag) if f.type.startswith("tuple") else flag
+    if not any(values.get(k) for k in ("http", "https", "mesh")):
+        values["http"] = ("0.0.0.0:8080",)
+    try:
+        settings = ProxySettings(**values)
+    except TypeError as exc:
+        raise ValidationError("server", str(exc)) from None
+    return Config(routes_path=args.routes, settings=settings, metrics_host=args.metrics_host,
+                  metrics_port=args.metrics_port, log_level=args.log_level, log_format=args.log_format,
+                  use_uvloop=not args.no_uvloop, check_only=args.check)
+
+
+async def run_standalone(config: Config) -> None:
+    from geomesh import metrics
+    from regional_gateway.proxy.routes_file import load_routes
+    from regional_gateway.proxy.server import ProxyServer
+
+    routes, server_table = load_routes(config.routes_path)
+    server = ProxyServer(config.settings, routes)
+    await server.start()
+    port = metrics.serve(config.metrics_host, config.metrics_port)
+    if port:
+        logs.event(log, "metrics listening", address=f"{config.metrics_host}:{port}")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        try:
+            new, new_server = load_routes(config.routes_path)
+        except ValidationError as exc:
+            server.metrics.reload("refused")
+            logs.event(log, "routes reload refused, keeping the routes in service", logging.ERROR,
+                       file=str(config.routes_path), field=exc.field, error=exc.message)
+            return
+        if new_server != server_table:
+            logs.event(log, "[server] settings changed in the routes file: restart to apply them", logging.WARNING)
+        server.update_routes(new)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logs.event(log, "shutting down", drain_timeout=config.settings.drain_timeout)
+    await server.shutdown()
+
+
+def run_agent(config_path: Path, args: argparse.Namespace) -> int:
+    """Coordinator mode: the gateway agent owns the process (and runs the data plane)."""
+    try:
+        from regional_gateway import agent
+    except ImportError as exc:
+        print(f"geomesh-gateway: coordinator mode is not available in this build ({exc})", file=sys.stderr)
+        return 2
+    run = getattr(agent, "run", None)
+    if run is None:
+        print("geomesh-gateway: coordinator mode is not available in this build "
+              "(regional_gateway.agent has no run())", file=sys.stderr)
+        return 2
+    result = run(config_path, args)
+    if asyncio.iscoroutine(result):
+        result = asyncio.run(result)
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    if args.config is not None:
+        return run_agent(args.config, args)
+    try:
+        config = load_config(args)
+    except ValidationError as exc:
+        print(f"geomesh-gateway: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if config.check_only:
+        print(f"{config.routes_path}: ok")
+        return 0
+    if config.use_uvloop:
+        import uvloop
+
+        runner = uvloop.run
+    else:
+        runner = asyncio.run
+    try:
+        runner(run_standalone(config))
+    except ValidationError as exc:
+        print(f"geomesh-gateway: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"geomesh-gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Consistent hashing of client addresses onto backends: a hash ring with virtual nodes.
+
+Each backend key ("addr:port") owns `points` positions on a 64-bit ring (blake2b of
+"key#i"); a client address hashes to a position and belongs to the first backend point at or
+after it. Adding or removing one of N backends therefore moves only the clients of the points it
+gains or loses, about 1/N of them, and every other client stays where it was. Unavailable
+backends are skipped by walking clockwise, so health changes need no rebuild and clients of
+healthy backends never move. Pure: no I/O, deterministic across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+MIN_RING = 2048  # total points at least this many (spread gets tighter with more points)
+MIN_POINTS = 160  # points per backend at least this many
+
+
+def hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class HashRing(Generic[T]):
+    """A ring over `items`, each identified by `key_of(item)` (stable across versions)."""
+
+    __slots__ = ("_hashes", "_owners", "items")
+
+    def __init__(self, items: Sequence[T], key_of: Callable[[T], str]) -> None:
+        self.items = tuple(items)
+        n = len(self.items)
+        points = max(MIN_POINTS, -(-MIN_RING // n)) if n else 0
+        ring: list[tuple[int, int]] = []
+        for idx, item in enumerate(self.items):
+            key = key_of(item).encode()
+            ring.extend((hash64(key + b"#%d" % i), idx) for i in range(points))
+        ring.sort()
+        self._hashes = [h for h, _ in ring]
+        self._owners = [idx for _, idx in ring]
+
+    def lookup(self, client: bytes, available: Callable[[T], bool] | None = None) -> T | None:
+        """The backend for `client`, skipping items for which `available` is false."""
+        if not self._hashes:
+            return None
+        h = hash64(client)
+        size = len(self._hashes)
+        i = bisect_left(self._hashes, h)
+        if i == size:
+            i = 0
+        item = self.items[self._owners[i]]
+        if available is None or available(item):
+            return item
+        tried = {self._owners[i]}
+        for step in range(1, size):
+            idx = self._owners[(i + step) % size]
+            if idx in tried:
+                continue
+            item = self.items[idx]
+            if available(item):
+                return item
+            tried.add(idx)
+            if len(tried) == len(self.items):
+                break
+        return None

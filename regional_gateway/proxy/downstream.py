@@ -1,0 +1,865 @@
+"""The client side of the HTTP/1.1 proxy: one `ClientConnection` (asyncio Protocol) per connection.
+
+Request bytes go through the C parser (httptools / llhttp). For each request the head is
+rebuilt for the backend (hop-by-hop headers dropped, client-address headers set, see
+`client_address`), the target is chosen (`targets.choose`) and the head is written on a pooled
+or new upstream connection; the body is streamed as it arrives (chunked bodies re-chunked),
+never held whole. Responses come back verbatim (`upstream.UpstreamConnection`).
+
+Pipelining: requests are answered strictly in order. A request parsed while another is in
+flight waits in a queue (its head, and any body bytes that arrived in the same read); reading
+from the client pauses meanwhile, so the queue stays bounded by one read.
+
+Errors the gateway answers itself (`http_errors`) take their place in that order too; those
+that end the connection (400, 408, 413, 431, ...) half-close it after the response and discard
+what the client still sends for a moment, so the client reads the answer instead of a reset.
+
+Timeouts come from one coarse clock (`server.now`, ticked by the server's sweeper): each
+connection carries a `deadline` the sweeper checks; what happens on expiry depends on the state
+(idle -> close, head incomplete -> 408, waiting for the backend -> 504, stalled -> close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from regional_gateway.proxy import client_hello, proxy_protocol
+from regional_gateway.proxy.client_address import FORWARDED_MARK, mesh_headers, public_headers
+from regional_gateway.proxy.hostnames import Mode, NameMatch
+from regional_gateway.proxy.http_errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    MisdirectedRequest,
+    Overloaded,
+    ProxyError,
+    RequestTimeout,
+    ShuttingDown,
+    UnknownHost,
+    UpstreamFailed,
+    UpstreamTimeout,
+    render,
+)
+from regional_gateway.proxy.targets import Target, choose
+from regional_gateway.proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from regional_gateway.proxy.server import ProxyServer
+
+log = logging.getLogger("geomesh.gateway.proxy")
+
+_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
+_ADDR = frozenset((b"x-forwarded-for", b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip",
+                   b"x-geomesh-forwarded"))
+_SPECIAL = _HOP | _ADDR | frozenset((b"host", b"transfer-encoding", b"content-length"))
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+_CONN_TOKENS_OK = frozenset((b"close", b"keep-alive", b"upgrade"))
+MAX_PENDING = 256 * 1024  # body bytes held for a request whose upstream is not connected yet
+MAX_ATTEMPTS = 3
+LINGER = 2.0
+
+# pause_reading reasons (bits)
+_PAUSE_PIPELINE, _PAUSE_BACKPRESSURE, _PAUSE_PENDING, _PAUSE_CONNECT = 1, 2, 4, 8
+
+
+class Exchange:
+    """One request/response pair on a client connection."""
+
+    __slots__ = ("method", "host", "head", "keep_alive", "upgrade", "head_only", "chunked", "has_body",
+                 "error", "upstream", "pending", "pending_len", "req_done", "resp_done", "status", "target",
+                 "app", "backend_label", "t_sent", "t_head", "attempts", "tried", "discard", "body_len",
+                 "final_head", "counted", "forwarded_to")
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.host: bytes | None = None
+        self.head = b""
+        self.keep_alive = True
+        self.upgrade = False
+        self.head_only = False
+        self.chunked = False
+        self.has_body = False
+        self.error: ProxyError | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.pending: list[bytes] = []
+        self.pending_len = 0
+        self.req_done = False
+        self.resp_done = False
+        self.status = 0
+        self.target: Target | None = None
+        self.app = "-"
+        self.backend_label = "-"
+        self.t_sent = 0.0
+        self.t_head = 0.0
+        self.attempts = 0
+        self.tried: tuple[str, ...] = ()
+        self.discard = False
+        self.body_len = 0
+        self.final_head = b""
+        self.counted = False
+        self.forwarded_to = ""
+
+
+class ClientConnection(asyncio.Protocol):
+    """A client connection on an HTTP listener (plain, TLS-terminated, or mesh)."""
+
+    def __init__(self, server: ProxyServer, kind: str, scheme: str, trusted: bool, sni: str = "") -> None:
+        self.server = server
+        self.kind = kind
+        self.scheme = scheme
+        self.trusted = trusted
+        self.sni = sni.encode() if sni else None
+        self.transport: Any = None
+        self.parser: HttpRequestParser | None = None
+        self.client_ip = ""
+        self.client_port = 0
+        self.client_key = b""
+        self.addr_headers = b""
+        self.deadline = 0.0
+        self.active: Exchange | None = None
+        self.cur: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.in_head = False
+        self.head_bytes = 0
+        self.paused = 0
+        self.closed = False
+        self.closing = False  # close once the current exchange is done
+        self.dead_parser = False  # stop reading requests (after an error or Connection: close)
+        self.lingering = False
+        self.upgrading = False
+        self.tunnel: UpstreamConnection | None = None
+        self.sniffing: bytearray | None = bytearray() if kind == "mesh" else None
+        # request head under construction
+        self.h_parts: list[bytes] = []
+        self.h_url = b""
+        self.h_host: bytes | None = None
+        self.h_count = 0
+        self.h_size = 0
+        self.h_te = False
+        self.h_cl = -1
+        self.h_err: ProxyError | None = None
+        self.h_xff: bytes | None = None
+        self.h_fwd: bytes | None = None
+        self.h_proto: bytes | None = None
+        self.h_mark: bytes | None = None
+        self.h_upgrade: bytes | None = None
+        self.h_conn: bytes | None = None
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_ip, self.client_port = peer[0], peer[1]
+        else:
+            self.client_ip, self.client_port = "0.0.0.0", 0
+        self.client_key = self.client_ip.encode()
+        if not self.trusted:
+            self.addr_headers = public_headers(self.client_ip, self.scheme)
+        if not server.conn_opened(self):
+            err = ShuttingDown("the gateway is shutting down") if server.draining else \
+                Overloaded(f"the gateway has reached its connection limit ({server.settings.max_connections})")
+            server.metrics.error(err.cause)
+            transport.write(render(err, close=True))
+            self._linger()
+            return
+        self.parser = HttpRequestParser(self)
+        self.deadline = server.now + server.settings.header_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.transport.write(data)
+            self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
+            return
+        if self.dead_parser:
+            ex = self.active
+            if self.upgrading and ex is not None:
+                up = ex.upstream
+                if up is not None and not up.closed:
+                    up.transport.write(data)
+                else:
+                    ex.pending.append(data)
+            return
+        if self.sniffing is not None:
+            data = self._sniff(data)
+            if not data:
+                return
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]
+        except HttpParserUpgrade as exc:
+            self._client_upgraded(data[exc.args[0]:])
+            return
+        except HttpParserError as exc:
+            self._parse_error(exc)
+            return
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.server.settings.max_header_bytes:
+                self._fail_head(HeadersTooLarge(
+                    f"request head over {self.server.settings.max_header_bytes} bytes"))
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            up = self.tunnel
+            if up.transport.can_write_eof():
+                up.transport.write_eof()
+                return True
+            return None
+        if self.lingering:
+            return None
+        ex = self.active
+        if ex is not None and not ex.req_done and ex.upstream is not None:
+            return True  # half-close mid-request: let the response come back, then close
+        if ex is not None:
+            self.closing = True
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.conn_closed(self)
+        if self.tunnel is not None:
+            self.tunnel.tunnel = None
+            self.tunnel.close()
+            self.tunnel = None
+        for ex in (self.active, *self.queue):
+            if ex is not None:
+                self._abandon(ex)
+        self.active = None
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        ex = self.active
+        up = self.tunnel or (ex.upstream if ex is not None else None)
+        if up is not None and not up.closed:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.active
+        up = self.tunnel or (ex.upstream if ex is not None else None)
+        if up is not None and not up.closed:
+            up.transport.resume_reading()
+
+    # ---------------------------------------------------------------- reading control
+
+    def pause_reading(self, reason: int) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.closed:
+                self.transport.resume_reading()
+
+    # ---------------------------------------------------------------- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.h_parts = []
+        self.h_url = b""
+        self.h_host = None
+        self.h_count = 0
+        self.h_size = 0
+        self.h_te = False
+        self.h_cl = -1
+        self.h_err = None
+        self.h_xff = self.h_fwd = self.h_proto = self.h_mark = self.h_upgrade = self.h_conn = None
+        self.in_head = True
+        self.head_bytes = 0
+        if self.active is None:
+            self.deadline = self.server.now + self.server.settings.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self.h_url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.h_count += 1
+        self.h_size += len(name) + len(value) + 4
+        lname = name.lower()
+        if lname not in _SPECIAL:
+            self.h_parts += (name, b": ", value, b"\r\n")
+            return
+        if lname == b"host":
+            if self.h_host is not None:
+                self.h_err = BadRequest("more than one Host header")
+            self.h_host = value
+            self.h_parts += (name, b": ", value, b"\r\n")
+        elif lname == b"content-length":
+            self.h_cl = int(value) if value.strip().isdigit() else -1
+            self.h_parts += (name, b": ", value, b"\r\n")
+        elif lname == b"transfer-encoding":
+            self.h_te = True
+            self.h_parts += (name, b": ", value, b"\r\n")
+        elif lname == b"connection":
+            self.h_conn = value if self.h_conn is None else self.h_conn + b"," + value
+        elif lname == b"upgrade":
+            self.h_upgrade = value
+        elif lname in _ADDR:
+            if not self.trusted:
+                return
+            if lname == b"x-forwarded-for":
+                self.h_xff = value if self.h_xff is None else self.h_xff + b", " + value
+            elif lname == b"forwarded":
+                self.h_fwd = value if self.h_fwd is None else self.h_fwd + b", " + value
+            elif lname == b"x-forwarded-proto":
+                self.h_proto = value
+            elif lname == b"x-geomesh-forwarded":
+                self.h_mark = value
+            else:
+                self.h_parts += (name, b": ", value, b"\r\n")
+        # other hop-by-hop headers (keep-alive, te, trailer, proxy-connection) are dropped
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        parser = self.parser
+        settings = self.server.settings
+        ex = Exchange()
+        method = parser.get_method()  # type: ignore[union-attr]
+        ex.method = method
+        ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        ex.upgrade = parser.should_upgrade()  # type: ignore[union-attr]
+        ex.head_only = method == b"HEAD"
+        ex.chunked = self.h_te
+        ex.has_body = self.h_te or self.h_cl > 0
+        ex.host = self.h_host
+        version = parser.get_http_version()  # type: ignore[union-attr]
+        if self.h_err is not None:
+            ex.error = self.h_err
+        elif self.h_count > settings.max_headers:
+            ex.error = HeadersTooLarge(f"{self.h_count} header fields, at most {settings.max_headers}")
+        elif self.h_size + len(self.h_url) > settings.max_header_bytes:
+            ex.error = HeadersTooLarge(f"request head over {settings.max_header_bytes} bytes")
+        elif method == b"CONNECT":
+            ex.error = MethodNotAllowed("CONNECT is not supported by this gateway")
+        elif self.h_host is None and self.sni is None:
+            ex.error = BadRequest("no Host header: the gateway routes by host name")
+        elif settings.max_body_bytes and self.h_cl > settings.max_body_bytes:
+            ex.error = BodyTooLarge(f"Content-Length {self.h_cl} is over the limit of {settings.max_body_bytes} bytes")
+        if ex.error is None:
+            parts = self.h_parts
+            if self.h_conn is not None:
+                tokens = {t.strip().lower() for t in self.h_conn.split(b",")} - _CONN_TOKENS_OK
+                if tokens:  # headers the client named hop-by-hop in Connection are not forwarded
+                    parts = _drop_named(parts, tokens)
+            if self.trusted:
+                addr = mesh_headers(self.client_ip, self.scheme, self.h_xff, self.h_fwd, self.h_proto)
+                ex.forwarded_to = "" if self.h_mark is None else "marked"
+            else:
+                addr = self.addr_headers
+            extra = b""
+            if ex.upgrade and self.h_upgrade is not None:
+                extra = b"Connection: upgrade\r\nUpgrade: " + self.h_upgrade + b"\r\n"
+                ex.keep_alive = False  # after an upgrade attempt the client's stream is no longer HTTP
+            elif version != "1.1":
+                extra = b"Connection: keep-alive\r\n"
+            ex.head = b"".join((method, b" ", self.h_url, b" HTTP/", version.encode(), b"\r\n", *parts, addr, extra))
+        self.cur = ex
+        if ex.error is not None and ex.error.closes:
+            self.dead_parser = True
+        if not ex.keep_alive:
+            self.dead_parser = True
+        if self.active is None:
+            self.active = ex
+            self._dispatch(ex)
+        else:
+            self.queue.append(ex)
+            self.pause_reading(_PAUSE_PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        ex = self.cur
+        if ex is None or ex.discard or ex.error is not None:
+            return
+        ex.body_len += len(data)
+        limit = self.server.settings.max_body_bytes
+        if limit and ex.body_len > limit:
+            self._body_too_large(ex, limit)
+            return
+        if ex.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        up = ex.upstream
+        if up is not None and not up.closed:
+            up.transport.write(data)
+        else:
+            ex.pending.append(data)
+            ex.pending_len += len(data)
+            if ex.pending_len > MAX_PENDING:
+                self.pause_reading(_PAUSE_PENDING)
+        self.deadline = self.server.now + self.server.settings.upstream_timeout
+
+    def on_message_complete(self) -> None:
+        ex = self.cur
+        if ex is None:
+            return
+        self.cur = None
+        ex.req_done = True
+        if ex.chunked and not ex.discard and ex.error is None:
+            up = ex.upstream
+            if up is not None and not up.closed:
+                up.transport.write(b"0\r\n\r\n")
+            else:
+                ex.pending.append(b"0\r\n\r\n")
+        if ex.resp_done and ex is self.active:
+            self._finish(ex)
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _dispatch(self, ex: Exchange) -> None:
+        """Route the active exchange and send its head upstream (or answer it locally)."""
+        if ex.error is not None:
+            self._local(ex, ex.error)
+            return
+        server = self.server
+        if server.draining:
+            self.closing = True
+        state = server.state
+        host = ex.host if ex.host is not None else self.sni
+        match = state.lookup(host)  # type: ignore[arg-type]
+        if type(match) is not NameMatch:
+            self._local(ex, UnknownHost(f"unknown host: {match.reason}"))  # type: ignore[union-attr]
+            return
+        if match.mode is not Mode.HTTP:
+            how = "TLS passthrough (connect with TLS to the gateway's TLS port)" if match.mode is Mode.PASSTHROUGH \
+                else "HTTP/2 over TLS (connect with TLS and ALPN h2 to the gateway's TLS port)"
+            self._local(ex, MisdirectedRequest(f"{host.decode('latin-1')} is a {how} name"))  # type: ignore[union-attr]
+            return
+        may_forward = not (self.trusted and ex.forwarded_to == "marked")
+        target = choose(state, match, self.client_key, may_forward=may_forward, exclude=ex.tried)
+        if not isinstance(target, Target):
+            self._local(ex, target)
+            return
+        self._send(ex, target)
+
+    def _send(self, ex: Exchange, target: Target) -> None:
+        ex.target = target
+        ex.app = target.app
+        rt = target.backend
+        rt.inflight += 1
+        ex.counted = True
+        ex.attempts += 1
+        ex.tried += (rt.key,)
+        server = self.server
+        if target.region is not None:
+            ex.backend_label = rt.label
+            ex.final_head = ex.head + FORWARDED_MARK + b": " + server.mark + b"\r\n\r\n"
+            server.metrics.forward(target.app, target.region.name)
+        else:
+            ex.backend_label = rt.key
+            ex.final_head = ex.head + b"\r\n"
+        self.deadline = server.now + server.settings.upstream_timeout
+        up = server.pool.get(target.addr)
+        if up is not None:
+            self._attach(ex, up)
+        else:
+            self.pause_reading(_PAUSE_CONNECT)
+            server.spawn(self._connect(ex, target))
+
+    async def _connect(self, ex: Exchange, target: Target) -> None:
+        server = self.server
+        addr = target.addr
+        loop = asyncio.get_running_loop()
+        try:
+            _, up = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(server.pool, addr), addr[0], addr[1]),
+                server.settings.connect_timeout)
+        except TimeoutError:
+            self._connect_failed(ex, target, f"connect to {target.backend.label} timed out after "
+                                             f"{server.settings.connect_timeout:g}s", timeout=True)
+            return
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+            self._connect_failed(ex, target, f"cannot connect to {target.backend.label}: {why}")
+            return
+        target.backend.health.connected()
+        if self.closed or ex is not self.active or ex.resp_done:
+            server.pool.put(up)  # type: ignore[arg-type]
+            return
+        self.resume_reading(_PAUSE_CONNECT)
+        self._attach(ex, up)  # type: ignore[arg-type]
+
+    def _attach(self, ex: Exchange, up: UpstreamConnection) -> None:
+        ex.upstream = up
+        up.ex = ex
+        up.client = self
+        up.got = 0
+        up.done = False
+        ex.t_sent = time.monotonic()
+        w = up.transport.write
+        w(ex.final_head)
+        if ex.pending:
+            for chunk in ex.pending:
+                w(chunk)
+            ex.pending = []
+            ex.pending_len = 0
+            self.resume_reading(_PAUSE_PENDING)
+
+    def _connect_failed(self, ex: Exchange, target: Target, why: str, *, timeout: bool = False) -> None:
+        server = self.server
+        rt = target.backend
+        server.metrics.error("upstream-connect")
+        if rt.health.connect_failed(server.now, why):
+            server.health_changed(rt)
+        self._uncount(ex)
+        self.resume_reading(_PAUSE_CONNECT)
+        if self.closed or ex is not self.active:
+            return
+        if ex.attempts < MAX_ATTEMPTS and not (ex.pending_len and not ex.req_done):
+            state = server.state
+            match = state.lookup(ex.host if ex.host is not None else self.sni)  # type: ignore[arg-type]
+            if type(match) is NameMatch:
+                may_forward = not (self.trusted and ex.forwarded_to == "marked")
+                nxt = choose(state, match, self.client_key, may_forward=may_forward, exclude=ex.tried)
+                if isinstance(nxt, Target):
+                    self._send(ex, nxt)
+                    return
+        self._local(ex, UpstreamTimeout(why) if timeout else UpstreamFailed(why))
+
+    # ---------------------------------------------------------------- responses
+
+    def response_done(self, up: UpstreamConnection) -> None:
+        """The upstream delivered a complete response to the active exchange."""
+        ex = self.active
+        if ex is None or ex.upstream is not up:
+            up.close()
+            return
+        server = self.server
+        target = ex.target
+        if target is not None:
+            rt = target.backend
+            if rt.health.response(ex.status, server.now):
+                server.health_changed(rt)
+            if ex.t_head:
+                server.metrics.observe(ex.app, ex.t_head - ex.t_sent)
+        ex.upstream = None
+        up.detach(ex.req_done and not ex.upgrade)
+        ex.resp_done = True
+        if ex.req_done:
+            self._finish(ex)
+        else:  # the backend answered before the whole body arrived: drain the rest, then go on
+            ex.discard = True
+
+    def _finish(self, ex: Exchange) -> None:
+        self.active = None
+        self.server.metrics.request(ex.app, ex.backend_label, ex.status)
+        self._uncount(ex)
+        if self.closed:
+            return
+        if self.closing or not ex.keep_alive:
+            self._close_after_write()
+            return
+        settings = self.server.settings
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.active = nxt
+            if not self.queue:
+                self.resume_reading(_PAUSE_PIPELINE)
+            self._dispatch(nxt)
+            return
+        self.deadline = self.server.now + (settings.header_timeout if self.in_head else settings.idle_timeout)
+
+    def _local(self, ex: Exchange, err: ProxyError) -> None:
+        """Answer the active exchange from the gateway itself."""
+        server = self.server
+        server.metrics.error(err.cause)
+        ex.status = err.status
+        close = err.closes or not ex.keep_alive or self.closing
+        if ex.upstream is not None:
+            up, ex.upstream = ex.upstream, None
+            up.close()
+        self.transport.write(render(err, close=close, head_only=ex.head_only))
+        ex.resp_done = True
+        ex.discard = True
+        if err.closes:
+            self.server.metrics.request(ex.app, "-", ex.status)
+            self._uncount(ex)
+            self.active = None
+            self._linger()
+            return
+        if close:
+            self.closing = True
+        if ex.req_done:
+            self._finish(ex)
+        else:
+            self.deadline = server.now + server.settings.upstream_timeout
+
+    def _uncount(self, ex: Exchange) -> None:
+        if ex.counted:
+            ex.counted = False
+            if ex.target is not None:
+                ex.target.backend.inflight -= 1
+
+    def upstream_lost(self, up: UpstreamConnection, exc: Exception | None) -> None:
+        """The upstream connection closed while carrying the active exchange."""
+        ex = self.active
+        up.client = None
+        up.ex = None
+        if ex is None or ex.upstream is not up:
+            return
+        ex.upstream = None
+        server = self.server
+        target = ex.target
+        if up.got == 0:
+            why = f"{target.backend.label if target else 'backend'} closed the connection before answering"
+            if exc is not None:
+                why = f"{target.backend.label if target else 'backend'} reset the connection: {exc}"
+            if target is not None and not up.reused:
+                if target.backend.health.connect_failed(server.now, why):
+                    server.health_changed(target.backend)
+            retry = (not ex.has_body and ex.attempts < MAX_ATTEMPTS
+                     and (up.reused or ex.method in _IDEMPOTENT))
+            self._uncount(ex)
+            if retry and target is not None:
+                match = server.state.lookup(ex.host if ex.host is not None else self.sni)  # type: ignore[arg-type]
+                if type(match) is NameMatch:
+                    may_forward = not (self.trusted and ex.forwarded_to == "marked")
+                    exclude = ex.tried if not up.reused else ex.tried[:-1]
+                    nxt = choose(server.state, match, self.client_key, may_forward=may_forward, exclude=exclude)
+                    if isinstance(nxt, Target):
+                        if up.reused and nxt.addr == up.addr:  # stale pooled connection: retry on a new one
+                            ex.target = nxt
+                            nxt.backend.inflight += 1
+                            ex.counted = True
+                            ex.attempts += 1
+                            self.pause_reading(_PAUSE_CONNECT)
+                            server.spawn(self._connect(ex, nxt))
+                        else:
+                            self._send(ex, nxt)
+                        return
+            server.metrics.error("upstream-reset")
+            self._local(ex, UpstreamFailed(why))
+            return
+        # the response had started: it cannot be replaced, only cut short
+        server.metrics.error("upstream-reset")
+        if ex.status == 0:
+            ex.status = 502
+        self.server.metrics.request(ex.app, ex.backend_label, ex.status)
+        self._uncount(ex)
+        self.active = None
+        self._close_after_write()
+
+    def upstream_broken(self, up: UpstreamConnection, why: str) -> None:
+        """The backend sent something that is not an HTTP response."""
+        ex = self.active
+        up.close()
+        if ex is None or ex.upstream is not up:
+            return
+        ex.upstream = None
+        if up.got == 0:
+            self._local(ex, UpstreamFailed(why))
+        else:
+            self.server.metrics.error("upstream-malformed")
+            self._uncount(ex)
+            self.active = None
+            self._close_after_write()
+
+    # ---------------------------------------------------------------- upgrade / tunnel
+
+    def _client_upgraded(self, rest: bytes) -> None:
+        """The client's request asked for a protocol upgrade; bytes after its head wait for the answer."""
+        self.dead_parser = True
+        self.upgrading = True
+        ex = self.cur or self.active
+        if ex is not None:
+            ex.req_done = True
+            if rest:
+                if ex.upstream is not None and not ex.upstream.closed:
+                    ex.upstream.transport.write(rest)
+                else:
+                    ex.pending.append(rest)
+
+    def upstream_upgraded(self, up: UpstreamConnection, data: bytes) -> None:
+        """The backend's response to the active exchange ends with an upgrade (101)."""
+        ex = self.active
+        self.transport.write(data)
+        if ex is None or ex.upstream is not up:
+            up.close()
+            return
+        status = up.parser.get_status_code()
+        ex.status = status
+        self.server.metrics.request(ex.app, ex.backend_label, status)
+        if status != 101 or not ex.upgrade:
+            self._uncount(ex)
+            up.close()
+            self.active = None
+            self._close_after_write()
+            return
+        self._uncount(ex)
+        self.active = None
+        up.client = None
+        up.ex = None
+        up.tunnel = self
+        self.tunnel = up
+        self.upgrading = False
+        for chunk in ex.pending:
+            up.transport.write(chunk)
+        ex.pending = []
+        self.resume_reading(0xFF)
+        self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
+
+    def tunnel_eof(self) -> None:
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        else:
+            self.transport.close()
+
+    def tunnel_closed(self) -> None:
+        self.tunnel = None
+        self.transport.close()
+
+    # ---------------------------------------------------------------- errors and timeouts
+
+    def _parse_error(self, exc: HttpParserError) -> None:
+        self.dead_parser = True
+        if self.lingering or self.closing and self.active is None:
+            return
+        detail = str(exc) or type(exc).__name__
+        if exc.__context__ is not None:
+            detail = f"{detail} ({exc.__context__})"
+            log.error("request callback failed", exc_info=exc.__context__)
+        err = BadRequest(f"malformed request: {detail}")
+        self._fail_head(err)
+
+    def _fail_head(self, err: ProxyError) -> None:
+        """A request that cannot be parsed or is too large: answer in order, then close."""
+        self.dead_parser = True
+        self.in_head = False
+        ex = Exchange()
+        ex.error = err
+        ex.keep_alive = False
+        if self.active is None:
+            self.active = ex
+            self._dispatch(ex)
+        else:
+            self.queue.append(ex)
+
+    def _body_too_large(self, ex: Exchange, limit: int) -> None:
+        self.dead_parser = True
+        if ex is self.active and ex.upstream is not None and ex.upstream.got == 0:
+            self._local(ex, BodyTooLarge(f"request body over the limit of {limit} bytes"))
+        elif ex is self.active and ex.upstream is None:
+            self._local(ex, BodyTooLarge(f"request body over the limit of {limit} bytes"))
+        else:
+            self.server.metrics.error("body-too-large")
+            self.transport.close()
+
+    def timed_out(self) -> None:
+        """The sweeper found this connection past its deadline."""
+        settings = self.server.settings
+        if self.lingering or self.tunnel is not None:
+            self.transport.close()
+            return
+        ex = self.active
+        if ex is None:
+            if self.in_head or self.head_bytes:
+                err = RequestTimeout(f"request head not received within {settings.header_timeout:g}s")
+                self._fail_head(err)
+            else:
+                self.transport.close()  # idle keep-alive connection
+            return
+        up = ex.upstream
+        if up is not None and up.got:
+            self.server.metrics.error("response-stalled")
+            self.transport.close()
+            return
+        if ex.req_done and (up is not None or ex.target is not None):
+            label = ex.target.backend.label if ex.target is not None else "the backend"
+            if ex.target is not None and ex.target.backend.health.response(504, self.server.now):
+                self.server.health_changed(ex.target.backend)
+            self._local(ex, UpstreamTimeout(f"{label} did not answer within {settings.upstream_timeout:g}s"))
+            return
+        if not ex.resp_done:
+            self.dead_parser = True
+            self._local(ex, RequestTimeout(f"request body stalled for {settings.upstream_timeout:g}s"))
+        else:
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """After a closing error: stop sending, discard input for a moment, then close."""
+        self.lingering = True
+        self.dead_parser = True
+        self.closing = True
+        self.resume_reading(0xFF)
+        self.deadline = self.server.now + LINGER
+        transport = self.transport
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                transport.close()
+        else:
+            transport.close()
+
+    def _close_after_write(self) -> None:
+        self.closing = True
+        if not self.closed:
+            self.transport.close()
+
+    def _abandon(self, ex: Exchange) -> None:
+        up = ex.upstream
+        ex.upstream = None
+        if up is not None:
+            up.close()
+        self._uncount(ex)
+
+    def drain(self) -> None:
+        """Server shutdown: close now if idle, else after the exchange in flight."""
+        self.closing = True
+        if self.tunnel is None and self.active is None and not self.in_head:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
+        self.transport.abort()
+
+    # ---------------------------------------------------------------- mesh: forwarded passthrough
+
+    def _sniff(self, data: bytes) -> bytes:
+        """Mesh listener only: a connection starting with PROXY v2 is a forwarded TLS passthrough."""
+        buf = self.sniffing
+        assert buf is not None
+        if not buf and not proxy_protocol.could_be_v2(data[:12]):
+            self.sniffing = None
+            return data
+        buf += data
+        try:
+            header = proxy_protocol.parse_v2(bytes(buf))
+        except proxy_protocol.ProxyProtocolError as exc:
+            self.sniffing = None
+            self.server.metrics.error("bad-proxy-header")
+            self.transport.write(render(BadRequest(f"bad PROXY protocol header: {exc}"), close=True))
+            self._linger()
+            return b""
+        if header is None:
+            return b""
+        hello = client_hello.parse(bytes(buf[header.length:]))
+        if hello is client_hello.NEED_MORE:
+            return b""
+        self.sniffing = None
+        self.dead_parser = True
+        self.server.passthrough_from_mesh(self, header, hello, bytes(buf[header.length:]))
+        return b""
+
+
+def _drop_named(parts: list[bytes], names: set[bytes]) -> list[bytes]:
+    out: list[bytes] = []
+    for i in range(0, len(parts), 4):
+        if parts[i].lower() not in names:
+            out += parts[i:i + 4]
+    return out

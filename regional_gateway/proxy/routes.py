@@ -1,0 +1,334 @@
+"""What the data plane routes: one immutable `Routes` value per version of the routing state.
+
+A `Routes` holds the zone, this gateway's identity and location, the local apps (LB policy,
+backends, health-check settings, exposed ports, PROXY-protocol wish), custom domains, TLS
+certificate files and, for cross-region forwarding, the other regions (location, the apps and
+instances they host, their routable gateways) sorted nearest first. It is built either from the
+standalone TOML file (`routes_file.load_routes`) or from the coordinator's routing table
+(`routes_from_table`), validated on construction, and handed to the proxy server as a whole
+(`ProxyServer.update_routes`), so the data path always reads one consistent version.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from geomesh import geo
+from geomesh import validate as v
+from geomesh.errors import ValidationError
+from geomesh.model import LbPolicy
+from geomesh.routing_table import RoutingTable
+
+HEALTH_CHECKS = ("tcp", "http", "none")
+_EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active probe and passive ejection settings for the backends of an app."""
+
+    check: str = "tcp"  # tcp: connect; http: GET path, 2xx/3xx is healthy; none: no probes
+    path: str = "/"
+    interval: float = 2.0  # seconds between probes of one backend
+    timeout: float = 1.0  # seconds for one probe
+    rise: int = 2  # consecutive good probes to mark a down backend up
+    fall: int = 2  # consecutive bad probes to mark an up backend down
+    eject_connect_failures: int = 1  # consecutive connect failures that eject a backend (0 = never)
+    eject_5xx: int = 5  # consecutive 5xx responses that eject a backend (0 = never)
+    eject_seconds: float = 5.0  # how long a passive ejection lasts before the backend is retried
+
+    def __post_init__(self) -> None:
+        if self.check not in HEALTH_CHECKS:
+            raise ValidationError("check", f"{self.check!r} is not one of {', '.join(HEALTH_CHECKS)}")
+        if not isinstance(self.path, str) or not self.path.startswith("/") or any(
+                ord(c) <= 32 or ord(c) >= 127 for c in self.path):
+            raise ValidationError("path", f"{self.path!r} is not an absolute path without spaces")
+        for name, low, high in (("interval", 0.05, 3600.0), ("timeout", 0.01, 600.0),
+                                ("eject_seconds", 0.05, 86400.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                    or not low <= value <= high:
+                raise ValidationError(name, f"{value!r} is not a number of seconds in {low}..{high}")
+            object.__setattr__(self, name, float(value))
+        for name, low in (("rise", 1), ("fall", 1), ("eject_connect_failures", 0), ("eject_5xx", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1000:
+                raise ValidationError(name, f"{value!r} is not an integer in {low}..1000")
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One instance of an app as the proxy reaches it (address and default port)."""
+
+    address: str
+    port: int
+    instance_id: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", v.ip_address("address", self.address))
+        v.port("port", self.port)
+        if self.instance_id:
+            v.dns_label("id", self.instance_id)
+
+    @property
+    def key(self) -> str:
+        """The endpoint's identity for health, pools and metrics ("addr:port", IPv6 bracketed)."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class AppRoute:
+    """A local app: how to balance over its backends in this region."""
+
+    name: str
+    lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    backends: tuple[Backend, ...] = ()
+    ports: tuple[int, ...] = ()  # ports reachable through `<app>-<port>`; empty = any
+    proxy_protocol: bool = False  # send a PROXY v2 header on TLS passthrough connections
+    health: HealthCheck = field(default_factory=HealthCheck)
+
+    def __post_init__(self) -> None:
+        v.dns_label("name", self.name)
+        object.__setattr__(self, "lb_policy", LbPolicy.parse("lb", self.lb_policy))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        seen: set[str] = set()
+        for i, b in enumerate(self.backends):
+            if b.key in seen:
+                raise ValidationError(f"backends[{i}]", f"{b.key} is listed twice")
+            seen.add(b.key)
+        ports = tuple(self.ports)
+        for i, p in enumerate(ports):
+            v.port(f"ports[{i}]", p)
+        object.__setattr__(self, "ports", ports)
+
+    def allows_port(self, port: int) -> bool:
+        return not self.ports or port in self.ports
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRoute:
+    """A custom domain pointing at an app (port 0 = the app's default port)."""
+
+    fqdn: str
+    app: str
+    port: int = 0
+    passthrough: bool = False  # TLS passthrough by SNI instead of termination
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fqdn", v.fqdn("fqdn", self.fqdn))
+        v.dns_label("app", self.app)
+        v.port("port", self.port, allow_zero=True)
+        if self.passthrough and not self.port:
+            raise ValidationError("port", "is required for a passthrough domain")
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteGateway:
+    """A gateway of another region, reached over the mesh at mesh_ip:proxy_port."""
+
+    name: str
+    mesh_ip: str
+    proxy_port: int
+
+    def __post_init__(self) -> None:
+        v.dns_label("name", self.name)
+        object.__setattr__(self, "mesh_ip", v.ip_address("mesh_ip", self.mesh_ip))
+        v.port("proxy_port", self.proxy_port)
+
+    @property
+    def key(self) -> str:
+        host = f"[{self.mesh_ip}]" if ":" in self.mesh_ip else self.mesh_ip
+        return f"{host}:{self.proxy_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRegion:
+    """Another region: where it is, what it hosts (healthy), and its routable gateways."""
+
+    name: str
+    latitude: float
+    longitude: float
+    apps: frozenset[str] = frozenset()
+    instances: frozenset[str] = frozenset()
+    gateways: tuple[RemoteGateway, ...] = ()
+
+    def __post_init__(self) -> None:
+        v.dns_label("name", self.name)
+        object.__setattr__(self, "latitude", v.latitude("latitude", self.latitude))
+        object.__setattr__(self, "longitude", v.longitude("longitude", self.longitude))
+        object.__setattr__(self, "apps", frozenset(self.apps))
+        object.__setattr__(self, "instances", frozenset(self.instances))
+        object.__setattr__(self, "gateways", tuple(self.gateways))
+        for i, a in enumerate(sorted(self.apps)):
+            v.dns_label(f"apps[{i}]", a)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateSpec:
+    """A PEM certificate chain and its key; the names it serves come from its SANs."""
+
+    cert: Path
+    key: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cert", Path(self.cert))
+        object.__setattr__(self, "key", Path(self.key))
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRoute:
+    """A local instance addressed as `<instance-id>.<zone>`."""
+
+    app: str
+    backend: Backend
+
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    zone: str
+    self_name: str = ""
+    region: str = ""
+    latitude: float | None = None
+    longitude: float | None = None
+    apps: Mapping[str, AppRoute] = field(default_factory=lambda: _EMPTY)
+    domains: Mapping[str, DomainRoute] = field(default_factory=lambda: _EMPTY)
+    regions: tuple[RemoteRegion, ...] = ()  # nearest first once constructed
+    certificates: tuple[CertificateSpec, ...] = ()
+    version: str = ""
+    # derived indexes
+    instances: Mapping[str, InstanceRoute] = field(init=False)
+    remote_apps: Mapping[str, tuple[RemoteRegion, ...]] = field(init=False)
+    remote_instances: Mapping[str, tuple[RemoteRegion, ...]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "zone", v.fqdn("zone", self.zone))
+        if self.self_name:
+            v.dns_label("name", self.self_name)
+        if self.region:
+            v.dns_label("region", self.region)
+        if (self.latitude is None) != (self.longitude is None):
+            raise ValidationError("latitude", "latitude and longitude go together")
+        if self.latitude is not None:
+            object.__setattr__(self, "latitude", v.latitude("latitude", self.latitude))
+            object.__setattr__(self, "longitude", v.longitude("longitude", self.longitude))
+        apps = dict(self.apps)
+        for name, app in apps.items():
+            if name != app.name:
+                raise ValidationError(f"apps.{name}", f"is keyed by a different name than {app.name!r}")
+        object.__setattr__(self, "apps", MappingProxyType(apps))
+        object.__setattr__(self, "domains", MappingProxyType(dict(self.domains)))
+        object.__setattr__(self, "certificates", tuple(self.certificates))
+        regions = tuple(self.regions)
+        names = [r.name for r in regions]
+        if len(set(names)) != len(names):
+            raise ValidationError("regions", "lists a region twice")
+        if self.region and self.region in names:
+            raise ValidationError("regions", f"lists this gateway's own region {self.region!r}")
+        if self.latitude is not None:
+            order = geo.by_distance(self.latitude, self.longitude,  # type: ignore[arg-type]
+                                    ((r.name, r.latitude, r.longitude) for r in regions))
+        else:
+            order = sorted(names)
+        by_name = {r.name: r for r in regions}
+        regions = tuple(by_name[n] for n in order)
+        object.__setattr__(self, "regions", regions)
+
+        instances: dict[str, InstanceRoute] = {}
+        for app in apps.values():
+            for b in app.backends:
+                if not b.instance_id:
+                    continue
+                if b.instance_id in instances:
+                    raise ValidationError(f"apps.{app.name}.backends",
+                                          f"instance id {b.instance_id!r} is used twice")
+                if b.instance_id in apps:
+                    raise ValidationError(f"apps.{app.name}.backends",
+                                          f"instance id {b.instance_id!r} is also an app name")
+                instances[b.instance_id] = InstanceRoute(app.name, b)
+        object.__setattr__(self, "instances", MappingProxyType(instances))
+        remote_apps: dict[str, list[RemoteRegion]] = {}
+        remote_instances: dict[str, list[RemoteRegion]] = {}
+        for r in regions:
+            if not r.gateways:
+                continue
+            for a in r.apps:
+                remote_apps.setdefault(a, []).append(r)
+            for i in r.instances:
+                remote_instances.setdefault(i, []).append(r)
+        object.__setattr__(self, "remote_apps", MappingProxyType({k: tuple(x) for k, x in remote_apps.items()}))
+        object.__setattr__(self, "remote_instances",
+                           MappingProxyType({k: tuple(x) for k, x in remote_instances.items()}))
+        for fqdn, d in self.domains.items():
+            if fqdn != d.fqdn:
+                raise ValidationError(f"domains.{fqdn}", f"is keyed by a different name than {d.fqdn!r}")
+            if d.app not in apps and d.app not in remote_apps:
+                raise ValidationError(f"domains.{fqdn}.app", f"{d.app!r} is not a known app")
+            if d.fqdn == self.zone or d.fqdn.endswith("." + self.zone):
+                raise ValidationError(f"domains.{fqdn}", f"is inside the zone {self.zone!r}")
+
+    def knows_app(self, app: str) -> bool:
+        return app in self.apps or app in self.remote_apps
+
+
+def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name: str,
+                      health: HealthCheck | None = None,
+                      certificates: Iterable[CertificateSpec] = (),
+                      proxy_protocol_apps: Iterable[str] = ()) -> Routes:
+    """The data plane's view of a coordinator routing table, for the gateway `self_name` in `region`.
+
+    Local apps: every app of the table with this region's instances as backends (the gateway's own
+    probes decide their health; the table's `healthy` flag only steers other regions). Custom
+    domains: every domain of the table. Remote regions: every other region with at least one
+    routable gateway, with the apps it hosts (healthy instances, pinning respected, as
+    `RoutingTable.hosting_regions`) and its instance ids, nearest first from this region.
+    """
+    health = health or HealthCheck()
+    pp = set(proxy_protocol_apps)
+    local: dict[str, list] = {}
+    hosted: dict[str, set[str]] = {}  # region -> apps with a healthy instance there
+    remote_ids: dict[str, set[str]] = {}
+    for inst in table.instances.values():
+        if inst.region == region:
+            local.setdefault(inst.app, []).append(inst)
+            continue
+        remote_ids.setdefault(inst.region, set()).add(inst.id)
+        if inst.healthy:
+            spec = table.apps.get(inst.app)
+            if spec is None or not spec.pinned_regions or inst.region in spec.pinned_regions:
+                hosted.setdefault(inst.region, set()).add(inst.app)
+    apps: dict[str, AppRoute] = {}
+    for name in set(table.apps) | set(local):
+        spec = table.apps.get(name)
+        insts = sorted(local.get(name, ()), key=lambda i: i.id)
+        seen: set[tuple[str, int]] = set()
+        backends = []
+        for i in insts:
+            if (i.address, i.port) in seen:
+                continue
+            seen.add((i.address, i.port))
+            backends.append(Backend(i.address, i.port, i.id))
+        apps[name] = AppRoute(name, spec.lb_policy if spec else LbPolicy.ROUND_ROBIN, tuple(backends),
+                              proxy_protocol=name in pp, health=health)
+    regions = []
+    for r in table.regions.values():
+        if r.name == region:
+            continue
+        gws = tuple(RemoteGateway(g.name, g.mesh_ip, g.proxy_port)
+                    for g in table.gateways_in(r.name) if g.name != self_name and g.mesh_ip)
+        if not gws:
+            continue
+        regions.append(RemoteRegion(r.name, r.latitude, r.longitude, frozenset(hosted.get(r.name, ())),
+                                    frozenset(remote_ids.get(r.name, ())), gws))
+    me = table.regions.get(region)
+    known = set(apps) | {a for r in regions for a in r.apps}
+    domains = {d.fqdn: DomainRoute(d.fqdn, d.app, d.port) for d in table.domains.values()
+               if d.app in known and not (d.fqdn == zone or d.fqdn.endswith("." + zone))}
+    return Routes(zone=zone, self_name=self_name, region=region,
+                  latitude=me.latitude if me else None, longitude=me.longitude if me else None,
+                  apps=apps, domains=domains, regions=tuple(regions), certificates=tuple(certificates),
+                  version=f"rev{table.revision}")

@@ -1,0 +1,236 @@
+"""The proxy server: listeners, the live routes, the upstream pool, timers and the shutdown order.
+
+`ProxyServer(settings, routes)` has no side effects; `await start()` binds the listeners (plain
+HTTP, TLS, mesh) and starts two background tasks: the sweeper (ticks the coarse clock, enforces
+connection deadlines, re-admits ejected backends, closes idle upstream connections, reloads
+changed certificates) and the prober (active health checks). `update_routes(routes)` swaps the
+routing state in one assignment, keeping health and in-flight counts of unchanged backends, and
+can be called at any time from the loop thread; requests in flight finish on the state they
+started with. `shutdown()` follows the house order: stop accepting, close idle connections and
+let busy ones finish their exchange until `drain_timeout`, then abort the rest, stop the tasks
+and close the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from geomesh.logs import event
+from regional_gateway.proxy import client_hello
+from regional_gateway.proxy.certificates import CertificateStore
+from regional_gateway.proxy.downstream import ClientConnection
+from regional_gateway.proxy.hostnames import Mode, NameMatch
+from regional_gateway.proxy.metrics import ProxyMetrics
+from regional_gateway.proxy.prober import Prober
+from regional_gateway.proxy.proxy_protocol import ProxyHeader
+from regional_gateway.proxy.route_state import BackendRuntime, RouteState
+from regional_gateway.proxy.routes import Routes
+from regional_gateway.proxy.settings import ProxySettings, parse_listen
+from regional_gateway.proxy.tls_listener import TlsListener
+from regional_gateway.proxy.tunnel import ALERT_UNRECOGNIZED_NAME, TunnelClient, TunnelPlan, tls_alert
+from regional_gateway.proxy.upstream import Pool
+
+log = logging.getLogger("geomesh.gateway")
+SWEEP_INTERVAL = 0.25
+
+
+class ProxyServer:
+    def __init__(self, settings: ProxySettings, routes: Routes,
+                 certificates: CertificateStore | None = None) -> None:
+        self.settings = settings
+        self.state = RouteState.compile(routes)
+        self.certs = certificates if certificates is not None else CertificateStore.from_specs(routes.certificates)
+        self.pool = Pool(settings.pool_max_idle, settings.pool_idle_timeout)
+        self.metrics = ProxyMetrics(self)
+        self.connections: set[Any] = set()
+        self.kind_counts: dict[str, int] = {"http": 0, "https": 0, "mesh": 0, "tunnel": 0}
+        self.now = 0.0
+        self.draining = False
+        self.mark = (routes.self_name or routes.region or "gateway").encode()
+        self.addresses: dict[str, list[tuple[str, int]]] = {"http": [], "https": [], "mesh": []}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tls: list[TlsListener] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._background: list[asyncio.Task] = []
+        self._next_cert_check = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.now = loop.time()
+        self.pool.now = self.now
+        try:
+            for kind, items in (("http", self.settings.http), ("mesh", self.settings.mesh)):
+                trusted = kind == "mesh"
+                for i, item in enumerate(items):
+                    host, port = parse_listen(f"{kind}[{i}]", item)
+                    srv = await loop.create_server(
+                        lambda k=kind, t=trusted: ClientConnection(self, k, "http", t), host, port,
+                        backlog=self.settings.backlog, reuse_address=True)
+                    self._servers.append(srv)
+                    self.addresses[kind].append(srv.sockets[0].getsockname()[:2])
+            for i, item in enumerate(self.settings.https):
+                host, port = parse_listen(f"https[{i}]", item)
+                sock = _listen_socket(host, port, self.settings.backlog)
+                listener = TlsListener(self, sock)
+                self._tls.append(listener)
+                self.addresses["https"].append(listener.address)
+        except OSError:
+            await self.shutdown()
+            raise
+        self._background = [asyncio.create_task(self._sweep(), name="proxy-sweeper"),
+                            asyncio.create_task(Prober(self).run(), name="proxy-prober")]
+        event(log, "proxy listening", **{k: " ".join(f"{h}:{p}" for h, p in v) for k, v in self.addresses.items()},
+              routes=self.state.routes.version, apps=len(self.state.apps))
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, drain connections (up to `timeout`, default drain_timeout), stop."""
+        if self.draining:
+            return
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + (self.settings.drain_timeout if timeout is None else timeout)
+        for srv in self._servers:
+            srv.close()
+        for tl in self._tls:
+            tl.close()
+        for conn in list(self.connections):
+            conn.drain()
+        event(log, "draining", connections=len(self.connections))
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        left = len(self.connections)
+        for conn in list(self.connections):
+            conn.abort()
+        for task in self._background:
+            task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+        self.pool.close_all()
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+        event(log, "stopped", aborted=left)
+
+    # ---------------------------------------------------------------- control plane API
+
+    def update_routes(self, routes: Routes) -> None:
+        """Serve `routes` from now on (call from the event loop thread)."""
+        self.state = RouteState.compile(routes, self.state)
+        self.certs.update(routes.certificates)
+        self.mark = (routes.self_name or routes.region or "gateway").encode()
+        self.metrics.reload("applied")
+        event(log, "routes updated", version=routes.version, apps=len(routes.apps),
+              regions=len(routes.regions), certificates=len(routes.certificates))
+
+    # ---------------------------------------------------------------- connection bookkeeping
+
+    def conn_opened(self, conn: Any) -> bool:
+        if self.draining or len(self.connections) >= self.settings.max_connections:
+            return False
+        self.connections.add(conn)
+        self.kind_counts[conn.kind] += 1
+        return True
+
+    def conn_closed(self, conn: Any) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.kind_counts[conn.kind] -= 1
+
+    def connection_counts(self) -> dict[str, int]:
+        return dict(self.kind_counts)
+
+    def backend_states(self) -> list[tuple[str, str, str, bool]]:
+        out = []
+        for name, app in list(self.state.apps.items()):
+            for b in app.backends:
+                out.append((name, b.key, b.health.state.value, b.available))
+        for gw in list(self.state.gateways.values()):
+            out.append(("-", gw.label, gw.health.state.value, gw.available))
+        return out
+
+    def spawn(self, coro: Coroutine) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, (OSError, ConnectionError, asyncio.TimeoutError)):
+            log.error("background task failed", exc_info=exc)
+
+    def health_changed(self, rt: BackendRuntime) -> None:
+        if rt.sync():
+            h = rt.health
+            event(log, "backend available" if rt.available else "backend unavailable",
+                  logging.INFO if rt.available else logging.WARNING,
+                  app=rt.app.spec.name if rt.app else "-", backend=rt.label, state=h.state.value, reason=h.reason)
+
+    # ---------------------------------------------------------------- mesh passthrough
+
+    def passthrough_from_mesh(self, conn: ClientConnection, header: ProxyHeader,
+                              hello: client_hello.ClientHello | client_hello.NotTls, data: bytes) -> None:
+        """A forwarded TLS passthrough arrived on the mesh listener: tunnel it to a local backend."""
+        transport = conn.transport
+        match = self.state.lookup(hello.server_name.encode()) \
+            if isinstance(hello, client_hello.ClientHello) and hello.server_name else None
+        if not isinstance(match, NameMatch) or match.mode is not Mode.PASSTHROUGH:
+            self.metrics.error("bad-forwarded-passthrough")
+            transport.write(tls_alert(ALERT_UNRECOGNIZED_NAME))
+            transport.close()
+            return
+        client = (header.source or conn.client_ip, header.source_port or conn.client_port)
+        local = (header.destination or "0.0.0.0", header.destination_port)
+        plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=True)
+        tunnel = TunnelClient(self, plan, preread=data)
+        self.conn_closed(conn)
+        conn.closed = True
+        transport.set_protocol(tunnel)
+        tunnel.connection_made(transport)
+
+    # ---------------------------------------------------------------- timers
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = self.now = loop.time()
+            try:
+                self.pool.sweep(now)
+                for conn in list(self.connections):
+                    d = conn.deadline
+                    if d and d < now:
+                        conn.deadline = 0.0
+                        conn.timed_out()
+                for rt in self.state.all_backends():
+                    if rt.health.ejected_until and rt.health.expire(now):
+                        self.health_changed(rt)
+                if now >= self._next_cert_check:
+                    self._next_cert_check = now + self.settings.cert_check_interval
+                    self.certs.refresh()
+            except Exception:  # the sweeper must survive anything a connection does
+                log.exception("sweeper pass failed")
+
+
+def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,77 @@
+"""The data plane's process settings: listeners, limits and timeouts (not routes).
+
+One frozen value validated on construction, built by `regional_gateway.main` from flags and
+the optional `[server]` table of the routes file (or by the agent from its own config). Routes
+change at run time (`ProxyServer.update_routes`); these settings are fixed for the life of the
+server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass, fields
+
+from geomesh.errors import ValidationError
+
+
+def parse_listen(field: str, value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); port 0 picks a free port."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValidationError(field, f"{value!r} is not host:port")
+    host, _, port_s = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValidationError(field, f"{host!r} is not an IP address") from None
+    if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValidationError(field, f"{port_s!r} is not a port (0-65535)")
+    return host, int(port_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    http: tuple[str, ...] = ()  # plain HTTP listeners, "host:port"
+    https: tuple[str, ...] = ()  # TLS listeners (termination by SNI and passthrough)
+    mesh: tuple[str, ...] = ()  # mesh listeners: forwarded requests from other gateways are trusted here
+    max_connections: int = 10000  # client connections over all listeners
+    max_header_bytes: int = 32768  # request line + headers
+    max_headers: int = 100
+    max_body_bytes: int = 100 * 1024 * 1024  # request body; 0 = no limit
+    header_timeout: float = 10.0  # seconds to receive a full request head (slowloris guard)
+    idle_timeout: float = 60.0  # keep-alive idle, and a stalled request body or response
+    connect_timeout: float = 3.0  # upstream TCP connect
+    upstream_timeout: float = 60.0  # request sent -> first response byte
+    tunnel_idle_timeout: float = 3600.0  # WebSocket / passthrough without traffic
+    drain_timeout: float = 15.0  # SIGTERM: how long in-flight requests may finish
+    pool_max_idle: int = 256  # idle upstream connections kept per backend
+    pool_idle_timeout: float = 30.0  # an idle upstream connection is closed after this
+    cert_check_interval: float = 5.0  # how often certificate files are checked for changes
+    backlog: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("http", "https", "mesh"):
+            values = tuple(getattr(self, name))
+            for i, item in enumerate(values):
+                parse_listen(f"{name}[{i}]", item)
+            object.__setattr__(self, name, values)
+        if not (self.http or self.https or self.mesh):
+            raise ValidationError("listen", "no listener configured (give --http, --https or --mesh)")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0 or \
+                        (value == 0 and f.name != "max_body_bytes"):
+                    raise ValidationError(f.name, f"{value!r} is not a positive integer")
+            elif f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                        or not 0 < value <= 86400 * 7:
+                    raise ValidationError(f.name, f"{value!r} is not a positive number of seconds")
+                object.__setattr__(self, f.name, float(value))
+        if self.max_header_bytes < 1024:
+            raise ValidationError("max_header_bytes", "must be at least 1024")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

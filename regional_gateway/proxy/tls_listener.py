@@ -1,0 +1,211 @@
+"""The TLS listener: read the SNI without consuming it, then terminate or pass through.
+
+Connections are accepted here (not by `loop.create_server`) so the first bytes can be *peeked*
+(`MSG_PEEK`): the ClientHello stays in the socket while `client_hello.parse` reads the server
+name. Then the socket is handed to the event loop as one of:
+
+- TLS passthrough (`<app>-<port>s` names, passthrough custom domains): a `TunnelClient` that
+  forwards the untouched TLS stream, ClientHello included;
+- HTTP/2 (`<app>-<port>g` names): terminated with ALPN h2, the clear stream tunnelled to the app;
+- everything else: terminated with the certificate for that name (`CertificateStore`) and served
+  by a `ClientConnection` like plain HTTP (unknown names get a 404 over TLS when a default
+  certificate exists, else a TLS `unrecognized_name` alert).
+
+Plain HTTP sent to this port gets a 400 saying so. A ClientHello that does not arrive within
+`header_timeout` ends the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from geomesh.logs import event
+from regional_gateway.proxy import client_hello
+from regional_gateway.proxy.downstream import ClientConnection
+from regional_gateway.proxy.hostnames import Mode, NameMatch
+from regional_gateway.proxy.http_errors import BadRequest, render
+from regional_gateway.proxy.tunnel import (
+    ALERT_INTERNAL_ERROR,
+    ALERT_UNRECOGNIZED_NAME,
+    TunnelClient,
+    TunnelPlan,
+    tls_alert,
+)
+
+if TYPE_CHECKING:
+    from regional_gateway.proxy.server import ProxyServer
+
+log = logging.getLogger("geomesh.gateway.tls")
+ACCEPT_BATCH = 64
+REPEEK_DELAY = 0.005
+
+
+class TlsListener:
+    def __init__(self, server: ProxyServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+        self.pending: set[_Sniffer] = set()
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.sock.getsockname()[:2]
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep the listener
+                event(log, "accept failed", logging.WARNING, error=str(exc))
+                return
+            conn.setblocking(False)
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            s = _Sniffer(self, conn, addr)
+            self.pending.add(s)
+            s.start()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for s in list(self.pending):
+            s.finish()
+
+
+class _Sniffer:
+    __slots__ = ("listener", "sock", "addr", "seen", "timer", "retry", "done")
+
+    def __init__(self, listener: TlsListener, sock: socket.socket, addr: tuple) -> None:
+        self.listener = listener
+        self.sock = sock
+        self.addr = addr
+        self.seen = -1
+        self.timer: asyncio.TimerHandle | None = None
+        self.retry: asyncio.TimerHandle | None = None
+        self.done = False
+
+    def start(self) -> None:
+        loop = self.listener.loop
+        self.timer = loop.call_later(self.listener.server.settings.header_timeout, self._timeout)
+        loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _stop_reading(self) -> None:
+        try:
+            self.listener.loop.remove_reader(self.sock.fileno())
+        except (ValueError, OSError):
+            pass
+
+    def finish(self, keep_socket: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._stop_reading()
+        for h in (self.timer, self.retry):
+            if h is not None:
+                h.cancel()
+        self.listener.pending.discard(self)
+        if not keep_socket:
+            self.sock.close()
+
+    def _timeout(self) -> None:
+        self.listener.server.metrics.error("tls-hello-timeout")
+        self.finish()
+
+    def _refuse(self, payload: bytes, cause: str) -> None:
+        self.listener.server.metrics.error(cause)
+        _answer_and_close(self.sock, payload)
+        self.finish(keep_socket=True)
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(client_hello.MAX_HELLO, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.finish()
+            return
+        if not data:
+            self.finish()
+            return
+        result = client_hello.parse(data)
+        if result is client_hello.NEED_MORE:
+            if len(data) == self.seen:  # level-triggered readiness with nothing new: back off a little
+                self._stop_reading()
+                self.retry = self.listener.loop.call_later(REPEEK_DELAY, self._rearm)
+            self.seen = len(data)
+            return
+        if isinstance(result, client_hello.NotTls):
+            if not client_hello.looks_like_tls(data):
+                self._refuse(render(BadRequest("plain HTTP sent to the TLS port; use https://"), close=True),
+                             "plain-http-on-tls-port")
+            else:
+                self._refuse(tls_alert(ALERT_INTERNAL_ERROR), "bad-client-hello")
+            return
+        self._dispatch(result)  # type: ignore[arg-type]
+
+    def _rearm(self) -> None:
+        self.retry = None
+        if not self.done:
+            self.listener.loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _dispatch(self, hello: client_hello.ClientHello) -> None:
+        server = self.listener.server
+        name = hello.server_name
+        match = server.state.lookup(name.encode()) if name else None
+        local = self.sock.getsockname()[:2]
+        client = (self.addr[0], self.addr[1])
+        sock = self.sock
+        self.finish(keep_socket=True)
+        loop = self.listener.loop
+        if isinstance(match, NameMatch) and match.mode is Mode.PASSTHROUGH:
+            plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=True)
+            server.spawn(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock))
+            return
+        if isinstance(match, NameMatch) and match.mode is Mode.H2:
+            ctx = server.certs.context_for(name, h2=True)
+            if ctx is None:
+                self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
+                return
+            plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=False)
+            server.spawn(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock, ssl=ctx,
+                                                      ssl_handshake_timeout=server.settings.header_timeout))
+            return
+        ctx = server.certs.context_for(name)
+        if ctx is None:
+            self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
+            return
+        server.spawn(loop.connect_accepted_socket(
+            lambda: ClientConnection(server, "https", "https", trusted=False, sni=name), sock, ssl=ctx,
+            ssl_handshake_timeout=server.settings.header_timeout))
+
+    def _late_refuse(self, sock: socket.socket, alert: int, cause: str) -> None:
+        self.listener.server.metrics.error(cause)
+        _answer_and_close(sock, tls_alert(alert))
+
+
+def _answer_and_close(sock: socket.socket, payload: bytes) -> None:
+    """Consume what the client sent (so closing does not reset the answer away), answer, close."""
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    try:
+        sock.send(payload)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
