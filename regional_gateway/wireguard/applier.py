@@ -5,7 +5,10 @@ interface's actual peers, computes the `Plan` (pure, `peers.plan`), and has the 
 just that difference — all blocking work in a worker thread, one apply at a time, so the event
 loop (and the proxy on it) never waits on WireGuard. Equal sets give an empty plan and no call
 at all: restarting the agent leaves existing peers, and their tunnels, untouched. Our own public
-key is never configured as a peer. Metrics: peers configured, last handshake age per peer,
+key is never configured as a peer. A new peer's persistent keepalive is held back for
+`settle_delay` seconds on one end of the link and twice that on the other (`keepalive_delay`), so
+the first handshake starts once both ends know each other, from one end only; a follow-up apply
+sets the held keepalives. Metrics: peers configured, last handshake age per peer,
 applies, errors and peer changes by kind, labelled by interface (several appliers can share one
 process, as in the tests).
 """
@@ -22,7 +25,7 @@ from prometheus_client import Counter, Gauge
 
 from geomesh.logs import event
 from regional_gateway.wireguard.backend import WireGuardBackend
-from regional_gateway.wireguard.peers import Peer, Plan, peer_map, plan
+from regional_gateway.wireguard.peers import Peer, Plan, hold_keepalives, keepalive_delay, peer_map, plan
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,15 @@ PEER_CHANGES = Counter("geomesh_mesh_peer_changes_total", "Peers added, updated 
 class MeshApplier:
     """Applies desired peer sets to one backend (whose interface is already ensured)."""
 
-    def __init__(self, backend: WireGuardBackend, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, backend: WireGuardBackend, *, clock: Callable[[], float] = time.time,
+                 settle_delay: float = 1.0) -> None:
         self.backend = backend
+        self.settle_delay = settle_delay
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._last: dict[str, Peer] | None = None
+        self._held: dict[str, float] = {}  # public key -> monotonic time its keepalive may be set
+        self._followup: asyncio.Task[None] | None = None
         self._names: dict[str, str] = {}  # public key -> display name, from the desired sets
         self._labelled: set[str] = set()
 
@@ -54,12 +62,14 @@ class MeshApplier:
         return self.backend.interface or "?"
 
     async def apply_peers(self, desired: Mapping[str, Peer] | Iterable[Peer]) -> Plan:
-        """Make the interface's peers equal `desired`; returns the plan that was applied."""
+        """Make the interface's peers equal `desired`; returns the plan that was applied (held
+        keepalives, see `keepalive_delay`, show as not set yet; a follow-up apply sets them)."""
         want = peer_map(desired, field_name="desired")
         own = self.backend.public_key
         if own is not None and own in want:
             del want[own]  # a device never peers with itself
         async with self._lock:
+            self._last = want
             try:
                 result = await asyncio.to_thread(self._apply_blocking, want)
             except Exception as e:
@@ -67,12 +77,31 @@ class MeshApplier:
                 event(log, "mesh apply failed", logging.ERROR, interface=self._ifname, error=str(e))
                 raise
         APPLIES.labels(self._ifname).inc()
+        if self._held and (self._followup is None or self._followup.done()):
+            self._followup = asyncio.create_task(self._settle())
         return result
+
+    async def _settle(self) -> None:
+        """Re-apply the latest desired set when held keepalives come due."""
+        while self._held and self._last is not None:
+            await asyncio.sleep(max(0.0, min(self._held.values()) - time.monotonic()) + 0.005)
+            try:
+                await self.apply_peers(self._last)
+            except Exception:  # counted and logged by apply_peers; the next delta retries
+                return
 
     def _apply_blocking(self, want: dict[str, Peer]) -> Plan:
         actual = self.backend.peers()
         todo = plan(want, actual)
+        now = time.monotonic()
+        own = self.backend.public_key
+        if own is not None and self.settle_delay > 0:
+            for p in todo.adds:
+                if p.persistent_keepalive:
+                    self._held[p.public_key] = now + keepalive_delay(own, p.public_key, self.settle_delay)
+        self._held = {k: t for k, t in self._held.items() if k in want and t > now}
         self._names = {k: p.name for k, p in want.items() if p.name}
+        todo = hold_keepalives(todo, self._held, now)
         if not todo.empty:
             self.backend.apply(todo)
             ifname = self._ifname
@@ -126,6 +155,9 @@ class MeshApplier:
     async def close(self, *, remove_interface: bool = False) -> None:
         """Close the backend (in a thread); the interface stays up unless remove_interface."""
         ifname = self._ifname
+        if self._followup is not None:
+            self._followup.cancel()
+            self._followup = None
         async with self._lock:
             await asyncio.to_thread(self.backend.close, remove_interface=remove_interface)
         if remove_interface:

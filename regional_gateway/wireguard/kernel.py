@@ -11,9 +11,10 @@ peers with many allowed IPs). The interface itself is an `ip link add ... type w
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +122,6 @@ class KernelBackend(WireGuardBackend):
         self._name: str | None = None
         self._public_key: str | None = None
         self._address: str | None = None
-        self._ipr: Any = None
-        self._wgs: Any = None
 
     @property
     def interface(self) -> str | None:
@@ -132,25 +131,24 @@ class KernelBackend(WireGuardBackend):
     def public_key(self) -> str | None:
         return self._public_key
 
-    def _iproute(self) -> Any:
-        if self._ipr is None:
-            from pyroute2 import IPRoute
+    @contextlib.contextmanager
+    def _wg(self) -> Iterator[Any]:
+        """A short-lived generic netlink socket (see links.iproute for why not a long-lived one)."""
+        from pyroute2 import WireGuard
 
-            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        return self._ipr
-
-    def _wg(self) -> Any:
-        if self._wgs is None:
-            from pyroute2 import WireGuard
-
-            self._wgs = WireGuard(netns=self.netns) if self.netns else WireGuard()
-        return self._wgs
+        links.off_event_loop("pyroute2 WireGuard")
+        wg = WireGuard(netns=self.netns) if self.netns else WireGuard()
+        try:
+            yield wg
+        finally:
+            wg.close()
 
     def _device(self) -> KernelDevice:
         if self._name is None:
             raise WireGuardError("ensure_interface() has not been called")
         try:
-            return device_from_netlink(self._wg().info(self._name))
+            with self._wg() as wg:
+                return device_from_netlink(wg.info(self._name))
         except OSError as e:
             raise WireGuardError(f"{self._name}: reading the device failed: {e}") from None
 
@@ -162,34 +160,34 @@ class KernelBackend(WireGuardBackend):
             ipaddress.ip_interface(address_cidr)
         except ValueError:
             raise ValidationError("address", f"{address_cidr!r} is not an address with prefix length") from None
-        ipr = self._iproute()
-        index = links.link_index(ipr, name)
-        adopted = index is not None
-        try:
-            if index is None:
-                ipr.link("add", ifname=name, kind="wireguard")
-                index = links.link_index(ipr, name)
-            self._name = name
-            device = self._device()
-            need_key = device.private_key != private_key.secret_base64()
-            need_port = device.listen_port != listen_port
-            if need_key or need_port:
-                self._wg().set(name, **device_request(private_key if need_key else None,
+        with links.iproute(self.netns) as ipr:
+            index = links.link_index(ipr, name)
+            adopted = index is not None
+            try:
+                if index is None:
+                    ipr.link("add", ifname=name, kind="wireguard")
+                    index = links.link_index(ipr, name)
+                self._name = name
+                device = self._device()
+                need_key = device.private_key != private_key.secret_base64()
+                need_port = device.listen_port != listen_port
+                if need_key or need_port:
+                    with self._wg() as wg:
+                        wg.set(name, **device_request(private_key if need_key else None,
                                                       listen_port if need_port else None))
-        except OSError as e:
-            raise WireGuardError(f"{name}: configuring the kernel device failed: {e}") from None
-        assert index is not None
-        self._public_key = private_key.public_key
-        self._address = address_cidr
-        links.ensure_address(ipr, index, address_cidr)
-        links.set_up(ipr, index)
-        self._sync_routes(device.peers)
+            except OSError as e:
+                raise WireGuardError(f"{name}: configuring the kernel device failed: {e}") from None
+            assert index is not None
+            self._public_key = private_key.public_key
+            self._address = address_cidr
+            links.ensure_address(ipr, index, address_cidr)
+            links.set_up(ipr, index)
+            self._sync_routes(device.peers, ipr)
         event(log, "wireguard interface ready", interface=name, backend=self.kind, public_key=self._public_key,
               listen_port=listen_port, address=address_cidr, adopted=adopted, peers=len(device.peers))
 
-    def _sync_routes(self, peers: dict[str, Peer]) -> None:
+    def _sync_routes(self, peers: dict[str, Peer], ipr: Any) -> None:
         assert self._name is not None and self._address is not None
-        ipr = self._iproute()
         index = links.link_index(ipr, self._name)
         if index is None:
             raise WireGuardError(f"{self._name}: interface vanished")
@@ -204,24 +202,21 @@ class KernelBackend(WireGuardBackend):
         if self._name is None:
             raise WireGuardError("ensure_interface() has not been called")
         try:
-            for kwargs in netlink_requests(plan):
-                self._wg().set(self._name, **kwargs)
+            with self._wg() as wg:
+                for kwargs in netlink_requests(plan):
+                    wg.set(self._name, **kwargs)
         except OSError as e:
             raise WireGuardError(f"{self._name}: applying the plan failed: {e}") from None
         if plan.touches_allowed_ips:
-            self._sync_routes(self.peers())
+            with links.iproute(self.netns) as ipr:
+                self._sync_routes(self.peers(), ipr)
 
     def close(self, *, remove_interface: bool = False) -> None:
-        try:
-            if remove_interface and self._name is not None:
-                ipr = self._iproute()
-                index = links.link_index(ipr, self._name)
-                if index is not None:
-                    ipr.link("del", index=index)
-                event(log, "wireguard interface removed", interface=self._name)
-                self._name = None
-        finally:
-            for sock in (self._wgs, self._ipr):
-                if sock is not None:
-                    sock.close()
-            self._wgs = self._ipr = None
+        if not remove_interface or self._name is None:
+            return  # nothing held between calls; the interface stays up
+        with links.iproute(self.netns) as ipr:
+            index = links.link_index(ipr, self._name)
+            if index is not None:
+                ipr.link("del", index=index)
+        event(log, "wireguard interface removed", interface=self._name)
+        self._name = None

@@ -6,21 +6,51 @@ how the interface is addressed. The interface holds exactly one address of the m
 IPs that the interface's own subnet does not already cover (say a region's instance subnet) get
 a route through the interface, marked with our routing protocol number so that `sync_routes`
 adds and removes only routes geomesh made. `routes_needed` is the pure part.
+
+pyroute2 (0.9) binds its sync sockets to a per-thread event loop, and uses the running loop if
+the calling thread has one; so `iproute()` opens a short-lived socket for one batch of calls,
+and refuses to run on a thread with a running asyncio loop (run backend calls in a worker
+thread, as `MeshApplier` does).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from geomesh.logs import event
+from regional_gateway.wireguard.backend import WireGuardError
 
 log = logging.getLogger(__name__)
 
 ROUTE_PROTO = 77  # rtm_protocol marking routes geomesh installed (free in /etc/iproute2/rt_protos)
 MAIN_TABLE = 254
+
+
+def off_event_loop(what: str) -> None:
+    """Raise if called on a thread that runs an asyncio loop (blocking calls belong in a worker)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise WireGuardError(f"{what} blocks: call it in a worker thread (asyncio.to_thread), not on the event loop")
+
+
+@contextlib.contextmanager
+def iproute(netns: str | None = None) -> Iterator[Any]:
+    """A pyroute2 IPRoute in `netns` (None: the current namespace), closed after the block."""
+    from pyroute2 import IPRoute
+
+    off_event_loop("pyroute2 IPRoute")
+    ipr = IPRoute(netns=netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
 
 
 def routes_needed(address_cidr: str, allowed_ips: Iterable[str]) -> set[str]:

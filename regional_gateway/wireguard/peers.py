@@ -10,12 +10,13 @@ an agent restart from touching (and flapping) links that are already right.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from geomesh.errors import ValidationError
-from regional_gateway.wireguard.keys import canonical_key
+from regional_gateway.wireguard.keys import canonical_key, decode_key
 
 MAX_KEEPALIVE = 65535
 CONFIG_FIELDS = ("endpoint", "allowed_ips", "persistent_keepalive")
@@ -168,3 +169,36 @@ def plan(desired: Mapping[str, Peer], actual: Mapping[str, Peer]) -> Plan:
         if changed:
             updates.append(PeerUpdate(want[k], changed))
     return Plan(adds=adds, updates=tuple(updates), removes=removes)
+
+
+
+def keepalive_delay(own_public_key: str, peer_public_key: str, settle: float) -> float:
+    """How long a new peer's persistent keepalive is held back: `settle` on the end of the link
+    with the smaller public key (bytewise), twice that on the other end.
+
+    Setting a keepalive makes the device initiate a handshake at once. On a join both ends of each
+    new link get the other at about the same moment; if one initiates before the other knows it,
+    or both initiate together (each answer overwrites the other's pending handshake), the link
+    waits for WireGuard's 5 s retry. Held back like this, the first initiation comes when both
+    ends have the peer, from one end only; the other end's keepalive then rides the session."""
+    own = decode_key("own_public_key", own_public_key)
+    return settle if own < decode_key("public_key", peer_public_key) else 2 * settle
+
+
+def hold_keepalives(todo: Plan, held_until: Mapping[str, float], now: float) -> Plan:
+    """`todo` without the keepalives of peers held until after `now` (added with none; a
+    keepalive-only update dropped). The next apply after the hold sets them."""
+    def held(key: str) -> bool:
+        return held_until.get(key, 0.0) > now
+
+    adds = tuple(dataclasses.replace(p, persistent_keepalive=0) if p.persistent_keepalive and held(p.public_key)
+                 else p for p in todo.adds)
+    updates = []
+    for u in todo.updates:
+        if "persistent_keepalive" in u.changed and held(u.peer.public_key):
+            rest = u.changed - {"persistent_keepalive"}
+            if rest:
+                updates.append(PeerUpdate(u.peer, rest))
+        else:
+            updates.append(u)
+    return Plan(adds=adds, updates=tuple(updates), removes=todo.removes)

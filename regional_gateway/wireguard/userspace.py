@@ -92,7 +92,6 @@ class UserspaceBackend(WireGuardBackend):
         self._name: str | None = None
         self._public_key: str | None = None
         self._address: str | None = None
-        self._ipr: Any = None
         self._uapi: UapiClient | None = None
 
     # --- properties -------------------------------------------------------------------------
@@ -115,19 +114,12 @@ class UserspaceBackend(WireGuardBackend):
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def _iproute(self) -> Any:
-        if self._ipr is None:
-            from pyroute2 import IPRoute
-
-            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        return self._ipr
-
     def _client(self) -> UapiClient:
         if self._uapi is None:
             raise WireGuardError("ensure_interface() has not been called")
         return self._uapi
 
-    def _start(self, name: str, client: UapiClient) -> int:
+    def _start(self, name: str, client: UapiClient, ipr: Any) -> int:
         argv = [self.binary, "-f", name]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
@@ -143,7 +135,6 @@ class UserspaceBackend(WireGuardBackend):
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
-        ipr = self._iproute()
         deadline = time.monotonic() + self.start_timeout
         while True:
             code = self.process.poll()
@@ -169,44 +160,45 @@ class UserspaceBackend(WireGuardBackend):
             raise ValidationError("address", f"{address_cidr!r} is not an address with prefix length") from None
         if self._name is not None and self._name != name:
             raise WireGuardError(f"this backend already manages {self._name}")
+        links.off_event_loop("ensure_interface")
         client = UapiClient(self.socket_path(name))
-        ipr = self._iproute()
-        index = links.link_index(ipr, name)
-        if self.process is not None and self.process.poll() is None:
-            alive = True  # ours, already running
-        else:
-            alive = client.alive()
-        if alive and index is None:
-            raise WireGuardError(
-                f"{name}: a wireguard-go answers on {client.path} but the interface is not in this network "
-                "namespace; UAPI sockets are global, so interface names must be unique on the host"
-            )
-        if not alive and index is not None:
-            raise WireGuardError(f"{name}: an interface with this name exists but no wireguard-go answers on {client.path}")
-        self.adopted = alive and self.process is None
-        if not alive:
-            index = self._start(name, client)
-        assert index is not None
-        self._uapi = client
-        self._name = name
-        state = client.get()
-        secret = private_key.secret_hex()
-        need_key, need_port = state.private_key_hex != secret, state.listen_port != listen_port
-        if need_key or need_port:
-            client.set(uapi.encode_device(private_key_hex=secret if need_key else None,
-                                          listen_port=listen_port if need_port else None))
-        self._public_key = private_key.public_key
-        self._address = address_cidr
-        links.ensure_address(ipr, index, address_cidr)
-        links.set_up(ipr, index)
-        self._sync_routes(state.peers)
+        with links.iproute(self.netns) as ipr:
+            index = links.link_index(ipr, name)
+            if self.process is not None and self.process.poll() is None:
+                alive = True  # ours, already running
+            else:
+                alive = client.alive()
+            if alive and index is None:
+                raise WireGuardError(
+                    f"{name}: a wireguard-go answers on {client.path} but the interface is not in this network "
+                    "namespace; UAPI sockets are global, so interface names must be unique on the host"
+                )
+            if not alive and index is not None:
+                raise WireGuardError(f"{name}: an interface with this name exists but no wireguard-go answers "
+                                     f"on {client.path}")
+            self.adopted = alive and self.process is None
+            if not alive:
+                index = self._start(name, client, ipr)
+            assert index is not None
+            self._uapi = client
+            self._name = name
+            state = client.get()
+            secret = private_key.secret_hex()
+            need_key, need_port = state.private_key_hex != secret, state.listen_port != listen_port
+            if need_key or need_port:
+                client.set(uapi.encode_device(private_key_hex=secret if need_key else None,
+                                              listen_port=listen_port if need_port else None))
+            self._public_key = private_key.public_key
+            self._address = address_cidr
+            links.ensure_address(ipr, index, address_cidr)
+            links.set_up(ipr, index)
+            self._sync_routes(state.peers, ipr)
         event(log, "wireguard interface ready", interface=name, backend=self.kind, public_key=self._public_key,
               listen_port=listen_port, address=address_cidr, adopted=self.adopted, pid=self.pid,
               peers=len(state.peers), netns=self.netns)
 
-    def _sync_routes(self, peers: dict[str, Peer]) -> None:
+    def _sync_routes(self, peers: dict[str, Peer], ipr: Any) -> None:
         assert self._name is not None and self._address is not None
-        ipr = self._iproute()
         index = links.link_index(ipr, self._name)
         if index is None:
             raise WireGuardError(f"{self._name}: interface vanished")
@@ -228,7 +220,8 @@ class UserspaceBackend(WireGuardBackend):
         except uapi.UapiError as e:
             raise WireGuardError(f"{self._name}: {e}") from None
         if plan.touches_allowed_ips:
-            self._sync_routes(client.get().peers)
+            with links.iproute(self.netns) as ipr:
+                self._sync_routes(client.get().peers, ipr)
 
     def _stop_process(self, timeout: float = 5.0) -> None:
         proc, self.process = self.process, None
@@ -243,26 +236,22 @@ class UserspaceBackend(WireGuardBackend):
                 proc.wait(timeout)
 
     def close(self, *, remove_interface: bool = False) -> None:
-        try:
-            if remove_interface and self._name is not None:
-                if self.process is not None:
-                    self._stop_process()  # wireguard-go removes its tun and socket on SIGTERM
-                    sock = self.socket_path(self._name)
-                    if sock.exists() and not UapiClient(sock, timeout=1.0).alive():
-                        sock.unlink(missing_ok=True)  # left behind by a wireguard-go that was killed
-                else:
-                    ipr = self._iproute()
-                    index = links.link_index(ipr, self._name)
-                    if index is not None:
-                        ipr.link("del", index=index)  # an adopted wireguard-go exits when its tun goes
-                    deadline = time.monotonic() + 5.0
-                    while self.socket_path(self._name).exists() and time.monotonic() < deadline:
-                        time.sleep(0.02)
-                event(log, "wireguard interface removed", interface=self._name)
-        finally:
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
-            if remove_interface:
-                self._uapi = None
-                self._name = None
+        if not remove_interface or self._name is None:
+            return  # nothing held between calls; the interface and its wireguard-go stay up
+        name = self._name
+        if self.process is not None:
+            self._stop_process()  # wireguard-go removes its tun and socket on SIGTERM
+            sock = self.socket_path(name)
+            if sock.exists() and not UapiClient(sock, timeout=1.0).alive():
+                sock.unlink(missing_ok=True)  # left behind by a wireguard-go that was killed
+        else:
+            with links.iproute(self.netns) as ipr:
+                index = links.link_index(ipr, name)
+                if index is not None:
+                    ipr.link("del", index=index)  # an adopted wireguard-go exits when its tun goes
+            deadline = time.monotonic() + 5.0
+            while self.socket_path(name).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._uapi = None
+        self._name = None
+        event(log, "wireguard interface removed", interface=name)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geomesh.errors import ValidationError
-from regional_gateway.wireguard.peers import Peer, PeerUpdate, Plan, plan
+from regional_gateway.wireguard.peers import Peer, PeerUpdate, Plan, hold_keepalives, keepalive_delay, plan
 
 
 def key(n: int) -> str:
@@ -130,3 +130,24 @@ def test_applying_the_plan_reaches_desired(desired: dict[str, Peer], actual: dic
     assert plan(desired, state).empty
     untouched = desired.keys() & actual.keys() - {u.peer.public_key for u in result.updates}
     assert all(desired[k] == actual[k] for k in untouched)
+
+
+def test_keepalive_delay_picks_one_end_of_each_link() -> None:
+    assert keepalive_delay(key(1), key(2), 1.0) == 1.0
+    assert keepalive_delay(key(2), key(1), 1.0) == 2.0
+
+
+def test_hold_keepalives_adds_without_and_drops_keepalive_only_updates() -> None:
+    todo = Plan(
+        adds=(peer(1), peer(2)),
+        updates=(PeerUpdate(peer(3), frozenset({"persistent_keepalive"})),
+                 PeerUpdate(peer(4), frozenset({"persistent_keepalive", "endpoint"}))),
+        removes=(key(5),),
+    )
+    held = {key(1): 10.0, key(3): 10.0, key(4): 10.0, key(2): 4.0}
+    out = hold_keepalives(todo, held, now=5.0)
+    assert out.adds == (peer(1, persistent_keepalive=0), peer(2))  # key(2)'s hold is over
+    assert out.adds[0].persistent_keepalive == 0 and out.adds[1].persistent_keepalive == 25
+    assert out.updates == (PeerUpdate(peer(4), frozenset({"endpoint"})),)
+    assert out.removes == (key(5),)
+    assert hold_keepalives(todo, held, now=11.0) == todo
