@@ -171,6 +171,18 @@ class Responder:
             self._log(query, client, tcp, entry.rcode, entry.region, hit)
         return Answer(wire, entry.index)
 
+    def truncated(self, data: bytes) -> bytes | None:
+        """A TC reply carrying only the question (and OPT): what RRL's slip sends so that a
+        real client retries over TCP."""
+        try:
+            q = parse_query(bytes(data))
+        except Exception:
+            return None
+        flags = QR | TC | (q.flags & _ECHO)
+        if q.edns is None:
+            return pack_header(q.id, flags, 1, 0, 0, 0) + q.question
+        return pack_header(q.id, flags, 1, 0, 0, 1) + q.question + opt_record(self.udp_payload, 0, q.edns.do)
+
     # -- stages ----------------------------------------------------------------------------------
 
     def _entry(self, q: Query, client: bytes, tcp: bool) -> tuple[_Entry, bool]:

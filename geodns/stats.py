@@ -67,4 +67,11 @@ def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             out[name] += snap[name]
         for action, n in snap["rrl"].items():
             out["rrl"][action] = out["rrl"].get(action, 0) + n
+    feeds = [snap["feed"] for snap in snapshots if "feed" in snap]
+    if feeds:
+        out["feed"] = {"revision": min(f["revision"] for f in feeds),
+                       "connected": sum(f["connected"] for f in feeds),
+                       "updates": sum(f["updates"] for f in feeds),
+                       "reconnects": sum(f["reconnects"] for f in feeds)}
+    out["workers"] = len(snapshots)
     return out

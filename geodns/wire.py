@@ -244,6 +244,8 @@ def _parse_general(data: bytes, ident: int, flags: int) -> Query:
     except RecursionError:
         raise BadName("a name's compression pointers nest too deep") from None
     except Exception as exc:  # dnslib raises DNSError, BufferError, ValueError, ...
+        if "pointer" in str(exc).lower() or "label" in str(exc).lower():
+            raise BadName(f"bad name: {exc}") from None
         raise ShortMessage(f"cannot decode the message: {exc}") from None
     if buf.offset != len(data):
         raise TrailingJunk(f"{len(data) - buf.offset} octets follow the last record")

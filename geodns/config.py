@@ -1,0 +1,205 @@
+"""geomesh-dns configuration: one validated dataclass built from the command line.
+
+`parser()` documents every flag (`geomesh-dns --help`); `Config.from_args` checks them all at
+start and raises `ValidationError` naming the flag, so a bad setting stops the process with a
+clear message instead of surfacing later. Building a Config has no side effects: sockets, the
+GeoIP database and the state file are opened by `geodns.server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from geodns.answer import DEFAULT_CACHE_SIZE, DEFAULT_UDP_PAYLOAD
+from geodns.nearest import default_database
+from geodns.rrl import RrlConfig
+from geodns.tcp import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from geodns.view import NameServer
+from geomesh import validate as v
+from geomesh.errors import ValidationError
+
+MAX_UDP_PAYLOAD = 4096
+MAX_WORKERS = 64
+
+
+def parse_listen(field_name: str, value: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValidationError(field_name, f"{value!r} is not HOST:PORT")
+    host = host.strip("[]")
+    try:
+        num = int(port)
+    except ValueError:
+        raise ValidationError(field_name, f"{value!r}: port {port!r} is not a number") from None
+    v.port(field_name, num, allow_zero=True)
+    v.ip_address(field_name, host)
+    return host, num
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", 53),)
+    state: Path | None = None
+    coordinators: tuple[str, ...] = ()
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure: bool = False
+    name: str = "dns"
+    zone_overrides: dict = field(default_factory=dict)  # zone settings from flags (None = not given)
+    geoip_db: Path | None = None
+    udp_payload: int = DEFAULT_UDP_PAYLOAD
+    cache_size: int = DEFAULT_CACHE_SIZE
+    tcp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    tcp_max_connections: int = DEFAULT_MAX_CONNECTIONS
+    rrl: RrlConfig = field(default_factory=RrlConfig)
+    workers: int = 1
+    batch_io: bool = True
+    query_log: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1
+    port_file: Path | None = None
+    log_level: str = "info"
+    log_format: str = "json"
+
+    def __post_init__(self) -> None:
+        if (self.state is None) == (not self.coordinators):
+            raise ValidationError("--state/--coordinator", "give exactly one: a static state file or coordinator addresses")
+        if self.coordinators:
+            if not self.zone_overrides.get("name"):
+                raise ValidationError("--zone", "is required with --coordinator")
+            if not self.insecure and not (self.tls_ca and self.tls_cert and self.tls_key):
+                raise ValidationError("--tls-ca/--tls-cert/--tls-key", "are required unless --insecure")
+        if self.state is not None and not self.state.is_file():
+            raise ValidationError("--state", f"{self.state} is not a file")
+        if self.geoip_db is None:
+            raise ValidationError("--geoip-db", "no database given and the maxminddb-geolite2 package is not installed")
+        if not self.geoip_db.is_file():
+            raise ValidationError("--geoip-db", f"{self.geoip_db} is not a file")
+        if not 512 <= self.udp_payload <= MAX_UDP_PAYLOAD:
+            raise ValidationError("--edns-payload", f"{self.udp_payload} is outside 512-{MAX_UDP_PAYLOAD}")
+        if self.cache_size < 0:
+            raise ValidationError("--cache-size", "must be >= 0")
+        if not 0.1 <= self.tcp_idle_timeout <= 3600:
+            raise ValidationError("--tcp-idle-timeout", f"{self.tcp_idle_timeout} is outside 0.1-3600 seconds")
+        if not 1 <= self.tcp_max_connections <= 1_000_000:
+            raise ValidationError("--tcp-max-connections", "must be 1-1000000")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValidationError("--workers", f"{self.workers} is outside 1-{MAX_WORKERS}")
+        if self.workers > 1 and any(port == 0 for _, port in self.listen) and len(self.listen) > 1:
+            raise ValidationError("--listen", "with --workers > 1 and several addresses, give explicit ports")
+        v.dns_label("--name", self.name)
+        if self.zone_overrides.get("default_region"):
+            v.dns_label("--default-region", self.zone_overrides["default_region"])
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> Config:
+        a = parser().parse_args(argv)
+        listen = tuple(parse_listen("--listen", x) for x in (a.listen or ["0.0.0.0:53"]))
+        coordinators = tuple(t.strip() for item in a.coordinator for t in item.split(",") if t.strip())
+        zone_name = v.fqdn("--zone", a.zone) if a.zone else None
+        nameservers = None
+        if a.ns:
+            if not zone_name and a.state is None:
+                raise ValidationError("--ns", "needs --zone")
+            try:
+                nameservers = [NameServer.parse(spec, zone_name or "") if zone_name else spec for spec in a.ns]
+            except ValidationError as exc:
+                raise ValidationError("--ns", exc.message) from None
+        overrides = {"name": zone_name, "nameservers": nameservers, "soa_rname": a.soa_rname, "ttl": a.ttl,
+                     "negative_ttl": a.negative_ttl, "ns_ttl": a.ns_ttl, "default_region": a.default_region}
+        rrl = RrlConfig(a.rrl_rate, a.rrl_window, a.rrl_slip, a.rrl_ipv4_prefix, a.rrl_ipv6_prefix)
+        return cls(
+            listen=listen, state=a.state, coordinators=coordinators, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
+            tls_key=a.tls_key, insecure=a.insecure, name=a.name, zone_overrides=overrides,
+            geoip_db=a.geoip_db or default_database(), udp_payload=a.edns_payload, cache_size=a.cache_size,
+            tcp_idle_timeout=a.tcp_idle_timeout, tcp_max_connections=a.tcp_max_connections, rrl=rrl,
+            workers=a.workers, batch_io=not a.no_batch_io, query_log=a.query_log,
+            metrics_host=a.metrics_host, metrics_port=a.metrics_port, port_file=a.port_file,
+            log_level=a.log_level, log_format=a.log_format,
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="geomesh-dns",
+        description="geomesh GeoDNS: an authoritative DNS server answering each client with the "
+                    "gateways of the nearest healthy region that hosts the app. Runs from the "
+                    "coordinator's routing feed (--coordinator) or from a static TOML state file (--state).",
+        epilog="Zone flags (--zone, --ns, --soa-rname, --ttl, --negative-ttl, --ns-ttl, --default-region) "
+               "override the state file's [zone] table. See docs/geodns.md for the state file format "
+               "and the metrics.")
+    src = p.add_argument_group("where the routing table comes from (exactly one)")
+    src.add_argument("--state", type=Path, metavar="FILE",
+                     help="static TOML state file (zone, regions with gateways, apps); re-read on SIGHUP")
+    src.add_argument("--coordinator", action="append", default=[], metavar="HOST:PORT",
+                     help="coordinator address for the RoutingFeed stream; repeat or comma-separate "
+                          "replicas (rotated on failure); unix:/path works too")
+    src.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA certificate of the geomesh PKI")
+    src.add_argument("--tls-cert", type=Path, metavar="PEM", help="this server's certificate (role dns)")
+    src.add_argument("--tls-key", type=Path, metavar="PEM", help="this server's private key")
+    src.add_argument("--insecure", action="store_true",
+                     help="plaintext to an --insecure coordinator (loopback demos only)")
+    src.add_argument("--name", default="dns", help="this server's name as a dns identity (default %(default)s)")
+
+    zone = p.add_argument_group("zone")
+    zone.add_argument("--zone", help="the zone served, e.g. geo.example.com (required with --coordinator)")
+    zone.add_argument("--ns", action="append", metavar="NAME[=ADDR,...]",
+                      help="a name server of the zone with its addresses (glue); repeat for several; "
+                           "a NAME without a dot is taken inside the zone (default ns1.<zone>)")
+    zone.add_argument("--soa-rname", help="SOA mailbox as a name (default hostmaster.<zone>)")
+    zone.add_argument("--ttl", type=int, help="TTL of A/AAAA answers in seconds (default 30)")
+    zone.add_argument("--negative-ttl", type=int,
+                      help="SOA minimum = TTL of NXDOMAIN/NODATA answers in seconds (default 30)")
+    zone.add_argument("--ns-ttl", type=int, help="TTL of NS records and name server addresses (default 3600)")
+    zone.add_argument("--default-region",
+                      help="region answering clients the GeoIP database cannot place (private or unknown "
+                           "addresses); without it such clients get the first region by name")
+
+    dns = p.add_argument_group("serving")
+    dns.add_argument("--listen", action="append", metavar="HOST:PORT",
+                     help="UDP and TCP address to serve on; repeat for several; port 0 picks a free port "
+                          "(the same for UDP and TCP) (default 0.0.0.0:53)")
+    dns.add_argument("--port-file", type=Path, metavar="FILE", help="write the bound port here once serving")
+    dns.add_argument("--geoip-db", type=Path, metavar="MMDB",
+                     help="GeoIP2/GeoLite2 City database (default: GeoLite2-City.mmdb of the "
+                          "maxminddb-geolite2 package)")
+    dns.add_argument("--edns-payload", type=int, default=DEFAULT_UDP_PAYLOAD,
+                     help="largest UDP reply to EDNS queries, advertised in OPT (default %(default)s; "
+                          "without EDNS 512); larger answers are sent with TC set")
+    dns.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
+                     help="entries in each answer cache; emptied when full or when the table changes; "
+                          "0 disables caching (default %(default)s)")
+    dns.add_argument("--tcp-idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
+                     help="close a TCP connection after this many seconds without a query (default %(default)s)")
+    dns.add_argument("--tcp-max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                     help="concurrent TCP connections per process; more are closed at once (default %(default)s)")
+    dns.add_argument("--workers", type=int, default=1,
+                     help="processes serving the same port with SO_REUSEPORT (default %(default)s)")
+    dns.add_argument("--no-batch-io", action="store_true",
+                     help="use one recvfrom/sendto per packet instead of recvmmsg/sendmmsg batches")
+
+    rrl = p.add_argument_group("response rate limiting (off by default)")
+    rrl.add_argument("--rrl-rate", type=float, default=0.0,
+                     help="UDP responses per second per client network; 0 disables RRL (default %(default)s)")
+    rrl.add_argument("--rrl-window", type=float, default=15.0,
+                     help="seconds of debt a flooding network must work off (default %(default)s)")
+    rrl.add_argument("--rrl-slip", type=int, default=2,
+                     help="send every Nth limited response truncated (TC) instead of dropping it; "
+                          "0 drops all (default %(default)s)")
+    rrl.add_argument("--rrl-ipv4-prefix", type=int, default=24, help="IPv4 client network size (default /%(default)s)")
+    rrl.add_argument("--rrl-ipv6-prefix", type=int, default=56, help="IPv6 client network size (default /%(default)s)")
+
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--query-log", action="store_true",
+                     help="log every query as a structured line (off by default; costs throughput)")
+    ops.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
+    ops.add_argument("--metrics-port", type=int, default=-1,
+                     help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
+    ops.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="log level (default %(default)s)")
+    ops.add_argument("--log-format", default="json", choices=["json", "text"], help="log format (default %(default)s)")
+    return p

@@ -1,0 +1,55 @@
+"""Prometheus metrics of geomesh-dns, read from `geodns.stats` snapshots at scrape time.
+
+The answer path only bumps plain counters (`Stats`); this collector turns a snapshot into
+metric families when Prometheus scrapes, so the data path pays nothing for labels or locks.
+With `--workers N` the parent process serves the metrics and sums the snapshots its workers
+send it every second. Exported:
+
+- `geodns_queries_total{transport,rcode,region}` queries answered (region: where the answer's
+  gateways are, empty for answers without gateways)
+- `geodns_cache_hits_total`, `geodns_cache_misses_total`, `geodns_cache_hit_ratio`
+- `geodns_dropped_total` packets that got no reply; `geodns_rrl_total{action}` slip/drop
+- `geodns_table_revision`, `geodns_feed_connected`, `geodns_feed_updates_total`,
+  `geodns_feed_reconnects_total`, `geodns_workers`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class GeoDnsCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        q = CounterMetricFamily("geodns_queries", "DNS queries answered, by transport, rcode and region chosen",
+                                labels=["transport", "rcode", "region"])
+        for (transport, rcode, region), n in sorted(snap["queries"].items()):
+            q.add_metric([transport, rcode, region], n)
+        yield q
+        hits, misses = snap["cache_hits"], snap["cache_misses"]
+        yield CounterMetricFamily("geodns_cache_hits", "answers served from a cache", value=hits)
+        yield CounterMetricFamily("geodns_cache_misses", "answers computed from the routing view", value=misses)
+        yield GaugeMetricFamily("geodns_cache_hit_ratio", "cache hits / answers since start",
+                                value=hits / (hits + misses) if hits + misses else 0.0)
+        yield CounterMetricFamily("geodns_dropped", "packets that got no reply (not a query, oversize, "
+                                  "send buffer full)", value=snap["dropped"])
+        rrl = CounterMetricFamily("geodns_rrl", "responses limited by RRL, by action", labels=["action"])
+        for action, n in sorted(snap["rrl"].items()):
+            rrl.add_metric([action], n)
+        yield rrl
+        feed = snap.get("feed", {})
+        yield GaugeMetricFamily("geodns_table_revision", "revision of the routing view served "
+                                "(the lowest among workers)", value=feed.get("revision", 0))
+        yield GaugeMetricFamily("geodns_feed_connected", "processes with an open RoutingFeed stream",
+                                value=feed.get("connected", 0))
+        yield CounterMetricFamily("geodns_feed_updates", "routing updates applied", value=feed.get("updates", 0))
+        yield CounterMetricFamily("geodns_feed_reconnects", "RoutingFeed reconnections",
+                                  value=feed.get("reconnects", 0))
+        yield GaugeMetricFamily("geodns_workers", "serving processes", value=snap.get("workers", 1))

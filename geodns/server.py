@@ -1,0 +1,398 @@
+"""geomesh-dns as a process: sockets, the view source, signals and an ordered shutdown.
+
+`Server(config)` has no side effects; `load()` opens the GeoIP database and reads the initial
+view (the static state file, or an empty "not ready" view until the coordinator's snapshot
+arrives); `serve()` binds UDP and TCP on every listen address (the same port for both; port 0
+picks one), starts the feed or the SIGHUP reload, and runs until SIGTERM/SIGINT or `stop()`.
+Shutdown order: stop reading UDP and accepting TCP -> close open TCP connections (a grace
+period for replies in flight) -> cancel the feed -> close sockets.
+
+With `--workers N` (`run_workers`) a parent process reserves the port, starts N worker
+processes that each bind it with SO_REUSEPORT (the kernel spreads queries across them), serves
+the metrics summed from the snapshots the workers send every second, forwards SIGHUP, and
+restarts a worker that dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY
+
+from geodns import static_state
+from geodns.answer import Responder
+from geodns.config import Config
+from geodns.metrics import GeoDnsCollector
+from geodns.nearest import Locator
+from geodns.rrl import RateLimiter
+from geodns.stats import Stats, merge
+from geodns.tcp import DnsTcpProtocol, TcpConnections
+from geodns.udp import BatchUdp, ProtocolUdp, batch_supported
+from geodns.view import View
+from geomesh import logs, metrics
+from geomesh.errors import ValidationError
+from geomesh.logs import event
+from geomesh.pki import Identity
+from geomesh.routing_table import RoutingTable
+
+log = logging.getLogger("geodns.server")
+
+SHUTDOWN_GRACE = 2.0
+STATS_INTERVAL = 1.0
+
+
+def bind_pair(host: str, port: int, reuse_port: bool, attempts: int = 50) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket bound to the same (host, port); port 0 picks one free for both."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    last: OSError | None = None
+    for _ in range(attempts if port == 0 else 1):
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            for s in (udp, tcp):
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if reuse_port:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.bind((host, port))
+            tcp.bind((host, udp.getsockname()[1]))
+            for size in (4 << 20, 1 << 20):
+                try:
+                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+                    break
+                except OSError:
+                    continue
+            udp.setblocking(False)
+            tcp.setblocking(False)
+            return udp, tcp
+        except OSError as exc:
+            udp.close()
+            tcp.close()
+            last = exc
+            if exc.errno != errno.EADDRINUSE or port != 0:
+                break
+    assert last is not None
+    raise last
+
+
+class Server:
+    def __init__(self, config: Config, *, reuse_port: bool = False,
+                 stats_pipe: multiprocessing.connection.Connection | None = None, worker: int = 0) -> None:
+        self.config = config
+        self.reuse_port = reuse_port or config.workers > 1
+        self.stats_pipe = stats_pipe
+        self.worker = worker
+        self.stats = Stats()
+        self.responder: Responder | None = None
+        self.locator: Locator | None = None
+        self.rrl = RateLimiter(config.rrl) if config.rrl.enabled else None
+        self.feed: Any = None
+        self.ports: list[int] = []
+        self._stop: asyncio.Event | None = None
+        self._zone_overrides = {k: val for k, val in config.zone_overrides.items() if val is not None}
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        cfg = self.config
+        assert cfg.geoip_db is not None
+        self.locator = Locator(cfg.geoip_db)
+        if cfg.state is not None:
+            view = static_state.load(cfg.state, self._zone_overrides)
+        else:
+            zone, _ = static_state.zone_from({}, self._zone_overrides)
+            view = View.empty(zone)
+        self.responder = Responder(view, self.locator, self.stats, udp_payload=cfg.udp_payload,
+                                   cache_size=cfg.cache_size, log_queries=cfg.query_log)
+        event(log, "view loaded", source=str(cfg.state) if cfg.state else "coordinator", zone=view.zone.name,
+              revision=view.revision, regions=len(view.regions), apps=len(view.apps), ready=view.ready,
+              geoip=self.locator.database_type, geoip_build=self.locator.build_epoch)
+
+    def set_table(self, table: RoutingTable) -> None:
+        """A new routing table from the feed: rebuild the view and drop the caches."""
+        assert self.responder is not None
+        old = self.responder.view
+        view = View.from_table(table, old.zone)
+        self.responder.set_view(view)
+        healthy = sorted(r.name for r in view.regions.values() if r.healthy)
+        event(log, "view updated", logging.DEBUG, revision=view.revision, regions=len(view.regions),
+              healthy=healthy, apps=len(view.apps))
+
+    def reload_state(self) -> None:
+        """SIGHUP with --state: re-read the file; keep the current view when it is bad."""
+        assert self.responder is not None and self.config.state is not None
+        try:
+            view = static_state.load(self.config.state, self._zone_overrides)
+        except ValidationError as exc:
+            event(log, "state file rejected, keeping the current view", logging.ERROR, error=str(exc))
+            return
+        self.responder.set_view(view)
+        event(log, "state file reloaded", revision=view.revision, regions=len(view.regions), apps=len(view.apps))
+
+    def snapshot(self) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        status = self.feed.status if self.feed is not None else None
+        view = self.responder.view if self.responder is not None else None
+        snap["feed"] = {"revision": view.revision if view is not None else 0,
+                        "connected": int(status.connected) if status else 0,
+                        "updates": status.updates if status else 0,
+                        "reconnects": status.reconnects if status else 0}
+        snap["workers"] = 1
+        return snap
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        if self.responder is None:
+            self.load()
+        assert self.responder is not None
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        udp_readers: list[BatchUdp] = []
+        udp_transports: list[asyncio.BaseTransport] = []
+        tcp_servers: list[asyncio.AbstractServer] = []
+        connections = TcpConnections(cfg.tcp_max_connections)
+        sockets: list[socket.socket] = []
+        tasks: list[asyncio.Task] = []
+        try:
+            for host, port in cfg.listen:
+                udp, tcp = bind_pair(host, port, self.reuse_port)
+                sockets += [udp, tcp]
+                self.ports.append(udp.getsockname()[1])
+                if cfg.batch_io and batch_supported():
+                    reader = BatchUdp(udp, self.responder, self.stats, self.rrl)
+                    reader.start(loop)
+                    udp_readers.append(reader)
+                else:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda: ProtocolUdp(self.responder, self.stats, self.rrl), sock=udp)  # type: ignore[arg-type]
+                    udp_transports.append(transport)
+                tcp.listen(1024)
+                server = await loop.create_server(
+                    lambda: DnsTcpProtocol(self.responder, self.stats, connections, cfg.tcp_idle_timeout),  # type: ignore[arg-type]
+                    sock=tcp)
+                tcp_servers.append(server)
+            event(log, "listening", addresses=[f"{h}:{p}" for (h, _), p in zip(cfg.listen, self.ports, strict=True)],
+                  port=self.ports[0], batch_io=bool(udp_readers), worker=self.worker)
+            if cfg.port_file is not None and self.stats_pipe is None:
+                _write_port_file(cfg.port_file, self.ports[0])
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+            if cfg.state is not None:
+                loop.add_signal_handler(signal.SIGHUP, self.reload_state)
+            if cfg.coordinators:
+                tasks.append(asyncio.create_task(self._run_feed(), name="routing-feed"))
+            if self.stats_pipe is not None:
+                self.stats_pipe.send(("ready", self.worker, self.ports))
+                tasks.append(asyncio.create_task(self._publish_stats(), name="stats"))
+            await self._stop.wait()
+            event(log, "shutting down", worker=self.worker)
+        finally:
+            for reader in udp_readers:
+                reader.stop()
+            for t in udp_transports:
+                t.close()
+            for server in tcp_servers:
+                server.close()
+            connections.close_all()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in tcp_servers)), SHUTDOWN_GRACE)
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            for s in sockets:
+                s.close()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+
+    async def _run_feed(self) -> None:
+        from geodns.feed import RoutingFeedClient
+
+        cfg = self.config
+        identity = None
+        if cfg.tls_ca and cfg.tls_cert and cfg.tls_key:
+            identity = Identity("dns", cfg.name, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+        self.feed = RoutingFeedClient(list(cfg.coordinators), identity, self.set_table,
+                                      insecure=cfg.insecure, name=cfg.name)
+        await self.feed.run()
+
+    async def _publish_stats(self) -> None:
+        assert self.stats_pipe is not None
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            try:
+                self.stats_pipe.send(("stats", self.worker, self.snapshot()))
+            except (BrokenPipeError, OSError):
+                self.stop()  # the parent is gone
+                return
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+def run(config: Config) -> None:
+    """Serve in this process (one worker) until SIGTERM/SIGINT."""
+    server = Server(config)
+    server.load()
+    if config.metrics_port >= 0:
+        REGISTRY.register(GeoDnsCollector(server.snapshot))
+        bound = metrics.serve(config.metrics_host, config.metrics_port)
+        event(log, "metrics", address=f"{config.metrics_host}:{bound}")
+    _run_loop(server.serve())
+
+
+def _run_loop(coro: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+
+def _worker_main(config: Config, conn: multiprocessing.connection.Connection, index: int) -> None:
+    logs.setup(config.log_level, config.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    server = Server(config, reuse_port=True, stats_pipe=conn, worker=index)
+    try:
+        server.load()
+        _run_loop(server.serve())
+    except Exception:
+        log.exception("worker failed")
+        raise SystemExit(1) from None
+
+
+class Supervisor:
+    """The parent of `--workers N` processes."""
+
+    RESTART_DELAY = 1.0
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: dict[int, Any] = {}
+        self.conns: dict[int, multiprocessing.connection.Connection] = {}
+        self.snapshots: dict[int, dict[str, Any]] = {}
+        self.ready: set[int] = set()
+        self.stopping = False
+
+    def snapshot(self) -> dict[str, Any]:
+        return merge(list(self.snapshots.values())) if self.snapshots else merge([])
+
+    def _start(self, index: int, config: Config) -> None:
+        recv, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker_main, args=(config, send, index), name=f"geodns-worker-{index}")
+        proc.start()
+        send.close()
+        self.procs[index] = proc
+        old = self.conns.pop(index, None)
+        if old is not None:
+            old.close()
+        self.conns[index] = recv
+
+    def run(self) -> None:
+        cfg = self.config
+        # reserve the ports: a TCP socket bound (not listening) with SO_REUSEPORT keeps the port ours
+        # without receiving anything; the workers bind UDP and TCP on it
+        reserved: list[socket.socket] = []
+        listen = []
+        for host, port in cfg.listen:
+            udp, tcp = bind_pair(host, port, reuse_port=True)
+            listen.append((host, udp.getsockname()[1]))
+            udp.close()
+            reserved.append(tcp)
+        wcfg = dataclasses.replace(cfg, listen=tuple(listen), metrics_port=-1)
+        if cfg.metrics_port >= 0:
+            REGISTRY.register(GeoDnsCollector(self.snapshot))
+            bound = metrics.serve(cfg.metrics_host, cfg.metrics_port)
+            event(log, "metrics", address=f"{cfg.metrics_host}:{bound}")
+        for i in range(cfg.workers):
+            self._start(i, wcfg)
+        stop = {"now": False}
+
+        def on_term(signum: int, frame: Any) -> None:
+            stop["now"] = True
+
+        def on_hup(signum: int, frame: Any) -> None:
+            for proc in self.procs.values():
+                if proc.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGHUP)
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+        restart_at: dict[int, float] = {}
+        port_written = False
+        try:
+            while not stop["now"]:
+                for conn in multiprocessing.connection.wait(list(self.conns.values()), timeout=0.2):
+                    index = next(i for i, c in self.conns.items() if c is conn)
+                    try:
+                        kind, _, payload = conn.recv()  # type: ignore[misc]
+                    except (EOFError, OSError):
+                        conn.close()
+                        self.conns.pop(index, None)
+                        continue
+                    if kind == "ready":
+                        self.ready.add(index)
+                    elif kind == "stats":
+                        self.snapshots[index] = payload
+                if not port_written and len(self.ready) == cfg.workers:
+                    port_written = True
+                    for s in reserved:
+                        s.close()
+                    reserved.clear()
+                    event(log, "workers ready", workers=cfg.workers, port=listen[0][1])
+                    if cfg.port_file is not None:
+                        _write_port_file(cfg.port_file, listen[0][1])
+                now = time.monotonic()
+                for index, proc in list(self.procs.items()):
+                    if proc.exitcode is not None and index not in restart_at:
+                        event(log, "worker exited, restarting", logging.ERROR, worker=index, exitcode=proc.exitcode)
+                        restart_at[index] = now + self.RESTART_DELAY
+                for index, when in list(restart_at.items()):
+                    if now >= when:
+                        del restart_at[index]
+                        self._start(index, wcfg)
+        finally:
+            for proc in self.procs.values():
+                if proc.exitcode is None and proc.pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + SHUTDOWN_GRACE + 3
+            for proc in self.procs.values():
+                proc.join(max(0.0, deadline - time.monotonic()))
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join()
+            for s in reserved:
+                s.close()
