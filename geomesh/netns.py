@@ -470,15 +470,16 @@ class Topology:
         if not isinstance(net, ipaddress.IPv4Network) or net.prefixlen > 29:
             raise ValidationError("network", f"{network!r} must be an IPv4 network of at least /29")
         bridge, router = self._bridge(net)
+        used = {h.public_ip for h in self.hosts.values()}
         if address is None:
-            used = {h.public_ip for h in self.hosts.values()}
             while str(net.network_address + self._next_addr[str(net)]) in used:
                 self._next_addr[str(net)] += 1
             ip = net.network_address + self._next_addr[str(net)]
             self._next_addr[str(net)] += 1
         else:
             ip = ipaddress.ip_address(address)
-        if ip not in net or ip in (net.network_address, net.broadcast_address, net.network_address + 1):
+        if ip not in net or ip in (net.network_address, net.broadcast_address, net.network_address + 1) \
+                or str(ip) in used:
             raise ValidationError("address", f"{ip} is not a free host address in {net}")
         ns = f"{self.prefix}-{name}"
         self._port_seq += 1

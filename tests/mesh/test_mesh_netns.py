@@ -144,3 +144,19 @@ def test_sweep_cleans_up_after_a_crash(tmp_path: Path, with_wg: bool) -> None:
     assert all(netns.proc_start_time(pid) is None for pid in info["pids"])
     assert not state.exists()
     assert not any(os.scandir(tmp_path))
+
+
+@needs_netns
+def test_explicit_addresses_and_bad_names_are_checked(topology: netns.Topology) -> None:
+    a = topology.add_host("gw-us-east-1", address="192.0.2.11")
+    b = topology.add_host("auto")  # auto allocation skips the taken .11
+    assert (a.public_ip, b.public_ip) == ("192.0.2.11", "192.0.2.10")
+    assert topology.add_host("next").public_ip == "192.0.2.12"
+    with pytest.raises(netns.ValidationError, match="not a free host address"):
+        topology.add_host("dup", address="192.0.2.11")
+    with pytest.raises(netns.ValidationError, match="not a free host address"):
+        topology.add_host("router", address="192.0.2.1")
+    with pytest.raises(netns.ValidationError):
+        topology.add_host("Bad_Name")
+    with pytest.raises(netns.ValidationError, match="exists already"):
+        topology.add_host("auto")
