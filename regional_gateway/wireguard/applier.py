@@ -84,7 +84,8 @@ class MeshApplier:
     async def _settle(self) -> None:
         """Re-apply the latest desired set when held keepalives come due."""
         while self._held and self._last is not None:
-            await asyncio.sleep(max(0.0, min(self._held.values()) - time.monotonic()) + 0.005)
+            due = min(self._held.values(), default=0.0)
+            await asyncio.sleep(max(0.0, due - time.monotonic()) + 0.005)
             try:
                 await self.apply_peers(self._last)
             except Exception:  # counted and logged by apply_peers; the next delta retries
@@ -95,11 +96,12 @@ class MeshApplier:
         todo = plan(want, actual)
         now = time.monotonic()
         own = self.backend.public_key
+        held = dict(self._held)  # replaced, never mutated: the event loop thread reads it
         if own is not None and self.settle_delay > 0:
             for p in todo.adds:
                 if p.persistent_keepalive:
-                    self._held[p.public_key] = now + keepalive_delay(own, p.public_key, self.settle_delay)
-        self._held = {k: t for k, t in self._held.items() if k in want and t > now}
+                    held[p.public_key] = now + keepalive_delay(own, p.public_key, self.settle_delay)
+        self._held = {k: t for k, t in held.items() if k in want and t > now}
         self._names = {k: p.name for k, p in want.items() if p.name}
         todo = hold_keepalives(todo, self._held, now)
         if not todo.empty:
