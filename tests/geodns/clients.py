@@ -58,12 +58,12 @@ def parse_dig(text: str) -> DigResult:
         m = re.search(r"status: ([A-Z]+)", line)
         if m and "HEADER" in line:
             res.status = m.group(1)
-        m = re.match(r";; flags: ([a-z ]*)[;,]", line)
+        m = re.match(r";; flags: ([a-z ]*)[;,]", line, re.IGNORECASE)
         if m:
             res.flags = set(m.group(1).split())
         if "OPT PSEUDOSECTION" in line or line.startswith(";; EDNS PSEUDOSECTION"):
             res.has_opt = True
-        m = re.search(r"EDNS: version: (\d+)", line)
+        m = re.search(r"EDNS: version: (\d+)", line) or re.match(r";; Version: (\d+);", line)
         if m:
             res.has_opt = True
             res.edns_version = int(m.group(1))
