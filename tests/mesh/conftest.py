@@ -2,9 +2,10 @@
 
 `needs_netns` / `needs_wireguard_go`  skip markers with the reason (not root, no iproute2, no
                                       wireguard-go, no /dev/net/tun); CI runs as root with them.
-`topology`        a started `geomesh.netns.Topology` (fresh random prefix, state record in a temp
-                  dir); after the test it is torn down and the test fails if a namespace, UAPI
-                  socket, host link or process of it is left.
+`topology`        a started `geomesh.netns.Topology` (fresh random prefix, state record in the
+                  default state dir, so a crashed run is swept by the next session); after the
+                  test it is torn down and the test fails if a namespace, UAPI socket or host
+                  link of it is left.
 `wireguard_go`    the path of the wireguard-go binary.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -47,10 +47,10 @@ def wireguard_go() -> str:
 
 
 @pytest.fixture
-def topology(tmp_path: Path) -> Iterator[netns.Topology]:
+def topology() -> Iterator[netns.Topology]:
     if _NETNS_REASON is not None:
         pytest.skip(_NETNS_REASON)
-    topo = netns.Topology(state_dir=tmp_path / "netns-state")
+    topo = netns.Topology()
     with topo:
         yield topo
     left = netns.leftovers(topo.prefix)
