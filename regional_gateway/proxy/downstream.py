@@ -726,13 +726,30 @@ class ClientConnection(asyncio.Protocol):
 
     def _parse_error(self, exc: HttpParserError) -> None:
         self.dead_parser = True
-        if self.lingering or self.closing and self.active is None:
+        if self.lingering:
             return
         detail = str(exc) or type(exc).__name__
         if exc.__context__ is not None:
             detail = f"{detail} ({exc.__context__})"
             log.error("request callback failed", exc_info=exc.__context__)
         err = BadRequest(f"malformed request: {detail}")
+        ex = self.cur
+        if ex is not None and not ex.req_done:  # the error is inside this request's body
+            self.cur = None
+            ex.keep_alive = False
+            if ex is not self.active:
+                ex.error = err  # answered in its turn
+                return
+            if ex.resp_done:
+                self._finish(ex)  # the backend's answer went out already: just end the connection
+                return
+            if ex.upstream is not None and ex.upstream.got:
+                self.closing = True  # the answer is on its way: close after it
+                return
+            self._local(ex, err)
+            return
+        if self.closing and self.active is None:
+            return
         self._fail_head(err)
 
     def _fail_head(self, err: ProxyError) -> None:

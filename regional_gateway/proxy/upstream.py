@@ -63,6 +63,13 @@ class UpstreamConnection(asyncio.Protocol):
             client.upstream_upgraded(self, data)
             return
         except HttpParserError as exc:
+            if self.done:  # a complete response followed by junk: deliver it, then end both connections
+                self.done = False
+                self.keep = False
+                client.transport.write(data)
+                client.closing = True
+                client.response_done(self)
+                return
             client.upstream_broken(self, f"malformed response from the backend: {exc}")
             return
         self.got += len(data)
