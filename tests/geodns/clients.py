@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from dnslib import EDNS0, DNSRecord, EDNSOption
+from dnslib import EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord, EDNSOption
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,9 +126,7 @@ def kdig(port: int, name: str, qtype: str = "A", *extra: str, tcp: bool = False,
 
 def query(name: str, qtype: str = "A", *, ecs: str | None = None, edns: bool = True, payload: int = 1232,
           do: bool = False, qid: int = 4242, rd: bool = False) -> bytes:
-    q = DNSRecord.question(name, qtype)
-    q.header.id = qid
-    q.header.rd = int(rd)
+    q = DNSRecord(DNSHeader(id=qid, rd=int(rd)), q=DNSQuestion(name, getattr(QTYPE, qtype)))
     if edns or ecs:
         opts = []
         if ecs:
