@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import Targets, client_channel, insecure_metadata
+from geomesh.errors import GeomeshError
 from geomesh.logs import event
 from geomesh.pki import Identity
 from geomesh.routing_table import RoutingTable
@@ -66,6 +67,8 @@ class Agent:
         self.table = RoutingTable()
         self.mesh: dict[str, MeshPeerInfo] = {}
         self.applier = None
+        self.proxy = None  # the ProxyServer when this process runs the data plane
+        self._retry: asyncio.Task | None = None
         self.connected = asyncio.Event()
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -131,9 +134,7 @@ class Agent:
         if msg.HasField("mesh"):
             self.mesh = apply_mesh_update(self.mesh, msg.mesh, self.config.name)
             DELTAS.labels("mesh_snapshot" if msg.mesh.snapshot else "mesh_delta").inc()
-            if self.applier is not None:
-                await self.applier.apply_peers(desired_peers(self.mesh, keepalive=self.config.wg_keepalive,
-                                                             own_public_key=self.public_key))
+            await self.apply_mesh()
         if msg.HasField("routing"):
             self.table = self.table.apply(msg.routing)
             DELTAS.labels("routing_snapshot" if msg.routing.snapshot else "routing_delta").inc()
@@ -143,6 +144,22 @@ class Agent:
         REVISION.set(self.revision)
         if self.on_change is not None:
             self.on_change(self)
+
+    async def apply_mesh(self) -> None:
+        """Make the interface match the current view; on failure, log and retry shortly."""
+        if self.applier is None:
+            return
+        desired = desired_peers(self.mesh, keepalive=self.config.wg_keepalive, own_public_key=self.public_key)
+        try:
+            await self.applier.apply_peers(desired)
+        except GeomeshError as exc:  # WireGuardError, UapiError, ValidationError: keep the session
+            event(log, "mesh apply failed; retrying", logging.ERROR, error=str(exc))
+            if self._retry is None or self._retry.done():
+                self._retry = asyncio.create_task(self._retry_apply())
+
+    async def _retry_apply(self) -> None:
+        await asyncio.sleep(2.0)
+        await self.apply_mesh()
 
     async def session_once(self) -> None:
         """One session stream, until it fails."""
@@ -169,9 +186,18 @@ class Agent:
                 beats.cancel()
                 call.cancel()
 
+    async def start_dataplane(self) -> None:
+        """The proxy, started once the mesh address exists (its mesh listener binds to it)."""
+        if self.dataplane is not None or not self.config.dataplane:
+            return
+        from regional_gateway.dataplane_bridge import start_dataplane
+
+        self.proxy, self.dataplane = await start_dataplane(self.config, self.mesh_ip)
+
     async def run(self) -> None:
         await self.register()
         await self.setup_mesh()
+        await self.start_dataplane()
         observer = asyncio.create_task(self.applier.run_observer()) if self.applier is not None else None
         backoff = 0.1
         try:
@@ -208,24 +234,15 @@ async def _main(config: AgentConfig, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    dataplane = None
-    proxy = None
-    if config.dataplane:
-        try:
-            from regional_gateway.proxy.agent_bridge import start_dataplane  # the proxy's seam
-        except ImportError:
-            start_dataplane = None
-        if start_dataplane is not None:
-            proxy, dataplane = await start_dataplane(config)
     metrics.serve(config.metrics_host, config.metrics_port)
-    agent = Agent(config, dataplane=dataplane)
+    agent = Agent(config)
     task = asyncio.create_task(agent.run())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    if proxy is not None:
-        await proxy.shutdown()
+    if agent.proxy is not None:
+        await agent.proxy.shutdown()
     if task.done() and not task.cancelled() and task.exception() is not None and not stop.is_set():
         raise task.exception()  # type: ignore[misc]
 

@@ -40,7 +40,7 @@ class AgentConfig:
     zone: str = "geomesh.test"
     public_ipv6: str = ""
     proxy_port: int = 8080              # where clients (and peers over the mesh) reach the proxy
-    proxy_listen: str = "0.0.0.0"       # bind address of the client-facing listener
+    proxy_listen: str = ""              # bind address of the client-facing listener ("" = public_ip)
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -110,7 +110,7 @@ def load(path: Path) -> AgentConfig:
         name=data.get("name", ""), region=data.get("region", ""), coordinators=tuple(coordinators),
         public_ip=data.get("public_ip", ""), public_ipv6=data.get("public_ipv6", ""),
         zone=data.get("zone", "geomesh.test"), proxy_port=data.get("proxy_port", 8080),
-        proxy_listen=data.get("proxy_listen", "0.0.0.0"), insecure=bool(data.get("insecure", False)),
+        proxy_listen=data.get("proxy_listen", ""), insecure=bool(data.get("insecure", False)),
         tls_ca=rel(tls.get("ca")), tls_cert=rel(tls.get("cert")), tls_key=rel(tls.get("key")),
         wg_interface=wg.get("interface", "gm0"), wg_listen_port=wg.get("listen_port", 51820),
         wg_key_file=rel(wg.get("key_file", "wg.key")) or base / "wg.key", wg_backend=wg.get("backend", "auto"),

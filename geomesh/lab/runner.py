@@ -2,8 +2,8 @@
 
 `Lab.up()` starts the control plane (embedded etcd, PKI, coordinator), creates regions, apps and
 instances through the Admin API, starts geodns on loopback, then per region a gateway: in netns
-mode a network namespace joined to an "internet" namespace, with the sample app instances on a
-dummy interface and the gateway agent (wireguard-go mesh + proxy) inside; in loopback mode plain
+mode a network namespace joined to an "internet" namespace, with the sample app instances on
+addresses of its loopback and the gateway agent (wireguard-go mesh + proxy) inside; in loopback mode plain
 processes on 127.0.0.0/8 with the mesh computed but not created. Every PID, namespace and
 interface is recorded before it is made, so `geomesh lab down` cleans up after a crash too.
 """
@@ -80,6 +80,8 @@ class Lab:
         if self.plan.netns:
             self.say(f"[4/{steps}] network namespaces: an internet, {len(self.plan.gateways)} gateway hosts, a client ...")
             self._start_topology()
+            assert self.topology is not None
+            self.say(f"        namespaces {self.topology.prefix}-* (see `ip netns list`)")
         else:
             self.say(f"[4/{steps}] loopback mode: no namespaces")
         self.say(f"[5/{steps}] app instances and gateways (agent + WireGuard + proxy) ...")
@@ -130,10 +132,8 @@ class Lab:
             rg.host = host
             rg.ifname = self.topology.ifname(g.short)
             insts = [i for i in self.plan.instances if i.region == g.region]
-            host.run(["ip", "link", "add", "apps0", "type", "dummy"])
-            for inst in insts:
-                host.run(["ip", "addr", "add", f"{inst.address}/32", "dev", "apps0"])
-            host.run(["ip", "link", "set", "apps0", "up"])
+            for inst in insts:  # instance addresses live on the namespace's loopback
+                host.run(["ip", "addr", "add", f"{inst.address}/32", "dev", "lo"])
         self.client = self.topology.add_host("client", network="198.51.100.0/24")
 
     def _start_apps(self, g: LabGateway) -> None:
@@ -155,7 +155,7 @@ coordinators = ["{target}"]
 public_ip = "{g.public_ip}"
 zone = "{self.plan.zone}"
 proxy_port = {g.proxy_port}
-proxy_listen = "{'0.0.0.0' if self.plan.netns else g.public_ip}"
+proxy_listen = "{g.public_ip}"
 heartbeat_interval = 0.5
 metrics_port = -1
 [tls]

@@ -11,6 +11,7 @@ back and the mesh heals; grpcurl shows the overview.
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
 import subprocess
 import sys
@@ -165,14 +166,22 @@ class Walkthrough:
         argv = [grpcurl, "-cacert", str(ident.ca), "-cert", str(ident.cert), "-key", str(ident.key),
                 "-servername", "geomesh-coordinator", self.lab.cp.address, "geomesh.v1.Admin/GetOverview"]
         out = _run(argv)
-        ok = out.returncode == 0 and '"regions"' in out.stdout
-        self.record("grpcurl: the mesh/health overview", ok,
-                    f"{out.stdout.count('gatewaysAlive')} regions with live gateways" if ok else out.stderr[:200], [argv])
+        try:
+            overview = json.loads(out.stdout)
+            regions = overview.get("regions", [])
+            alive = sum(r.get("gatewaysAlive", r.get("gateways_alive", 0)) for r in regions)
+            links = overview.get("links", [])
+            detail = (f"{len(regions)} regions, {alive} gateways alive, "
+                      f"{sum(1 for link in links if link.get('up'))}/{len(links)} mesh links up")
+            ok = out.returncode == 0 and len(regions) == len(self.lab.plan.gateways) and alive == len(regions)
+        except ValueError:
+            ok, detail = False, (out.stderr or out.stdout)[:200]
+        self.record("grpcurl: the mesh/health overview", ok, detail, [argv])
 
     def run(self) -> bool:
         self.step_dns_continents()
+        self.step_local_request()
         if self.lab.plan.netns:
-            self.step_local_request()
             self.step_cross_region()
         self.step_failover()
         self.step_grpcurl()

@@ -1,0 +1,61 @@
+"""The seam between the gateway agent and the proxy data plane in one process.
+
+The agent owns registration and the session stream; it hands each new RoutingTable to
+`ProxyDataPlane.update_table`, which turns it into proxy `Routes` (`routes_from_table`, pure) and
+swaps them in atomically. The proxy listens for clients on `proxy_listen:proxy_port` and, once
+the WireGuard interface carries the mesh address, for forwarded requests from other gateways on
+`mesh_ip:proxy_port` (the only listener whose X-Forwarded-* / X-Geomesh-Forwarded headers are
+trusted). Backend health measured by the proxy's probes goes up with each heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from geomesh.errors import ValidationError
+from geomesh.logs import event
+from geomesh.routing_table import RoutingTable
+from regional_gateway.agent_config import AgentConfig
+from regional_gateway.mesh_view import MeshPeerInfo
+from regional_gateway.proxy.routes import Routes, routes_from_table
+from regional_gateway.proxy.server import ProxyServer
+from regional_gateway.proxy.settings import ProxySettings
+
+log = logging.getLogger("geomesh.gateway.dataplane")
+
+
+class ProxyDataPlane:
+    def __init__(self, config: AgentConfig, server: ProxyServer) -> None:
+        self.config = config
+        self.server = server
+
+    def update_table(self, table: RoutingTable, mesh: dict[str, MeshPeerInfo]) -> None:
+        try:
+            routes = routes_from_table(table, region=self.config.region, zone=self.config.zone,
+                                       self_name=self.config.name)
+        except ValidationError as exc:  # keep serving the routes in force
+            event(log, "routing table refused by the data plane", logging.ERROR, field=exc.field, error=exc.message)
+            return
+        self.server.update_routes(routes)
+
+    def backend_health(self) -> list[tuple[str, str, bool]]:
+        out = []
+        for name, app in list(self.server.state.apps.items()):
+            for b in app.backends:
+                if b.instance_id:
+                    out.append((name, b.instance_id, b.available))
+        return out
+
+    def active_connections(self) -> int:
+        return len(self.server.connections)
+
+
+async def start_dataplane(config: AgentConfig, mesh_ip: str) -> tuple[ProxyServer, ProxyDataPlane]:
+    """Start the proxy (empty routes until the first table arrives)."""
+    listen = config.proxy_listen or config.public_ip
+    mesh = (f"{mesh_ip}:{config.proxy_port}",) if mesh_ip and config.wg_backend != "none" else ()
+    settings = ProxySettings(http=(f"{listen}:{config.proxy_port}",), mesh=mesh)
+    server = ProxyServer(settings, Routes(zone=config.zone, self_name=config.name, region=config.region))
+    await server.start()
+    event(log, "data plane listening", http=f"{listen}:{config.proxy_port}", mesh=list(mesh))
+    return server, ProxyDataPlane(config, server)

@@ -1,0 +1,125 @@
+"""The main job end to end: `geomesh lab --check` runs the whole walkthrough and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from geomesh.lab.runner import netns_unavailable_reason
+
+ROOT = Path(__file__).resolve().parents[2]
+GEOMESH = [sys.executable, "-m", "geomesh.cli"]
+
+
+def namespaces(prefix: str = "") -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    return {n for line in out.stdout.splitlines() if line.strip() and (n := line.split()[0]).startswith(prefix)}
+
+
+def lab_prefix(output: str) -> str:
+    for line in output.splitlines():
+        if line.strip().startswith("namespaces gm"):
+            return line.split()[1].rstrip("*")
+    raise AssertionError(f"the lab did not say which namespaces it made:\n{output[-3000:]}")
+
+
+def wg_sockets() -> set[str]:
+    d = Path("/var/run/wireguard")
+    return {p.name for p in d.glob("*.sock")} if d.exists() else set()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def lab(state: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GEOMESH, "lab", "--state-dir", str(state), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_steps_ok(out: str, expected: list[str]) -> None:
+    for title in expected:
+        assert f"[ok ] {title}" in out, f"step {title!r} did not pass:\n{out[-4000:]}"
+    assert "[FAIL]" not in out, out[-4000:]
+
+
+def test_lab_in_namespaces_walkthrough_then_nothing_left(tmp_path):
+    reason = netns_unavailable_reason()
+    if reason:
+        pytest.skip(f"netns lab needs root and wireguard-go: {reason}")
+    socks_before = wg_sockets()
+    state = tmp_path / "lab"
+    out = lab(state, "--check")
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert_steps_ok(text, ["DNS from three continents (EDNS Client Subnet) picks three regions",
+                           "a request through the eu-central gateway reaches a local instance",
+                           "'solo' lives only in us-east: the ap-northeast gateway forwards over the mesh",
+                           "kill gw-eu-central-1: DNS stops returning it",
+                           "restart gw-eu-central-1: it comes back",
+                           "the mesh heals: gw-ap-northeast-1 reaches gw-eu-central-1 over WireGuard",
+                           "grpcurl: the mesh/health overview"])
+    assert "hello from solo instance" in text and "in us-east" in text
+    prefix = lab_prefix(text)
+    assert not namespaces(prefix), "the lab left network namespaces behind"
+    assert not {s for s in wg_sockets() - socks_before if s.startswith(prefix[:-1])}, "the lab left WireGuard interfaces behind"
+    assert not processes_mentioning(str(state)), "the lab left processes behind"
+    assert not state.exists()
+
+
+def test_lab_loopback_mode_answers_dns(tmp_path):
+    state = tmp_path / "lab"
+    out = lab(state, "--check", "--loopback")
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert "LOOPBACK MODE: --loopback was given" in text
+    assert "computed and shown but not created" in text
+    assert_steps_ok(text, ["DNS from three continents (EDNS Client Subnet) picks three regions",
+                           "kill gw-eu-central-1: DNS stops returning it"])
+    assert not processes_mentioning(str(state))
+
+
+def test_lab_down_cleans_up_after_a_crashed_lab(tmp_path):
+    state = tmp_path / "lab"
+    proc = subprocess.Popen([*GEOMESH, "lab", "--state-dir", str(state), "--no-walkthrough", "--refresh", "30"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        seen = ""
+        while "the lab is up" not in seen:
+            assert time.monotonic() < deadline, seen[-3000:]
+            line = proc.stdout.readline()
+            assert line, f"lab exited early:\n{seen[-3000:]}"
+            seen += line
+        assert processes_mentioning(str(state)), "the lab should be running"
+        prefix = lab_prefix(seen) if netns_unavailable_reason() is None else None
+        proc.send_signal(signal.SIGKILL)  # a crash: no teardown runs
+        proc.wait(10)
+        assert processes_mentioning(str(state)), "children survive a crashed lab until `lab down`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = lab(state, "down", timeout=120)
+    assert out.returncode == 0, out.stderr
+    time.sleep(0.5)
+    assert not processes_mentioning(str(state)), "lab down left processes"
+    if prefix is not None:
+        assert not namespaces(prefix), "lab down left namespaces"
+    assert not state.exists()
