@@ -1,6 +1,6 @@
 """Consistent hashing of client addresses onto backends: a hash ring with virtual nodes.
 
-Each backend key ("addr:port") owns `points` positions on a 64-bit ring (blake2b of
+Each backend key ("addr:port") owns `POINTS` positions on a 64-bit ring (blake2b of
 "key#i"); a client address hashes to a position and belongs to the first backend point at or
 after it. Adding or removing one of N backends therefore moves only the clients of the points it
 gains or loses, about 1/N of them, and every other client stays where it was. Unavailable
@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-MIN_RING = 2048  # total points at least this many (spread gets tighter with more points)
-MIN_POINTS = 160  # points per backend at least this many
+POINTS = 256  # points per backend; fixed, so a backend's points never depend on who else is there
 
 
 def hash64(data: bytes) -> int:
@@ -31,8 +30,7 @@ class HashRing(Generic[T]):
 
     def __init__(self, items: Sequence[T], key_of: Callable[[T], str]) -> None:
         self.items = tuple(items)
-        n = len(self.items)
-        points = max(MIN_POINTS, -(-MIN_RING // n)) if n else 0
+        points = POINTS
         ring: list[tuple[int, int]] = []
         for idx, item in enumerate(self.items):
             key = key_of(item).encode()

@@ -13,6 +13,7 @@ Content-Length and chunked bodies in both directions, and answers by path:
     /ws                  101 Switching Protocols, then echoes raw bytes
     /close               200 with Connection: close, then closes
     /health              200, or 503 after `.sick = True`
+    (any other path)     `.fail_status` when set (a backend answering 5xx)
 
 `stop()` closes the listener and every connection (a killed backend); `start()` listens again on
 the same port. `hits` counts requests, `connections` counts accepted TCP connections.
@@ -41,6 +42,7 @@ class Backend:
         self.paths: Counter[str] = Counter()
         self.connections = 0
         self.sick = False
+        self.fail_status = 0  # when set, every request except /health gets this status
         self.inflight = 0
         self.max_inflight = 0
         self.received: list[bytes] = []
@@ -127,7 +129,9 @@ class Backend:
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         path = url.path
         status, out, extra = 200, self.name.encode(), ""
-        if path == "/slow":
+        if self.fail_status and path != "/health":
+            status = self.fail_status
+        elif path == "/slow":
             await asyncio.sleep(int(q.get("ms", "100")) / 1000)
         elif path.startswith("/status/"):
             status = int(path.rsplit("/", 1)[1])
