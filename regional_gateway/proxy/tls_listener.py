@@ -86,11 +86,12 @@ class TlsListener:
 
 
 class _Sniffer:
-    __slots__ = ("listener", "sock", "addr", "seen", "timer", "retry", "done")
+    __slots__ = ("listener", "sock", "fd", "addr", "seen", "timer", "retry", "done")
 
     def __init__(self, listener: TlsListener, sock: socket.socket, addr: tuple) -> None:
         self.listener = listener
         self.sock = sock
+        self.fd = sock.fileno()
         self.addr = addr
         self.seen = -1
         self.timer: asyncio.TimerHandle | None = None
@@ -100,11 +101,11 @@ class _Sniffer:
     def start(self) -> None:
         loop = self.listener.loop
         self.timer = loop.call_later(self.listener.server.settings.header_timeout, self._timeout)
-        loop.add_reader(self.sock.fileno(), self._readable)
+        loop.add_reader(self.fd, self._readable)
 
     def _stop_reading(self) -> None:
         try:
-            self.listener.loop.remove_reader(self.sock.fileno())
+            self.listener.loop.remove_reader(self.fd)
         except (ValueError, OSError):
             pass
 
@@ -126,8 +127,8 @@ class _Sniffer:
 
     def _refuse(self, payload: bytes, cause: str) -> None:
         self.listener.server.metrics.error(cause)
+        self.finish(keep_socket=True)  # unregister the reader while the descriptor is still ours
         _answer_and_close(self.sock, payload)
-        self.finish(keep_socket=True)
 
     def _readable(self) -> None:
         try:
@@ -159,7 +160,7 @@ class _Sniffer:
     def _rearm(self) -> None:
         self.retry = None
         if not self.done:
-            self.listener.loop.add_reader(self.sock.fileno(), self._readable)
+            self.listener.loop.add_reader(self.fd, self._readable)
 
     def _dispatch(self, hello: client_hello.ClientHello) -> None:
         server = self.listener.server

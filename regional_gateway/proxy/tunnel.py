@@ -31,6 +31,7 @@ MAX_ATTEMPTS = 3
 ALERT_INTERNAL_ERROR = 80
 ALERT_UNRECOGNIZED_NAME = 112
 ALERT_HANDSHAKE_FAILURE = 40
+LINGER = 2.0
 
 
 def tls_alert(description: int) -> bytes:
@@ -94,6 +95,7 @@ class TunnelClient(asyncio.Protocol):
         self.deadline = 0.0
         self.closed = False
         self.counted = False
+        self.failed = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -169,11 +171,22 @@ class TunnelClient(asyncio.Protocol):
               self.plan.match.instance, reason=text)
         if self.closed:
             return
-        if self.plan.raw_tls:
-            self.transport.write(tls_alert(ALERT_UNRECOGNIZED_NAME if unknown else ALERT_INTERNAL_ERROR))
-        self.transport.close()
+        if not self.plan.raw_tls:
+            self.transport.close()
+            return
+        # answer with an alert, then read and drop what the client still sends for a moment, so that
+        # closing does not turn into a reset that destroys the alert before the client reads it
+        self.failed = True
+        self.pending = []
+        self.transport.write(tls_alert(ALERT_UNRECOGNIZED_NAME if unknown else ALERT_INTERNAL_ERROR))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()
+        self.deadline = server.now + LINGER
 
     def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return
         up = self.upstream
         if up is not None:
             up.transport.write(data)
@@ -183,6 +196,8 @@ class TunnelClient(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         up = self.upstream
+        if self.failed:
+            return None
         if up is not None and up.transport.can_write_eof():
             up.transport.write_eof()
             return True
