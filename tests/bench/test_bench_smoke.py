@@ -1,0 +1,65 @@
+"""The coordinator benchmarks still run: each in its --quick mode, against real etcd and coordinators.
+
+No timing is asserted (the machine is shared); the JSON each bench writes must have every row,
+real counts and sizes, and the relations that do not depend on speed (every join reached every
+gateway; a full-map join costs a gateway more bytes than a delta join).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def run_bench(script: str, out: Path, timeout: float) -> dict:
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd is not installed: run scripts/install.sh (./run test does)")
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--quick", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_coordinator_bench_quick(tmp_path: Path) -> None:
+    result = run_bench("coordinator.py", tmp_path / "coord.json", timeout=60)
+    phases = result["phases"]
+    writes = ["ours_seq", "raw_put_seq", "raw_txn_seq", "raw_txnw_seq", "ours_c", "raw_put_c", "raw_txn_c",
+              "raw_txnw_c"]
+    watches = ["watch_raw", "watch_ours", "watch_admin"]
+    assert set(phases) == set(writes + watches)
+    for key in writes:
+        p = phases[key]
+        assert p["ops"] > 0 and p["errors"] == 0, (key, p)
+        assert p["rate"] > 0 and p["p50"] > 0 and p["p99"] >= p["p50"], (key, p)
+    for key in watches:
+        p = phases[key]
+        assert p["ops"] > 0 and p["errors"] == 0, (key, p)
+        assert p["p50"] > 0 and p["p99"] >= p["p50"] and not math.isnan(p["ack_p99"]), (key, p)
+    # the coordinator's CPU is charged only to the phases that go through it
+    assert phases["ours_seq"]["coord_cpu_ms"] > 0
+    assert {a["measure"].strip() for a in result["aims"]} >= {"writes/s, concurrent",
+                                                               "watch delivery p99 from write start (ms)"}
+
+
+def test_mesh_convergence_bench_quick(tmp_path: Path) -> None:
+    result = run_bench("mesh_convergence.py", tmp_path / "mesh.json", timeout=90)
+    phases = {(p["n"], p["strategy"]): p for p in result["phases"]}
+    assert set(phases) == {(20, "delta"), (20, "full-map")}
+    for (n, strategy), p in phases.items():
+        s = p["summary"]
+        assert p["sessions"] == n, (strategy, p["note"])
+        assert s["joins"] == 3 and s["complete"] == 3, (strategy, p["note"], p["joins"])
+        assert not math.isnan(s["p99_ms"]) and s["call_p99_ms"] > 0, (strategy, s)
+        assert s["bytes_mean"] > 0 and s["msgs_mean"] >= 1, (strategy, s)
+        assert p["first_bytes_mean"] > 0
+        assert s["joiner_snapshot_bytes"] > 0  # the joiner's full snapshot
+    # a full map carries every peer; a delta carries the change
+    assert phases[(20, "full-map")]["summary"]["bytes_mean"] > phases[(20, "delta")]["summary"]["bytes_mean"]
