@@ -23,6 +23,7 @@ from .clients import (
     DnsProcess,
     dig,
     kdig,
+    parse_dig,
     query,
     read_frame,
     tcp_exchange,
@@ -337,3 +338,32 @@ def test_every_region_of_the_test_zone_is_reachable_by_name(static_dns) -> None:
         res = dig(static_dns.port, f"gw.{region}.{ZONE}")
         assert res.status == "NOERROR"
         assert res.addresses() == gateway_ip(region)
+
+
+@pytest.mark.parametrize("io", ["batch", "--no-batch-io"])
+def test_ipv6_listener_with_both_udp_transports(tmp_path: Path, mmdb: Path, io: str) -> None:
+    """recvmmsg batches and the asyncio DatagramProtocol path, on an IPv6 loopback listener."""
+    state = tmp_path / "state.toml"
+    state.write_text(state_toml())
+    flags = [io] if io.startswith("--") else []
+    proc = DnsProcess(tmp_path, "--state", str(state), "--geoip-db", str(mmdb), *flags,
+                      "--listen", "[::1]:0").start()
+    try:
+        for tcp in (False, True):
+            out = subprocess.run(["dig", "@::1", "-p", str(proc.port), f"shop.{ZONE}", "+subnet=193.0.6.0/24",
+                                  "+norec", "+time=2", "+tries=1", *(["+tcp"] if tcp else [])],
+                                 capture_output=True, text=True, timeout=20)
+            res = parse_dig(out.stdout)
+            assert res.addresses() == {"192.0.2.20"} and res.ecs == "193.0.6.0/24/20", out.stdout
+        # the source address (::1) cannot be placed: default region; a big answer is truncated
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.sendto(query(f"big.{ZONE}", edns=False), ("::1", proc.port))
+            reply = DNSRecord.parse(s.recv(4096))
+        assert reply.header.tc and not reply.rr
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.sendto(query(f"shop.{ZONE}"), ("::1", proc.port))
+            assert {str(rr.rdata) for rr in DNSRecord.parse(s.recv(4096)).rr} == {"192.0.2.20"}
+    finally:
+        assert proc.stop() == 0
