@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -164,6 +165,8 @@ class Server:
         if self.responder is None:
             self.load()
         assert self.responder is not None
+        gc.collect()
+        gc.freeze()  # what start-up built is permanent: keep it out of the collector's scans
         cfg = self.config
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -192,7 +195,7 @@ class Server:
                     sock=tcp)
                 tcp_servers.append(server)
             event(log, "listening", addresses=[f"{h}:{p}" for (h, _), p in zip(cfg.listen, self.ports, strict=True)],
-                  port=self.ports[0], batch_io=bool(udp_readers), worker=self.worker)
+                  port=self.ports[0], batch_io=bool(udp_readers), worker=self.worker, pid=os.getpid())
             if cfg.port_file is not None and self.stats_pipe is None:
                 _write_port_file(cfg.port_file, self.ports[0])
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -301,11 +304,18 @@ class Supervisor:
         self.procs: dict[int, Any] = {}
         self.conns: dict[int, multiprocessing.connection.Connection] = {}
         self.snapshots: dict[int, dict[str, Any]] = {}
+        self.retired: list[dict[str, Any]] = []  # last counters of workers that died (kept monotonic)
         self.ready: set[int] = set()
         self.stopping = False
 
     def snapshot(self) -> dict[str, Any]:
-        return merge(list(self.snapshots.values())) if self.snapshots else merge([])
+        live = list(self.snapshots.values())
+        out = merge(live + self.retired)
+        alive = merge(live)
+        out["workers"] = sum(1 for p in self.procs.values() if p.exitcode is None)
+        if "feed" in alive:
+            out["feed"] = alive["feed"]
+        return out
 
     def _start(self, index: int, config: Config) -> None:
         recv, send = self.ctx.Pipe(duplex=False)
@@ -379,6 +389,9 @@ class Supervisor:
                     if proc.exitcode is not None and index not in restart_at:
                         event(log, "worker exited, restarting", logging.ERROR, worker=index, exitcode=proc.exitcode)
                         restart_at[index] = now + self.RESTART_DELAY
+                        self.ready.discard(index)
+                        if index in self.snapshots:
+                            self.retired.append(self.snapshots.pop(index))
                 for index, when in list(restart_at.items()):
                     if now >= when:
                         del restart_at[index]

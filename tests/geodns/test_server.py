@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -52,19 +53,13 @@ def scrape(proc: DnsProcess) -> str:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    pattern = re.compile(rf"^{re.escape(name)}(\{{(.*)\}})? (\S+)$")
+    """The sum of the samples of `name` whose labels include `labels` (0 when there is none)."""
+    pattern = re.compile(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$")
     total = 0.0
-    found = False
     for line in text.splitlines():
         m = pattern.match(line)
-        if not m:
-            continue
-        got = ",".join(sorted((m.group(2) or "").split(","))) if m.group(2) else ""
-        if all(f'{k}="{v}"' in got for k, v in labels.items()) or (not labels and not got) or got == want:
-            total += float(m.group(3))
-            found = True
-    assert found, f"{name}{labels} not in metrics"
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
     return total
 
 
@@ -258,20 +253,31 @@ def test_rate_limiting_slips_and_drops_udp_but_not_tcp(tmp_path: Path, mmdb: Pat
         proc.stop()
 
 
+def worker_pids(proc: DnsProcess) -> set[int]:
+    """PIDs of the workers that logged "listening" and are still running."""
+    pids = set()
+    for line in proc.log().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("msg") == "listening" and "pid" in rec and Path(f"/proc/{rec['pid']}").exists():
+            pids.add(rec["pid"])
+    return pids
+
+
 def test_workers_share_the_port(tmp_path: Path, mmdb: Path) -> None:
     state = tmp_path / "state.toml"
     state.write_text(state_toml())
     proc = DnsProcess(tmp_path, "--state", str(state), "--geoip-db", str(mmdb), "--workers", "2",
                       "--metrics-port", "0").start()
     try:
-        pids = set()
         for i in range(100):  # a new source port each time: the kernel spreads them over the workers
             raw = udp_exchange(proc.port, query(f"shop.{ZONE}", qid=i, ecs="193.0.6.0/24"))
             assert raw is not None and DNSRecord.parse(raw).header.id == i
         assert RCODE[DNSRecord.parse(tcp_exchange(proc.port, [query(f"shop.{ZONE}")])[0]).header.rcode] == "NOERROR"
-        children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()
-        pids = {int(c) for c in children}
-        assert len(pids) >= 2
+        pids = worker_pids(proc)
+        assert len(pids) == 2 and proc.proc.pid not in pids
         deadline = time.monotonic() + 10
         while True:
             text = scrape(proc)
@@ -279,6 +285,22 @@ def test_workers_share_the_port(tmp_path: Path, mmdb: Path) -> None:
                 break
             assert time.monotonic() < deadline, text
             time.sleep(0.2)
+        counted = metric(text, "geodns_queries_total")
+        # a worker dies: the parent starts another, the port keeps answering, counters never go back
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while len(worker_pids(proc) - {victim}) < 2:
+            assert time.monotonic() < deadline, proc.log()[-2000:]
+            time.sleep(0.1)
+        for i in range(50):
+            raw = udp_exchange(proc.port, query(f"shop.{ZONE}", qid=i), timeout=3)
+            assert raw is not None, f"query {i} lost after the restart"
+        assert "worker exited, restarting" in proc.log()
+        while metric(scrape(proc), "geodns_workers") != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert metric(scrape(proc), "geodns_queries_total") >= counted
     finally:
         assert proc.stop() == 0
 
