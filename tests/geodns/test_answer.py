@@ -326,3 +326,10 @@ def test_stats_index_rcode_and_region(responder: Responder, clients) -> None:
     b = responder.answer(query(f"nope.{ZONE}"), b"\x7f\0\0\1")
     assert responder.stats.labels[a.index] == ("NOERROR", "us-east")
     assert responder.stats.labels[b.index] == ("NXDOMAIN", "")
+
+
+def test_cache_size_zero_computes_every_answer(locator: Locator) -> None:
+    r = Responder(make_view(), locator, cache_size=0)
+    for qid in (1, 2, 3):
+        assert addrs(ask(r, query(f"shop.{ZONE}", ecs="193.0.6.0/24", qid=qid))) == {"192.0.2.20"}
+    assert not r.exact and r.stats.cache_hits == 0 and r.stats.cache_misses == 3

@@ -389,3 +389,27 @@ def test_ipv6_listener_with_both_udp_transports(tmp_path: Path, mmdb: Path, io: 
             assert {str(rr.rdata) for rr in DNSRecord.parse(s.recv(4096)).rr} == {"192.0.2.20"}
     finally:
         assert proc.stop() == 0
+
+
+def test_query_log_is_structured_and_off_by_default(tmp_path: Path, mmdb: Path, static_dns) -> None:
+    dig(static_dns.port, f"shop.{ZONE}", subnet="193.0.6.0/24")
+    assert '"msg": "query"' not in static_dns.log()
+    state = tmp_path / "state.toml"
+    state.write_text(state_toml())
+    proc = DnsProcess(tmp_path, "--state", str(state), "--geoip-db", str(mmdb), "--query-log").start()
+    try:
+        dig(proc.port, f"Shop.{ZONE}", subnet="193.0.6.0/24")
+        dig(proc.port, f"nosuch.{ZONE}", tcp=True)
+        deadline = time.monotonic() + 5
+        while True:
+            lines = [json.loads(x) for x in proc.log().splitlines() if '"msg": "query"' in x]
+            if len(lines) >= 2:
+                break
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.05)
+        first, second = lines[0], lines[1]
+        assert first["qname"] == f"Shop.{ZONE}." and first["rcode"] == "NOERROR" and first["region"] == "eu-central"
+        assert first["ecs"] == "193.0.6.0/24" and first["transport"] == "udp" and first["client"] == "127.0.0.1"
+        assert second["rcode"] == "NXDOMAIN" and second["transport"] == "tcp"
+    finally:
+        proc.stop()
