@@ -43,7 +43,10 @@ def topology():
 class Gateways:
     """Agent processes in namespaces, by name."""
 
-    def __init__(self, topology: netns.Topology, coordinators, pki, workdir: Path) -> None:
+    def __init__(self, topology: netns.Topology, coordinators, pki, workdir: Path, *, dataplane: bool = False,
+                 regions: dict[str, str] | None = None) -> None:
+        self.dataplane = dataplane
+        self.regions = regions or {}
         self.topology = topology
         self.coordinators = coordinators
         self.pki = pki
@@ -59,10 +62,12 @@ class Gateways:
         path = self.workdir / f"{name}.toml"
         path.write_text(f"""
 name = "{name}"
-region = "eu-central"
+region = "{self.regions.get(name, 'eu-central')}"
 coordinators = [{socks}]
 public_ip = "{host.public_ip}"
-dataplane = false
+zone = "apps.test"
+proxy_port = 8080
+dataplane = {'true' if self.dataplane else 'false'}
 heartbeat_interval = 0.3
 [tls]
 ca = "{ident.ca}"
@@ -83,7 +88,7 @@ persistent_keepalive = 5
             self.ifnames[name] = self.topology.ifname("g")
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115
         self.procs[name] = self.hosts[name].popen(
-            [sys.executable, "-m", "regional_gateway.agent", str(self.config(name))],
+            [sys.executable, "-m", "regional_gateway.main", "--config", str(self.config(name))],
             stdout=log, stderr=log, cwd=ROOT)
         log.close()
 
@@ -188,3 +193,44 @@ async def _alive(admin, name: str) -> bool:
 async def _all_alive(admin, names: list[str]) -> bool:
     by_name = await gateways_by_name(admin)
     return all(by_name[n].alive for n in names)
+
+
+async def test_app_in_one_region_answers_through_another_regions_gateway(topology, coordinator_factory, pki, tmp_path):
+    """Cross-region forwarding over the real WireGuard mesh: the client talks to region A's gateway,
+    the only instance lives behind region B's gateway."""
+    c = coordinator_factory("--listen-unix", str(tmp_path / "c.sock"))
+    c.sock = tmp_path / "c.sock"
+    admin = c.admin()
+    await seed(admin)  # eu-central (instance subnet 10.90.2.0/24) and us-east
+    gws = Gateways(topology, [c], pki, tmp_path, dataplane=True, regions={"gw-eu": "eu-central", "gw-us": "us-east"})
+    for n in ("gw-eu", "gw-us"):
+        gws.hosts[n] = topology.add_host(n)
+        gws.ifnames[n] = topology.ifname("x")
+    # the app instance lives in us-east only, on the us gateway host's loopback
+    gws.hosts["gw-us"].run(["ip", "addr", "add", "10.90.9.5/32", "dev", "lo"])
+    app_log = open(tmp_path / "app.log", "ab")  # noqa: SIM115, ASYNC230
+    gws.hosts["gw-us"].popen([sys.executable, "-m", "geomesh.lab.sample_app", "--app", "web", "--instance", "web-us-1",
+                              "--region", "us-east", "--listen", "10.90.9.5:8000"], stdout=app_log, stderr=app_log, cwd=ROOT)
+    app_log.close()
+    await admin.UpdateApp(pb.UpdateAppRequest(app=pb.App(name="web", lb_policy=pb.LB_POLICY_ROUND_ROBIN)))
+    await admin.AddInstance(pb.Instance(app="web", id="web-us-1", region="us-east", address="10.90.9.5", port=8000,
+                                        healthy=True))
+    for n in ("gw-eu", "gw-us"):
+        gws.start(n)
+    await wait_until(lambda: full_mesh_pings(gws, admin, ["gw-eu", "gw-us"]), 60, "the two-gateway mesh")
+    client = topology.add_host("client", network="198.51.100.0/24")
+    eu_ip = gws.hosts["gw-eu"].public_ip
+    argv = ["curl", "-sS", "--max-time", "5", "-H", "Host: web.apps.test", f"http://{eu_ip}:8080/"]
+
+    async def answered_from_us() -> bool:
+        out = await asyncio.to_thread(client.run, argv, check=False, timeout=15)
+        return "in us-east" in out.stdout
+    await wait_until(answered_from_us, 30, "the eu gateway to forward to us-east")
+    out = client.run(argv, timeout=15)
+    assert out.stdout.startswith("hello from web instance web-us-1 in us-east"), out.stdout
+    # the app saw the real client address, and the request crossed exactly one gateway hop
+    assert f"client {client.public_ip}" in out.stdout, out.stdout
+    # an unknown host is a clear 404 from the gateway, not a silent close
+    missing = client.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+                          "-H", "Host: nope.apps.test", f"http://{eu_ip}:8080/"], timeout=15)
+    assert missing.stdout == "404"
