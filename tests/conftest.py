@@ -8,12 +8,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -23,8 +18,7 @@ from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
 from geomesh.etcd_process import EtcdProcess
 from geomesh.pki import Identity, Pki
-
-ROOT = Path(__file__).resolve().parent.parent
+from geomesh.service_process import ServiceProcess
 
 
 def _need(binary: str) -> None:
@@ -48,57 +42,26 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return p
 
 
-class CoordinatorProcess:
-    """A `geomesh-coordinator` subprocess (real process, real mTLS port)."""
+class CoordinatorProcess(ServiceProcess):
+    """A `geomesh-coordinator` subprocess (real process, real mTLS port) on the test's etcd."""
 
     def __init__(self, etcd: EtcdProcess, pki: Pki, workdir: Path, extra: list[str]) -> None:
+        super().__init__("coordinator.main", ["--etcd", etcd.endpoint, "--pki-dir", str(pki.dir),
+                                              "--lease-ttl", "2", *extra], workdir)
         self.etcd = etcd
         self.pki = pki
-        self.workdir = workdir
-        self.extra = extra
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.log_path = workdir / "coordinator.log"
         self._channels: list[grpc.aio.Channel] = []
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> None:
-        port_file = self.workdir / "port"
-        port_file.unlink(missing_ok=True)
+    def start(self, timeout: float = 20.0) -> int:
+        # a restart keeps the port, so clients can reconnect to the same address
         listen = f"127.0.0.1:{self.port}" if self.port else "127.0.0.1:0"
-        cmd = [sys.executable, "-m", "coordinator.main", "--etcd", self.etcd.endpoint, "--listen", listen,
-               "--pki-dir", str(self.pki.dir), "--port-file", str(port_file), "--lease-ttl", "2", *self.extra]
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT, start_new_session=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"coordinator exited: {self.log_path.read_text()[-2000:]}")
-            if port_file.exists() and port_file.read_text().strip():
-                self.port = int(port_file.read_text())
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"coordinator did not start: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        self.args = [a for i, a in enumerate(self.args)
+                     if a != "--listen" and (i == 0 or self.args[i - 1] != "--listen")] + ["--listen", listen]
+        return super().start(timeout)
 
     def channel(self, identity: Identity) -> grpc.aio.Channel:
         ch = client_channel(self.address, identity)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geomesh.etcd_process import EtcdProcess, free_port
+from geomesh.etcd_process import EtcdProcess
 from geomesh.pki import Pki
+from geomesh.service_process import ServiceProcess
 
 STATE_FILE = "lab-state.json"
 
@@ -73,8 +72,7 @@ class ControlPlane:
         self.record = record
         self.pki = Pki(state_dir / "pki")
         self.etcd = EtcdProcess(state_dir / "etcd", log_path=state_dir / "etcd.log")
-        self.coordinator_port = 0
-        self.coordinator: subprocess.Popen | None = None
+        self.coordinator: ServiceProcess | None = None
 
     def start(self, lease_ttl: int = 2, extra: list[str] | None = None) -> None:
         self.pki.init()
@@ -83,27 +81,18 @@ class ControlPlane:
         assert self.etcd.proc is not None
         self.record.pids["etcd"] = self.etcd.proc.pid
         self.record.save()
-        self.coordinator_port = free_port()
-        log = open(self.dir / "coordinator.log", "ab")  # noqa: SIM115
-        port_file = self.dir / "coordinator.port"
-        port_file.unlink(missing_ok=True)
-        self.coordinator = subprocess.Popen(
-            [sys.executable, "-m", "coordinator.main", "--etcd", self.etcd.endpoint,
-             "--listen", f"127.0.0.1:{self.coordinator_port}", "--pki-dir", str(self.pki.dir),
-             "--lease-ttl", str(lease_ttl), "--port-file", str(port_file), "--metrics-port", "0", *(extra or [])],
-            stdout=log, stderr=log, start_new_session=True)
-        log.close()
+        self.coordinator = ServiceProcess("coordinator.main", [
+            "--etcd", self.etcd.endpoint, "--listen", "127.0.0.1:0", "--pki-dir", str(self.pki.dir),
+            "--lease-ttl", str(lease_ttl), "--metrics-port", "0", *(extra or [])], self.dir, name="coordinator")
+        self.coordinator.start()
+        assert self.coordinator.pid is not None
         self.record.pids["coordinator"] = self.coordinator.pid
         self.record.save()
-        deadline = time.monotonic() + 20
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if self.coordinator.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"coordinator did not start; see {self.dir / 'coordinator.log'}")
-            time.sleep(0.05)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.coordinator_port}"
+        assert self.coordinator is not None
+        return f"127.0.0.1:{self.coordinator.port}"
 
     def grpcurl_prefix(self) -> str:
         admin = self.pki.identity("admin", "lab-admin")
