@@ -135,6 +135,8 @@ class ClientConnection(asyncio.Protocol):
         self.lingering = False
         self.upgrading = False
         self.tunnel: UpstreamConnection | None = None
+        self.tunnel_client_eof = False
+        self.tunnel_upstream_eof = False
         self.sniffing: bytearray | None = bytearray() if kind == "mesh" else None
         # request head under construction
         self.h_parts: list[bytes] = []
@@ -210,10 +212,11 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
             up = self.tunnel
-            if up.transport.can_write_eof():
-                up.transport.write_eof()
-                return True
-            return None
+            self.tunnel_client_eof = True
+            if self.tunnel_upstream_eof or not up.transport.can_write_eof():
+                return None  # both directions finished: close (connection_lost closes the upstream)
+            up.transport.write_eof()
+            return True
         if self.lingering:
             return None
         ex = self.active
@@ -316,7 +319,8 @@ class ClientConnection(asyncio.Protocol):
             elif lname == b"x-forwarded-proto":
                 self.h_proto = value
             elif lname == b"x-geomesh-forwarded":
-                self.h_mark = value
+                self.h_mark = value  # and the app sees which gateway forwarded it
+                self.h_parts += (name, b": ", value, b"\r\n")
             else:
                 self.h_parts += (name, b": ", value, b"\r\n")
         # other hop-by-hop headers (keep-alive, te, trailer, proxy-connection) are dropped
@@ -712,11 +716,14 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(data)
         self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
 
-    def tunnel_eof(self) -> None:
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:
+    def tunnel_eof(self) -> bool:
+        """The upstream finished sending; True if its transport should stay open (half-close)."""
+        self.tunnel_upstream_eof = True
+        if self.tunnel_client_eof or not self.transport.can_write_eof():
             self.transport.close()
+            return False
+        self.transport.write_eof()
+        return True
 
     def tunnel_closed(self) -> None:
         self.tunnel = None

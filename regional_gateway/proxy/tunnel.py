@@ -64,12 +64,14 @@ class TunnelUpstream(asyncio.Protocol):
         self.peer.deadline = self.peer.server.now + self.peer.server.settings.tunnel_idle_timeout
 
     def eof_received(self) -> bool | None:
-        t = self.peer.transport
-        if t.can_write_eof():
-            t.write_eof()
-            return True
-        t.close()
-        return None
+        peer = self.peer
+        peer.upstream_eof = True
+        t = peer.transport
+        if peer.client_eof or not t.can_write_eof():
+            t.close()  # both directions are finished (or cannot be half-closed)
+            return None
+        t.write_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -96,6 +98,8 @@ class TunnelClient(asyncio.Protocol):
         self.closed = False
         self.counted = False
         self.failed = False
+        self.client_eof = False
+        self.upstream_eof = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -196,12 +200,11 @@ class TunnelClient(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         up = self.upstream
-        if self.failed:
-            return None
-        if up is not None and up.transport.can_write_eof():
-            up.transport.write_eof()
-            return True
-        return None
+        self.client_eof = True
+        if self.failed or up is None or self.upstream_eof or not up.transport.can_write_eof():
+            return None  # the transport closes; connection_lost closes the upstream
+        up.transport.write_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

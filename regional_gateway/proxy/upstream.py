@@ -81,8 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
-            self.tunnel.tunnel_eof()
-            return True
+            return True if self.tunnel.tunnel_eof() else None
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

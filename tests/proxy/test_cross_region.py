@@ -1,0 +1,129 @@
+"""Cross-region forwarding between two real gateway processes on loopback (standalone routes listing
+the other gateway's mesh listener): nearest region first, failover to the next, one hop at most,
+the forwarded mark trusted only on the mesh listener, TLS passthrough forwarded with PROXY v2.
+(The same over WireGuard in network namespaces is the mesh end-to-end suite's job.)"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+from tests.proxy.backends import Backend
+from tests.proxy.certs import TestCA, san_of, server_context
+from tests.proxy.client import Conn, get
+
+ZONE = "apps.test"
+EU = (48.86, 2.35)
+US = (40.71, -74.0)
+ASIA = (35.68, 139.69)
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def routes_toml(name: str, region: str, loc: tuple[float, float], apps: dict[str, list[str]],
+                regions: list[tuple[str, tuple[float, float], list[str], str, int]]) -> str:
+    out = [f'zone = "{ZONE}"', f'name = "{name}"', f'region = "{region}"',
+           f"latitude = {loc[0]}", f"longitude = {loc[1]}",
+           "[health]", 'check = "tcp"', "interval = 0.2", "fall = 1", "rise = 1"]
+    for app, backends in apps.items():
+        out += ["[[apps]]", f'name = "{app}"', "backends = [" + ", ".join(f'"{b}"' for b in backends) + "]"]
+    for rname, rloc, rapps, gw, port in regions:
+        out += ["[[regions]]", f'name = "{rname}"', f"latitude = {rloc[0]}", f"longitude = {rloc[1]}",
+                "apps = [" + ", ".join(f'"{a}"' for a in rapps) + "]",
+                f'gateways = [{{ name = "{gw}", mesh_ip = "127.0.0.1", proxy_port = {port} }}]']
+    return "\n".join(out) + "\n"
+
+
+def until_status(call, status: int, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = call()
+        if r.status == status or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
+
+
+def start(gateway_process, tmp_path: Path, name: str, text: str, mesh_port: int, *extra: str):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return gateway_process(path, "--http", "127.0.0.1:0", "--mesh", f"127.0.0.1:{mesh_port}", *extra)
+
+
+def test_forwarding_to_the_nearest_region_then_the_next(backends, gateway_process, tmp_path):
+    (solo_b,) = backends(1, prefix="solo-us")
+    (solo_c,) = backends(1, prefix="solo-asia")
+    mesh_a, mesh_b, mesh_c = free_port(), free_port(), free_port()
+    b = start(gateway_process, tmp_path, "gw-b", routes_toml("gw-b", "us", US, {"solo": [solo_b.address]}, []),
+              mesh_b)
+    c = start(gateway_process, tmp_path, "gw-c", routes_toml("gw-c", "asia", ASIA, {"solo": [solo_c.address]}, []),
+              mesh_c)
+    a = start(gateway_process, tmp_path, "gw-a", routes_toml("gw-a", "eu", EU, {}, [
+        ("asia", ASIA, ["solo"], "gw-c", mesh_c), ("us", US, ["solo"], "gw-b", mesh_b)]), mesh_a)
+    r = get(a.http, f"solo.{ZONE}", "/headers")
+    assert r.status == 200 and r.header("x-backend") == "solo-us1"  # us is nearer to eu than asia
+    seen = json.loads(r.body)
+    assert seen["x-geomesh-forwarded"] == ["gw-a"]
+    assert seen["x-forwarded-for"] == ["127.0.0.1, 127.0.0.1"]  # the client, then gateway A
+    assert seen["forwarded"] == ["for=127.0.0.1;proto=http, for=127.0.0.1"]
+    # the us gateway goes away: the next nearest region answers
+    b.stop()
+    for _ in range(5):
+        r = get(a.http, f"solo.{ZONE}")
+        assert r.status == 200 and r.header("x-backend") == "solo-asia2"
+    assert c.proc.poll() is None
+
+
+def test_local_first_then_forward_and_never_twice(backends, gateway_process, tmp_path):
+    (shop_a,) = backends(1, prefix="shop-eu")
+    (shop_b,) = backends(1, prefix="shop-us")
+    (ghost_a, ghost_b) = backends(2, prefix="ghost")
+    mesh_a, mesh_b = free_port(), free_port()
+    a = start(gateway_process, tmp_path, "gw-a", routes_toml(
+        "gw-a", "eu", EU, {"shop": [shop_a.address], "ghost": [ghost_a.address]},
+        [("us", US, ["shop", "ghost"], "gw-b", mesh_b)]), mesh_a)
+    b = start(gateway_process, tmp_path, "gw-b", routes_toml(
+        "gw-b", "us", US, {"shop": [shop_b.address], "ghost": [ghost_b.address]},
+        [("eu", EU, ["shop", "ghost"], "gw-a", mesh_a)]), mesh_b)
+    assert {get(a.http, f"shop.{ZONE}").header("x-backend") for _ in range(4)} == {"shop-eu1"}
+    shop_a.stop()  # no healthy local instance: the request crosses to us
+    assert {get(a.http, f"shop.{ZONE}").header("x-backend") for _ in range(4)} == {"shop-us2"}
+    # both regions claim 'ghost' but neither can serve it: one hop, then a 503 from the far side
+    ghost_a.stop()
+    ghost_b.stop()
+    # (until both probes have seen their backend die; before that the last-resort retry answers 502)
+    r = until_status(lambda: get(a.http, f"ghost.{ZONE}"), 503)
+    assert b"region 'us'" in r.body and b"already forwarded once" in r.body
+    # a client cannot forge the mark on a public listener: B drops it and forwards to A (which stops)
+    r = until_status(lambda: get(b.http, f"ghost.{ZONE}", headers={"X-Geomesh-Forwarded": "forged"}), 503)
+    assert r.status == 503 and b"region 'eu'" in r.body and b"already forwarded once" in r.body, r.body
+    # ... but on the mesh listener the mark is believed: B answers itself
+    r = get(b.mesh, f"ghost.{ZONE}", headers={"X-Geomesh-Forwarded": "gw-a"})
+    assert r.status == 503 and b"region 'us'" in r.body
+
+
+def test_tls_passthrough_is_forwarded_with_the_client_address(gateway_process, tmp_path):
+    ca = TestCA(tmp_path)
+    cert, key = ca.issue("vault", ["vault.internal"])
+    vault = Backend("vault-us", ssl_context=server_context(cert, key))
+    try:
+        mesh_a, mesh_b = free_port(), free_port()
+        b = start(gateway_process, tmp_path, "gw-b", routes_toml("gw-b", "us", US, {"vault": [vault.address]}, []),
+                  mesh_b)
+        a = start(gateway_process, tmp_path, "gw-a", routes_toml(
+            "gw-a", "eu", EU, {}, [("us", US, ["vault"], "gw-b", mesh_b)]), mesh_a, "--https", "127.0.0.1:0")
+        name = f"vault-{vault.port}s.{ZONE}"
+        with Conn(a.addresses["https"][0], tls=ca.client_context(check_hostname=False), server_name=name) as c:
+            assert san_of(c.sock.getpeercert(binary_form=True)) == ["vault.internal"]
+            r = c.request(name)
+            assert r.status == 200 and r.header("x-backend") == "vault-us"
+        assert b.proc.poll() is None
+    finally:
+        vault.close()
