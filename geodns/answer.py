@@ -23,6 +23,7 @@ revision moves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import time
@@ -34,7 +35,7 @@ from dnslib import RR, DNSBuffer, DNSLabel
 from geodns import zone as zonemod
 from geodns.nearest import Locator, Place, choose, region_order
 from geodns.stats import Stats
-from geodns.view import View
+from geodns.view import RegionView, View
 from geodns.wire import (
     AA,
     CD,
@@ -98,7 +99,11 @@ class _Entry:
     region: str
 
 
-_GEO = object()  # answer-cache marker: this name's answer depends on where the client is
+@dataclass(frozen=True, slots=True)
+class _Geo:
+    """Answer-cache marker: this name's answer depends on where the client is."""
+
+    target: zonemod.AppName
 
 
 class Responder:
@@ -116,6 +121,7 @@ class Responder:
         self.log_queries = log_queries
         self.exact: dict[bytes, tuple[bytes, int]] = {}
         self._cache: dict[object, object] = {}
+        self._orders: dict[tuple[float, float] | None, list[RegionView]] = {}
         self._last_error_log = 0.0
         self.view = view
         self._zone_len = len(view.zone.name.split("."))
@@ -128,6 +134,7 @@ class Responder:
         self._zone_len = len(view.zone.name.split("."))
         self.exact = {}
         self._cache = {}
+        self._orders = {}
 
     # -- the choke point -----------------------------------------------------------------------
 
@@ -207,10 +214,13 @@ class Responder:
                 built = self._build(q, lookup, 0, True, limit)
                 self._remember(base, built)
                 return built, False
-            self._remember(base, _GEO)
-        elif entry is not _GEO:
-            assert isinstance(entry, _Entry)
+            geo = _Geo(target)
+            self._remember(base, geo)
+        elif isinstance(entry, _Entry):
             return entry, True
+        else:
+            assert isinstance(entry, _Geo)
+            geo = entry
         # the answer depends on where the client is
         if ecs is not None and ecs.source > 0:
             place = self.locator.locate(ecs.padded(), ecs.source)
@@ -222,13 +232,30 @@ class Responder:
         entry = cache.get(key)
         if isinstance(entry, _Entry):
             return entry, True
-        target = self._target(q)
-        assert isinstance(target, zonemod.AppName)
-        region = choose(target.app, region_order(self.view.regions, place, self.view.zone.default_region))
-        lookup = zonemod.records(self.view, target, q.qtype, region)
-        built = self._build(q, lookup, scope, reusable, limit)
-        self._remember(key, built)
-        return built, False
+        region = choose(geo.target.app, self._order(place))
+        # networks that end up in the same region share one packed answer (only the scope differs)
+        shared = (base, region.name if region is not None else "", reusable)
+        entry = cache.get(shared)
+        hit = isinstance(entry, _Entry)
+        if not hit:
+            lookup = zonemod.records(self.view, geo.target, q.qtype, region)
+            entry = self._build(q, lookup, scope, reusable, limit)
+            self._remember(shared, entry)
+        assert isinstance(entry, _Entry)
+        if entry.scope != scope:
+            entry = dataclasses.replace(entry, scope=scope)
+        self._remember(key, entry)
+        return entry, hit
+
+    def _order(self, place: Place) -> list[RegionView]:
+        """Regions nearest first from `place` (memoised per location for this view)."""
+        where = (place.latitude, place.longitude) if place.known else None
+        order = self._orders.get(where)  # type: ignore[arg-type]
+        if order is None:
+            if len(self._orders) >= 65536:
+                self._orders.clear()
+            order = self._orders[where] = region_order(self.view.regions, place, self.view.zone.default_region)  # type: ignore[index]
+        return order
 
     def _remember(self, key: object, value: object) -> None:
         if not self.cache_size:

@@ -28,6 +28,7 @@ from geodns.view import AppView, RegionView
 from geomesh.geo import great_circle_km
 
 _PREFIX_BITS = {4: 32, 16: 128}
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def default_database() -> Path | None:
@@ -92,15 +93,14 @@ class Locator:
         return place
 
     def _lookup(self, packed: bytes, prefix: int) -> Place:
-        addr = ipaddress.ip_address(packed)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None and prefix >= 96:
-            inner = self._lookup(addr.ipv4_mapped.packed, prefix - 96)
+        if len(packed) == 16 and packed[:12] == _V4_MAPPED and prefix >= 96:
+            inner = self._lookup(packed[12:], prefix - 96)
             scope = inner.prefix + 96
             return Place(inner.latitude, inner.longitude, scope, mask(packed, scope))
-        if not addr.is_global:
+        special = _special_prefix(packed)
+        if special is not None:
             # private, loopback, documentation, ...: the database cannot place it
-            special = _special_prefix(addr)
-            scope = prefix if special is None else min(prefix, special)
+            scope = min(prefix, special)
             return Place(None, None, scope, mask(packed, scope))
         try:
             record, db_prefix = self._reader.get_with_prefix_len(socket.inet_ntop(
@@ -118,22 +118,29 @@ class Locator:
         return Place(lat, lon, scope, mask(packed, scope))
 
 
-def _special_prefix(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int | None:
-    """The prefix length of the special-purpose block holding `addr` (e.g. 10.0.0.0/8)."""
-    blocks = _SPECIAL_V4 if addr.version == 4 else _SPECIAL_V6
-    for net in blocks:
-        if addr in net:
-            return net.prefixlen
+def _special_prefix(packed: bytes) -> int | None:
+    """The prefix length of the special-purpose block holding the address (e.g. 10.0.0.0/8)."""
+    value = int.from_bytes(packed, "big")
+    for net, netmask, length in (_SPECIAL_V4 if len(packed) == 4 else _SPECIAL_V6):
+        if value & netmask == net:
+            return length
     return None
 
 
-_SPECIAL_V4 = [ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
-    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4")]
-_SPECIAL_V6 = [ipaddress.ip_network(n) for n in (
-    "::/128", "::1/128", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7",
-    "fe80::/10", "ff00::/8")]
+def _blocks(*cidrs: str) -> list[tuple[int, int, int]]:
+    out = []
+    for cidr in cidrs:
+        net = ipaddress.ip_network(cidr)
+        out.append((int(net.network_address), int(net.netmask), net.prefixlen))
+    return out
+
+
+# special-purpose blocks (RFC 6890 and friends) that no GeoIP database places
+_SPECIAL_V4 = _blocks("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+                      "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+                      "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4")
+_SPECIAL_V6 = _blocks("::/127", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7",
+                      "fe80::/10", "ff00::/8")
 
 
 # -- pure choice ------------------------------------------------------------------------------
