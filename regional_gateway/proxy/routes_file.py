@@ -159,6 +159,13 @@ def parse_routes(data: dict[str, Any], base_dir: Path, *, check_files: bool = Tr
         region_instances = _list(f"{where}.instances", t.get("instances", []))
         regions.append(_nested(where, lambda t=t, g=gws, a=region_apps, ri=region_instances: RemoteRegion(
             t["name"], t["latitude"], t["longitude"], frozenset(a), frozenset(ri), tuple(g))))
+    known = set(apps) | {a for r in regions if r.gateways for a in r.apps}
+    zone = top["zone"] if isinstance(top["zone"], str) else ""
+    for i, d in enumerate(domains.values()):
+        if d.app not in known:
+            raise ValidationError(f"domains[{i}].app", f"{d.app!r} is not an app of this file (apps or regions)")
+        if zone and (d.fqdn == zone.lower().rstrip(".") or d.fqdn.endswith("." + zone.lower().rstrip("."))):
+            raise ValidationError(f"domains[{i}].fqdn", f"{d.fqdn!r} is inside the zone {zone!r}")
     try:
         routes = Routes(zone=top["zone"], self_name=top.get("name", ""), region=top.get("region", ""),
                         latitude=top.get("latitude"), longitude=top.get("longitude"), apps=apps, domains=domains,
