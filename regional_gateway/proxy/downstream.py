@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from regional_gateway.proxy import client_hello, proxy_protocol
 from regional_gateway.proxy.client_address import FORWARDED_MARK, mesh_headers, public_headers
-from regional_gateway.proxy.hostnames import Mode, NameMatch
+from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName
 from regional_gateway.proxy.http_errors import (
     BadRequest,
     BodyTooLarge,
@@ -47,6 +47,8 @@ from regional_gateway.proxy.http_errors import (
     UpstreamTimeout,
     render,
 )
+from regional_gateway.proxy.route_state import BackendRuntime
+from regional_gateway.proxy.routes import RemoteRegion
 from regional_gateway.proxy.targets import Target, choose
 from regional_gateway.proxy.upstream import UpstreamConnection
 
@@ -70,41 +72,44 @@ _PAUSE_PIPELINE, _PAUSE_BACKPRESSURE, _PAUSE_PENDING, _PAUSE_CONNECT = 1, 2, 4, 
 
 
 class Exchange:
-    """One request/response pair on a client connection."""
+    """One request/response pair on a client connection.
 
-    __slots__ = ("method", "host", "head", "keep_alive", "upgrade", "head_only", "chunked", "has_body",
-                 "error", "upstream", "pending", "pending_len", "req_done", "resp_done", "status", "target",
-                 "app", "backend_label", "t_sent", "t_head", "attempts", "tried", "discard", "body_len",
-                 "final_head", "counted", "forwarded_to")
+    Plain attributes with class-level defaults: an exchange on the fast path sets only the few it
+    needs, which is measurably cheaper than initialising thirty slots per request.
+    """
 
-    def __init__(self) -> None:
-        self.method = b""
-        self.host: bytes | None = None
-        self.head = b""
-        self.keep_alive = True
-        self.upgrade = False
-        self.head_only = False
-        self.chunked = False
-        self.has_body = False
-        self.error: ProxyError | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.pending: list[bytes] = []
-        self.pending_len = 0
-        self.req_done = False
-        self.resp_done = False
-        self.status = 0
-        self.target: Target | None = None
-        self.app = "-"
-        self.backend_label = "-"
-        self.t_sent = 0.0
-        self.t_head = 0.0
-        self.attempts = 0
-        self.tried: tuple[str, ...] = ()
-        self.discard = False
-        self.body_len = 0
-        self.final_head = b""
-        self.counted = False
-        self.forwarded_to = ""
+    method = b""
+    host: bytes | None = None
+    head = b""
+    keep_alive = True
+    upgrade = False
+    head_only = False
+    chunked = False
+    has_body = False
+    error: ProxyError | None = None
+    upstream: UpstreamConnection | None = None
+    pending: list[bytes] | None = None
+    pending_len = 0
+    req_done = False
+    resp_done = False
+    status = 0
+    backend: BackendRuntime | None = None  # counted in its `inflight` while `counted`
+    addr: tuple[str, int] | None = None
+    region: RemoteRegion | None = None  # set when forwarded to another region's gateway
+    app = "-"
+    backend_label = "-"
+    t_sent = 0.0
+    t_head = 0.0
+    attempts = 0
+    tried: tuple[str, ...] = ()
+    discard = False
+    body_len = 0
+    final_head = b""
+    counted = False
+    marked = False  # arrived with a trusted X-Geomesh-Forwarded: never forwarded again
+
+
+_VERSION_LINE = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 
 
 class ClientConnection(asyncio.Protocol):
@@ -112,6 +117,12 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, server: ProxyServer, kind: str, scheme: str, trusted: bool, sni: str = "") -> None:
         self.server = server
+        settings = server.settings
+        self.header_timeout = settings.header_timeout
+        self.idle_timeout = settings.idle_timeout
+        self.upstream_timeout = settings.upstream_timeout
+        self.max_headers = settings.max_headers
+        self.max_header_bytes = settings.max_header_bytes
         self.kind = kind
         self.scheme = scheme
         self.trusted = trusted
@@ -138,12 +149,13 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_client_eof = False
         self.tunnel_upstream_eof = False
         self.sniffing: bytearray | None = bytearray() if kind == "mesh" else None
-        # request head under construction
+        # request head under construction; the rarely used fields are reset only when `h_special`
         self.h_parts: list[bytes] = []
         self.h_url = b""
         self.h_host: bytes | None = None
         self.h_count = 0
         self.h_size = 0
+        self.h_special = False
         self.h_te = False
         self.h_cl = -1
         self.h_err: ProxyError | None = None
@@ -189,6 +201,8 @@ class ClientConnection(asyncio.Protocol):
                 if up is not None and not up.closed:
                     up.transport.write(data)
                 else:
+                    if ex.pending is None:
+                        ex.pending = []
                     ex.pending.append(data)
             return
         if self.sniffing is not None:
@@ -275,14 +289,16 @@ class ClientConnection(asyncio.Protocol):
         self.h_host = None
         self.h_count = 0
         self.h_size = 0
-        self.h_te = False
-        self.h_cl = -1
-        self.h_err = None
-        self.h_xff = self.h_fwd = self.h_proto = self.h_mark = self.h_upgrade = self.h_conn = None
+        if self.h_special:
+            self.h_special = False
+            self.h_te = False
+            self.h_cl = -1
+            self.h_err = None
+            self.h_xff = self.h_fwd = self.h_proto = self.h_mark = self.h_upgrade = self.h_conn = None
         self.in_head = True
         self.head_bytes = 0
         if self.active is None:
-            self.deadline = self.server.now + self.server.settings.header_timeout
+            self.deadline = self.server.now + self.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.h_url += url
@@ -296,10 +312,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if lname == b"host":
             if self.h_host is not None:
+                self.h_special = True
                 self.h_err = BadRequest("more than one Host header")
             self.h_host = value
             self.h_parts += (name, b": ", value, b"\r\n")
-        elif lname == b"content-length":
+            return
+        self.h_special = True
+        if lname == b"content-length":
             self.h_cl = int(value) if value.strip().isdigit() else -1
             self.h_parts += (name, b": ", value, b"\r\n")
         elif lname == b"transfer-encoding":
@@ -329,17 +348,40 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = False
         self.head_bytes = 0
         parser = self.parser
-        settings = self.server.settings
         ex = Exchange()
         method = parser.get_method()  # type: ignore[union-attr]
         ex.method = method
-        ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
-        ex.upgrade = parser.should_upgrade()  # type: ignore[union-attr]
-        ex.head_only = method == b"HEAD"
+        keep = ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        if method == b"HEAD":
+            ex.head_only = True
+        host = ex.host = self.h_host
+        if self.h_special or method == b"CONNECT" or host is None or self.h_count > self.max_headers:
+            self._head_checks(ex, method)
+        elif self.h_size + len(self.h_url) > self.max_header_bytes:
+            ex.error = HeadersTooLarge(f"request head over {self.max_header_bytes} bytes")
+        if ex.error is None:
+            version = parser.get_http_version()  # type: ignore[union-attr]
+            if self.h_special or self.trusted or version != "1.1":
+                ex.head = self._head_slow(ex, method, version)
+            else:
+                ex.head = b"".join((method, b" ", self.h_url, b" HTTP/1.1\r\n", *self.h_parts, self.addr_headers))
+        else:
+            keep = False
+        self.cur = ex
+        if not keep or not ex.keep_alive or (ex.error is not None and ex.error.closes):
+            self.dead_parser = True
+        if self.active is None:
+            self.active = ex
+            self._dispatch(ex)
+        else:
+            self.queue.append(ex)
+            self.pause_reading(_PAUSE_PIPELINE)
+
+    def _head_checks(self, ex: Exchange, method: bytes) -> None:
+        """The checks a plain request does not need (a special header was seen, or an odd request)."""
+        settings = self.server.settings
         ex.chunked = self.h_te
         ex.has_body = self.h_te or self.h_cl > 0
-        ex.host = self.h_host
-        version = parser.get_http_version()  # type: ignore[union-attr]
         if self.h_err is not None:
             ex.error = self.h_err
         elif self.h_count > settings.max_headers:
@@ -352,35 +394,28 @@ class ClientConnection(asyncio.Protocol):
             ex.error = BadRequest("no Host header: the gateway routes by host name")
         elif settings.max_body_bytes and self.h_cl > settings.max_body_bytes:
             ex.error = BodyTooLarge(f"Content-Length {self.h_cl} is over the limit of {settings.max_body_bytes} bytes")
-        if ex.error is None:
-            parts = self.h_parts
-            if self.h_conn is not None:
-                tokens = {t.strip().lower() for t in self.h_conn.split(b",")} - _CONN_TOKENS_OK
-                if tokens:  # headers the client named hop-by-hop in Connection are not forwarded
-                    parts = _drop_named(parts, tokens)
-            if self.trusted:
-                addr = mesh_headers(self.client_ip, self.scheme, self.h_xff, self.h_fwd, self.h_proto)
-                ex.forwarded_to = "" if self.h_mark is None else "marked"
-            else:
-                addr = self.addr_headers
-            extra = b""
-            if ex.upgrade and self.h_upgrade is not None:
-                extra = b"Connection: upgrade\r\nUpgrade: " + self.h_upgrade + b"\r\n"
-                ex.keep_alive = False  # after an upgrade attempt the client's stream is no longer HTTP
-            elif version != "1.1":
-                extra = b"Connection: keep-alive\r\n"
-            ex.head = b"".join((method, b" ", self.h_url, b" HTTP/", version.encode(), b"\r\n", *parts, addr, extra))
-        self.cur = ex
-        if ex.error is not None and ex.error.closes:
-            self.dead_parser = True
-        if not ex.keep_alive:
-            self.dead_parser = True
-        if self.active is None:
-            self.active = ex
-            self._dispatch(ex)
-        else:
-            self.queue.append(ex)
-            self.pause_reading(_PAUSE_PIPELINE)
+        if ex.error is None and self.h_upgrade is not None:
+            ex.upgrade = self.parser.should_upgrade()  # type: ignore[union-attr]
+
+    def _head_slow(self, ex: Exchange, method: bytes, version: str) -> bytes:
+        """The upstream head when the request had special headers, came from the mesh, or is not 1.1."""
+        parts = self.h_parts
+        if self.h_conn is not None:
+            tokens = {t.strip().lower() for t in self.h_conn.split(b",")} - _CONN_TOKENS_OK
+            if tokens:  # headers the client named hop-by-hop in Connection are not forwarded
+                parts = _drop_named(parts, tokens)
+        addr = self.addr_headers
+        if self.trusted:
+            addr = mesh_headers(self.client_ip, self.scheme, self.h_xff, self.h_fwd, self.h_proto)
+            ex.marked = self.h_mark is not None
+        extra = b""
+        if ex.upgrade and self.h_upgrade is not None:
+            extra = b"Connection: upgrade\r\nUpgrade: " + self.h_upgrade + b"\r\n"
+            ex.keep_alive = False  # after an upgrade attempt the client's stream is no longer HTTP
+        elif version != "1.1":
+            extra = b"Connection: keep-alive\r\n"
+        line = _VERSION_LINE.get(version) or b" HTTP/" + version.encode() + b"\r\n"
+        return b"".join((method, b" ", self.h_url, line, *parts, addr, extra))
 
     def on_body(self, data: bytes) -> None:
         ex = self.cur
@@ -397,11 +432,13 @@ class ClientConnection(asyncio.Protocol):
         if up is not None and not up.closed:
             up.transport.write(data)
         else:
+            if ex.pending is None:
+                ex.pending = []
             ex.pending.append(data)
             ex.pending_len += len(data)
             if ex.pending_len > MAX_PENDING:
                 self.pause_reading(_PAUSE_PENDING)
-        self.deadline = self.server.now + self.server.settings.upstream_timeout
+        self.deadline = self.server.now + self.upstream_timeout
 
     def on_message_complete(self) -> None:
         ex = self.cur
@@ -414,6 +451,8 @@ class ClientConnection(asyncio.Protocol):
             if up is not None and not up.closed:
                 up.transport.write(b"0\r\n\r\n")
             else:
+                if ex.pending is None:
+                    ex.pending = []
                 ex.pending.append(b"0\r\n\r\n")
         if ex.resp_done and ex is self.active:
             self._finish(ex)
@@ -426,67 +465,89 @@ class ClientConnection(asyncio.Protocol):
             self._local(ex, ex.error)
             return
         server = self.server
-        if server.draining:
-            self.closing = True
         state = server.state
         host = ex.host if ex.host is not None else self.sni
-        match = state.lookup(host)  # type: ignore[arg-type]
+        match = state.host_cache.get(host)  # type: ignore[arg-type]
+        if match is None:
+            match = state.lookup(host)  # type: ignore[arg-type]
+        if match.__class__ is NameMatch and match.mode is Mode.HTTP and not match.instance:  # type: ignore[union-attr]
+            app = state.apps.get(match.app)  # type: ignore[union-attr]
+            if app is not None and app.ready:  # the fast path: a local backend by the app's policy
+                rt = app.balancer.pick(app.ready, self.client_key)
+                if rt is not None:
+                    ex.app = match.app  # type: ignore[union-attr]
+                    self._send(ex, rt, rt.addr if not match.port else (rt.host, match.port), None)  # type: ignore[union-attr]
+                    return
+        self._route(ex, match)
+
+    def _route(self, ex: Exchange, match: NameMatch | UnknownName) -> None:
         if type(match) is not NameMatch:
             self._local(ex, UnknownHost(f"unknown host: {match.reason}"))  # type: ignore[union-attr]
             return
+        host = ex.host if ex.host is not None else self.sni
         if match.mode is not Mode.HTTP:
             how = "TLS passthrough (connect with TLS to the gateway's TLS port)" if match.mode is Mode.PASSTHROUGH \
                 else "HTTP/2 over TLS (connect with TLS and ALPN h2 to the gateway's TLS port)"
             self._local(ex, MisdirectedRequest(f"{host.decode('latin-1')} is a {how} name"))  # type: ignore[union-attr]
             return
-        may_forward = not (self.trusted and ex.forwarded_to == "marked")
-        target = choose(state, match, self.client_key, may_forward=may_forward, exclude=ex.tried)
+        target = choose(self.server.state, match, self.client_key, may_forward=not ex.marked, exclude=ex.tried)
         if not isinstance(target, Target):
             self._local(ex, target)
             return
-        self._send(ex, target)
-
-    def _send(self, ex: Exchange, target: Target) -> None:
-        ex.target = target
         ex.app = target.app
-        rt = target.backend
+        self._send(ex, target.backend, target.addr, target.region)
+
+    def _send(self, ex: Exchange, rt: BackendRuntime, addr: tuple[str, int], region: RemoteRegion | None) -> None:
+        ex.backend = rt
+        ex.addr = addr
         rt.inflight += 1
         ex.counted = True
         ex.attempts += 1
         ex.tried += (rt.key,)
         server = self.server
-        if target.region is not None:
+        if region is not None:
+            ex.region = region
             ex.backend_label = rt.label
             ex.final_head = ex.head + FORWARDED_MARK + b": " + server.mark + b"\r\n\r\n"
-            server.metrics.forward(target.app, target.region.name)
+            server.metrics.forward(ex.app, region.name)
         else:
+            ex.region = None
             ex.backend_label = rt.key
             ex.final_head = ex.head + b"\r\n"
-        self.deadline = server.now + server.settings.upstream_timeout
-        up = server.pool.get(target.addr)
-        if up is not None:
-            self._attach(ex, up)
-        else:
-            self.pause_reading(_PAUSE_CONNECT)
-            server.spawn(self._connect(ex, target))
+        self.deadline = server.now + self.upstream_timeout
+        conns = server.pool.idle.get(addr)
+        while conns:
+            up = conns.pop()
+            if not up.closed:
+                up.reused = True
+                ex.upstream = up
+                up.ex = ex
+                up.client = self
+                up.got = 0
+                ex.t_sent = monotonic()
+                up.transport.write(ex.final_head)
+                if ex.pending:
+                    self._flush_pending(ex, up)
+                return
+        self.pause_reading(_PAUSE_CONNECT)
+        server.spawn(self._connect(ex, rt, addr))
 
-    async def _connect(self, ex: Exchange, target: Target) -> None:
+    async def _connect(self, ex: Exchange, rt: BackendRuntime, addr: tuple[str, int]) -> None:
         server = self.server
-        addr = target.addr
         loop = asyncio.get_running_loop()
         try:
             _, up = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamConnection(server.pool, addr), addr[0], addr[1]),
                 server.settings.connect_timeout)
         except TimeoutError:
-            self._connect_failed(ex, target, f"connect to {target.backend.label} timed out after "
-                                             f"{server.settings.connect_timeout:g}s", timeout=True)
+            self._connect_failed(ex, rt, f"connect to {rt.label} timed out after "
+                                         f"{server.settings.connect_timeout:g}s", timeout=True)
             return
         except OSError as exc:
             why = exc.strerror or str(exc) or type(exc).__name__
-            self._connect_failed(ex, target, f"cannot connect to {target.backend.label}: {why}")
+            self._connect_failed(ex, rt, f"cannot connect to {rt.label}: {why}")
             return
-        target.backend.health.connected()
+        rt.health.connected()
         if self.closed or ex is not self.active or ex.resp_done:
             server.pool.put(up)  # type: ignore[arg-type]
             return
@@ -499,19 +560,21 @@ class ClientConnection(asyncio.Protocol):
         up.client = self
         up.got = 0
         up.done = False
-        ex.t_sent = time.monotonic()
-        w = up.transport.write
-        w(ex.final_head)
+        ex.t_sent = monotonic()
+        up.transport.write(ex.final_head)
         if ex.pending:
-            for chunk in ex.pending:
-                w(chunk)
-            ex.pending = []
-            ex.pending_len = 0
-            self.resume_reading(_PAUSE_PENDING)
+            self._flush_pending(ex, up)
 
-    def _connect_failed(self, ex: Exchange, target: Target, why: str, *, timeout: bool = False) -> None:
+    def _flush_pending(self, ex: Exchange, up: UpstreamConnection) -> None:
+        w = up.transport.write
+        for chunk in ex.pending:  # type: ignore[union-attr]
+            w(chunk)
+        ex.pending = None
+        ex.pending_len = 0
+        self.resume_reading(_PAUSE_PENDING)
+
+    def _connect_failed(self, ex: Exchange, rt: BackendRuntime, why: str, *, timeout: bool = False) -> None:
         server = self.server
-        rt = target.backend
         server.metrics.error("upstream-connect")
         if rt.health.connect_failed(server.now, why):
             server.health_changed(rt)
@@ -520,15 +583,31 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or ex is not self.active:
             return
         if ex.attempts < MAX_ATTEMPTS and not (ex.pending_len and not ex.req_done):
-            state = server.state
-            match = state.lookup(ex.host if ex.host is not None else self.sni)  # type: ignore[arg-type]
-            if type(match) is NameMatch:
-                may_forward = not (self.trusted and ex.forwarded_to == "marked")
-                nxt = choose(state, match, self.client_key, may_forward=may_forward, exclude=ex.tried)
-                if isinstance(nxt, Target):
-                    self._send(ex, nxt)
-                    return
+            if self._retry(ex, ex.tried):
+                return
         self._local(ex, UpstreamTimeout(why) if timeout else UpstreamFailed(why))
+
+    def _retry(self, ex: Exchange, exclude: tuple[str, ...], *, fresh_to: tuple[str, int] | None = None) -> bool:
+        """Send the exchange again, avoiding `exclude`; False if there is nowhere to send it."""
+        state = self.server.state
+        match = state.lookup(ex.host if ex.host is not None else self.sni)  # type: ignore[arg-type]
+        if type(match) is not NameMatch:
+            return False
+        nxt = choose(state, match, self.client_key, may_forward=not ex.marked, exclude=exclude)
+        if not isinstance(nxt, Target):
+            return False
+        ex.app = nxt.app
+        if fresh_to is not None and nxt.addr == fresh_to:  # a stale pooled connection: retry on a new one
+            rt = nxt.backend
+            ex.backend, ex.addr, ex.region = rt, nxt.addr, nxt.region
+            rt.inflight += 1
+            ex.counted = True
+            ex.attempts += 1
+            self.pause_reading(_PAUSE_CONNECT)
+            self.server.spawn(self._connect(ex, rt, nxt.addr))
+        else:
+            self._send(ex, nxt.backend, nxt.addr, nxt.region)
+        return True
 
     # ---------------------------------------------------------------- responses
 
@@ -539,16 +618,30 @@ class ClientConnection(asyncio.Protocol):
             up.close()
             return
         server = self.server
-        target = ex.target
-        if target is not None:
-            rt = target.backend
-            if rt.health.response(ex.status, server.now):
+        status = ex.status
+        rt = ex.backend
+        if rt is not None and (status >= 500 or rt.health.errors_5xx):
+            if rt.health.response(status, server.now):
                 server.health_changed(rt)
-            if ex.t_head:
-                server.metrics.observe(ex.app, ex.t_head - ex.t_sent)
+        if ex.t_head:
+            server.metrics.observe(ex.app, ex.t_head - ex.t_sent)
         ex.upstream = None
-        up.detach(ex.req_done and not ex.upgrade)
         ex.resp_done = True
+        up.client = None
+        up.ex = None
+        if ex.req_done and up.keep and not up.fresh_parser and not ex.upgrade and not up.closed:
+            up.keep = False  # back to the pool (the common case, inlined)
+            pool = server.pool
+            conns = pool.idle.get(up.addr)
+            if conns is None:
+                conns = pool.idle[up.addr] = []
+            if len(conns) < pool.max_idle and not pool.closing:
+                up.idle_since = server.now
+                conns.append(up)
+            else:
+                up.close()
+        else:
+            up.detach(ex.req_done and not ex.upgrade)
         if ex.req_done:
             self._finish(ex)
         else:  # the backend answered before the whole body arrived: drain the rest, then go on
@@ -557,13 +650,14 @@ class ClientConnection(asyncio.Protocol):
     def _finish(self, ex: Exchange) -> None:
         self.active = None
         self.server.metrics.request(ex.app, ex.backend_label, ex.status)
-        self._uncount(ex)
+        if ex.counted:
+            ex.counted = False
+            ex.backend.inflight -= 1  # type: ignore[union-attr]
         if self.closed:
             return
         if self.closing or not ex.keep_alive:
             self._close_after_write()
             return
-        settings = self.server.settings
         if self.queue:
             nxt = self.queue.popleft()
             self.active = nxt
@@ -571,7 +665,7 @@ class ClientConnection(asyncio.Protocol):
                 self.resume_reading(_PAUSE_PIPELINE)
             self._dispatch(nxt)
             return
-        self.deadline = self.server.now + (settings.header_timeout if self.in_head else settings.idle_timeout)
+        self.deadline = self.server.now + (self.header_timeout if self.in_head else self.idle_timeout)
 
     def _local(self, ex: Exchange, err: ProxyError) -> None:
         """Answer the active exchange from the gateway itself."""
@@ -594,15 +688,15 @@ class ClientConnection(asyncio.Protocol):
         if close:
             self.closing = True
         if ex.req_done:
+            ex.backend_label = "-"
             self._finish(ex)
         else:
-            self.deadline = server.now + server.settings.upstream_timeout
+            self.deadline = server.now + self.upstream_timeout
 
     def _uncount(self, ex: Exchange) -> None:
         if ex.counted:
             ex.counted = False
-            if ex.target is not None:
-                ex.target.backend.inflight -= 1
+            ex.backend.inflight -= 1  # type: ignore[union-attr]
 
     def upstream_lost(self, up: UpstreamConnection, exc: Exception | None) -> None:
         """The upstream connection closed while carrying the active exchange."""
@@ -613,34 +707,21 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.upstream = None
         server = self.server
-        target = ex.target
+        rt = ex.backend
+        label = rt.label if rt is not None else "the backend"
         if up.got == 0:
-            why = f"{target.backend.label if target else 'backend'} closed the connection before answering"
-            if exc is not None:
-                why = f"{target.backend.label if target else 'backend'} reset the connection: {exc}"
-            if target is not None and not up.reused:
-                if target.backend.health.connect_failed(server.now, why):
-                    server.health_changed(target.backend)
+            why = f"{label} reset the connection: {exc}" if exc is not None else \
+                f"{label} closed the connection before answering"
+            if rt is not None and not up.reused:
+                if rt.health.connect_failed(server.now, why):
+                    server.health_changed(rt)
             retry = (not ex.has_body and ex.attempts < MAX_ATTEMPTS
                      and (up.reused or ex.method in _IDEMPOTENT))
             self._uncount(ex)
-            if retry and target is not None:
-                match = server.state.lookup(ex.host if ex.host is not None else self.sni)  # type: ignore[arg-type]
-                if type(match) is NameMatch:
-                    may_forward = not (self.trusted and ex.forwarded_to == "marked")
-                    exclude = ex.tried if not up.reused else ex.tried[:-1]
-                    nxt = choose(server.state, match, self.client_key, may_forward=may_forward, exclude=exclude)
-                    if isinstance(nxt, Target):
-                        if up.reused and nxt.addr == up.addr:  # stale pooled connection: retry on a new one
-                            ex.target = nxt
-                            nxt.backend.inflight += 1
-                            ex.counted = True
-                            ex.attempts += 1
-                            self.pause_reading(_PAUSE_CONNECT)
-                            server.spawn(self._connect(ex, nxt))
-                        else:
-                            self._send(ex, nxt)
-                        return
+            if retry and rt is not None:
+                exclude = ex.tried if not up.reused else ex.tried[:-1]
+                if self._retry(ex, exclude, fresh_to=up.addr if up.reused else None):
+                    return
             server.metrics.error("upstream-reset")
             self._local(ex, UpstreamFailed(why))
             return
@@ -648,7 +729,7 @@ class ClientConnection(asyncio.Protocol):
         server.metrics.error("upstream-reset")
         if ex.status == 0:
             ex.status = 502
-        self.server.metrics.request(ex.app, ex.backend_label, ex.status)
+        server.metrics.request(ex.app, ex.backend_label, ex.status)
         self._uncount(ex)
         self.active = None
         self._close_after_write()
@@ -681,6 +762,8 @@ class ClientConnection(asyncio.Protocol):
                 if ex.upstream is not None and not ex.upstream.closed:
                     ex.upstream.transport.write(rest)
                 else:
+                    if ex.pending is None:
+                        ex.pending = []
                     ex.pending.append(rest)
 
     def upstream_upgraded(self, up: UpstreamConnection, data: bytes) -> None:
@@ -706,9 +789,9 @@ class ClientConnection(asyncio.Protocol):
         up.tunnel = self
         self.tunnel = up
         self.upgrading = False
-        for chunk in ex.pending:
+        for chunk in ex.pending or ():
             up.transport.write(chunk)
-        ex.pending = []
+        ex.pending = None
         self.resume_reading(0xFF)
         self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
 
@@ -801,10 +884,10 @@ class ClientConnection(asyncio.Protocol):
             self.server.metrics.error("response-stalled")
             self.transport.close()
             return
-        if ex.req_done and (up is not None or ex.target is not None):
-            label = ex.target.backend.label if ex.target is not None else "the backend"
-            if ex.target is not None and ex.target.backend.health.response(504, self.server.now):
-                self.server.health_changed(ex.target.backend)
+        if ex.req_done and (up is not None or ex.backend is not None):
+            label = ex.backend.label if ex.backend is not None else "the backend"
+            if ex.backend is not None and ex.backend.health.response(504, self.server.now):
+                self.server.health_changed(ex.backend)
             self._local(ex, UpstreamTimeout(f"{label} did not answer within {settings.upstream_timeout:g}s"))
             return
         if not ex.resp_done:

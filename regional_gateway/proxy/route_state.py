@@ -22,7 +22,7 @@ GATEWAY_HEALTH = HealthCheck(check="none", eject_connect_failures=1, eject_5xx=0
 class BackendRuntime:
     """One backend (or remote gateway) as the data path sees it. Mutable, owned by the loop."""
 
-    __slots__ = ("key", "host", "port", "instance_id", "app", "health", "inflight", "available",
+    __slots__ = ("key", "host", "port", "addr", "instance_id", "app", "health", "inflight", "available",
                  "next_probe", "probing", "label")
 
     def __init__(self, key: str, host: str, port: int, health: HealthCheck, app: AppRuntime | None,
@@ -30,6 +30,7 @@ class BackendRuntime:
         self.key = key
         self.host = host
         self.port = port
+        self.addr = (host, port)
         self.instance_id = instance_id
         self.app = app
         self.health = HealthState(health)
