@@ -74,10 +74,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got += len(data)
         client.transport.write(data)
-        client.deadline = client.server.now + client.server.settings.idle_timeout
         if self.done:
             self.done = False
             client.response_done(self)
+        else:
+            client.deadline = client.server.now + client.idle_timeout
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
