@@ -356,6 +356,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="geodns-bench-work-"))
     db = maxminddb.open_database(str(mmdb))
     print(f"results -> {results}")
+    print(f"load average at start: {Path('/proc/loadavg').read_text().split()[0]} on {os.cpu_count()} CPUs "
+          "(other processes on the server's CPU distort the numbers)")
     print(f"geoip: {mmdb.name} {db.metadata().database_type} build {db.metadata().build_epoch}")
 
     t0 = time.monotonic()
@@ -412,12 +414,13 @@ def main() -> int:
                 lat = parse_latency(lat_text)
                 (results / f"{name}.r{r}.lat.txt").write_text(
                     "\n".join(line for line in lat_text.splitlines() if not line.startswith("> ")))
+                load1 = float(Path("/proc/loadavg").read_text().split()[0])
                 row = {"server": name, "round": r, "qps": qps, "lost_pct": lost,
-                       "server_cpu_pct": 100 * (c1 - c0) / (w1 - w0), **lat}
+                       "server_cpu_pct": 100 * (c1 - c0) / (w1 - w0), "load1": load1, **lat}
                 rows.append(row)
                 print(f"round {r} {name:12s} qps={qps:>10,.0f} lost={lost:.2f}% srvCPU={row['server_cpu_pct']:.0f}% "
                       f"| @{args.lat_qps}qps p50={lat['p50_ms']:.3f}ms p99={lat['p99_ms']:.3f}ms "
-                      f"timeouts={lat['timeouts']}")
+                      f"timeouts={lat['timeouts']} load={load1:.2f}")
 
         # agreement of the chosen region
         agreement = None
