@@ -36,6 +36,8 @@ SETTING_HELP = {
              "for <app>-<port>s names (repeatable)",
     "mesh": "mesh listener host:port: requests forwarded by other gateways; their X-Forwarded-* and "
             "X-Geomesh-Forwarded headers are trusted here only (repeatable)",
+    "trusted_peers": "IP of another gateway whose forwarded requests are trusted on every listener, as on "
+                     "the mesh listener (for gateways reached without a mesh; repeatable)",
     "max_connections": "client connections over all listeners; beyond it new ones get 503 and are closed",
     "max_header_bytes": "request line + headers limit in bytes (431 beyond)",
     "max_headers": "number of header fields limit (431 beyond)",
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ProxySettings):
         flag = "--" + f.name.replace("_", "-")
         if f.type.startswith("tuple"):
-            p.add_argument(flag, action="append", metavar="HOST:PORT", default=None, help=SETTING_HELP[f.name])
+            p.add_argument(flag, action="append", metavar="IP" if f.name == "trusted_peers" else "HOST:PORT",
+                           default=None, help=SETTING_HELP[f.name])
         else:
             kind = int if f.type == "int" else float
             p.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else "SECONDS",

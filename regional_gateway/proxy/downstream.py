@@ -179,6 +179,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.client_ip, self.client_port = "0.0.0.0", 0
         self.client_key = self.client_ip.encode()
+        if not self.trusted and self.client_ip in server.trusted_peers:
+            self.trusted = True
         if not self.trusted:
             self.addr_headers = public_headers(self.client_ip, self.scheme)
         if not server.conn_opened(self):

@@ -278,7 +278,7 @@ class Routes:
 def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name: str,
                       health: HealthCheck | None = None,
                       certificates: Iterable[CertificateSpec] = (),
-                      proxy_protocol_apps: Iterable[str] = ()) -> Routes:
+                      proxy_protocol_apps: Iterable[str] = (), forward_via: str = "mesh") -> Routes:
     """The data plane's view of a coordinator routing table, for the gateway `self_name` in `region`.
 
     Local apps: every app of the table with this region's instances as backends (the gateway's own
@@ -286,7 +286,11 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
     domains: every domain of the table. Remote regions: every other region with at least one
     routable gateway, with the apps it hosts (healthy instances, pinning respected, as
     `RoutingTable.hosting_regions`) and its instance ids, nearest first from this region.
+    `forward_via="public"` forwards to the other gateways' public addresses instead of their mesh
+    addresses (a lab without WireGuard; pair it with `ProxyServer.trusted_peers`).
     """
+    if forward_via not in ("mesh", "public"):
+        raise ValidationError("forward_via", f"{forward_via!r} is not mesh or public")
     health = health or HealthCheck()
     pp = set(proxy_protocol_apps)
     local: dict[str, list] = {}
@@ -318,8 +322,9 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
     for r in table.regions.values():
         if r.name == region:
             continue
-        gws = tuple(RemoteGateway(g.name, g.mesh_ip, g.proxy_port)
-                    for g in table.gateways_in(r.name) if g.name != self_name and g.mesh_ip)
+        gws = tuple(RemoteGateway(g.name, g.mesh_ip if forward_via == "mesh" else g.public_ip, g.proxy_port)
+                    for g in table.gateways_in(r.name)
+                    if g.name != self_name and (g.mesh_ip if forward_via == "mesh" else g.public_ip))
         if not gws:
             continue
         regions.append(RemoteRegion(r.name, r.latitude, r.longitude, frozenset(hosted.get(r.name, ())),

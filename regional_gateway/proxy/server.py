@@ -52,6 +52,9 @@ class ProxyServer:
         self.now = 0.0
         self.draining = False
         self.mark = (routes.self_name or routes.region or "gateway").encode()
+        # peers whose forwarded requests are believed on every listener, as on the mesh listener
+        # (assign a new set at any time, e.g. the other gateways' addresses when there is no mesh)
+        self.trusted_peers: frozenset[str] = frozenset(settings.trusted_peers)
         self.addresses: dict[str, list[tuple[str, int]]] = {"http": [], "https": [], "mesh": []}
         self._servers: list[asyncio.AbstractServer] = []
         self._tls: list[TlsListener] = []

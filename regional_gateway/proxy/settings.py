@@ -35,6 +35,7 @@ class ProxySettings:
     http: tuple[str, ...] = ()  # plain HTTP listeners, "host:port"
     https: tuple[str, ...] = ()  # TLS listeners (termination by SNI and passthrough)
     mesh: tuple[str, ...] = ()  # mesh listeners: forwarded requests from other gateways are trusted here
+    trusted_peers: tuple[str, ...] = ()  # peer IPs treated like the mesh on any listener (gateways without a mesh)
     max_connections: int = 10000  # client connections over all listeners
     max_header_bytes: int = 32768  # request line + headers
     max_headers: int = 100
@@ -56,6 +57,13 @@ class ProxySettings:
             for i, item in enumerate(values):
                 parse_listen(f"{name}[{i}]", item)
             object.__setattr__(self, name, values)
+        peers = tuple(self.trusted_peers)
+        for i, ip in enumerate(peers):
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ValidationError(f"trusted_peers[{i}]", f"{ip!r} is not an IP address") from None
+        object.__setattr__(self, "trusted_peers", peers)
         if not (self.http or self.https or self.mesh):
             raise ValidationError("listen", "no listener configured (give --http, --https or --mesh)")
         for f in fields(self):

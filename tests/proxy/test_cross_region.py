@@ -127,3 +127,23 @@ def test_tls_passthrough_is_forwarded_with_the_client_address(gateway_process, t
         assert b.proc.poll() is None
     finally:
         vault.close()
+
+
+def test_trusted_peers_without_a_mesh(backends, gateway):
+    """Gateways that reach each other on public addresses (no WireGuard, e.g. a loopback lab): the
+    forwarded mark is believed only from the listed peer addresses."""
+    (ghost_b,) = backends(1, prefix="ghost")
+    ghost_b.stop()
+    b = gateway({"zone": ZONE, "name": "gw-b", "region": "us", "health": {"check": "none"},
+                 "apps": [{"name": "ghost", "backends": [ghost_b.address]}]}, trusted_peers=("127.0.0.1",))
+    a = gateway({"zone": ZONE, "name": "gw-a", "region": "eu", "health": {"check": "none"},
+                 "regions": [{"name": "us", "latitude": US[0], "longitude": US[1], "apps": ["ghost"],
+                              "gateways": [{"name": "gw-b", "mesh_ip": "127.0.0.1", "proxy_port": b.http[1]}]}]})
+    # from A (connecting from 127.0.0.1, a trusted peer): B believes the mark and does not forward again
+    r = get(a.http, f"ghost.{ZONE}", source="127.0.0.3")  # B tries its own (dead) backend, then answers itself
+    assert r.status == 502 and ghost_b.address.encode() in r.body
+    r = get(b.http, f"ghost.{ZONE}", source="127.0.0.1", headers={"X-Geomesh-Forwarded": "gw-a"})
+    assert r.status == 503 and b"already forwarded once" in r.body
+    # from anybody else the mark is dropped (B has nowhere to forward, so it says so)
+    r = get(b.http, f"ghost.{ZONE}", source="127.0.0.4", headers={"X-Geomesh-Forwarded": "gw-a"})
+    assert r.status == 503 and b"no other region hosts it" in r.body

@@ -159,3 +159,7 @@ def test_routes_from_the_coordinator_table():
     assert "shop-us-1" in r.remote_instances and "shop-eu-1" in r.instances
     assert r.domains["www.shop.example"].app == "shop"
     assert candidate_regions(r, NameMatch("solo")) == ()
+    public = routes_from_table(table, region="eu", zone=ZONE, self_name="gw-eu", forward_via="public")
+    assert public.regions[0].gateways[0].mesh_ip == "192.0.2.2"
+    with pytest.raises(ValidationError):
+        routes_from_table(table, region="eu", zone=ZONE, self_name="gw-eu", forward_via="carrier pigeon")
