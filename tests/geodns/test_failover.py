@@ -196,3 +196,29 @@ async def test_dns_waits_for_the_first_snapshot(coordinator, pki, mmdb: Path, tm
         assert dig(dns.port, "www.example.org").status == "REFUSED"
     finally:
         dns.stop()
+
+
+async def test_insecure_loopback_coordinator(coordinator_factory, mmdb: Path, tmp_path: Path) -> None:
+    """The loopback demo mode: plaintext feed, identity sent as metadata (--insecure --name)."""
+    import grpc
+
+    from geomesh.api import geomesh_pb2_grpc as pbg
+    from geomesh.channel import insecure_metadata
+
+    coordinator = coordinator_factory("--insecure")
+    async with grpc.aio.insecure_channel(coordinator.address) as ch:
+        admin = pbg.AdminStub(ch)
+        meta = insecure_metadata(None, "admin", "root")
+        await admin.CreateRegion(pb.Region(name="eu-central", latitude=50.11, longitude=8.68), metadata=meta)
+        await admin.CreateApp(pb.App(name="shop"), metadata=meta)
+    dns = DnsProcess(tmp_path, "--coordinator", coordinator.address, "--insecure", "--name", "dns-demo",
+                     "--zone", ZONE, "--geoip-db", str(mmdb)).start()
+    try:
+        deadline = time.monotonic() + 15
+        while dig(dns.port, f"shop.{ZONE}").status != "NOERROR":  # NODATA: no gateway yet, but known
+            assert time.monotonic() < deadline, dns.log()[-2000:]
+            await asyncio.sleep(0.1)
+        assert dig(dns.port, f"gw.eu-central.{ZONE}").status == "NOERROR"
+        assert dig(dns.port, f"nosuch.{ZONE}").status == "NXDOMAIN"
+    finally:
+        dns.stop()
