@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""HTTP benchmark: the geomesh gateway's data plane against HAProxy, on loopback, one core each.
+
+    .venv/bin/python bench/http.py [--duration 10] [--rounds 3] [--conns 64] [--policies rr,lc,hash]
+
+Three nginx backends (one nginx process, three server blocks, each `return 200` with a fixed
+100-byte body and an X-Backend header) run pinned to the client CPU with wrk; the proxy under
+test runs pinned to the server CPU. Systems, per policy:
+
+    rr    HAProxy `mode http`, `balance roundrobin`          vs  geomesh `round_robin`
+    lc    HAProxy `balance leastconn`                        vs  geomesh `least_connections`
+    hash  HAProxy `balance source` + `hash-type consistent`  vs  geomesh `ip_hash`
+
+HAProxy 2.6 runs as one process with `nbthread 1`, keep-alive on both sides (`http-reuse
+always`); the gateway is `geomesh-gateway --routes` with one app per policy (health checks on,
+metrics on, as in production). Load: `wrk -t1 -cCONNS -dDURATIONs --latency`, keep-alive, the
+same Host header for both. Before measuring, each system answers 9 one-shot requests (body
+checked, backend spread printed). Then ROUNDS interleaved rounds (every system once per round,
+back to back), so each ratio compares adjacent runs on a machine that other work shares.
+
+Printed: per system and round req/s, p50/p99 latency, proxy CPU %; per policy the median req/s
+and p99, and the geomesh/HAProxy ratio per round and its median. `--json FILE` keeps the raw
+numbers. Only loopback is used; every run is bounded by --duration (<= 15 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = "anchor-benchmark-body-" + "0" * 78  # 100 bytes, as in the anchor scripts
+ZONE = "bench.test"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+POLICIES = {"rr": ("roundrobin", "round_robin"), "lc": ("leastconn", "least_connections"),
+            "hash": ("source\n  hash-type consistent", "ip_hash")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class Procs:
+    """The processes this benchmark started; stopped by PID only."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], cpu: int | None, log: Path, env: dict | None = None) -> subprocess.Popen:
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        p = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def nginx_conf(d: Path, ports: list[int]) -> str:
+    servers = "\n".join(
+        f'  server {{ listen 127.0.0.1:{p}; default_type text/plain; add_header X-Backend b{i + 1};\n'
+        f'    location / {{ return 200 "{BODY}"; }} }}' for i, p in enumerate(ports))
+    return f"""master_process off;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 65;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+{servers}
+}}
+"""
+
+
+def haproxy_cfg(ports: dict[str, int], backends: list[int]) -> str:
+    servers = "\n".join(f"  server s{i + 1} 127.0.0.1:{p}" for i, p in enumerate(backends))
+    out = ["global", "  nbthread 1", "  maxconn 8000", "defaults", "  mode http", "  timeout connect 5s",
+           "  timeout client 60s", "  timeout server 60s", "  option http-keep-alive", "  http-reuse always"]
+    for key, port in ports.items():
+        out += [f"listen {key}", f"  bind 127.0.0.1:{port}", f"  balance {POLICIES[key][0]}", servers]
+    return "\n".join(out) + "\n"
+
+
+def gateway_routes(backends: list[int]) -> str:
+    out = [f'zone = "{ZONE}"', 'name = "bench-gw"', "[health]", 'check = "tcp"', "interval = 2.0"]
+    for key in POLICIES:
+        out += ["[[apps]]", f'name = "app-{key}"', f'lb = "{POLICIES[key][1]}"',
+                "backends = [" + ", ".join(f'"127.0.0.1:{p}"' for p in backends) + "]"]
+    return "\n".join(out) + "\n"
+
+
+def http_get(port: int, host: str) -> tuple[str, str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    backend = re.search(rb"(?im)^x-backend:\s*(\S+)", head)
+    return (backend.group(1).decode() if backend else "-"), body.decode(errors="replace")
+
+
+@dataclass
+class System:
+    name: str
+    policy: str
+    port: int
+    pid: int
+    host: str
+    runs: list[dict] = field(default_factory=list)
+
+
+def to_ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        return float("nan")
+    v, unit = float(m.group(1)), m.group(2)
+    return {"us": v / 1000, "ms": v, "s": v * 1000, "m": v * 60000}[unit]
+
+
+def run_wrk(system: System, args: argparse.Namespace) -> dict:
+    t0, c0 = time.monotonic(), cpu_ticks(system.pid)
+    cmd = ["taskset", "-c", str(args.client_cpu), "wrk", "-t1", f"-c{args.conns}", f"-d{args.duration}s",
+           "--latency", "-H", f"Host: {system.host}", f"http://127.0.0.1:{system.port}/"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 30).stdout
+    elapsed, cpu = time.monotonic() - t0, cpu_ticks(system.pid) - c0
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    lat = {q: to_ms(m.group(1)) for q in ("50%", "99%") if (m := re.search(rf"^\s+{q}\s+(\S+)", out, re.M))}
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return {"rps": float(rps.group(1)) if rps else float("nan"), "p50_ms": lat.get("50%", float("nan")),
+            "p99_ms": lat.get("99%", float("nan")), "errors": errors,
+            "cpu_pct": 100.0 * cpu / CLK_TCK / elapsed if elapsed else float("nan")}
+
+
+def med(values: list[float]) -> float:
+    clean = [v for v in values if v == v]
+    return statistics.median(clean) if clean else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (1-15)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--conns", type=int, default=64, help="wrk connections")
+    ap.add_argument("--policies", default="rr,lc,hash", help="comma list of rr, lc, hash")
+    ap.add_argument("--server-cpu", type=int, default=1, help="CPU of the proxy under test")
+    ap.add_argument("--client-cpu", type=int, default=0, help="CPU of wrk and the nginx backends")
+    ap.add_argument("--json", type=Path, help="write the raw runs here")
+    args = ap.parse_args()
+    if not 1 <= args.duration <= 15:
+        ap.error("--duration must be 1..15 seconds")
+    policies = [p for p in args.policies.split(",") if p]
+    for p in policies:
+        if p not in POLICIES:
+            ap.error(f"unknown policy {p!r} (rr, lc, hash)")
+    for tool in ("wrk", "haproxy", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"bench/http.py: {tool} is not installed (scripts/install.sh installs wrk and haproxy; "
+                  "nginx: apt-get install nginx-light)", file=sys.stderr)
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="geomesh-http-bench-"))
+    procs = Procs()
+    try:
+        backends = [free_port() for _ in range(3)]
+        (work / "nginx").mkdir()
+        (work / "nginx" / "nginx.conf").write_text(nginx_conf(work / "nginx", backends))
+        procs.start(["nginx", "-p", str(work / "nginx"), "-c", str(work / "nginx" / "nginx.conf")], args.client_cpu,
+                    work / "nginx.log")
+        for p in backends:
+            wait_port(p)
+        hp_ports = {k: free_port() for k in policies}
+        (work / "haproxy.cfg").write_text(haproxy_cfg(hp_ports, backends))
+        hp = procs.start(["haproxy", "-db", "-f", str(work / "haproxy.cfg")], args.server_cpu, work / "haproxy.log")
+        gw_port = free_port()
+        (work / "routes.toml").write_text(gateway_routes(backends))
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        gw = procs.start([sys.executable, "-m", "regional_gateway.main", "--routes", str(work / "routes.toml"),
+                          "--http", f"127.0.0.1:{gw_port}", "--log-level", "warning", "--metrics-port", "0"],
+                         args.server_cpu, work / "gateway.log", env)
+        for p in (*hp_ports.values(), gw_port):
+            wait_port(p)
+        systems: list[System] = []
+        for k in policies:
+            systems.append(System(f"haproxy-{k}", k, hp_ports[k], hp.pid, f"app-{k}.{ZONE}"))
+            systems.append(System(f"geomesh-{k}", k, gw_port, gw.pid, f"app-{k}.{ZONE}"))
+        print(f"# geomesh gateway vs HAProxy ({subprocess.run(['haproxy', '-v'], capture_output=True, text=True).stdout.split(chr(10))[0]})")
+        print(f"# {os.cpu_count()} CPUs; proxy on CPU {args.server_cpu}; wrk + 3 nginx backends on CPU {args.client_cpu}; "
+              f"wrk -t1 -c{args.conns} -d{args.duration}s --latency; 100-byte bodies; keep-alive")
+        for s in systems:
+            seen = [http_get(s.port, s.host) for _ in range(9)]
+            ok = all(body == BODY for _, body in seen)
+            spread = " ".join(f"{b}={n}" for b, n in sorted({b: [x for x, _ in seen].count(b) for b, _ in seen}.items()))
+            print(f"check {s.name:<14} body={'ok' if ok else 'BAD'}  9 new connections -> {spread}")
+            if not ok:
+                print(f"bench/http.py: {s.name} answered {seen[0][1][:200]!r}", file=sys.stderr)
+                return 1
+        for r in range(1, args.rounds + 1):
+            for s in systems:
+                res = run_wrk(s, args)
+                res["round"] = r
+                s.runs.append(res)
+                print(f"round {r} {s.name:<14} {res['rps']:>10,.0f} req/s  p50 {res['p50_ms']:.2f} ms  "
+                      f"p99 {res['p99_ms']:.2f} ms  errors {res['errors']}  proxy CPU {res['cpu_pct']:.0f}%", flush=True)
+        print()
+        print("| policy | HAProxy req/s | HAProxy p99 ms | geomesh req/s | geomesh p99 ms | ratio per round | ratio (median) |")
+        print("|---|---:|---:|---:|---:|---|---:|")
+        summary = {}
+        for k in policies:
+            h, g = (next(s for s in systems if s.name == f"{n}-{k}") for n in ("haproxy", "geomesh"))
+            ratios = [gr["rps"] / hr["rps"] for gr, hr in zip(g.runs, h.runs, strict=True) if hr["rps"]]
+            row = {"haproxy_rps": med([x["rps"] for x in h.runs]), "haproxy_p99_ms": med([x["p99_ms"] for x in h.runs]),
+                   "geomesh_rps": med([x["rps"] for x in g.runs]), "geomesh_p99_ms": med([x["p99_ms"] for x in g.runs]),
+                   "ratios": ratios, "ratio": med(ratios)}
+            summary[k] = row
+            label = {"rr": "round robin", "lc": "least connections", "hash": "IP hash (consistent)"}[k]
+            print(f"| {label} | {row['haproxy_rps']:,.0f} | {row['haproxy_p99_ms']:.2f} | {row['geomesh_rps']:,.0f} | "
+                  f"{row['geomesh_p99_ms']:.2f} | {' '.join(f'{x:.2f}' for x in ratios)} | {row['ratio']:.2f} |")
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                             "systems": {s.name: s.runs for s in systems}, "summary": summary},
+                                            indent=2))
+        return 0
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
