@@ -73,6 +73,9 @@ class Locator:
         self.build_epoch = meta.build_epoch
         self._memo: dict[tuple[bytes, int], Place] = {}
         self._memo_size = memo_size
+        # database networks already decoded: (address bits, network value, prefix) -> (lat, lon)
+        self._networks: dict[tuple[int, int, int], tuple[float | None, float | None]] = {}
+        self._lengths: dict[int, list[int]] = {32: [], 128: []}  # prefix lengths seen, longest first
 
     def close(self) -> None:
         self._reader.close()
@@ -102,6 +105,15 @@ class Locator:
             # private, loopback, documentation, ...: the database cannot place it
             scope = min(prefix, special)
             return Place(None, None, scope, mask(packed, scope))
+        # a database network decoded before holds this address: no need to decode its record again
+        bits = len(packed) * 8
+        value = int.from_bytes(packed, "big")
+        networks = self._networks
+        for length in self._lengths[bits]:
+            if length <= prefix:
+                found = networks.get((bits, value >> (bits - length), length))
+                if found is not None:
+                    return Place(found[0], found[1], length, mask(packed, length))
         try:
             record, db_prefix = self._reader.get_with_prefix_len(socket.inet_ntop(
                 socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed))
@@ -115,6 +127,14 @@ class Locator:
                 lat, lon = loc.get("latitude"), loc.get("longitude")
                 if not isinstance(lat, (int, float)) or not isinstance(lon, (int, float)):
                     lat = lon = None
+        if db_prefix <= prefix:  # the whole database network shares this record
+            if len(networks) >= self._memo_size:
+                networks.clear()
+            networks[(bits, value >> (bits - db_prefix), db_prefix)] = (lat, lon)
+            lengths = self._lengths[bits]
+            if db_prefix not in lengths:
+                lengths.append(db_prefix)
+                lengths.sort(reverse=True)
         return Place(lat, lon, scope, mask(packed, scope))
 
 
