@@ -178,3 +178,26 @@ def test_ipv6_listener_and_backend(backends, gateway):
     g = gateway(app_routes(("shop", [{"address": "::1", "port": b.port}])), http=("[::1]:0",))
     r = get(g.http, f"shop.{ZONE}", "/headers")
     assert json.loads(r.body)["forwarded"] == ['for="[::1]";proto=http']
+
+
+def test_a_slow_reader_does_not_make_the_gateway_buffer_the_response(backends, gateway):
+    (b,) = backends(1)
+    g = gateway(app_routes(("shop", [b.address])))
+    size = 64 * 1024 * 1024
+    with Conn(g.http) as c:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        c.send_raw(f"GET /big?bytes={size} HTTP/1.1\r\nHost: shop.{ZONE}\r\n\r\n".encode())
+        import time
+        time.sleep(1.0)  # read nothing: the gateway must stop reading from the backend
+        buffered = g.run(lambda: max(x.transport.get_write_buffer_size() for x in g.server.connections))
+        assert buffered < 8 * 1024 * 1024, buffered
+        got = 0
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += c.sock.recv(65536)
+        got = len(head.split(b"\r\n\r\n", 1)[1])
+        while got < size:
+            chunk = c.sock.recv(1 << 20)
+            assert chunk
+            got += len(chunk)
+        assert got == size
