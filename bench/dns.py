@@ -305,6 +305,30 @@ def first_a(reply: bytes) -> str | None:
     return None
 
 
+def scrape_metrics(log: Path) -> dict[str, float]:
+    """geomesh-dns's unlabelled metrics, from the metrics address it logged."""
+    # bench/ holds other benchmarks (http.py) that must not shadow the standard library's http
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    import urllib.request
+
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("msg") == "metrics":
+            with urllib.request.urlopen(f"http://{rec['address']}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+            out = {}
+            for row in text.splitlines():
+                parts = row.split()
+                if len(parts) == 2 and not row.startswith("#") and "{" not in parts[0]:
+                    out[parts[0]] = float(parts[1])
+            return out
+    return {}
+
+
 def explain(db: maxminddb.Reader, net: bytes, ours: str | None, theirs: str | None) -> str:
     rec = db.get(socket.inet_ntoa(net))
     loc = rec.get("location") if isinstance(rec, dict) else None
@@ -377,7 +401,7 @@ def main() -> int:
         write_state(state, args.apps)
         ports["geomesh-dns"] = free_port()
         cmd = ["taskset", "-c", str(args.server_cpu), sys.executable, "-m", "geodns.main", "--state", str(state),
-               "--listen", f"127.0.0.1:{ports['geomesh-dns']}", "--geoip-db", str(mmdb), "--log-level", "warning",
+               "--listen", f"127.0.0.1:{ports['geomesh-dns']}", "--geoip-db", str(mmdb), "--metrics-port", "0",
                *args.ours_args.split()]
         procs["geomesh-dns"] = subprocess.Popen(cmd, cwd=ROOT, stdout=open(results / "geomesh-dns.log", "w"),
                                                 stderr=subprocess.STDOUT)
@@ -421,6 +445,14 @@ def main() -> int:
                 print(f"round {r} {name:12s} qps={qps:>10,.0f} lost={lost:.2f}% srvCPU={row['server_cpu_pct']:.0f}% "
                       f"| @{args.lat_qps}qps p50={lat['p50_ms']:.3f}ms p99={lat['p99_ms']:.3f}ms "
                       f"timeouts={lat['timeouts']} load={load1:.2f}")
+
+        ours_metrics = scrape_metrics(results / "geomesh-dns.log")
+        if ours_metrics:
+            batches, grams = ours_metrics.get("geodns_udp_batches_total", 0), ours_metrics.get("geodns_udp_datagrams_total", 0)
+            if batches:
+                print(f"geomesh-dns: {grams / batches:.1f} datagrams per recvmmsg on average "
+                      f"({2 * batches / grams:.3f} system calls per query), cache hit ratio "
+                      f"{ours_metrics.get('geodns_cache_hit_ratio', 0):.4f}")
 
         # agreement of the chosen region
         agreement = None

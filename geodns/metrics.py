@@ -9,6 +9,7 @@ send it every second. Exported:
   gateways are, empty for answers without gateways)
 - `geodns_cache_hits_total`, `geodns_cache_misses_total`, `geodns_cache_hit_ratio`
 - `geodns_dropped_total` packets that got no reply; `geodns_rrl_total{action}` slip/drop
+- `geodns_udp_batches_total`, `geodns_udp_datagrams_total` recvmmsg calls and what they read
 - `geodns_table_revision`, `geodns_feed_connected`, `geodns_feed_updates_total`,
   `geodns_feed_reconnects_total`, `geodns_workers`
 """
@@ -40,6 +41,10 @@ class GeoDnsCollector(Collector):
                                 value=hits / (hits + misses) if hits + misses else 0.0)
         yield CounterMetricFamily("geodns_dropped", "packets that got no reply (not a query, oversize, "
                                   "send buffer full)", value=snap["dropped"])
+        yield CounterMetricFamily("geodns_udp_batches", "recvmmsg calls that returned datagrams",
+                                  value=snap.get("udp_batches", 0))
+        yield CounterMetricFamily("geodns_udp_datagrams", "datagrams read by those calls (datagrams/batches = "
+                                  "average batch)", value=snap.get("udp_datagrams", 0))
         rrl = CounterMetricFamily("geodns_rrl", "responses limited by RRL, by action", labels=["action"])
         for action, n in sorted(snap["rrl"].items()):
             rrl.add_metric([action], n)

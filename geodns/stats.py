@@ -24,6 +24,8 @@ class Stats:
     cache_hits: int = 0  # answers assembled from the structured cache (exact-cache hits: sum(fast))
     cache_misses: int = 0  # answers computed from the view
     dropped: int = 0  # packets that got no reply (not a query, too large, ...)
+    udp_batches: int = 0  # recvmmsg calls that returned datagrams
+    udp_datagrams: int = 0  # datagrams they returned
     rrl: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RRL_ACTIONS, 0))
     _index: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -53,18 +55,20 @@ class Stats:
             "cache_misses": self.cache_misses,
             "dropped": self.dropped,
             "rrl": dict(self.rrl),
+            "udp_batches": self.udp_batches,
+            "udp_datagrams": self.udp_datagrams,
         }
 
 
 def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     """The sum of several processes' snapshots."""
     out: dict[str, Any] = {"queries": {}, "cache_hits": 0, "cache_misses": 0, "dropped": 0,
-                           "rrl": dict.fromkeys(RRL_ACTIONS, 0)}
+                           "rrl": dict.fromkeys(RRL_ACTIONS, 0), "udp_batches": 0, "udp_datagrams": 0}
     for snap in snapshots:
         for key, n in snap["queries"].items():
             out["queries"][key] = out["queries"].get(key, 0) + n
-        for name in ("cache_hits", "cache_misses", "dropped"):
-            out[name] += snap[name]
+        for name in ("cache_hits", "cache_misses", "dropped", "udp_batches", "udp_datagrams"):
+            out[name] += snap.get(name, 0)
         for action, n in snap["rrl"].items():
             out["rrl"][action] = out["rrl"].get(action, 0) + n
     feeds = [snap["feed"] for snap in snapshots if "feed" in snap]

@@ -156,6 +156,8 @@ class BatchUdp:
                     if err not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                         log.warning("recvmmsg failed: %s", errno.errorcode.get(err, err))
                 return
+            stats.udp_batches += 1
+            stats.udp_datagrams += n
             # the exact cache may be swapped by a view change between wake-ups, never inside one
             exact = responder.exact if not responder.log_queries else {}
             get = exact.get
