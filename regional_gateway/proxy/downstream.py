@@ -364,11 +364,11 @@ class ClientConnection(asyncio.Protocol):
         elif self.h_size + len(self.h_url) > self.max_header_bytes:
             ex.error = HeadersTooLarge(f"request head over {self.max_header_bytes} bytes")
         if ex.error is None:
-            version = parser.get_http_version()  # type: ignore[union-attr]
-            if self.h_special or self.trusted or version != "1.1":
-                ex.head = self._head_slow(ex, method, version)
+            if keep and not self.h_special and not self.trusted:  # plain HTTP/1.1 (1.0 keep-alive needs a header)
+                ex.head = b"".join((method, b" ", self.h_url, b" HTTP/1.1\r\n", *self.h_parts, self.addr_headers,
+                                    b"\r\n"))
             else:
-                ex.head = b"".join((method, b" ", self.h_url, b" HTTP/1.1\r\n", *self.h_parts, self.addr_headers))
+                ex.head = self._head_slow(ex, method, parser.get_http_version())  # type: ignore[union-attr]
         else:
             keep = False
         self.cur = ex
@@ -419,7 +419,7 @@ class ClientConnection(asyncio.Protocol):
         elif version != "1.1":
             extra = b"Connection: keep-alive\r\n"
         line = _VERSION_LINE.get(version) or b" HTTP/" + version.encode() + b"\r\n"
-        return b"".join((method, b" ", self.h_url, line, *parts, addr, extra))
+        return b"".join((method, b" ", self.h_url, line, *parts, addr, extra, b"\r\n"))
 
     def on_body(self, data: bytes) -> None:
         ex = self.cur
@@ -471,18 +471,16 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         state = server.state
         host = ex.host if ex.host is not None else self.sni
-        match = state.host_cache.get(host)  # type: ignore[arg-type]
-        if match is None:
-            match = state.lookup(host)  # type: ignore[arg-type]
-        if match.__class__ is NameMatch and match.mode is Mode.HTTP and not match.instance:  # type: ignore[union-attr]
-            app = state.apps.get(match.app)  # type: ignore[union-attr]
-            if app is not None and app.ready:  # the fast path: a local backend by the app's policy
+        fast = state.fast.get(host)  # type: ignore[arg-type]
+        if fast is not None:  # the fast path: a local app by name, a backend by its policy
+            app, port = fast
+            if app.ready:
                 rt = app.balancer.pick(app.ready, self.client_key)
                 if rt is not None:
-                    ex.app = match.app  # type: ignore[union-attr]
-                    self._send(ex, rt, rt.addr if not match.port else (rt.host, match.port), None)  # type: ignore[union-attr]
+                    ex.app = app.name
+                    self._send(ex, rt, rt.addr if not port else (rt.host, port), None)
                     return
-        self._route(ex, match)
+        self._route(ex, state.lookup(host))  # type: ignore[arg-type]
 
     def _route(self, ex: Exchange, match: NameMatch | UnknownName) -> None:
         if type(match) is not NameMatch:
@@ -507,17 +505,16 @@ class ClientConnection(asyncio.Protocol):
         rt.inflight += 1
         ex.counted = True
         ex.attempts += 1
-        ex.tried += (rt.key,)
         server = self.server
         if region is not None:
             ex.region = region
             ex.backend_label = rt.label
-            ex.final_head = ex.head + FORWARDED_MARK + b": " + server.mark + b"\r\n\r\n"
+            ex.final_head = ex.head[:-2] + FORWARDED_MARK + b": " + server.mark + b"\r\n\r\n"
             server.metrics.forward(ex.app, region.name)
         else:
             ex.region = None
             ex.backend_label = rt.key
-            ex.final_head = ex.head + b"\r\n"
+            ex.final_head = ex.head
         self.deadline = server.now + self.upstream_timeout
         conns = server.pool.idle.get(addr)
         while conns:
@@ -586,6 +583,7 @@ class ClientConnection(asyncio.Protocol):
         self.resume_reading(_PAUSE_CONNECT)
         if self.closed or ex is not self.active:
             return
+        ex.tried += (rt.key,)
         if ex.attempts < MAX_ATTEMPTS and not (ex.pending_len and not ex.req_done):
             if self._retry(ex, ex.tried):
                 return
@@ -731,8 +729,9 @@ class ClientConnection(asyncio.Protocol):
                      and (up.reused or ex.method in _IDEMPOTENT))
             self._uncount(ex)
             if retry and rt is not None:
-                exclude = ex.tried if not up.reused else ex.tried[:-1]
-                if self._retry(ex, exclude, fresh_to=up.addr if up.reused else None):
+                if not up.reused:  # a fresh connection failed: avoid that backend; a stale pooled one: retry it
+                    ex.tried += (rt.key,)
+                if self._retry(ex, ex.tried, fresh_to=up.addr if up.reused else None):
                     return
             server.metrics.error("upstream-reset")
             self._local(ex, UpstreamFailed(why))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from regional_gateway.proxy import balancers
 from regional_gateway.proxy.health import HealthState
-from regional_gateway.proxy.hostnames import NameMatch, UnknownName, normalize_host, resolve
+from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName, normalize_host, resolve
 from regional_gateway.proxy.routes import AppRoute, Backend, HealthCheck, RemoteGateway, Routes
 
 HOST_CACHE_MAX = 4096
@@ -52,10 +52,11 @@ class BackendRuntime:
 
 
 class AppRuntime:
-    __slots__ = ("spec", "backends", "ready", "balancer")
+    __slots__ = ("spec", "name", "backends", "ready", "balancer")
 
     def __init__(self, spec: AppRoute) -> None:
         self.spec = spec
+        self.name = spec.name
         self.backends: list[BackendRuntime] = []
         self.ready: list[BackendRuntime] = []
         self.balancer: balancers.Balancer = balancers.RoundRobin()
@@ -79,7 +80,7 @@ class AppRuntime:
 
 
 class RouteState:
-    __slots__ = ("routes", "apps", "instances", "gateways", "host_cache", "region_cursor")
+    __slots__ = ("routes", "apps", "instances", "gateways", "host_cache", "fast", "region_cursor")
 
     def __init__(self, routes: Routes) -> None:
         self.routes = routes
@@ -87,6 +88,8 @@ class RouteState:
         self.instances: dict[str, BackendRuntime] = {}
         self.gateways: dict[str, BackendRuntime] = {}
         self.host_cache: dict[bytes, NameMatch | UnknownName] = {}
+        # host -> (app, port) for plain `<app>[-<port>]` HTTP names of a local app: the request fast path
+        self.fast: dict[bytes, tuple[AppRuntime, int]] = {}
         self.region_cursor = 0
 
     @classmethod
@@ -131,7 +134,12 @@ class RouteState:
             found = resolve(self.routes, normalize_host(raw_host.decode("latin-1")))
             if len(self.host_cache) >= HOST_CACHE_MAX:
                 self.host_cache.clear()
+                self.fast.clear()
             self.host_cache[raw_host] = found
+            if isinstance(found, NameMatch) and found.mode is Mode.HTTP and not found.instance:
+                app = self.apps.get(found.app)
+                if app is not None:
+                    self.fast[raw_host] = (app, found.port)
         return found
 
     def all_backends(self) -> list[BackendRuntime]:
