@@ -30,6 +30,7 @@ K = pb.ResourceKey
 _KIND_OF_DIR = {"regions": K.KIND_REGION, "gateways": K.KIND_GATEWAY, "alive": K.KIND_GATEWAY,
                 "apps": K.KIND_APP, "instances": K.KIND_INSTANCE, "domains": K.KIND_DOMAIN}
 HISTORY_LIMIT = 50_000
+MAX_OVERVIEW_LINKS = 1000
 
 
 def key(kind: str, name: str) -> bytes:
@@ -296,9 +297,16 @@ class State:
                 instances=len(insts), instances_healthy=sum(1 for i in insts if i.healthy),
                 apps=sorted({i.app for i in insts})))
         names = sorted(self.gateways)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                out.links.append(pb.MeshLink(a=a, b=b, up=self.alive(a) and self.alive(b)))
+        alive = [n for n in names if self.alive(n)]
+        out.links_total = len(names) * (len(names) - 1) // 2
+        out.links_up = len(alive) * (len(alive) - 1) // 2
+        dead = [n for n in names if not self.alive(n)]
+        for a in dead:  # every link with a dead end, each pair once, bounded
+            for b in names:
+                if b != a and (self.alive(b) or b > a):
+                    if len(out.links) >= MAX_OVERVIEW_LINKS:
+                        return out
+                    out.links.append(pb.MeshLink(a=min(a, b), b=max(a, b), up=False))
         return out
 
     def free_mesh_ips(self) -> Iterable[str]:

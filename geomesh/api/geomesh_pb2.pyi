@@ -213,18 +213,22 @@ class MeshLink(_message.Message):
     def __init__(self, a: _Optional[str] = ..., b: _Optional[str] = ..., up: _Optional[bool] = ...) -> None: ...
 
 class Overview(_message.Message):
-    __slots__ = ("revision", "regions", "links", "apps", "domains")
+    __slots__ = ("revision", "regions", "links", "apps", "domains", "links_total", "links_up")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     APPS_FIELD_NUMBER: _ClassVar[int]
     DOMAINS_FIELD_NUMBER: _ClassVar[int]
+    LINKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LINKS_UP_FIELD_NUMBER: _ClassVar[int]
     revision: int
     regions: _containers.RepeatedCompositeFieldContainer[RegionOverview]
     links: _containers.RepeatedCompositeFieldContainer[MeshLink]
     apps: int
     domains: int
-    def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ...) -> None: ...
+    links_total: int
+    links_up: int
+    def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ..., links_total: _Optional[int] = ..., links_up: _Optional[int] = ...) -> None: ...
 
 class ResourceKey(_message.Message):
     __slots__ = ("kind", "name")

@@ -170,9 +170,9 @@ class Walkthrough:
             overview = json.loads(out.stdout)
             regions = overview.get("regions", [])
             alive = sum(r.get("gatewaysAlive", r.get("gateways_alive", 0)) for r in regions)
-            links = overview.get("links", [])
-            detail = (f"{len(regions)} regions, {alive} gateways alive, "
-                      f"{sum(1 for link in links if link.get('up'))}/{len(links)} mesh links up")
+            total = overview.get("linksTotal", overview.get("links_total", 0))
+            up = overview.get("linksUp", overview.get("links_up", 0))
+            detail = f"{len(regions)} regions, {alive} gateways alive, {up}/{total} mesh links up"
             ok = out.returncode == 0 and len(regions) == len(self.lab.plan.gateways) and alive == len(regions)
         except ValueError:
             ok, detail = False, (out.stderr or out.stdout)[:200]

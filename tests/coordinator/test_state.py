@@ -1,0 +1,74 @@
+"""The coordinator's cache and views as pure functions: mesh view, deltas, resume, overview."""
+
+from __future__ import annotations
+
+import base64
+
+from coordinator.state import State, key
+from coordinator.store import KV, Event
+from geomesh.api import geomesh_pb2 as pb
+from geomesh.model import Gateway, Region
+
+
+def gw(name: str, region: str, i: int) -> Gateway:
+    return Gateway(name=name, region=region, public_ip=f"192.0.2.{i}", wg_port=51820,
+                   wg_public_key=base64.b64encode(bytes([i]) * 32).decode(), mesh_ip=f"10.88.0.{i}", proxy_port=8080)
+
+
+def put(state: State, rev: int, *items: tuple[bytes, bytes | None]) -> None:
+    state.apply_batch([Event(k, v, rev) for k, v in items])
+
+
+def loaded() -> State:
+    s = State()
+    kvs = [KV(key("regions", "eu"), Region("eu", 50, 8, instance_subnet="10.90.2.0/24").to_json(), 1, 2),
+           KV(key("regions", "us"), Region("us", 39, -77).to_json(), 1, 3)]
+    for i, (name, region) in enumerate([("a", "eu"), ("b", "eu"), ("c", "us")], start=1):
+        kvs.append(KV(key("gateways", name), gw(name, region, i).to_json(), 4, 4 + i))
+    s.load(10, kvs)
+    return s
+
+
+def test_mesh_view_excludes_self_and_routes_region_subnet_once():
+    s = loaded()
+    snap = s.mesh_update(s.changes_since(-1), "c")
+    assert snap.snapshot and [p.name for p in snap.upserts] == ["a", "b"]
+    # eu's subnet rides on its first gateway only, and only towards other regions
+    assert [list(p.allowed_ips) for p in snap.upserts] == [["10.88.0.1/32", "10.90.2.0/24"], ["10.88.0.2/32"]]
+    from_a = s.mesh_update(s.changes_since(-1), "a")
+    assert [list(p.allowed_ips) for p in from_a.upserts] == [["10.88.0.2/32"], ["10.88.0.3/32"]]
+
+
+def test_join_costs_one_peer_and_resume_coalesces():
+    s = loaded()
+    put(s, 11, (key("gateways", "d"), gw("d", "us", 4).to_json()))
+    delta = s.changes_since(10)
+    mesh = s.mesh_update(delta, "a")
+    assert not mesh.snapshot and [p.name for p in mesh.upserts] == ["c", "d"]  # c: us subnet owner re-sent
+    assert [p.name for p in s.mesh_update(delta, "d").upserts] == ["c"]
+    # several changes after a revision coalesce into one message with the latest values
+    put(s, 12, (key("alive", "a"), b"1"))
+    put(s, 13, (key("gateways", "d"), None))
+    routing = s.routing_update(s.changes_since(10))
+    assert routing.revision == 13 and not routing.snapshot
+    assert [r.gateway.name for r in routing.upserts] == ["a"] and routing.upserts[0].gateway.alive
+    assert [(k.kind, k.name) for k in routing.removals] == [(pb.ResourceKey.KIND_GATEWAY, "d")]
+    # nothing after the current revision; the future or before the floor: snapshot
+    assert s.routing_update(s.changes_since(13)).upserts == []
+    assert s.changes_since(9).routing is None and s.changes_since(99).routing is None
+
+
+def test_overview_counts_links_without_listing_the_full_mesh():
+    s = loaded()
+    put(s, 11, (key("alive", "a"), b"1"), (key("alive", "b"), b"1"))
+    ov = s.overview()
+    assert (ov.links_total, ov.links_up) == (3, 1)
+    assert sorted((link.a, link.b) for link in ov.links) == [("a", "c"), ("b", "c")]
+    eu = next(r for r in ov.regions if r.region.name == "eu")
+    assert (eu.gateways, eu.gateways_alive) == (2, 2)
+
+
+def test_foreign_or_corrupt_values_are_ignored_not_fatal():
+    s = loaded()
+    put(s, 11, (key("regions", "bad"), b"{not json"), (b"/other/prefix/x", b"1"))
+    assert "bad" not in s.regions and s.revision == 11
