@@ -512,7 +512,8 @@ class ClientConnection(asyncio.Protocol):
             ex.final_head = ex.head[:-2] + FORWARDED_MARK + b": " + server.mark + b"\r\n\r\n"
             server.metrics.forward(ex.app, region.name)
         else:
-            ex.region = None
+            if ex.region is not None:  # a retry after a forward went local
+                ex.region = None
             ex.backend_label = rt.key
             ex.final_head = ex.head
         self.deadline = server.now + self.upstream_timeout
@@ -520,7 +521,6 @@ class ClientConnection(asyncio.Protocol):
         while conns:
             up = conns.pop()
             if not up.closed:
-                up.reused = True
                 ex.upstream = up
                 up.ex = ex
                 up.client = self
@@ -645,6 +645,7 @@ class ClientConnection(asyncio.Protocol):
                 conns = pool.idle[up.addr] = []
             if len(conns) < pool.max_idle and not pool.closing:
                 up.idle_since = server.now
+                up.reused = True  # from now on it is a pooled connection
                 conns.append(up)
             else:
                 up.close()

@@ -179,6 +179,7 @@ class Pool:
             conn.close()
             return
         conn.idle_since = self.now
+        conn.reused = True
         conns.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
