@@ -179,8 +179,15 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.client_ip, self.client_port = "0.0.0.0", 0
         self.client_key = self.client_ip.encode()
-        if not self.trusted and self.client_ip in server.trusted_peers:
-            self.trusted = True
+        if not self.trusted:
+            if self.client_ip in server.trusted_peers:
+                self.trusted = True
+            elif server.mesh_local_ips and self.kind == "http":
+                local = transport.get_extra_info("sockname")
+                if isinstance(local, tuple) and local and local[0] in server.mesh_local_ips:
+                    self.trusted = True  # reached on our mesh address through a wildcard listener
+                    self.kind = "mesh"
+                    self.sniffing = bytearray()
         if not self.trusted:
             self.addr_headers = public_headers(self.client_ip, self.scheme)
         if not server.conn_opened(self):

@@ -55,6 +55,8 @@ class ProxyServer:
         # peers whose forwarded requests are believed on every listener, as on the mesh listener
         # (assign a new set at any time, e.g. the other gateways' addresses when there is no mesh)
         self.trusted_peers: frozenset[str] = frozenset(settings.trusted_peers)
+        # local addresses that make a connection accepted by a wildcard listener a mesh connection
+        self.mesh_local_ips: frozenset[str] = frozenset()
         self.addresses: dict[str, list[tuple[str, int]]] = {"http": [], "https": [], "mesh": []}
         self._servers: list[asyncio.AbstractServer] = []
         self._tls: list[TlsListener] = []
@@ -69,10 +71,18 @@ class ProxyServer:
         self.now = loop.time()
         self.pool.now = self.now
         try:
+            wildcard_ports = {parse_listen("http", item)[1] for item in self.settings.http
+                              if parse_listen("http", item)[0] in ("0.0.0.0", "::")}
             for kind, items in (("http", self.settings.http), ("mesh", self.settings.mesh)):
                 trusted = kind == "mesh"
                 for i, item in enumerate(items):
                     host, port = parse_listen(f"{kind}[{i}]", item)
+                    if kind == "mesh" and port in wildcard_ports:
+                        # the wildcard HTTP listener already owns this port (Linux refuses a second bind):
+                        # connections it accepts on this address are treated as the mesh listener's
+                        self.mesh_local_ips = self.mesh_local_ips | {host}
+                        self.addresses["mesh"].append((host, port))
+                        continue
                     srv = await loop.create_server(
                         lambda k=kind, t=trusted: ClientConnection(self, k, "http", t), host, port,
                         backlog=self.settings.backlog, reuse_address=True)

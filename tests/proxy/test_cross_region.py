@@ -147,3 +147,23 @@ def test_trusted_peers_without_a_mesh(backends, gateway):
     # from anybody else the mark is dropped (B has nowhere to forward, so it says so)
     r = get(b.http, f"ghost.{ZONE}", source="127.0.0.4", headers={"X-Geomesh-Forwarded": "gw-a"})
     assert r.status == 503 and b"no other region hosts it" in r.body
+
+
+def test_mesh_address_behind_a_wildcard_listener(backends, gateway):
+    """proxy_listen 0.0.0.0 and the mesh address on the same port: Linux allows one bind, so the mesh
+    listener is recognised by the local address of connections the wildcard listener accepts."""
+    (ghost,) = backends(1, prefix="ghost")
+    ghost.stop()
+    port = free_port()
+    g = gateway({"zone": ZONE, "name": "gw-b", "region": "us", "health": {"check": "tcp", "interval": 0.1, "fall": 1},
+                 "apps": [{"name": "ghost", "backends": [ghost.address]}],
+                 "regions": [{"name": "eu", "latitude": EU[0], "longitude": EU[1], "apps": ["ghost"],
+                              "gateways": [{"name": "gw-a", "mesh_ip": "127.0.0.1", "proxy_port": free_port()}]}]},
+                http=(f"0.0.0.0:{port}",), mesh=(f"127.0.0.2:{port}",))
+    assert g.server.addresses["mesh"] == [("127.0.0.2", port)]
+    # on the mesh address the mark is believed: no second hop, B answers itself
+    r = until_status(lambda: get(("127.0.0.2", port), f"ghost.{ZONE}", headers={"X-Geomesh-Forwarded": "gw-a"}), 503)
+    assert b"already forwarded once" in r.body
+    # on another local address it is a public connection: the mark is dropped and B tries to forward
+    r = get(("127.0.0.1", port), f"ghost.{ZONE}", headers={"X-Geomesh-Forwarded": "gw-a"})
+    assert r.status == 502 and b"cannot connect to gateway:gw-a" in r.body
