@@ -156,14 +156,14 @@ class Responder:
         except NotAQuery:
             self.stats.dropped += 1
             return DROPPED
+        except Exception as exc:  # a parser bug must not escape: the message was not understood
+            self._log_failure("parsing failed; replying FORMERR")
+            return self._error(data, ident, flags, RCODE_FORMERR, client, tcp, f"{type(exc).__name__}: {exc}")
         try:
             entry, hit = self._entry(query, client, tcp)
             wire = self._assemble(query, entry)
         except Exception:
-            now = time.monotonic()
-            if now - self._last_error_log > 1.0:
-                self._last_error_log = now
-                log.exception("answering failed; replying SERVFAIL")
+            self._log_failure("answering failed; replying SERVFAIL")
             return self._error(data, ident, flags, RCODE_SERVFAIL, client, tcp, query=query)
         if hit:
             self.stats.cache_hits += 1
@@ -177,6 +177,13 @@ class Responder:
         if self.log_queries:
             self._log(query, client, tcp, entry.rcode, entry.region, hit)
         return Answer(wire, entry.index)
+
+    def _log_failure(self, msg: str) -> None:
+        """Log the exception being handled, at most once a second."""
+        now = time.monotonic()
+        if now - self._last_error_log > 1.0:
+            self._last_error_log = now
+            log.exception(msg)
 
     def truncated(self, data: bytes) -> bytes | None:
         """A TC reply carrying only the question (and OPT): what RRL's slip sends so that a

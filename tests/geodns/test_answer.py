@@ -333,3 +333,12 @@ def test_cache_size_zero_computes_every_answer(locator: Locator) -> None:
     for qid in (1, 2, 3):
         assert addrs(ask(r, query(f"shop.{ZONE}", ecs="193.0.6.0/24", qid=qid))) == {"192.0.2.20"}
     assert not r.exact and r.stats.cache_hits == 0 and r.stats.cache_misses == 3
+
+
+def test_a_parser_failure_gives_formerr_not_an_exception(responder: Responder, monkeypatch) -> None:
+    def broken(data: bytes):
+        raise IndexError("parser bug")
+
+    monkeypatch.setattr("geodns.answer.parse_query", broken)
+    reply = ask(responder, query(f"shop.{ZONE}", qid=77))
+    assert RCODE[reply.header.rcode] == "FORMERR" and reply.header.id == 77
