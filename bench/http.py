@@ -19,7 +19,8 @@ checked, backend spread printed). Then ROUNDS interleaved rounds (every system o
 back to back), so each ratio compares adjacent runs on a machine that other work shares.
 
 Printed: per system and round req/s, p50/p99 latency, proxy CPU %; per policy the median req/s
-and p99, and the geomesh/HAProxy ratio per round and its median. `--json FILE` keeps the raw
+and p99, the geomesh/HAProxy ratio per round and its median, and requests per proxy-CPU-second
+(rate / CPU share) with their ratio, a figure less sensitive to other work on a shared machine. `--json FILE` keeps the raw
 numbers. Only loopback is used; every run is bounded by --duration (<= 15 s).
 """
 
@@ -176,9 +177,11 @@ def run_wrk(system: System, args: argparse.Namespace) -> dict:
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
-    return {"rps": float(rps.group(1)) if rps else float("nan"), "p50_ms": lat.get("50%", float("nan")),
-            "p99_ms": lat.get("99%", float("nan")), "errors": errors,
-            "cpu_pct": 100.0 * cpu / CLK_TCK / elapsed if elapsed else float("nan")}
+    rate = float(rps.group(1)) if rps else float("nan")
+    cpu_pct = 100.0 * cpu / CLK_TCK / elapsed if elapsed else float("nan")
+    return {"rps": rate, "p50_ms": lat.get("50%", float("nan")), "p99_ms": lat.get("99%", float("nan")),
+            "errors": errors, "cpu_pct": cpu_pct,
+            "rps_per_cpu": rate / (cpu_pct / 100.0) if cpu_pct and cpu_pct == cpu_pct else float("nan")}
 
 
 def med(values: list[float]) -> float:
@@ -251,19 +254,26 @@ def main() -> int:
                 print(f"round {r} {s.name:<14} {res['rps']:>10,.0f} req/s  p50 {res['p50_ms']:.2f} ms  "
                       f"p99 {res['p99_ms']:.2f} ms  errors {res['errors']}  proxy CPU {res['cpu_pct']:.0f}%", flush=True)
         print()
-        print("| policy | HAProxy req/s | HAProxy p99 ms | geomesh req/s | geomesh p99 ms | ratio per round | ratio (median) |")
-        print("|---|---:|---:|---:|---:|---|---:|")
+        print("| policy | HAProxy req/s | HAProxy p99 ms | geomesh req/s | geomesh p99 ms | ratio per round "
+              "| ratio (median) | req per proxy-CPU-s HAProxy / geomesh | CPU-normalised ratio |")
+        print("|---|---:|---:|---:|---:|---|---:|---:|---:|")
         summary = {}
         for k in policies:
             h, g = (next(s for s in systems if s.name == f"{n}-{k}") for n in ("haproxy", "geomesh"))
             ratios = [gr["rps"] / hr["rps"] for gr, hr in zip(g.runs, h.runs, strict=True) if hr["rps"]]
             row = {"haproxy_rps": med([x["rps"] for x in h.runs]), "haproxy_p99_ms": med([x["p99_ms"] for x in h.runs]),
                    "geomesh_rps": med([x["rps"] for x in g.runs]), "geomesh_p99_ms": med([x["p99_ms"] for x in g.runs]),
-                   "ratios": ratios, "ratio": med(ratios)}
+                   "ratios": ratios, "ratio": med(ratios),
+                   "haproxy_rps_per_cpu": med([x["rps_per_cpu"] for x in h.runs]),
+                   "geomesh_rps_per_cpu": med([x["rps_per_cpu"] for x in g.runs])}
+            row["cpu_ratio"] = row["geomesh_rps_per_cpu"] / row["haproxy_rps_per_cpu"]
             summary[k] = row
             label = {"rr": "round robin", "lc": "least connections", "hash": "IP hash (consistent)"}[k]
             print(f"| {label} | {row['haproxy_rps']:,.0f} | {row['haproxy_p99_ms']:.2f} | {row['geomesh_rps']:,.0f} | "
-                  f"{row['geomesh_p99_ms']:.2f} | {' '.join(f'{x:.2f}' for x in ratios)} | {row['ratio']:.2f} |")
+                  f"{row['geomesh_p99_ms']:.2f} | {' '.join(f'{x:.2f}' for x in ratios)} | {row['ratio']:.2f} | "
+                  f"{row['haproxy_rps_per_cpu']:,.0f} / {row['geomesh_rps_per_cpu']:,.0f} | {row['cpu_ratio']:.2f} |")
+        print("\nratio = geomesh/HAProxy req/s in the same round (adjacent runs); the CPU-normalised ratio divides each")
+        print("rate by the proxy's CPU share during its run, which discounts time stolen by other work on the machine.")
         if args.json:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                              "systems": {s.name: s.runs for s in systems}, "summary": summary},
