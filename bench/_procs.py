@@ -10,12 +10,15 @@ the processes it started, by PID. Nothing here measures; `bench/_stats.py` does 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from geomesh.etcd_process import EtcdProcess
@@ -86,6 +89,17 @@ def cpu_seconds(pid: int | None) -> float:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+@contextlib.contextmanager
+def workdir(keep: Path | None, prefix: str) -> Iterator[Path]:
+    """A scratch directory for data dirs, PKI and logs: temporary, or `keep` (created, left behind)."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 def make_pki(directory: Path) -> Pki:

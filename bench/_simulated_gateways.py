@@ -45,6 +45,7 @@ from geomesh.pki import Pki
 SESSION = "/geomesh.v1.GatewayControl/Session"
 CONCURRENCY = 16        # registrations in flight per worker
 OPEN_CONCURRENCY = 64   # sessions being opened at once per worker
+OPEN_ATTEMPTS = 3       # a session that fails before its gateway is alive is opened again
 
 
 def register_request(name: str, region: str, i: int) -> pb.RegisterRequest:
@@ -121,31 +122,40 @@ class Worker:
         sem = asyncio.Semaphore(OPEN_CONCURRENCY)
         t0 = time.monotonic()
         errors: list[str] = []
+        retries = [0]
 
         async def one(g: Gateway) -> None:
             async with sem:
                 assert g.channel is not None
                 session = g.channel.stream_stream(SESSION, request_serializer=pb.SessionUp.SerializeToString,
                                                   response_deserializer=None)  # raw bytes: the exact size
-                g.call = session()
-                try:
-                    await g.call.write(pb.SessionUp(hello=pb.SessionHello(name=g.name, last_revision=last_revision)))
-                except grpc.aio.AioRpcError as exc:
-                    errors.append(f"{g.name}: {exc.code().name} {exc.details()}"[:200])
-                    return
-                g.tasks = [asyncio.create_task(self._read(g)), asyncio.create_task(self._heartbeats(g, hb))]
-                try:
-                    await asyncio.wait_for(g.ready.wait(), max(t0 + timeout - time.monotonic(), 0.1))
-                except TimeoutError:
-                    errors.append(f"{g.name}: not alive after {timeout}s")
-                    return
-                if g.failed:
-                    errors.append(f"{g.name}: {g.failed}"[:200])
-                    return
-                g.alive_session = True
+                for attempt in range(OPEN_ATTEMPTS):  # a real agent reconnects too
+                    if attempt:
+                        retries[0] += 1
+                        for t in g.tasks:
+                            t.cancel()
+                        g.ready, g.failed, g.first_bytes = asyncio.Event(), "", 0
+                    g.call = session()
+                    try:
+                        await g.call.write(pb.SessionUp(hello=pb.SessionHello(name=g.name,
+                                                                              last_revision=last_revision)))
+                    except grpc.aio.AioRpcError as exc:
+                        g.failed = f"{exc.code().name} {exc.details()}"
+                        continue
+                    g.tasks = [asyncio.create_task(self._read(g)), asyncio.create_task(self._heartbeats(g, hb))]
+                    try:
+                        await asyncio.wait_for(g.ready.wait(), max(t0 + timeout - time.monotonic(), 0.1))
+                    except TimeoutError:
+                        errors.append(f"{g.name}: not alive after {timeout}s")
+                        return
+                    if not g.failed:
+                        g.alive_session = True
+                        return
+                errors.append(f"{g.name}: {g.failed} ({OPEN_ATTEMPTS} attempts)"[:200])
 
         await asyncio.gather(*(one(g) for g in self.gateways))
         self.send({"op": "opened", "seconds": time.monotonic() - t0, "failed": len(errors), "errors": errors[:5],
+                   "retries": retries[0],
                    "first_bytes": [g.first_bytes for g in self.gateways if g.alive_session]})
 
     async def _heartbeats(self, g: Gateway, interval: float) -> None:
@@ -171,6 +181,8 @@ class Worker:
                 self._on_message(g, raw, now)
         except grpc.aio.AioRpcError as exc:
             g.failed = f"{exc.code().name} {exc.details()}"
+            print(f"{time.strftime('%H:%M:%S')} {g.name}: session failed ({'open' if g.alive_session else 'opening'}): "
+                  f"{g.failed} {exc.debug_error_string()[:300]}", file=sys.stderr, flush=True)
         except asyncio.CancelledError:
             pass
         g.failed = g.failed or "session ended"

@@ -35,7 +35,6 @@ import itertools
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -400,7 +399,7 @@ def print_report(args: argparse.Namespace, m: dict[str, dict[str, float]], place
         v.add_column(col, justify="left" if col == "measure" else "right")
     for what, ours, raw, over, unit, holds in verdicts(m):
         over_s = f"{over * 100:+.0f}%" if unit == "%" else f"{over:+.3f} ms"
-        digits = 0 if "writes/s" in what else (3 if "watch" in what else 2)
+        digits = 0 if "writes/s" in what else (3 if what.startswith("watch") else 2)
         v.add_row(what, _stats.fmt(ours, digits), _stats.fmt(raw, digits), over_s, "yes" if holds else "NO")
     console.print(v)
     console.print(
@@ -414,8 +413,7 @@ def print_report(args: argparse.Namespace, m: dict[str, dict[str, float]], place
 
 async def amain(args: argparse.Namespace) -> int:
     client_cpu = _procs.pin_self(args.client_cpu)
-    with tempfile.TemporaryDirectory(prefix="geomesh-bench-coord-") as tmp:
-        workdir = Path(tmp)
+    with _procs.workdir(args.keep, "geomesh-bench-coord-") as workdir:
         pki = _procs.make_pki(workdir / "pki")
         etcd = _procs.start_etcd(workdir, args.etcd_cpu)
         coord = _procs.CoordinatorProc(etcd, pki, workdir, cpu=args.server_cpu, lease_ttl=30, profile=args.profile)
@@ -470,6 +468,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--client-cpu", type=_procs.parse_cpu, default=0, help="CPU for this load generator, or 'none' "
                    "(default %(default)s)")
     p.add_argument("--quick", action="store_true", help="1 round, 0.5 s phases, 50 watch writes: proves it runs")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it: PKI, etcd data, "
+                   "coordinator and client logs (default: a temporary directory, removed)")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--profile", type=Path, help="run the coordinator under cProfile and write the profile here")
     return p

@@ -42,7 +42,6 @@ import asyncio
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,6 +103,9 @@ class Phase:
     joins_seconds: float = 0.0
     coord_cpu_pct: float = math.nan
     client_cpu_pct: float = math.nan
+    open_coord_cpu_pct: float = math.nan
+    open_retries: int = 0
+    open_client_cpu_pct: float = math.nan
     note: str = ""
 
     def summary(self) -> dict:
@@ -260,7 +262,7 @@ async def run_phase(args: argparse.Namespace, workdir: Path, pki: Pki, workers: 
                     n: int, strategy: str) -> Phase:
     phase = Phase(n, strategy)
     pdir = workdir / f"n{n}-{strategy}"
-    pdir.mkdir()
+    pdir.mkdir(exist_ok=True)
     etcd = _procs.start_etcd(pdir, args.etcd_cpu)
     profile = args.profile / f"coordinator-n{n}-{strategy}.prof" if args.profile else None
     coord = _procs.CoordinatorProc(etcd, pki, pdir, cpu=args.server_cpu, lease_ttl=args.lease_ttl,
@@ -283,21 +285,27 @@ async def run_phase(args: argparse.Namespace, workdir: Path, pki: Pki, workers: 
         failed = sum(r["failed"] for r in replies)
         if failed:
             raise RuntimeError(f"{failed} registrations failed: {[r['errors'] for r in replies if r['errors']]}")
+        wpids = [w.pid for w in workers]
+        c0, w0, t0 = _procs.cpu_seconds(coord.pid), sum(_procs.cpu_seconds(p) for p in wpids), time.monotonic()
         for w in workers:
             w.send({"op": "open", "hb": hb, "last_revision": 0 if args.snapshots else revision,
                     "timeout": args.phase_seconds})
         replies = await asyncio.gather(*(w.recv("opened", args.phase_seconds + 30) for w in workers))
         phase.open_s = max(r["seconds"] for r in replies)
+        wall = time.monotonic() - t0
+        phase.open_coord_cpu_pct = 100 * (_procs.cpu_seconds(coord.pid) - c0) / wall
+        phase.open_client_cpu_pct = 100 * (sum(_procs.cpu_seconds(p) for p in wpids) - w0) / wall
         firsts = [b for r in replies for b in r["first_bytes"]]
         phase.sessions = len(firsts)
+        phase.open_retries = sum(r["retries"] for r in replies)
         phase.first_bytes_mean = sum(firsts) / len(firsts) if firsts else math.nan
         if phase.sessions < n:
-            phase.note = f"only {phase.sessions}/{n} sessions opened: {[r['errors'] for r in replies if r['errors']]}"
+            errs = [e for r in replies for e in r["errors"]]
+            phase.note = f"only {phase.sessions}/{n} sessions opened in time (e.g. {errs[0] if errs else '?'})."
         print(f"  N={n} {strategy}: registered in {phase.register_s:.1f}s, {phase.sessions} sessions open in "
               f"{phase.open_s:.1f}s", file=sys.stderr)
 
         budget_end = time.monotonic() + args.phase_seconds
-        wpids = [w.pid for w in workers]
         c0, w0, t0 = _procs.cpu_seconds(coord.pid), sum(_procs.cpu_seconds(p) for p in wpids), time.monotonic()
         for k in range(args.joins):
             if time.monotonic() > budget_end:
@@ -373,7 +381,7 @@ def print_report(args: argparse.Namespace, phases: list[Phase], placement: str) 
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=160)
+    console = Console(width=200)
     by = {(p.n, p.strategy): p.summary() for p in phases}
     ns = sorted({p.n for p in phases})
     strategies = [s for s in STRATEGIES if any(p.strategy == s for p in phases)]
@@ -394,12 +402,16 @@ def print_report(args: argparse.Namespace, phases: list[Phase], placement: str) 
     console.print(t)
 
     setup = Table(title="setup per phase (informative)")
-    for col in ("N", "strategy", "register all s", "open all sessions s", "sessions", "first msg bytes/gw",
+    for col in ("N", "strategy", "register all s", "open all sessions s", "CPU % coord/clients", "sessions",
+                "session retries",
+                "first msg bytes/gw",
                 "joiner snapshot", "Register ms p50", "Session NOT_FOUND after Register", "joins wall s", "note"):
         setup.add_column(col, justify="left" if col in ("strategy", "note") else "right")
     for p in phases:
         s = by[(p.n, p.strategy)]
-        setup.add_row(str(p.n), p.strategy, _stats.fmt(p.register_s, 1), _stats.fmt(p.open_s, 1), str(p.sessions),
+        setup.add_row(str(p.n), p.strategy, _stats.fmt(p.register_s, 1), _stats.fmt(p.open_s, 1),
+                      f"{_stats.fmt(p.open_coord_cpu_pct, 0)}/{_stats.fmt(p.open_client_cpu_pct, 0)}", str(p.sessions),
+                      str(p.open_retries),
                       _stats.fmt_bytes(p.first_bytes_mean), _stats.fmt_bytes(s["joiner_snapshot_bytes"]),
                       _stats.fmt(s["register_ms_p50"], 1), str(s["session_not_found"]), _stats.fmt(p.joins_seconds, 1),
                       p.note.strip())
@@ -469,8 +481,7 @@ async def amain(args: argparse.Namespace) -> int:
     placement = (f"coordinator on CPU {_procs.usable(args.server_cpu)}, etcd on CPU {_procs.usable(args.etcd_cpu)}, "
                  f"{args.workers} client processes on CPU {client_cpu}")
     phases: list[Phase] = []
-    with tempfile.TemporaryDirectory(prefix="geomesh-bench-mesh-") as tmp:
-        workdir = Path(tmp)
+    with _procs.workdir(args.keep, "geomesh-bench-mesh-") as workdir:
         pki = _procs.make_pki(workdir / "pki")
         t = time.monotonic()
         for i in range(max(args.n)):
@@ -519,7 +530,7 @@ def parser() -> argparse.ArgumentParser:
                    "TTL/3 (default %(default)s)")
     p.add_argument("--join-timeout", type=float, default=60.0, help="seconds to wait for one join to reach every "
                    "gateway (default %(default)s)")
-    p.add_argument("--phase-seconds", type=float, default=240.0, help="time bound of the set-up steps and of the "
+    p.add_argument("--phase-seconds", type=float, default=180.0, help="time bound of the set-up steps and of the "
                    "joins of one (N, strategy) (default %(default)s)")
     p.add_argument("--snapshots", action="store_true", help="open the N sessions from revision 0 (each gets a "
                    "full snapshot: O(N^2) set-up); default: resume from the revision of the last registration, as "
@@ -533,6 +544,8 @@ def parser() -> argparse.ArgumentParser:
                    "'none' (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="N = 20, 3 joins, 2 client processes, 3 regions: "
                    "proves it runs")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it: PKI, etcd data, "
+                   "coordinator and client logs (default: a temporary directory, removed)")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--profile", type=Path, help="directory: run each coordinator under cProfile, one file per phase")
     return p
