@@ -116,7 +116,12 @@ class RouteState:
                 app.backends.append(rt)
                 if b.instance_id:
                     state.instances[b.instance_id] = rt
-            app.balancer = balancers.make_balancer(spec.lb_policy, app.backends)
+            prev = previous.apps.get(name) if previous is not None else None
+            if prev is not None and prev.spec.lb_policy == spec.lb_policy and len(prev.backends) == len(app.backends) \
+                    and all(a is b for a, b in zip(prev.backends, app.backends, strict=True)):
+                app.balancer = prev.balancer  # same backends: keep the ring / cursor (no rebuild on every update)
+            else:
+                app.balancer = balancers.make_balancer(spec.lb_policy, app.backends)
             app.refresh()
             state.apps[name] = app
         for region in routes.regions:

@@ -163,3 +163,28 @@ def test_routes_from_the_coordinator_table():
     assert public.regions[0].gateways[0].mesh_ip == "192.0.2.2"
     with pytest.raises(ValidationError):
         routes_from_table(table, region="eu", zone=ZONE, self_name="gw-eu", forward_via="carrier pigeon")
+
+
+def test_route_state_carries_health_inflight_and_balancers_over():
+    from regional_gateway.proxy.route_state import RouteState
+
+    data = {"zone": ZONE, "apps": [{"name": "a", "lb": "ip_hash", "backends": ["10.0.0.1:80", "10.0.0.2:80"]},
+                                   {"name": "b", "backends": ["10.0.0.3:80"]}]}
+    first = RouteState.compile(parse_routes(data, Path("/"))[0])
+    b1 = first.apps["a"].backends[0]
+    b1.inflight = 3
+    b1.health.probed_up = False
+    b1.sync()
+    assert [x.key for x in first.apps["a"].ready] == ["10.0.0.2:80"]
+    data["apps"].append({"name": "c", "backends": ["10.0.0.4:80"]})
+    second = RouteState.compile(parse_routes(data, Path("/"))[0], first)
+    assert second.apps["a"].backends[0] is b1 and b1.inflight == 3 and not b1.available
+    assert second.apps["a"].balancer is first.apps["a"].balancer  # the ring is not rebuilt
+    assert [x.key for x in second.apps["a"].ready] == ["10.0.0.2:80"]
+    data["apps"][0]["backends"].append("10.0.0.5:80")
+    third = RouteState.compile(parse_routes(data, Path("/"))[0], second)
+    assert third.apps["a"].balancer is not second.apps["a"].balancer
+    data["apps"][0]["health"] = {"check": "http"}  # new health settings: fresh verdicts, in-flight kept
+    fourth = RouteState.compile(parse_routes(data, Path("/"))[0], third)
+    assert fourth.apps["a"].backends[0] is not b1 and fourth.apps["a"].backends[0].available
+    assert fourth.apps["a"].backends[0].inflight == 3
