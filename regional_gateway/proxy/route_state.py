@@ -106,11 +106,12 @@ class RouteState:
             app = AppRuntime(spec)
             for b in spec.backends:
                 rt = old_backends.get((name, b.key))
-                if rt is None or rt.health.check != spec.health:
-                    fresh = _backend(b, spec.health, app)
-                    if rt is not None:  # keep in-flight counts, restart health with the new settings
-                        fresh.inflight = rt.inflight
-                    rt = fresh
+                if rt is None:
+                    rt = _backend(b, spec.health, app)
+                elif rt.health.check != spec.health:  # same backend, new settings: fresh verdicts
+                    rt.health = HealthState(spec.health)  # (the object stays: requests in flight count on it)
+                    rt.available = True
+                    rt.next_probe = 0.0
                 rt.app = app
                 rt.instance_id = b.instance_id
                 app.backends.append(rt)

@@ -186,5 +186,5 @@ def test_route_state_carries_health_inflight_and_balancers_over():
     assert third.apps["a"].balancer is not second.apps["a"].balancer
     data["apps"][0]["health"] = {"check": "http"}  # new health settings: fresh verdicts, in-flight kept
     fourth = RouteState.compile(parse_routes(data, Path("/"))[0], third)
-    assert fourth.apps["a"].backends[0] is not b1 and fourth.apps["a"].backends[0].available
-    assert fourth.apps["a"].backends[0].inflight == 3
+    assert fourth.apps["a"].backends[0] is b1 and b1.available and b1.inflight == 3
+    assert b1.health.check.check == "http"
