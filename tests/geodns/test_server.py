@@ -413,3 +413,11 @@ def test_query_log_is_structured_and_off_by_default(tmp_path: Path, mmdb: Path, 
         assert second["rcode"] == "NXDOMAIN" and second["transport"] == "tcp"
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("tool", [dig, kdig], ids=["dig", "kdig"])
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+def test_ecs_source_prefix_zero_gets_scope_zero(static_dns, tool, tcp) -> None:
+    res = tool(static_dns.port, f"shop.{ZONE}", "A", tcp=tcp, subnet="0.0.0.0/0")
+    assert res.ecs == "0.0.0.0/0/0", res.text
+    assert res.addresses() == {"192.0.2.20"}  # placed by the source address 127.0.0.1: the default region
