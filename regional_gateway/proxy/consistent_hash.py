@@ -19,8 +19,21 @@ T = TypeVar("T")
 POINTS = 256  # points per backend; fixed, so a backend's points never depend on who else is there
 
 
+_CLIENT_HASHES: dict[bytes, int] = {}  # client address -> hash64, bounded (a client sends many requests)
+_CLIENT_HASHES_MAX = 65536
+
+
 def hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def client_hash(client: bytes) -> int:
+    h = _CLIENT_HASHES.get(client)
+    if h is None:
+        if len(_CLIENT_HASHES) >= _CLIENT_HASHES_MAX:
+            _CLIENT_HASHES.clear()
+        h = _CLIENT_HASHES[client] = hash64(client)
+    return h
 
 
 class HashRing(Generic[T]):
@@ -43,7 +56,7 @@ class HashRing(Generic[T]):
         """The backend for `client`, skipping items for which `available` is false."""
         if not self._hashes:
             return None
-        h = hash64(client)
+        h = client_hash(client)
         size = len(self._hashes)
         i = bisect_left(self._hashes, h)
         if i == size:
