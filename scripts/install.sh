@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client wireguard-go iproute2 iputils-ping dnsutils knot-dnsutils
-              dnsperf wrk gdnsd haproxy curl procps)
+              dnsperf wrk gdnsd haproxy curl procps nginx-light)
 
 say() { printf '[install] %s\n' "$*" >&2; }
 
@@ -25,7 +25,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # the Debian packages start system services we do not want running
-  for svc in etcd gdnsd haproxy; do
+  for svc in etcd gdnsd haproxy nginx; do
     $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
 fi
