@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from regional_gateway.proxy.downstream import ClientConnection, Exchange
 
 Address = tuple[str, int]
+PAUSE_BACKPRESSURE = 2  # the client connection's pause reason "upstream write buffer full"
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -99,15 +100,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.client is not None:
-            self.client.pause_reading(2)
+            self.client.pause_reading(PAUSE_BACKPRESSURE)
         elif self.tunnel is not None:
-            self.tunnel.pause_reading(2)
+            self.tunnel.pause_reading(PAUSE_BACKPRESSURE)
 
     def resume_writing(self) -> None:
         if self.client is not None:
-            self.client.resume_reading(2)
+            self.client.resume_reading(PAUSE_BACKPRESSURE)
         elif self.tunnel is not None:
-            self.tunnel.resume_reading(2)
+            self.tunnel.resume_reading(PAUSE_BACKPRESSURE)
 
     # -- httptools callbacks ------------------------------------------------------------
 
