@@ -83,6 +83,9 @@ class IpHash:
     def pick(self, available: Sequence[B], client: bytes) -> B | None:
         if not available:
             return None
+        owner = self._ring.primary(client)
+        if owner is not None and owner.available:  # the common case: the client's own backend is up
+            return owner  # type: ignore[return-value]
         return self._ring.lookup(client, _is_available)  # type: ignore[return-value]
 
 

@@ -39,7 +39,7 @@ def client_hash(client: bytes) -> int:
 class HashRing(Generic[T]):
     """A ring over `items`, each identified by `key_of(item)` (stable across versions)."""
 
-    __slots__ = ("_hashes", "_owners", "items")
+    __slots__ = ("_hashes", "_owners", "_primary", "items")
 
     def __init__(self, items: Sequence[T], key_of: Callable[[T], str]) -> None:
         self.items = tuple(items)
@@ -51,19 +51,34 @@ class HashRing(Generic[T]):
         ring.sort()
         self._hashes = [h for h, _ in ring]
         self._owners = [idx for _, idx in ring]
+        self._primary: dict[bytes, int] = {}  # client -> ring position of its own point (memo, bounded)
+
+    def _position(self, client: bytes) -> int:
+        i = self._primary.get(client)
+        if i is None:
+            i = bisect_left(self._hashes, client_hash(client))
+            if i == len(self._hashes):
+                i = 0
+            if len(self._primary) >= _CLIENT_HASHES_MAX:
+                self._primary.clear()
+            self._primary[client] = i
+        return i
+
+    def primary(self, client: bytes) -> T | None:
+        """The owner of `client`'s own point, whether available or not."""
+        if not self._hashes:
+            return None
+        return self.items[self._owners[self._position(client)]]
 
     def lookup(self, client: bytes, available: Callable[[T], bool] | None = None) -> T | None:
         """The backend for `client`, skipping items for which `available` is false."""
         if not self._hashes:
             return None
-        h = client_hash(client)
-        size = len(self._hashes)
-        i = bisect_left(self._hashes, h)
-        if i == size:
-            i = 0
+        i = self._position(client)
         item = self.items[self._owners[i]]
         if available is None or available(item):
             return item
+        size = len(self._hashes)
         tried = {self._owners[i]}
         for step in range(1, size):
             idx = self._owners[(i + step) % size]
