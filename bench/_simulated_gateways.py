@@ -11,7 +11,7 @@ The orchestrator drives workers with JSON lines on stdin; replies are JSON lines
     {"op": "register", "target", "pki", "gateways": [{"name", "region", "i"}]}
                                       Register each gateway                       -> registered
                                       (with "revision": the highest revision the registrations made)
-    {"op": "open", "hb", "last_revision"}
+    {"op": "open", "hb", "last_revision", "timeout", "rate"}
                                       open every session (a snapshot when last_revision is 0, else
                                       only what changed after it, as a reconnecting agent gets); a
                                       session is open once its gateway has seen itself alive -> opened
@@ -119,12 +119,15 @@ class Worker:
         hb = float(cmd["hb"])
         last_revision = int(cmd.get("last_revision", 0))
         timeout = float(cmd.get("timeout", 120))
+        rate = float(cmd.get("rate", 0))  # sessions per second from this worker; 0 = no limit
         sem = asyncio.Semaphore(OPEN_CONCURRENCY)
         t0 = time.monotonic()
         errors: list[str] = []
         retries = [0]
 
-        async def one(g: Gateway) -> None:
+        async def one(k: int, g: Gateway) -> None:
+            if rate > 0:
+                await asyncio.sleep(k / rate)
             async with sem:
                 assert g.channel is not None
                 session = g.channel.stream_stream(SESSION, request_serializer=pb.SessionUp.SerializeToString,
@@ -153,7 +156,7 @@ class Worker:
                         return
                 errors.append(f"{g.name}: {g.failed} ({OPEN_ATTEMPTS} attempts)"[:200])
 
-        await asyncio.gather(*(one(g) for g in self.gateways))
+        await asyncio.gather(*(one(k, g) for k, g in enumerate(self.gateways)))
         self.send({"op": "opened", "seconds": time.monotonic() - t0, "failed": len(errors), "errors": errors[:5],
                    "retries": retries[0],
                    "first_bytes": [g.first_bytes for g in self.gateways if g.alive_session]})

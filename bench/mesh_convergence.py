@@ -105,6 +105,8 @@ class Phase:
     client_cpu_pct: float = math.nan
     open_coord_cpu_pct: float = math.nan
     open_retries: int = 0
+    settle_s: float = math.nan
+    settled: bool = False
     open_client_cpu_pct: float = math.nan
     note: str = ""
 
@@ -112,8 +114,9 @@ class Phase:
         done = [j for j in self.joins if j.complete]
         conv = [j.converge_ms for j in done]
         per = [x for j in done for x in j.per_gateway_ms]
-        b = [x for j in self.joins for x in j.bytes_per_gateway]
-        m = [x for j in self.joins for x in j.msgs_per_gateway]
+        # bytes of an unfinished join are not attributable to it (other changes keep arriving): complete only
+        b = [x for j in done for x in j.bytes_per_gateway]
+        m = [x for j in done for x in j.msgs_per_gateway]
         return {
             "joins": len(self.joins), "complete": len(done),
             "p50_ms": _stats.pct(conv, 0.5), "p99_ms": _stats.pct(conv, 0.99), "max_ms": max(conv, default=math.nan),
@@ -123,7 +126,7 @@ class Phase:
             "gw_p50_ms": _stats.pct(per, 0.5), "gw_p99_ms": _stats.pct(per, 0.99),
             "bytes_mean": sum(b) / len(b) if b else math.nan, "bytes_max": max(b, default=math.nan),
             "msgs_mean": sum(m) / len(m) if m else math.nan,
-            "total_bytes_per_join": (sum(b) / len(self.joins)) if self.joins else math.nan,
+            "total_bytes_per_join": (sum(b) / len(done)) if done else math.nan,
             "register_ms_p50": _stats.pct([j.register_ms for j in self.joins], 0.5),
             "register_ms_p99": _stats.pct([j.register_ms for j in self.joins], 0.99),
             "coord_cpu_ms_per_join": _stats.median([j.coord_cpu_ms for j in self.joins]),
@@ -289,7 +292,7 @@ async def run_phase(args: argparse.Namespace, workdir: Path, pki: Pki, workers: 
         c0, w0, t0 = _procs.cpu_seconds(coord.pid), sum(_procs.cpu_seconds(p) for p in wpids), time.monotonic()
         for w in workers:
             w.send({"op": "open", "hb": hb, "last_revision": 0 if args.snapshots else revision,
-                    "timeout": args.phase_seconds})
+                    "timeout": args.phase_seconds, "rate": args.open_rate / len(workers)})
         replies = await asyncio.gather(*(w.recv("opened", args.phase_seconds + 30) for w in workers))
         phase.open_s = max(r["seconds"] for r in replies)
         wall = time.monotonic() - t0
@@ -305,6 +308,7 @@ async def run_phase(args: argparse.Namespace, workdir: Path, pki: Pki, workers: 
         print(f"  N={n} {strategy}: registered in {phase.register_s:.1f}s, {phase.sessions} sessions open in "
               f"{phase.open_s:.1f}s", file=sys.stderr)
 
+        phase.settle_s, phase.settled = await settle(coord.pid, args.settle_seconds)
         budget_end = time.monotonic() + args.phase_seconds
         c0, w0, t0 = _procs.cpu_seconds(coord.pid), sum(_procs.cpu_seconds(p) for p in wpids), time.monotonic()
         for k in range(args.joins):
@@ -369,6 +373,21 @@ async def run_phase(args: argparse.Namespace, workdir: Path, pki: Pki, workers: 
     return phase
 
 
+async def settle(pid: int | None, limit: float, window: float = 2.0, idle_pct: float = 30.0) -> tuple[float, bool]:
+    """Wait until the coordinator's CPU use over `window` seconds drops below `idle_pct`.
+
+    Set-up leaves work behind (deltas still being fanned out, lease renewals); joins measured
+    on a busy coordinator would measure the backlog. Returns (seconds waited, settled?).
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        c0 = _procs.cpu_seconds(pid)
+        await asyncio.sleep(window)
+        if 100 * (_procs.cpu_seconds(pid) - c0) / window < idle_pct:
+            return time.monotonic() - t0, True
+    return time.monotonic() - t0, False
+
+
 async def collect(w: WorkerProc, timeout: float) -> dict:
     try:
         return await w.recv("joined", timeout)
@@ -403,16 +422,15 @@ def print_report(args: argparse.Namespace, phases: list[Phase], placement: str) 
 
     setup = Table(title="setup per phase (informative)")
     for col in ("N", "strategy", "register all s", "open all sessions s", "CPU % coord/clients", "sessions",
-                "session retries",
-                "first msg bytes/gw",
+                "session retries", "settled after s",
                 "joiner snapshot", "Register ms p50", "Session NOT_FOUND after Register", "joins wall s", "note"):
         setup.add_column(col, justify="left" if col in ("strategy", "note") else "right")
     for p in phases:
         s = by[(p.n, p.strategy)]
         setup.add_row(str(p.n), p.strategy, _stats.fmt(p.register_s, 1), _stats.fmt(p.open_s, 1),
                       f"{_stats.fmt(p.open_coord_cpu_pct, 0)}/{_stats.fmt(p.open_client_cpu_pct, 0)}", str(p.sessions),
-                      str(p.open_retries),
-                      _stats.fmt_bytes(p.first_bytes_mean), _stats.fmt_bytes(s["joiner_snapshot_bytes"]),
+                      str(p.open_retries), _stats.fmt(p.settle_s, 1) + ("" if p.settled else " (NOT settled)"),
+                      _stats.fmt_bytes(s["joiner_snapshot_bytes"]),
                       _stats.fmt(s["register_ms_p50"], 1), str(s["session_not_found"]), _stats.fmt(p.joins_seconds, 1),
                       p.note.strip())
     console.print(setup)
@@ -535,6 +553,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshots", action="store_true", help="open the N sessions from revision 0 (each gets a "
                    "full snapshot: O(N^2) set-up); default: resume from the revision of the last registration, as "
                    "a reconnecting agent does (the joiner's own snapshot is always measured)")
+    p.add_argument("--open-rate", type=float, default=0.0, help="sessions opened per second during set-up, over "
+                   "all client processes; 0 = as fast as the coordinator takes them (default %(default)s)")
+    p.add_argument("--settle-seconds", type=float, default=60.0, help="before the joins, wait up to this long for "
+                   "the coordinator to go idle (CPU < 30%% over 2 s) (default %(default)s)")
     p.add_argument("--pause", type=float, default=0.1, help="seconds between joins (default %(default)s)")
     p.add_argument("--server-cpu", type=_procs.parse_cpu, default=1, help="CPU for the coordinator, or 'none' "
                    "(default %(default)s)")
