@@ -439,10 +439,14 @@ def main() -> int:
                 (results / f"{name}.r{r}.lat.txt").write_text(
                     "\n".join(line for line in lat_text.splitlines() if not line.startswith("> ")))
                 load1 = float(Path("/proc/loadavg").read_text().split()[0])
+                run_time = re.search(r"Run time \(s\):\s+([\d.]+)", text)
+                answered = qps * float(run_time.group(1)) if run_time else 0.0
                 row = {"server": name, "round": r, "qps": qps, "lost_pct": lost,
-                       "server_cpu_pct": 100 * (c1 - c0) / (w1 - w0), "load1": load1, **lat}
+                       "server_cpu_pct": 100 * (c1 - c0) / (w1 - w0), "load1": load1,
+                       "cpu_us_per_query": 1e6 * (c1 - c0) / answered if answered else float("nan"), **lat}
                 rows.append(row)
                 print(f"round {r} {name:12s} qps={qps:>10,.0f} lost={lost:.2f}% srvCPU={row['server_cpu_pct']:.0f}% "
+                      f"({row['cpu_us_per_query']:.2f} us/query) "
                       f"| @{args.lat_qps}qps p50={lat['p50_ms']:.3f}ms p99={lat['p99_ms']:.3f}ms "
                       f"timeouts={lat['timeouts']} load={load1:.2f}")
 
@@ -467,8 +471,8 @@ def main() -> int:
                     f.write(f"{socket.inet_ntoa(net)}/24 ours={a} gdnsd={b} {explain(db, net, a, b)}\n")
 
         print()
-        print("| server | qps (median) | p99 ms (median) | qps per round | lost % | server CPU % |")
-        print("|---|---|---|---|---|---|")
+        print("| server | qps (median) | p99 ms (median) | qps per round | lost % | server CPU % | CPU us/query |")
+        print("|---|---|---|---|---|---|---|")
         med: dict[str, dict[str, float]] = {}
         for name in procs:
             mine = [row for row in rows if row["server"] == name]
@@ -477,7 +481,8 @@ def main() -> int:
             per_round_qps = ", ".join(format(x["qps"], ",.0f") for x in mine)
             print(f"| {name} | {med[name]['qps']:,.0f} | {med[name]['p99']:.3f} | {per_round_qps} | "
                   f"{max(x['lost_pct'] for x in mine):.2f} | "
-                  f"{statistics.median(x['server_cpu_pct'] for x in mine):.0f} |")
+                  f"{statistics.median(x['server_cpu_pct'] for x in mine):.0f} | "
+                  f"{statistics.median(x['cpu_us_per_query'] for x in mine):.2f} |")
         if "gdnsd" in med:
             per_round = [a["qps"] / b["qps"] for a, b in zip(
                 [x for x in rows if x["server"] == "geomesh-dns"], [x for x in rows if x["server"] == "gdnsd"],
