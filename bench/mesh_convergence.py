@@ -479,18 +479,23 @@ def aims(by: dict, ns: list[int]) -> list[str]:
                      f"{_stats.fmt(d['call_p99_ms'], 1)} ms -> {'holds' if ok_call else 'DOES NOT HOLD'}; "
                      f"{d['complete']}/{d['joins']} joins complete"
                      + ("" if big >= 1000 else f" (only N = {big} was run; the aim is stated for N = 1000)"))
-    small = min(ns)
-    ds, db = by.get((small, "delta")), by.get((big, "delta"))
-    if ds is not None and db is not None and big != small:
-        r = _stats.ratio(db["bytes_mean"], ds["bytes_mean"])
-        lines.append(f"aim bytes per join flat in N (delta): {_stats.fmt_bytes(ds['bytes_mean'])} at N = {small}, "
-                     f"{_stats.fmt_bytes(db['bytes_mean'])} at N = {big} (x{_stats.fmt(r, 2)}) -> "
-                     f"{'holds' if r <= FLAT_TOLERANCE else 'DOES NOT HOLD'}")
-        fs, fb = by.get((small, "full-map")), by.get((big, "full-map"))
-        if fs is not None and fb is not None:
-            lines.append(f"  full-map for comparison: {_stats.fmt_bytes(fs['bytes_mean'])} at N = {small}, "
-                         f"{_stats.fmt_bytes(fb['bytes_mean'])} at N = {big} "
-                         f"(x{_stats.fmt(_stats.ratio(fb['bytes_mean'], fs['bytes_mean']), 1)})")
+    # flatness: the smallest and the largest N whose joins completed (bytes of unfinished joins are not a join's)
+    measured = [n for n in ns if (n, "delta") in by and by[(n, "delta")]["complete"]]
+    if len(measured) < 2:
+        lines.append("aim bytes per join flat in N (delta): needs complete joins at two sizes -> not measured")
+        return lines
+    small, large = measured[0], measured[-1]
+    ds, dl = by[(small, "delta")], by[(large, "delta")]
+    r = _stats.ratio(dl["bytes_mean"], ds["bytes_mean"])
+    lines.append(f"aim bytes per join flat in N (delta): {_stats.fmt_bytes(ds['bytes_mean'])} at N = {small}, "
+                 f"{_stats.fmt_bytes(dl['bytes_mean'])} at N = {large} (x{_stats.fmt(r, 2)}) -> "
+                 f"{'holds' if r <= FLAT_TOLERANCE else 'DOES NOT HOLD'}"
+                 + ("" if large == big else f" (no join completed at N = {big})"))
+    fs, fl = by.get((small, "full-map")), by.get((large, "full-map"))
+    if fs is not None and fl is not None and fs["complete"] and fl["complete"]:
+        lines.append(f"  full-map for comparison: {_stats.fmt_bytes(fs['bytes_mean'])} at N = {small}, "
+                     f"{_stats.fmt_bytes(fl['bytes_mean'])} at N = {large} "
+                     f"(x{_stats.fmt(_stats.ratio(fl['bytes_mean'], fs['bytes_mean']), 1)})")
     return lines
 
 
