@@ -212,6 +212,13 @@ class Operations:
             txn.delete(key("ipam", gw.mesh_ip))
         await self._commit(txn)
 
-    async def mark_alive(self, name: str, lease_id: int) -> None:
-        """alive/<g> bound to this replica's lease (a reconnecting gateway takes it over)."""
-        await self._commit(Txn().put(key("alive", name), b"1", lease=lease_id))
+    async def mark_alive(self, name: str, lease_id: int) -> int:
+        """alive/<g> bound to this replica's lease (a reconnecting gateway takes it over); returns
+        the revision of the put, which `clear_alive` compares against."""
+        _ok, rev = await self._commit(Txn().put(key("alive", name), b"1", lease=lease_id))
+        return rev
+
+    async def clear_alive(self, name: str, revision: int) -> None:
+        """Delete alive/<g> unless another session (any replica) has written it since `revision`."""
+        k = key("alive", name)
+        await self._commit(Txn().mod_equals(k, revision).delete(k))

@@ -23,7 +23,7 @@ from prometheus_client import Gauge
 from coordinator.operations import Operations
 from coordinator.services import AdminService, GatewayControlService, RoutingFeedService
 from coordinator.state import PREFIX, State
-from coordinator.store import Compacted, EtcdStore, LeaseSet
+from coordinator.store import Compacted, EtcdStore, LeaseSet, ReplicaLease
 from geomesh import validate
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
@@ -75,6 +75,7 @@ class Coordinator:
         self.store = EtcdStore(config.etcd, timeout=config.etcd_timeout)
         self.state = State(config.mesh_cidr)
         self.leases = LeaseSet()
+        self.lease = ReplicaLease(self.store, self.leases, config.lease_ttl)
         self.ops = Operations(self.store, self.state)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -98,7 +99,7 @@ class Coordinator:
         pbg.add_AdminServicer_to_server(AdminService(self.state, self.ops, insecure=cfg.insecure), server)
         pbg.add_RoutingFeedServicer_to_server(RoutingFeedService(self.state, self.ops, insecure=cfg.insecure), server)
         pbg.add_GatewayControlServicer_to_server(GatewayControlService(
-            self.state, self.ops, self.store, self.leases, insecure=cfg.insecure,
+            self.state, self.ops, self.store, self.lease, insecure=cfg.insecure,
             lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -165,9 +166,8 @@ class Coordinator:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for lease in self.leases.ids():
-            try:
-                await self.store.revoke(lease)
-            except Exception:  # noqa: BLE001 - best effort: the lease expires on its own
-                pass
+        try:
+            await self.lease.revoke()  # every gateway still marked alive by this replica goes
+        except Exception:  # noqa: BLE001 - best effort: the lease expires on its own
+            pass
         await self.store.close()

@@ -3,13 +3,16 @@
 Thin: convert protobuf to domain values (validation happens there), authorise the caller, call
 `Operations` for writes or read the `State` cache, convert back. Streams wait on the state's
 change signal and send what changed since the revision the client has (see `State.changes_since`).
-The gateway session also owns the gateway's liveness: while the stream is open this replica keeps
-the gateway's lease alive; when it closes the lease is revoked at once, which deletes `alive/<g>`.
+The gateway session also owns the gateway's liveness: while the stream is open `alive/<g>` exists,
+bound to this replica's lease; when the stream closes the key is deleted at once (only if it is
+still ours: a gateway that moved to another replica keeps the key that replica wrote). If the
+replica dies or loses etcd, its one lease expires and etcd deletes all its gateways' keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -18,7 +21,8 @@ from prometheus_client import Counter, Gauge
 from coordinator.operations import Operations
 from coordinator.rpc_common import Caller, stream, unary
 from coordinator.state import State
-from coordinator.store import EtcdStore, LeaseSet
+from coordinator.state import key as state_key
+from coordinator.store import EtcdStore, ReplicaLease
 from geomesh import validate
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
@@ -188,18 +192,20 @@ class RoutingFeedService(_Base, pbg.RoutingFeedServicer):
                     SENT_BYTES.labels("routing").inc(update.ByteSize())
                     yield update
                 have = delta.revision
-                await self.state.wait_change(have)
+                if self.state.revision <= have:
+                    await asyncio.shield(self.state.changed())
         finally:
             SESSIONS.labels("routing").dec()
 
 
 class GatewayControlService(_Base, pbg.GatewayControlServicer):
-    def __init__(self, state: State, ops: Operations, store: EtcdStore, leases: LeaseSet, *,
+    def __init__(self, state: State, ops: Operations, store: EtcdStore, lease: ReplicaLease, *,
                  insecure: bool, lease_ttl: int, mesh_cidr: str) -> None:
         super().__init__(state, ops, insecure=insecure)
         self.store = store
-        self.leases = leases
+        self.lease = lease
         self.lease_ttl = lease_ttl
+        self._cleanups: set[asyncio.Task] = set()
         self.mesh_cidr = mesh_cidr
 
     @unary("gateway")
@@ -247,20 +253,23 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         if caller.role != "gateway":
             raise UnauthenticatedError("sessions are for gateway identities")
         if hello.name not in self.state.gateways:
-            raise NotFoundError(f"gateway {hello.name!r} is not registered: call Register first")
+            # registered a moment ago (maybe through another replica) but not yet in our cache?
+            stored = await self.ops.store.get(state_key("gateways", hello.name))
+            if stored is None:
+                raise NotFoundError(f"gateway {hello.name!r} is not registered: call Register first")
+            await self.state.wait_change(stored.mod_revision - 1, timeout=10)
         name = hello.name
-        lease = await self.store.grant(self.lease_ttl)
-        lease_lost = self.leases.add(lease)
-        await self.ops.mark_alive(name, lease)
+        alive_rev = await self._mark_alive(name)
         SESSIONS.labels("gateway").inc()
-        log.info("gateway session open", extra={"fields": {"gateway": name, "lease": lease}})
+        log.info("gateway session open", extra={"fields": {"gateway": name}})
         reader = asyncio.create_task(self._read_heartbeats(name, request_iterator))
         try:
             have = hello.last_revision if hello.last_revision > 0 else -1
             while True:
                 delta = self.state.changes_since(have)
-                mesh = self.state.mesh_update(delta, name)
-                routing = self.state.routing_update(delta)
+                # memoised per revision range (and region): N sessions share one computation
+                mesh = self.state.mesh_update(delta, name, since=have)
+                routing = self.state.routing_update(delta, since=have)
                 msg = pb.SessionDown(revision=delta.revision)
                 if mesh.snapshot or mesh.upserts or mesh.removals:
                     msg.mesh.CopyFrom(mesh)
@@ -271,30 +280,40 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                     SENT_BYTES.labels("gateway").inc(msg.ByteSize())
                     yield msg
                 have = delta.revision
-                waiter = asyncio.create_task(self.state.wait_change(have))
-                lost = asyncio.create_task(lease_lost.wait())
-                done, _ = await asyncio.wait({waiter, reader, lost}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                lost.cancel()
+                if self.state.revision > have:
+                    continue
+                lost = self.lease.lost
+                # shared futures: waiting costs no task per session
+                done, _ = await asyncio.wait({self.state.changed(), reader, lost}, return_when=asyncio.FIRST_COMPLETED)
                 if reader in done:
                     reader.result()  # raises if the gateway misbehaved
                     return  # the gateway closed its side
-                if lease_lost.is_set():
-                    # etcd expired the lease (e.g. it was unreachable for longer than the TTL) while
-                    # the gateway is still connected: take a new lease and mark it alive again
-                    log.warning("gateway lease expired while connected: renewing", extra={"fields": {"gateway": name}})
-                    lease = await self.store.grant(self.lease_ttl)
-                    lease_lost = self.leases.add(lease)
-                    await self.ops.mark_alive(name, lease)
+                if lost.done():
+                    # etcd expired this replica's lease (unreachable for longer than the TTL) while
+                    # the gateway is still connected: mark it alive again under the new lease
+                    log.warning("replica lease expired while connected: renewing", extra={"fields": {"gateway": name}})
+                    alive_rev = await self._mark_alive(name)
         finally:
             reader.cancel()
             SESSIONS.labels("gateway").dec()
-            self.leases.discard(lease)
-            try:
-                await self.store.revoke(lease)
-            except StoreUnavailableError:
-                log.warning("could not revoke lease; it will expire", extra={"fields": {"gateway": name}})
-            log.info("gateway session closed", extra={"fields": {"gateway": name}})
+            # grpc cancels this handler when the gateway goes away, and may cancel it again while
+            # it cleans up: the cleanup runs as its own task so a second cancel cannot abort it
+            cleanup = asyncio.create_task(self._end_session(name, alive_rev))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(cleanup)
+
+    async def _end_session(self, name: str, alive_rev: int) -> None:
+        try:
+            await self.ops.clear_alive(name, alive_rev)
+        except StoreUnavailableError:
+            log.warning("could not clear alive; the replica lease will expire", extra={"fields": {"gateway": name}})
+        log.info("gateway session closed", extra={"fields": {"gateway": name}})
+
+    async def _mark_alive(self, name: str) -> int:
+        lease_id = await self.lease.ensure()
+        return await self.ops.mark_alive(name, lease_id)
 
     async def _read_heartbeats(self, name: str, request_iterator) -> None:
         """Consume heartbeats; return when the gateway closes or goes silent for a lease TTL."""

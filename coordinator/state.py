@@ -67,8 +67,12 @@ class State:
         self.domains: dict[str, Domain] = {}
         self.ipam: dict[str, str] = {}  # mesh ip -> gateway
         self.history: deque[Change] = deque()
-        self._tick = asyncio.Event()
+        self._tick: asyncio.Future | None = None
         self._table: RoutingTable | None = None
+        # per-revision memos: every session at the same revision shares one computed message
+        self._gateway_view: dict[str, Gateway] = {}         # gateway with `alive` filled in
+        self._owners: dict[str, str | None] = {}            # region -> gateway carrying its subnet
+        self._memo: dict[tuple, object] = {}                # (kind, from, to[, region]) -> message
 
     # -- loading and applying ----------------------------------------------------------------
 
@@ -83,6 +87,8 @@ class State:
         self.revision = revision
         self.floor = revision  # history before this point is unknown: older consumers get snapshots
         self.history.clear()
+        self._gateway_view.clear()
+        self._owners = {r: self._compute_owner(r) for r in {g.region for g in self.gateways.values()}}
         self._wake()
 
     def apply_batch(self, events: list[Event]) -> Change:
@@ -94,23 +100,29 @@ class State:
             if parsed is None:
                 continue
             directory, name = parsed
-            before_regions_subnet = self.regions.get(name).instance_subnet if directory == "regions" and name in self.regions else None
+            before_subnet = self.regions[name].instance_subnet if directory == "regions" and name in self.regions else None
             before_gateway = self.gateways.get(name) if directory == "gateways" else None
             self._set(ev.key, ev.value, ev.mod_revision)
             kind = _KIND_OF_DIR.get(directory)
             if kind is not None:
                 change.routing.add((kind, name))
+            if directory in ("gateways", "alive"):
+                self._gateway_view.pop(name, None)
             if directory == "gateways":
                 change.mesh.add(name)
                 # the region's instance subnet rides on one gateway of the region (the first by
-                # name), so a join or leave may move it: every gateway of the region may change
-                gw = self.gateways.get(name) or before_gateway
-                if gw is not None:
-                    change.mesh.update(g.name for g in self.gateways.values() if g.region == gw.region)
+                # name): a join or leave that moves it changes the old and the new carrier
+                after_gateway = self.gateways.get(name)
+                for region in {g.region for g in (before_gateway, after_gateway) if g is not None}:
+                    old_owner = self._owners.get(region)
+                    new_owner = self._compute_owner(region)
+                    self._owners[region] = new_owner
+                    if old_owner != new_owner:
+                        change.mesh.update(n for n in (old_owner, new_owner) if n)
             elif directory == "regions":
                 after = self.regions.get(name)
-                if (after.instance_subnet if after else None) != before_regions_subnet:
-                    change.mesh.update(g.name for g in self.gateways.values() if g.region == name)
+                if (after.instance_subnet if after else None) != before_subnet and self._owners.get(name):
+                    change.mesh.add(self._owners[name])  # type: ignore[arg-type]
         self.revision = max(self.revision, rev)
         if change.routing or change.mesh:
             self.history.append(change)
@@ -119,6 +131,10 @@ class State:
         self._wake()
         return change
 
+    def _compute_owner(self, region: str) -> str | None:
+        names = [g.name for g in self.gateways.values() if g.region == region]
+        return min(names) if names else None
+
     def note_progress(self, revision: int) -> None:
         if revision > self.revision:
             self.revision = revision
@@ -126,20 +142,27 @@ class State:
 
     def _wake(self) -> None:
         self._table = None
-        old, self._tick = self._tick, asyncio.Event()
-        old.set()
+        self._memo.clear()
+        tick, self._tick = self._tick, None
+        if tick is not None and not tick.done():
+            tick.set_result(None)
+
+    def changed(self) -> asyncio.Future:
+        """A future resolved at the next change (shared by every waiter: no task per waiter)."""
+        if self._tick is None or self._tick.done():
+            self._tick = asyncio.get_running_loop().create_future()
+        return self._tick
 
     async def wait_change(self, after_revision: int, timeout: float | None = None) -> bool:
         """Wait until the state is past `after_revision`; False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while self.revision <= after_revision:
-            tick = self._tick
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 return False
             try:
-                await asyncio.wait_for(tick.wait(), remaining)
+                await asyncio.wait_for(asyncio.shield(self.changed()), remaining)
             except TimeoutError:
                 return False
         return True
@@ -188,13 +211,17 @@ class State:
         return gateway in self.raw["alive"]
 
     def gateway(self, name: str) -> Gateway | None:
+        """The stored gateway with `alive` filled in (cached until it or its alive key changes)."""
+        view = self._gateway_view.get(name)
+        if view is not None:
+            return view
         g = self.gateways.get(name)
         if g is None:
             return None
         alive = self.alive(name)
-        if g.alive == alive:
-            return g
-        return dataclasses.replace(g, alive=alive)
+        view = g if g.alive == alive else dataclasses.replace(g, alive=alive)
+        self._gateway_view[name] = view
+        return view
 
     def resource(self, kind: int, name: str) -> Resource | None:
         if kind == K.KIND_REGION:
@@ -232,7 +259,18 @@ class State:
             mesh |= change.mesh
         return Delta(self.revision, frozenset(routing), frozenset(mesh))
 
-    def routing_update(self, delta: Delta) -> pb.RoutingUpdate:
+    def routing_update(self, delta: Delta, since: int | None = None) -> pb.RoutingUpdate:
+        """The RoutingUpdate for `delta`; with `since` (the revision it starts from) it is memoised
+        for this revision, so every stream at the same revision shares one message."""
+        memo_key = ("routing", since, delta.revision)
+        if since is not None and memo_key in self._memo:
+            return self._memo[memo_key]  # type: ignore[return-value]
+        update = self._routing_update(delta)
+        if since is not None:
+            self._memo[memo_key] = update
+        return update
+
+    def _routing_update(self, delta: Delta) -> pb.RoutingUpdate:
         if delta.routing is None:
             return self.table().to_snapshot()
         upserts, removals = [], []
@@ -246,8 +284,9 @@ class State:
 
     def subnet_owner(self, region: str) -> str | None:
         """The gateway that carries `region`'s instance subnet in its peers' allowed IPs."""
-        names = sorted(g.name for g in self.gateways.values() if g.region == region)
-        return names[0] if names else None
+        if region not in self._owners:
+            self._owners[region] = self._compute_owner(region)
+        return self._owners[region]
 
     def mesh_peer(self, name: str, viewer_region: str | None = None) -> pb.MeshPeer | None:
         """Gateway `name` as a WireGuard peer, seen from a gateway in `viewer_region`."""
@@ -265,17 +304,32 @@ class State:
                            endpoint=f"{g.public_ip}:{g.wg_port}", allowed_ips=allowed, mesh_ip=g.mesh_ip,
                            proxy_port=g.proxy_port)
 
-    def mesh_update(self, delta: Delta, for_gateway: str) -> pb.MeshUpdate:
-        """The mesh view of `for_gateway`: every other registered gateway is a peer."""
+    def mesh_update(self, delta: Delta, for_gateway: str, since: int | None = None) -> pb.MeshUpdate:
+        """The mesh view of `for_gateway`: every other registered gateway is a peer.
+
+        Peers depend only on the viewer's region, so with `since` the message is built once per
+        (revision range, region) and shared; only the viewer itself is left out per session."""
         me = self.gateways.get(for_gateway)
         viewer_region = me.region if me is not None else None
+        memo_key = ("mesh", since, delta.revision, viewer_region)
+        shared = self._memo.get(memo_key) if since is not None else None
+        if shared is None:
+            shared = self._mesh_update(delta, viewer_region)
+            if since is not None:
+                self._memo[memo_key] = shared
+        assert isinstance(shared, pb.MeshUpdate)
+        if not any(p.name == for_gateway for p in shared.upserts) and for_gateway not in shared.removals:
+            return shared
+        return pb.MeshUpdate(revision=shared.revision, snapshot=shared.snapshot,
+                             upserts=[p for p in shared.upserts if p.name != for_gateway],
+                             removals=[n for n in shared.removals if n != for_gateway])
+
+    def _mesh_update(self, delta: Delta, viewer_region: str | None) -> pb.MeshUpdate:
         if delta.mesh is None:
-            peers = [p for n in sorted(self.gateways) if n != for_gateway and (p := self.mesh_peer(n, viewer_region))]
+            peers = [p for n in sorted(self.gateways) if (p := self.mesh_peer(n, viewer_region))]
             return pb.MeshUpdate(revision=delta.revision, snapshot=True, upserts=peers)
         upserts, removals = [], []
         for name in sorted(delta.mesh):
-            if name == for_gateway:
-                continue
             peer = self.mesh_peer(name, viewer_region)
             if peer is None:
                 removals.append(name)

@@ -253,16 +253,51 @@ class EtcdStore:
         raise StoreUnavailableError("watch stream to etcd ended")
 
 
+class ReplicaLease:
+    """The one lease a coordinator replica holds for all its gateways' `alive` keys.
+
+    `ensure()` grants it on first use and again after etcd expired it; `lost` is a future resolved
+    when etcd reports the current lease gone (sessions then re-mark their gateways alive).
+    """
+
+    def __init__(self, store: EtcdStore, leases: LeaseSet, ttl: int) -> None:
+        self.store = store
+        self.leases = leases
+        self.ttl = ttl
+        self.id: int | None = None
+        self._lost: asyncio.Future | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def lost(self) -> asyncio.Future:
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_future()
+        return self._lost
+
+    async def ensure(self) -> int:
+        async with self._lock:
+            if self.id is None or self.lost.done():
+                lease_id = await self.store.grant(self.ttl)
+                self._lost = asyncio.get_running_loop().create_future()
+                self.leases.add(lease_id, self._lost)
+                self.id = lease_id
+            return self.id
+
+    async def revoke(self) -> None:
+        if self.id is not None:
+            self.leases.discard(self.id)
+            await self.store.revoke(self.id)
+            self.id = None
+
+
 class LeaseSet:
-    """The leases a coordinator keeps alive; `expired_event(id)` fires when etcd says one is gone."""
+    """The leases a coordinator keeps alive; each one's future resolves when etcd says it is gone."""
 
     def __init__(self) -> None:
-        self._ids: dict[int, asyncio.Event] = {}
+        self._ids: dict[int, asyncio.Future] = {}
 
-    def add(self, lease_id: int) -> asyncio.Event:
-        event = asyncio.Event()
-        self._ids[lease_id] = event
-        return event
+    def add(self, lease_id: int, lost: asyncio.Future) -> None:
+        self._ids[lease_id] = lost
 
     def discard(self, lease_id: int) -> None:
         self._ids.pop(lease_id, None)
@@ -271,6 +306,6 @@ class LeaseSet:
         return tuple(self._ids)
 
     def expired(self, lease_id: int) -> None:
-        event = self._ids.pop(lease_id, None)
-        if event is not None:
-            event.set()
+        lost = self._ids.pop(lease_id, None)
+        if lost is not None and not lost.done():
+            lost.set_result(None)

@@ -121,9 +121,9 @@ async def test_session_sends_snapshot_then_one_peer_per_join_and_resumes(coordin
 
     await gcs["gw-c"].Register(pb.RegisterRequest(name="gw-c", **(REG | {"wg_public_key": gw_key(3)})))
     delta = await asyncio.wait_for(session.read(), 10)
-    # gw-c joins eu-central: one new peer (gw-b, the region's subnet carrier, is re-sent unchanged)
-    assert not delta.mesh.snapshot and [p.name for p in delta.mesh.upserts] == ["gw-b", "gw-c"]
-    assert len(delta.mesh.upserts[1].allowed_ips) == 1
+    # gw-c joins eu-central: exactly one new peer (gw-b keeps carrying the region's subnet)
+    assert not delta.mesh.snapshot and [p.name for p in delta.mesh.upserts] == ["gw-c"]
+    assert len(delta.mesh.upserts[0].allowed_ips) == 1
     last = delta.revision
     session.cancel()
 

@@ -6,7 +6,6 @@ import base64
 
 from coordinator.state import State, key
 from coordinator.store import KV, Event
-from geomesh.api import geomesh_pb2 as pb
 from geomesh.model import Gateway, Region
 
 
@@ -44,17 +43,24 @@ def test_join_costs_one_peer_and_resume_coalesces():
     put(s, 11, (key("gateways", "d"), gw("d", "us", 4).to_json()))
     delta = s.changes_since(10)
     mesh = s.mesh_update(delta, "a")
-    assert not mesh.snapshot and [p.name for p in mesh.upserts] == ["c", "d"]  # c: us subnet owner re-sent
-    assert [p.name for p in s.mesh_update(delta, "d").upserts] == ["c"]
+    assert not mesh.snapshot and [p.name for p in mesh.upserts] == ["d"]  # one peer per join
+    assert s.mesh_update(delta, "d").upserts == []  # the joiner gets its peers from its snapshot
+    # a join that takes over a region's subnet (name sorts first) also re-sends the old carrier
+    put(s, 12, (key("gateways", "0a"), gw("0a", "eu", 9).to_json()))
+    moved = s.mesh_update(s.changes_since(11), "c", since=11)
+    assert [(p.name, list(p.allowed_ips)[1:]) for p in moved.upserts] == [("0a", ["10.90.2.0/24"]), ("a", [])]
+    # memoised per revision range and region: the same object for every viewer of that region
+    assert s.mesh_update(s.changes_since(11), "d", since=11) is moved
+    put(s, 13, (key("gateways", "0a"), None))
     # several changes after a revision coalesce into one message with the latest values
-    put(s, 12, (key("alive", "a"), b"1"))
-    put(s, 13, (key("gateways", "d"), None))
+    put(s, 14, (key("alive", "a"), b"1"))
+    put(s, 15, (key("gateways", "d"), None))
     routing = s.routing_update(s.changes_since(10))
-    assert routing.revision == 13 and not routing.snapshot
+    assert routing.revision == 15 and not routing.snapshot
     assert [r.gateway.name for r in routing.upserts] == ["a"] and routing.upserts[0].gateway.alive
-    assert [(k.kind, k.name) for k in routing.removals] == [(pb.ResourceKey.KIND_GATEWAY, "d")]
+    assert sorted(k.name for k in routing.removals) == ["0a", "d"]
     # nothing after the current revision; the future or before the floor: snapshot
-    assert s.routing_update(s.changes_since(13)).upserts == []
+    assert s.routing_update(s.changes_since(15)).upserts == []
     assert s.changes_since(9).routing is None and s.changes_since(99).routing is None
 
 
