@@ -14,15 +14,14 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from geomesh.etcd_process import EtcdProcess
 from geomesh.pki import Pki
+from geomesh.service_process import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -119,7 +118,7 @@ def start_etcd(workdir: Path, cpu: int | None) -> EtcdProcess:
     return etcd
 
 
-class CoordinatorProc:
+class CoordinatorProc(ServiceProcess):
     """A coordinator subprocess on `etcd`, mTLS with `pki`, optionally pinned and profiled.
 
     `module` is `coordinator.main` (the real one) or a bench variant accepting the same flags.
@@ -129,60 +128,19 @@ class CoordinatorProc:
     def __init__(self, etcd: EtcdProcess, pki: Pki, workdir: Path, *, cpu: int | None = None,
                  lease_ttl: int = 30, module: str = "coordinator.main", extra: list[str] | None = None,
                  profile: Path | None = None, name: str = "coordinator") -> None:
+        python = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile is not None else None
+        super().__init__(module, ["--etcd", etcd.endpoint, "--listen", "127.0.0.1:0", "--pki-dir", str(pki.dir),
+                                  "--lease-ttl", str(lease_ttl), "--log-level", "warning", *(extra or [])],
+                         workdir, name=name, prefix=taskset_prefix(cpu), python=python)
         self.etcd = etcd
         self.pki = pki
-        self.workdir = workdir
         self.cpu = cpu
         self.lease_ttl = lease_ttl
-        self.module = module
-        self.extra = extra or []
         self.profile = profile
-        self.name = name
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.log_path = workdir / f"{name}.log"
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        port_file = self.workdir / f"{self.name}.port"
-        port_file.unlink(missing_ok=True)
-        run = [sys.executable, "-m", self.module]
-        if self.profile is not None:
-            run = [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m", self.module]
-        cmd = [*taskset_prefix(self.cpu), *run, "--etcd", self.etcd.endpoint, "--listen", "127.0.0.1:0",
-               "--pki-dir", str(self.pki.dir), "--port-file", str(port_file),
-               "--lease-ttl", str(self.lease_ttl), "--log-level", "warning", *self.extra]
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT, start_new_session=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-2000:]}")
-            if port_file.exists() and port_file.read_text().strip():
-                self.port = int(port_file.read_text())
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"{self.name} did not start in {timeout}s: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        return super().stop(sig, timeout)

@@ -64,9 +64,13 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Stop the process (SIGKILL after `timeout`); returns its exit code (None: not running)."""
         if self.proc is None:
-            return
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -74,7 +78,9 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        code = self.proc.returncode
         self.proc = None
+        return code
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

@@ -3,20 +3,19 @@ TCP exchanges, query builders, and the `DnsProcess` that runs `geomesh-dns` as a
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from signal import SIGTERM
 
 import pytest
 from dnslib import EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord, EDNSOption
+
+from geomesh.service_process import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,55 +177,20 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
 # -- the server process -----------------------------------------------------------------------
 
 
-class DnsProcess:
+class DnsProcess(ServiceProcess):
     """`python -m geodns.main ...` on 127.0.0.1, port 0; `.port` once it serves."""
 
     def __init__(self, workdir: Path, *args: str) -> None:
-        self.workdir = workdir
-        self.args = list(args)
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.log_path = workdir / "geodns.log"
+        listen = ["--listen", "127.0.0.1:0"] if "--listen" not in args else []
+        super().__init__("geodns.main", [*listen, *args], workdir, name="geodns")
 
-    def start(self, timeout: float = 30.0) -> DnsProcess:
-        port_file = self.workdir / "dns.port"
-        port_file.unlink(missing_ok=True)
-        listen = ["--listen", f"127.0.0.1:{self.port}"] if "--listen" not in self.args else []
-        cmd = [sys.executable, "-m", "geodns.main", *listen, "--port-file", str(port_file), *self.args]
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT, start_new_session=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"geomesh-dns exited {self.proc.returncode}: {self.log()[-3000:]}")
-            if port_file.exists() and port_file.read_text().strip():
-                self.port = int(port_file.read_text())
-                return self
-            time.sleep(0.05)
-        raise TimeoutError(f"geomesh-dns did not start: {self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def start(self, timeout: float = 30.0) -> DnsProcess:  # type: ignore[override]
+        super().start(timeout)
+        return self
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
-        self.proc = None
-        return code
+    def stop(self, sig: int = SIGTERM, timeout: float = 15.0) -> int | None:
+        return super().stop(sig, timeout)
