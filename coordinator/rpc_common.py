@@ -90,9 +90,36 @@ def _code(exc: GeomeshError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _check_role(caller: Caller, roles: tuple[str, ...], method: str) -> None:
+def authorise(context: grpc.aio.ServicerContext, insecure: bool, roles: tuple[str, ...], method: str) -> Caller:
+    """Who is calling, refused unless their role may call `method`."""
+    caller = identify(context, insecure)
     if caller.role not in roles:
         raise PermissionDeniedError(f"role {caller.role!r} may not call {method} (allowed: {', '.join(roles)})")
+    return caller
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> grpc.StatusCode:
+    """End the RPC for `exc` with its mapped code; an unexpected error becomes INTERNAL and is logged."""
+    if isinstance(exc, GeomeshError):
+        code = _code(exc)
+        await context.abort(code, str(exc))
+    if context.code() not in (None, grpc.StatusCode.OK):  # already aborted (context.abort raises)
+        raise exc
+    log.error("unhandled error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+    return grpc.StatusCode.INTERNAL  # not reached: abort raises
+
+
+def _observe(method: str, code: grpc.StatusCode, start: float) -> None:
+    REQUESTS.labels(method, code.name).inc()
+    LATENCY.labels(method).observe(time.perf_counter() - start)
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    if isinstance(exc, GeomeshError):
+        return _code(exc)
+    code = context.code()
+    return code if code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.INTERNAL
 
 
 def unary(*roles: str) -> Callable:
@@ -104,22 +131,13 @@ def unary(*roles: str) -> Callable:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                caller = identify(context, self.insecure)
-                _check_role(caller, roles, method)
+                caller = authorise(context, self.insecure, roles, method)
                 return await fn(self, request, context, caller)
-            except GeomeshError as exc:
-                code = _code(exc)
-                await context.abort(code, str(exc))
-            except Exception:
-                if context.code() not in (None, grpc.StatusCode.OK):
-                    code = context.code()
-                    raise
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unhandled error in %s", method)
-                await context.abort(code, f"internal error in {method}")
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code in one place
+                code = _code_of(exc, context)
+                await _abort(context, exc, method)
             finally:
-                REQUESTS.labels(method, code.name).inc()
-                LATENCY.labels(method).observe(time.perf_counter() - start)
+                _observe(method, code, start)
 
         return handler
 
@@ -135,16 +153,14 @@ def stream(*roles: str) -> Callable:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                caller = identify(context, self.insecure)
-                _check_role(caller, roles, method)
+                caller = authorise(context, self.insecure, roles, method)
                 async for item in fn(self, request, context, caller):
                     yield item
-            except GeomeshError as exc:
-                code = _code(exc)
-                await context.abort(code, str(exc))
+            except Exception as exc:  # noqa: BLE001 - mapped to a status code in one place
+                code = _code_of(exc, context)
+                await _abort(context, exc, method)
             finally:
-                REQUESTS.labels(method, code.name).inc()
-                LATENCY.labels(method).observe(time.perf_counter() - start)
+                _observe(method, code, start)
 
         return handler
 
