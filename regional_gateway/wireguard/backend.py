@@ -61,15 +61,21 @@ class WireGuardBackend(abc.ABC):
     def close(self, *, remove_interface: bool = False) -> None:
         """Release resources; with remove_interface, also take the interface (and its tunnels) down."""
 
-    @property
-    @abc.abstractmethod
-    def interface(self) -> str | None:
-        """The interface name once ensure_interface succeeded."""
+    def __init__(self, *, netns: str | None = None) -> None:
+        self.netns = netns
+        self._name: str | None = None  # set by ensure_interface
+        self._public_key: str | None = None
+        self._address: str | None = None
 
     @property
-    @abc.abstractmethod
+    def interface(self) -> str | None:
+        """The interface name once ensure_interface succeeded."""
+        return self._name
+
+    @property
     def public_key(self) -> str | None:
         """This device's public key once ensure_interface succeeded."""
+        return self._public_key
 
 
 def kernel_available(sys_module: Path = Path("/sys/module/wireguard")) -> bool:

@@ -118,18 +118,7 @@ class KernelBackend(WireGuardBackend):
     kind = "kernel"
 
     def __init__(self, *, netns: str | None = None) -> None:
-        self.netns = netns
-        self._name: str | None = None
-        self._public_key: str | None = None
-        self._address: str | None = None
-
-    @property
-    def interface(self) -> str | None:
-        return self._name
-
-    @property
-    def public_key(self) -> str | None:
-        return self._public_key
+        super().__init__(netns=netns)
 
     @contextlib.contextmanager
     def _wg(self) -> Iterator[Any]:

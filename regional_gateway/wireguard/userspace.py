@@ -82,27 +82,16 @@ class UserspaceBackend(WireGuardBackend):
     def __init__(self, *, binary: str = "wireguard-go", netns: str | None = None,
                  socket_dir: Path = SOCKET_DIR, log_path: Path | None = None,
                  start_timeout: float = 10.0) -> None:
+        super().__init__(netns=netns)
         self.binary = binary
-        self.netns = netns
         self.socket_dir = Path(socket_dir)
         self.log_path = log_path
         self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.adopted = False
-        self._name: str | None = None
-        self._public_key: str | None = None
-        self._address: str | None = None
         self._uapi: UapiClient | None = None
 
     # --- properties -------------------------------------------------------------------------
-
-    @property
-    def interface(self) -> str | None:
-        return self._name
-
-    @property
-    def public_key(self) -> str | None:
-        return self._public_key
 
     @property
     def pid(self) -> int | None:
