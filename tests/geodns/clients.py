@@ -96,9 +96,9 @@ def parse_dig(text: str) -> DigResult:
     return res
 
 
-def dig(port: int, name: str, qtype: str = "A", *extra: str, tcp: bool = False, subnet: str | None = None,
-        timeout: float = 2.0) -> DigResult:
-    cmd = [need("dig"), "@127.0.0.1", "-p", str(port), name, qtype, "+norec", f"+time={int(timeout)}", "+tries=1"]
+def _query_tool(tool: str, retries_flag: str, port: int, name: str, qtype: str, extra: tuple[str, ...], tcp: bool,
+                subnet: str | None, timeout: float) -> DigResult:
+    cmd = [need(tool), "@127.0.0.1", "-p", str(port), name, qtype, "+norec", f"+time={int(timeout)}", retries_flag]
     if tcp:
         cmd.append("+tcp")
     if subnet:
@@ -106,18 +106,16 @@ def dig(port: int, name: str, qtype: str = "A", *extra: str, tcp: bool = False, 
     cmd += list(extra)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * 3 + 5)
     return parse_dig(out.stdout)
+
+
+def dig(port: int, name: str, qtype: str = "A", *extra: str, tcp: bool = False, subnet: str | None = None,
+        timeout: float = 2.0) -> DigResult:
+    return _query_tool("dig", "+tries=1", port, name, qtype, extra, tcp, subnet, timeout)
 
 
 def kdig(port: int, name: str, qtype: str = "A", *extra: str, tcp: bool = False, subnet: str | None = None,
          timeout: float = 2.0) -> DigResult:
-    cmd = [need("kdig"), "@127.0.0.1", "-p", str(port), name, qtype, "+norec", f"+time={int(timeout)}", "+retry=0"]
-    if tcp:
-        cmd.append("+tcp")
-    if subnet:
-        cmd.append(f"+subnet={subnet}")
-    cmd += list(extra)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * 3 + 5)
-    return parse_dig(out.stdout)
+    return _query_tool("kdig", "+retry=0", port, name, qtype, extra, tcp, subnet, timeout)
 
 
 # -- raw exchanges ----------------------------------------------------------------------------
