@@ -13,6 +13,7 @@ wireguard-go over its UAPI socket (`userspace.py`) and kernel WireGuard over gen
 from __future__ import annotations
 
 import abc
+import ipaddress
 import re
 import shutil
 from pathlib import Path
@@ -37,6 +38,17 @@ def check_ifname(name: str) -> str:
             "interface", f"{name!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -, not starting with . or -)"
         )
     return name
+
+
+def check_interface_args(name: str, listen_port: int, address_cidr: str) -> None:
+    """What every backend's ensure_interface validates before touching the host."""
+    check_ifname(name)
+    if not isinstance(listen_port, int) or not 1 <= listen_port <= 65535:
+        raise ValidationError("listen_port", f"{listen_port!r} is not 1..65535")
+    try:
+        ipaddress.ip_interface(address_cidr)
+    except ValueError:
+        raise ValidationError("address", f"{address_cidr!r} is not an address with prefix length") from None
 
 
 class WireGuardBackend(abc.ABC):

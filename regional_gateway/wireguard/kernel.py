@@ -21,7 +21,7 @@ from typing import Any
 from geomesh.errors import ValidationError
 from geomesh.logs import event
 from regional_gateway.wireguard import links
-from regional_gateway.wireguard.backend import WireGuardBackend, WireGuardError, check_ifname
+from regional_gateway.wireguard.backend import WireGuardBackend, WireGuardError, check_interface_args
 from regional_gateway.wireguard.keys import PrivateKey
 from regional_gateway.wireguard.peers import Peer, Plan
 
@@ -142,13 +142,7 @@ class KernelBackend(WireGuardBackend):
             raise WireGuardError(f"{self._name}: reading the device failed: {e}") from None
 
     def ensure_interface(self, name: str, private_key: PrivateKey, listen_port: int, address_cidr: str) -> None:
-        check_ifname(name)
-        if not isinstance(listen_port, int) or not 1 <= listen_port <= 65535:
-            raise ValidationError("listen_port", f"{listen_port!r} is not 1..65535")
-        try:
-            ipaddress.ip_interface(address_cidr)
-        except ValueError:
-            raise ValidationError("address", f"{address_cidr!r} is not an address with prefix length") from None
+        check_interface_args(name, listen_port, address_cidr)
         with links.iproute(self.netns) as ipr:
             index = links.link_index(ipr, name)
             adopted = index is not None

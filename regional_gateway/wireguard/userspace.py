@@ -13,7 +13,6 @@ routes go through pyroute2 (`links.py`); peers through one `set=1` transaction p
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -22,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from geomesh.errors import ValidationError
 from geomesh.logs import event
 from regional_gateway.wireguard import links, uapi
-from regional_gateway.wireguard.backend import WireGuardBackend, WireGuardError, check_ifname
+from regional_gateway.wireguard.backend import WireGuardBackend, WireGuardError, check_interface_args
 from regional_gateway.wireguard.keys import PrivateKey
 from regional_gateway.wireguard.peers import Peer, Plan
 
@@ -140,13 +138,7 @@ class UserspaceBackend(WireGuardBackend):
             time.sleep(0.02)
 
     def ensure_interface(self, name: str, private_key: PrivateKey, listen_port: int, address_cidr: str) -> None:
-        check_ifname(name)
-        if not isinstance(listen_port, int) or not 1 <= listen_port <= 65535:
-            raise ValidationError("listen_port", f"{listen_port!r} is not 1..65535")
-        try:
-            ipaddress.ip_interface(address_cidr)
-        except ValueError:
-            raise ValidationError("address", f"{address_cidr!r} is not an address with prefix length") from None
+        check_interface_args(name, listen_port, address_cidr)
         if self._name is not None and self._name != name:
             raise WireGuardError(f"this backend already manages {self._name}")
         links.off_event_loop("ensure_interface")
