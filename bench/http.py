@@ -18,6 +18,12 @@ same Host header for both. Before measuring, each system answers 9 one-shot requ
 checked, backend spread printed). Then ROUNDS interleaved rounds (every system once per round,
 back to back), so each ratio compares adjacent runs on a machine that other work shares.
 
+`--floor` (on by default; `--no-floor` skips it) adds a third system in the round-robin rounds:
+`bench/_relay_floor.py`, a uvloop relay that runs httptools over both directions and does
+nothing else (no routing, rewriting, pool, health or metrics). Its ratio to HAProxy is the
+ceiling for any gateway on this stack (CPython + asyncio Protocols + uvloop + httptools); the
+gateway's ratio to the floor is what its own per-request work costs.
+
 Printed: per system and round req/s, p50/p99 latency, proxy CPU %; per policy the median req/s
 and p99, the geomesh/HAProxy ratio per round and its median, and requests per proxy-CPU-second
 (rate / CPU share) with their ratio, a figure less sensitive to other work on a shared machine. `--json FILE` keeps the raw
@@ -66,12 +72,13 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def cpu_ticks(pid: int) -> int:
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) CPU ticks of a process so far."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
+        return int(fields[11]), int(fields[12])
     except (OSError, IndexError, ValueError):
-        return 0
+        return 0, 0
 
 
 class Procs:
@@ -171,7 +178,9 @@ def run_wrk(system: System, args: argparse.Namespace) -> dict:
     cmd = ["taskset", "-c", str(args.client_cpu), "wrk", "-t1", f"-c{args.conns}", f"-d{args.duration}s",
            "--latency", "-H", f"Host: {system.host}", f"http://127.0.0.1:{system.port}/"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 30).stdout
-    elapsed, cpu = time.monotonic() - t0, cpu_ticks(system.pid) - c0
+    c1 = cpu_ticks(system.pid)
+    elapsed, user, sys_ = time.monotonic() - t0, c1[0] - c0[0], c1[1] - c0[1]
+    cpu = user + sys_
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     lat = {q: to_ms(m.group(1)) for q in ("50%", "99%") if (m := re.search(rf"^\s+{q}\s+(\S+)", out, re.M))}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -179,8 +188,11 @@ def run_wrk(system: System, args: argparse.Namespace) -> dict:
     errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
     rate = float(rps.group(1)) if rps else float("nan")
     cpu_pct = 100.0 * cpu / CLK_TCK / elapsed if elapsed else float("nan")
+    done = rate * elapsed if rate == rate else 0.0
     return {"rps": rate, "p50_ms": lat.get("50%", float("nan")), "p99_ms": lat.get("99%", float("nan")),
             "errors": errors, "cpu_pct": cpu_pct,
+            "user_us": 1e6 * user / CLK_TCK / done if done else float("nan"),
+            "sys_us": 1e6 * sys_ / CLK_TCK / done if done else float("nan"),
             "rps_per_cpu": rate / (cpu_pct / 100.0) if cpu_pct and cpu_pct == cpu_pct else float("nan")}
 
 
@@ -198,6 +210,8 @@ def main() -> int:
     ap.add_argument("--server-cpu", type=int, default=1, help="CPU of the proxy under test")
     ap.add_argument("--client-cpu", type=int, default=0, help="CPU of wrk and the nginx backends")
     ap.add_argument("--json", type=Path, help="write the raw runs here")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure bench/_relay_floor.py (the Python+uvloop+httptools ceiling) with rr")
     args = ap.parse_args()
     if not 1 <= args.duration <= 15:
         ap.error("--duration must be 1..15 seconds")
@@ -229,12 +243,18 @@ def main() -> int:
         gw = procs.start([sys.executable, "-m", "regional_gateway.main", "--routes", str(work / "routes.toml"),
                           "--http", f"127.0.0.1:{gw_port}", "--log-level", "warning", "--metrics-port", "0"],
                          args.server_cpu, work / "gateway.log", env)
-        for p in (*hp_ports.values(), gw_port):
+        floor_port = free_port() if args.floor and "rr" in policies else 0
+        if floor_port:
+            procs.start([sys.executable, str(ROOT / "bench" / "_relay_floor.py"), str(floor_port),
+                         ",".join(map(str, backends))], args.server_cpu, work / "floor.log", env)
+        for p in (*hp_ports.values(), gw_port, *([floor_port] if floor_port else [])):
             wait_port(p)
         systems: list[System] = []
         for k in policies:
             systems.append(System(f"haproxy-{k}", k, hp_ports[k], hp.pid, f"app-{k}.{ZONE}"))
             systems.append(System(f"geomesh-{k}", k, gw_port, gw.pid, f"app-{k}.{ZONE}"))
+            if k == "rr" and floor_port:
+                systems.append(System("floor-rr", k, floor_port, procs.procs[-1].pid, f"app-{k}.{ZONE}"))
         print(f"# geomesh gateway vs HAProxy ({subprocess.run(['haproxy', '-v'], capture_output=True, text=True).stdout.split(chr(10))[0]})")
         print(f"# {os.cpu_count()} CPUs; proxy on CPU {args.server_cpu}; wrk + 3 nginx backends on CPU {args.client_cpu}; "
               f"wrk -t1 -c{args.conns} -d{args.duration}s --latency; 100-byte bodies; keep-alive")
@@ -252,7 +272,8 @@ def main() -> int:
                 res["round"] = r
                 s.runs.append(res)
                 print(f"round {r} {s.name:<14} {res['rps']:>10,.0f} req/s  p50 {res['p50_ms']:.2f} ms  "
-                      f"p99 {res['p99_ms']:.2f} ms  errors {res['errors']}  proxy CPU {res['cpu_pct']:.0f}%", flush=True)
+                      f"p99 {res['p99_ms']:.2f} ms  errors {res['errors']}  proxy CPU {res['cpu_pct']:.0f}% "
+                      f"(user {res['user_us']:.1f} + sys {res['sys_us']:.1f} µs/req)", flush=True)
         print()
         print("| policy | HAProxy req/s | HAProxy p99 ms | geomesh req/s | geomesh p99 ms | ratio per round "
               "| ratio (median) | req per proxy-CPU-s HAProxy / geomesh | CPU-normalised ratio |")
@@ -272,6 +293,16 @@ def main() -> int:
             print(f"| {label} | {row['haproxy_rps']:,.0f} | {row['haproxy_p99_ms']:.2f} | {row['geomesh_rps']:,.0f} | "
                   f"{row['geomesh_p99_ms']:.2f} | {' '.join(f'{x:.2f}' for x in ratios)} | {row['ratio']:.2f} | "
                   f"{row['haproxy_rps_per_cpu']:,.0f} / {row['geomesh_rps_per_cpu']:,.0f} | {row['cpu_ratio']:.2f} |")
+        floor = next((s for s in systems if s.name == "floor-rr"), None)
+        if floor is not None:
+            h, g = (next(s for s in systems if s.name == f"{n}-rr") for n in ("haproxy", "geomesh"))
+            f_h = [fr["rps"] / hr["rps"] for fr, hr in zip(floor.runs, h.runs, strict=True) if hr["rps"]]
+            g_f = [gr["rps"] / fr["rps"] for gr, fr in zip(g.runs, floor.runs, strict=True) if fr["rps"]]
+            summary["floor"] = {"rps": med([x["rps"] for x in floor.runs]), "floor_over_haproxy": med(f_h),
+                                "geomesh_over_floor": med(g_f), "ratios": f_h}
+            print(f"\nfloor (bench/_relay_floor.py: uvloop + httptools both ways, no gateway work): "
+                  f"{summary['floor']['rps']:,.0f} req/s; floor/HAProxy {' '.join(f'{x:.2f}' for x in f_h)} "
+                  f"(median {med(f_h):.2f}); geomesh/floor median {med(g_f):.2f}")
         print("\nratio = geomesh/HAProxy req/s in the same round (adjacent runs); the CPU-normalised ratio divides each")
         print("rate by the proxy's CPU share during its run, which discounts time stolen by other work on the machine.")
         if args.json:
