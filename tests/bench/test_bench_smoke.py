@@ -1,4 +1,4 @@
-"""The coordinator benchmarks still run: each in its --quick mode, against real etcd and coordinators.
+"""The benchmarks still run: each in a short mode, against the real servers it measures.
 
 No timing is asserted (the machine is shared); the JSON each bench writes must have every row,
 real counts and sizes, and the relations that do not depend on speed (every join reached every
@@ -31,8 +31,8 @@ def run_bench(script: str, out: Path, timeout: float) -> dict:
 def test_coordinator_bench_quick(tmp_path: Path) -> None:
     result = run_bench("coordinator.py", tmp_path / "coord.json", timeout=60)
     phases = result["phases"]
-    writes = ["ours_seq", "raw_put_seq", "raw_txn_seq", "raw_txnw_seq", "ours_c", "raw_put_c", "raw_txn_c",
-              "raw_txnw_c"]
+    writes = ["ours_seq", "raw_put_seq", "raw_txn_seq", "raw_txnw_seq", "noop_seq", "ours_c", "raw_put_c",
+              "raw_txn_c", "raw_txnw_c", "noop_c"]
     watches = ["watch_raw", "watch_ours", "watch_admin"]
     assert set(phases) == set(writes + watches)
     for key in writes:
@@ -47,6 +47,10 @@ def test_coordinator_bench_quick(tmp_path: Path) -> None:
     assert phases["ours_seq"]["coord_cpu_ms"] > 0
     assert {a["measure"].strip() for a in result["aims"]} >= {"writes/s, concurrent",
                                                                "watch delivery p99 from write start (ms)"}
+    # the floor row is the no-op RPC plus the raw txn, as measured in this run
+    floor = next(a for a in result["aims"] if a["measure"].strip().startswith("floor"))
+    assert floor["ours"] == phases["noop_seq"]["p50"] + phases["raw_txn_seq"]["p50"]
+    assert floor["raw"] == phases["raw_txn_seq"]["p50"]
 
 
 def test_mesh_convergence_bench_quick(tmp_path: Path) -> None:
@@ -63,3 +67,23 @@ def test_mesh_convergence_bench_quick(tmp_path: Path) -> None:
         assert s["joiner_snapshot_bytes"] > 0  # the joiner's full snapshot
     # a full map carries every peer; a delta carries the change
     assert phases[(20, "full-map")]["summary"]["bytes_mean"] > phases[(20, "delta")]["summary"]["bytes_mean"]
+
+
+def test_http_bench_runs_every_system(tmp_path: Path) -> None:
+    """bench/http.py, one short round: HAProxy, the gateway and the floor relay all answer under wrk."""
+    for tool in ("wrk", "haproxy", "nginx"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: run scripts/install.sh (./run test does)")
+    out = tmp_path / "http.json"
+    proc = subprocess.run([sys.executable, "bench/http.py", "--duration", "1", "--rounds", "1", "--policies", "rr",
+                           "--conns", "8", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"http.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert set(result["systems"]) == {"haproxy-rr", "geomesh-rr", "floor-rr"}
+    for name, runs in result["systems"].items():
+        (run,) = runs
+        assert run["rps"] > 0 and run["errors"] == 0, (name, run)
+        assert run["user_us"] >= 0 and run["sys_us"] >= 0, (name, run)
+    rr = result["summary"]["rr"]
+    assert rr["ratio"] == rr["geomesh_rps"] / rr["haproxy_rps"]
+    assert result["summary"]["floor"]["rps"] == result["systems"]["floor-rr"][0]["rps"]
