@@ -211,3 +211,44 @@ def test_proxy_protocol_codec():
                 proxy_protocol.SIGNATURE + b"\x21\x11\xff\xff"):
         with pytest.raises(proxy_protocol.ProxyProtocolError):
             proxy_protocol.parse_v2(bad)
+
+
+def _with_tlvs(header: bytes, tlvs: bytes) -> bytes:
+    """`header` with raw TLV bytes appended and its length field counting them."""
+    length = int.from_bytes(header[14:16], "big") + len(tlvs)
+    return header[:14] + length.to_bytes(2, "big") + header[16:] + tlvs
+
+
+def test_proxy_protocol_authority_tlv_round_trip():
+    for src, dst, block in (("192.0.2.1", "198.51.100.2", 12), ("2001:db8::1", "2001:db8::2", 36)):
+        plain = proxy_protocol.parse_v2(proxy_protocol.encode_v2(src, 40000, dst, 443))
+        assert plain.authority is None and plain.length == 16 + block
+        h = proxy_protocol.encode_v2(src, 40000, dst, 443, authority="grpc-50051g.apps.test")
+        assert h[16 + block:] == b"\x02\x00\x15grpc-50051g.apps.test"  # type 0x02, length 21, the name
+        got = proxy_protocol.parse_v2(h + b"PRI * HTTP/2.0")
+        assert got == proxy_protocol.ProxyHeader(src, 40000, dst, 443, len(h), "grpc-50051g.apps.test")
+    # UTF-8 both ways (an internationalised name, as the spec says the value is UTF-8)
+    h = proxy_protocol.encode_v2("192.0.2.1", 1, "192.0.2.2", 2, authority="bücher.example")
+    assert proxy_protocol.parse_v2(h).authority == "bücher.example"
+
+
+def test_proxy_protocol_unknown_tlvs_are_skipped():
+    base = proxy_protocol.encode_v2("192.0.2.1", 1, "192.0.2.2", 2)
+    noop, custom = b"\x04\x00\x02\x00\x00", b"\xe0\x00\x03abc"
+    authority = b"\x02\x00\x0bapi.example"
+    h = _with_tlvs(base, noop + authority + custom)
+    got = proxy_protocol.parse_v2(h + b"rest")
+    assert got.authority == "api.example" and got.length == len(h) and got.source == "192.0.2.1"
+    assert proxy_protocol.parse_v2(_with_tlvs(base, noop + custom)).authority is None
+
+
+def test_proxy_protocol_truncated_tlvs_are_refused():
+    base = proxy_protocol.encode_v2("192.0.2.1", 1, "192.0.2.2", 2)
+    # an authority declaring 200 bytes where the header has room for 11
+    with pytest.raises(proxy_protocol.ProxyProtocolError, match="TLV type 0x02 declares 200 bytes but runs past"):
+        proxy_protocol.parse_v2(_with_tlvs(base, b"\x02\x00\xc8api.example") + b"x" * 300)
+    # two stray bytes after the address block: not even a TLV type and length
+    with pytest.raises(proxy_protocol.ProxyProtocolError, match="TLV truncated: 2 byte"):
+        proxy_protocol.parse_v2(_with_tlvs(base, b"\x02\x00"))
+    with pytest.raises(proxy_protocol.ProxyProtocolError, match="authority TLV is not UTF-8"):
+        proxy_protocol.parse_v2(_with_tlvs(base, b"\x02\x00\x02\xff\xfe"))
