@@ -957,7 +957,12 @@ class ClientConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- mesh: forwarded passthrough
 
     def _sniff(self, data: bytes) -> bytes:
-        """Mesh listener only: a connection starting with PROXY v2 is a forwarded TLS passthrough."""
+        """Mesh listener only: a connection starting with PROXY v2 was forwarded by another gateway.
+
+        Without an authority TLV it is a TLS passthrough, named by the ClientHello that follows
+        (waited for). With one it is a `g` connection the sender already decrypted: clear HTTP/2
+        follows, maybe not yet (the client speaks when it likes), so nothing more is waited for.
+        """
         buf = self.sniffing
         assert buf is not None
         if not buf and not proxy_protocol.could_be_v2(data[:12]):
@@ -974,12 +979,16 @@ class ClientConnection(asyncio.Protocol):
             return b""
         if header is None:
             return b""
-        hello = client_hello.parse(bytes(buf[header.length:]))
+        rest = bytes(buf[header.length:])
+        hello = None if header.authority is not None else client_hello.parse(rest)
         if hello is client_hello.NEED_MORE:
             return b""
         self.sniffing = None
         self.dead_parser = True
-        self.server.passthrough_from_mesh(self, header, hello, bytes(buf[header.length:]))
+        if hello is None:
+            self.server.h2_from_mesh(self, header, rest)
+        else:
+            self.server.passthrough_from_mesh(self, header, hello, rest)
         return b""
 
 

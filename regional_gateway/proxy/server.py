@@ -24,7 +24,7 @@ from geomesh.logs import event
 from regional_gateway.proxy import client_hello
 from regional_gateway.proxy.certificates import CertificateStore
 from regional_gateway.proxy.downstream import ClientConnection
-from regional_gateway.proxy.hostnames import Mode, NameMatch
+from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName
 from regional_gateway.proxy.metrics import ProxyMetrics
 from regional_gateway.proxy.prober import Prober
 from regional_gateway.proxy.proxy_protocol import ProxyHeader
@@ -188,7 +188,7 @@ class ProxyServer:
                   logging.INFO if rt.available else logging.WARNING,
                   app=rt.app.spec.name if rt.app else "-", backend=rt.label, state=h.state.value, reason=h.reason)
 
-    # ---------------------------------------------------------------- mesh passthrough
+    # ---------------------------------------------------------------- mesh: forwarded tunnels
 
     def passthrough_from_mesh(self, conn: ClientConnection, header: ProxyHeader,
                               hello: client_hello.ClientHello | client_hello.NotTls, data: bytes) -> None:
@@ -201,10 +201,40 @@ class ProxyServer:
             transport.write(tls_alert(ALERT_UNRECOGNIZED_NAME))
             transport.close()
             return
+        self._tunnel_forwarded(conn, header, match, data, raw_tls=True)
+
+    def h2_from_mesh(self, conn: ClientConnection, header: ProxyHeader, data: bytes) -> None:
+        """A forwarded `g` connection arrived on the mesh listener: tunnel its clear HTTP/2 to a local
+        backend (h2c).
+
+        The sending gateway terminated the TLS, so the host name comes from the PROXY header's
+        authority TLV. One that is not a `g` name here is refused by closing: the peer is a gateway,
+        not a client mid-handshake, so there is nobody to send a TLS alert to; the log and the
+        `bad-forwarded-h2` error count say why.
+        """
+        authority = header.authority or ""
+        match = self.state.lookup(authority.encode())
+        if not isinstance(match, NameMatch) or match.mode is not Mode.H2:
+            why = match.reason if isinstance(match, UnknownName) else f"{authority!r} is not a `g` name"
+            self.metrics.error("bad-forwarded-h2")
+            event(log, "forwarded h2 refused", logging.WARNING, peer=conn.client_ip, authority=authority, reason=why)
+            conn.transport.close()
+            return
+        self._tunnel_forwarded(conn, header, match, data, raw_tls=False)
+
+    def _tunnel_forwarded(self, conn: ClientConnection, header: ProxyHeader, match: NameMatch, data: bytes, *,
+                          raw_tls: bool) -> None:
+        """Hand a forwarded mesh connection to a `TunnelClient` for a local backend of `match`.
+
+        The client address is the one the PROXY header carries (the forwarding gateway's own is
+        useless to the app), and `may_forward` is off: a forwarded connection never takes a second
+        hop. `data` (what followed the header) is replayed to the backend first.
+        """
         client = (header.source or conn.client_ip, header.source_port or conn.client_port)
         local = (header.destination or "0.0.0.0", header.destination_port)
-        plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=True)
+        plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=raw_tls)
         tunnel = TunnelClient(self, plan, preread=data)
+        transport = conn.transport
         self.conn_closed(conn)
         conn.closed = True
         transport.set_protocol(tunnel)

@@ -1,6 +1,7 @@
 """Cross-region forwarding between two real gateway processes on loopback (standalone routes listing
 the other gateway's mesh listener): nearest region first, failover to the next, one hop at most,
-the forwarded mark trusted only on the mesh listener, TLS passthrough forwarded with PROXY v2.
+the forwarded mark trusted only on the mesh listener, TLS passthrough forwarded with PROXY v2, `g`
+(terminated h2) connections received as clear h2 after PROXY v2 with the name in an authority TLV.
 (The same over WireGuard in network namespaces is the mesh end-to-end suite's job.)"""
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ from __future__ import annotations
 import json
 import socket
 import time
+import tomllib
 from pathlib import Path
 
+from regional_gateway.proxy import proxy_protocol
 from tests.proxy.backends import Backend
 from tests.proxy.certs import TestCA, san_of, server_context
 from tests.proxy.client import Conn, get
@@ -167,3 +170,55 @@ def test_mesh_address_behind_a_wildcard_listener(backends, gateway):
     # on another local address it is a public connection: the mark is dropped and B tries to forward
     r = get(("127.0.0.1", port), f"ghost.{ZONE}", headers={"X-Geomesh-Forwarded": "gw-a"})
     assert r.status == 502 and b"cannot connect to gateway:gw-a" in r.body
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame, as a client sends next
+
+
+def region_doc(name: str, region: str, loc: tuple[float, float], apps: dict[str, list[str]],
+               regions: list[tuple[str, tuple[float, float], list[str], str, int]]) -> dict:
+    """`routes_toml` as a routes document for the in-process `gateway` fixture."""
+    return tomllib.loads(routes_toml(name, region, loc, apps, regions))
+
+
+def counters(g, name: str) -> dict:
+    """A copy of one of the gateway's metric dicts (forwarded, errors), read on its loop."""
+    return g.run(lambda: dict(getattr(g.server.metrics, name)))
+
+
+def test_forwarded_g_with_a_name_that_is_not_a_g_name_is_refused(gateway):
+    sink = Backend("h2c-us", raw=True)
+    try:
+        b = gateway(region_doc("gw-b", "us", US, {"grpc": [sink.address]}, []), http=(),
+                    mesh=("127.0.0.1:0",))
+        for authority in (f"grpc-{sink.port}s.{ZONE}", f"grpc.{ZONE}", "nope.example", ""):
+            with Conn(b.mesh) as c:
+                c.send_raw(proxy_protocol.encode_v2("127.0.0.1", 40000, "127.0.0.1", 443, authority=authority)
+                           + H2_PREFACE)
+                assert c.closed_by_peer(), authority
+        assert counters(b, "errors") == {"bad-forwarded-h2": 4}
+        # a header whose authority TLV runs past its end: refused as a bad PROXY header, with a 400
+        header = proxy_protocol.encode_v2("127.0.0.1", 40000, "127.0.0.1", 443, authority=f"grpc-{sink.port}g.{ZONE}")
+        with Conn(b.mesh) as c:
+            c.send_raw(header[:29] + b"\xff" + header[30:] + H2_PREFACE)  # the TLV's length 0x0015 -> 0xff15
+            r = c.read_response()
+        assert r.status == 400 and b"runs past the header end" in r.body
+        assert sink.received == []
+    finally:
+        sink.close()
+
+
+def test_proxy_v2_with_an_authority_on_a_public_listener_is_not_a_forward(gateway):
+    sink = Backend("h2c", raw=True)
+    try:
+        g = gateway(region_doc("gw-b", "us", US, {"grpc": [sink.address]}, []), mesh=("127.0.0.1:0",))
+        header = proxy_protocol.encode_v2("203.0.113.9", 40000, "127.0.0.1", 443, authority=f"grpc-{sink.port}g.{ZONE}")
+        with Conn(g.http) as c:
+            c.send_raw(header + H2_PREFACE + H2_SETTINGS)
+            r = c.read_response()
+        assert r.status == 400 and r.header("x-geomesh-error") == "bad-request"
+        assert sink.received == []
+        assert counters(g, "errors").get("bad-forwarded-h2") is None
+    finally:
+        sink.close()
