@@ -6,7 +6,10 @@ name. Then the socket is handed to the event loop as one of:
 
 - TLS passthrough (`<app>-<port>s` names, passthrough custom domains): a `TunnelClient` that
   forwards the untouched TLS stream, ClientHello included;
-- HTTP/2 (`<app>-<port>g` names): terminated with ALPN h2, the clear stream tunnelled to the app;
+- HTTP/2 (`<app>-<port>g` names): terminated with ALPN h2, the clear stream tunnelled to the app
+  (h2c), or, when the app has no available backend in this region, to the mesh listener of the
+  nearest region's gateway that has one, after a PROXY v2 header whose authority TLV names the
+  `g` host (that gateway serves it locally: one hop at most);
 - everything else: terminated with the certificate for that name (`CertificateStore`) and served
   by a `ClientConnection` like plain HTTP (unknown names get a 404 over TLS when a default
   certificate exists, else a TLS `unrecognized_name` alert).
@@ -180,7 +183,8 @@ class _Sniffer:
             if ctx is None:
                 self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
                 return
-            plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=False)
+            # the name is lower-cased already (client_hello.parse): the far gateway resolves it as is
+            plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=False, authority=name)
             server.spawn(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock, ssl=ctx,
                                                       ssl_handshake_timeout=server.settings.header_timeout))
             return

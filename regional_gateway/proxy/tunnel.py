@@ -1,13 +1,16 @@
-"""Byte tunnels: TLS passthrough (`s` names), HTTP/2 after termination (`g` names), and
-passthrough connections forwarded between regions.
+"""Byte tunnels: TLS passthrough (`s` names), HTTP/2 after termination (`g` names), and both
+kinds forwarded between regions.
 
 A `TunnelClient` is the accepted side. It picks a target with `targets.choose` (retrying other
 backends when a connect fails), writes an optional preamble (a PROXY v2 header when the app
 asked for one, or always when the target is another region's gateway, which needs the client
-address), then copies bytes both ways with back-pressure (a full write buffer on one side pauses
-reading on the other) and half-close. When no target can be reached on a raw passthrough, the
-client gets a TLS alert (internal_error, or unrecognized_name for an unknown name) rather than a
-silent close: it is in the middle of a TLS handshake and that is the only thing it can read.
+address and, for a `g` connection, the host name as an authority TLV: that gateway gets clear
+HTTP/2 with no ClientHello to read the name from), then copies bytes both ways with
+back-pressure (a full write buffer on one side pauses reading on the other) and half-close.
+When no target can be reached on a raw passthrough, the client gets a TLS alert
+(internal_error, or unrecognized_name for an unknown name) rather than a silent close: it is in
+the middle of a TLS handshake and that is the only thing it can read. A terminated `g`
+connection is simply closed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class TunnelPlan:
     local: tuple[str, int]  # where the client connected to
     may_forward: bool
     raw_tls: bool  # the client is mid-handshake: failures are answered with a TLS alert
+    authority: str | None = None  # a `g` host name: sent to another region's gateway in the PROXY header
 
 
 class TunnelUpstream(asyncio.Protocol):
@@ -148,10 +152,7 @@ class TunnelClient(asyncio.Protocol):
             if target.region is not None:
                 server.metrics.forward(target.app, target.region.name)
             server.metrics.request(target.app, rt.label if target.region else rt.key, 0)
-            preamble = b""
-            app = server.state.apps.get(target.app)
-            if target.region is not None or (app is not None and app.spec.proxy_protocol):
-                preamble = proxy_protocol.encode_v2(plan.client[0], plan.client[1], plan.local[0], plan.local[1])
+            preamble = self._preamble(target)
             w = up.transport.write  # type: ignore[attr-defined]
             if preamble:
                 w(preamble)
@@ -165,6 +166,21 @@ class TunnelClient(asyncio.Protocol):
             self.transport.resume_reading()
             return
         self._fail(last)
+
+    def _preamble(self, target: Target) -> bytes:
+        """The PROXY v2 header to send before the client's bytes, or b"" for none.
+
+        Another region's gateway always gets one: it needs the client address, and for a `g`
+        connection (whose TLS ended here) the host name, since no ClientHello will tell it. A local
+        backend gets one (addresses only) when its app asks for it.
+        """
+        plan = self.plan
+        if target.region is not None:
+            return proxy_protocol.encode_v2(*plan.client, *plan.local, authority=plan.authority)
+        app = self.server.state.apps.get(target.app)
+        if app is not None and app.spec.proxy_protocol:
+            return proxy_protocol.encode_v2(*plan.client, *plan.local)
+        return b""
 
     def _fail(self, why: ProxyError | str) -> None:
         server = self.server

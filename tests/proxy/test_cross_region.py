@@ -1,7 +1,7 @@
 """Cross-region forwarding between two real gateway processes on loopback (standalone routes listing
 the other gateway's mesh listener): nearest region first, failover to the next, one hop at most,
 the forwarded mark trusted only on the mesh listener, TLS passthrough forwarded with PROXY v2, `g`
-(terminated h2) connections received as clear h2 after PROXY v2 with the name in an authority TLV.
+(terminated h2) connections forwarded as clear h2 after PROXY v2 with the name in an authority TLV.
 (The same over WireGuard in network namespaces is the mesh end-to-end suite's job.)"""
 
 from __future__ import annotations
@@ -176,10 +176,24 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame, as a client sends next
 
 
-def region_doc(name: str, region: str, loc: tuple[float, float], apps: dict[str, list[str]],
+def region_doc(ca: TestCA | None, name: str, region: str, loc: tuple[float, float], apps: dict[str, list[str]],
                regions: list[tuple[str, tuple[float, float], list[str], str, int]]) -> dict:
-    """`routes_toml` as a routes document for the in-process `gateway` fixture."""
-    return tomllib.loads(routes_toml(name, region, loc, apps, regions))
+    """`routes_toml` as a routes document for the in-process `gateway` fixture, with the zone's
+    wildcard certificate when `ca` is given (the gateway that terminates `g` names needs it)."""
+    doc = tomllib.loads(routes_toml(name, region, loc, apps, regions))
+    if ca is not None:
+        cert, key = ca.issue(f"zone-{name}", [f"*.{ZONE}"])
+        doc["certificates"] = [{"cert": str(cert), "key": str(key)}]
+    return doc
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        assert chunk, f"connection ended after {got!r}"
+        got += chunk
+    return got
 
 
 def counters(g, name: str) -> dict:
@@ -187,10 +201,64 @@ def counters(g, name: str) -> dict:
     return g.run(lambda: dict(getattr(g.server.metrics, name)))
 
 
+def test_g_form_is_forwarded_as_clear_h2_with_the_name_and_the_client_address(gateway, tmp_path):
+    ca = TestCA(tmp_path)
+    sink = Backend("h2c-us", raw=True)
+    pp_sink = Backend("h2c-pp-us", raw=True)
+    try:
+        doc_b = region_doc(None, "gw-b", "us", US, {"grpc": [sink.address]}, [])
+        doc_b["apps"].append({"name": "grpcpp", "proxy_protocol": True, "backends": [pp_sink.address]})
+        b = gateway(doc_b, http=(), mesh=("127.0.0.1:0",))
+        a = gateway(region_doc(ca, "gw-a", "eu", EU, {}, [("us", US, ["grpc", "grpcpp"], "gw-b", b.mesh[1])]),
+                    http=(), https=("127.0.0.1:0",), mesh=("127.0.0.1:0",))
+        sent = H2_PREFACE + H2_SETTINGS
+        name = f"grpc-{sink.port}g.{ZONE}"
+        with Conn(a.https, tls=ca.client_context(alpn=["h2"]), server_name=name) as c:
+            assert c.sock.selected_alpn_protocol() == "h2"
+            c.send_raw(sent)
+            assert recv_exactly(c.sock, len(sent)) == sent  # the sink's echo, back through B and A
+        # B's backend got the client's clear bytes and nothing else (no PROXY header, no TLS)
+        assert b"".join(sink.received) == sent
+        assert counters(a, "forwarded") == {("grpc", "us"): 1}
+        assert counters(b, "forwarded") == {}
+        # an app behind B that asks for PROXY v2 gets the client's address as A saw it, not A's
+        name = f"grpcpp-{pp_sink.port}g.{ZONE}"
+        with Conn(a.https, tls=ca.client_context(alpn=["h2"]), server_name=name) as c:
+            client = c.sock.getsockname()[:2]
+            c.send_raw(sent)
+            echoed = recv_exactly(c.sock, 16)  # the fixed part of a PROXY v2 header, then what it counts
+            echoed += recv_exactly(c.sock, int.from_bytes(echoed[14:16], "big") + len(sent))
+            header = proxy_protocol.parse_v2(echoed)
+            assert header is not None
+        assert (header.source, header.source_port) == client
+        assert (header.destination, header.destination_port) == a.https
+        assert header.authority is None  # the name was for B; the backend did not ask for it
+        assert echoed[header.length:] == sent and b"".join(pp_sink.received) == echoed
+    finally:
+        sink.close()
+        pp_sink.close()
+
+
+def test_a_forwarded_g_connection_is_not_forwarded_again(gateway, tmp_path):
+    """Both regions claim the app, neither has a backend: A forwards once, B refuses rather than
+    sending it back, and A's client sees its connection end."""
+    ca = TestCA(tmp_path)
+    b = gateway(region_doc(None, "gw-b", "us", US, {"grpc": []}, []), http=(), mesh=("127.0.0.1:0",))
+    a = gateway(region_doc(ca, "gw-a", "eu", EU, {"grpc": []}, [("us", US, ["grpc"], "gw-b", b.mesh[1])]),
+                http=(), https=("127.0.0.1:0",), mesh=("127.0.0.1:0",))
+    b.update(region_doc(None, "gw-b", "us", US, {"grpc": []}, [("eu", EU, ["grpc"], "gw-a", a.mesh[1])]))
+    with Conn(a.https, tls=ca.client_context(alpn=["h2"]), server_name=f"grpc-50051g.{ZONE}") as c:
+        c.send_raw(H2_PREFACE + H2_SETTINGS)
+        assert c.closed_by_peer()
+    assert counters(a, "forwarded") == {("grpc", "us"): 1}
+    assert counters(b, "forwarded") == {}  # no second hop back to eu
+    assert counters(b, "errors") == {"no-healthy-backend": 1}
+
+
 def test_forwarded_g_with_a_name_that_is_not_a_g_name_is_refused(gateway):
     sink = Backend("h2c-us", raw=True)
     try:
-        b = gateway(region_doc("gw-b", "us", US, {"grpc": [sink.address]}, []), http=(),
+        b = gateway(region_doc(None, "gw-b", "us", US, {"grpc": [sink.address]}, []), http=(),
                     mesh=("127.0.0.1:0",))
         for authority in (f"grpc-{sink.port}s.{ZONE}", f"grpc.{ZONE}", "nope.example", ""):
             with Conn(b.mesh) as c:
@@ -212,7 +280,7 @@ def test_forwarded_g_with_a_name_that_is_not_a_g_name_is_refused(gateway):
 def test_proxy_v2_with_an_authority_on_a_public_listener_is_not_a_forward(gateway):
     sink = Backend("h2c", raw=True)
     try:
-        g = gateway(region_doc("gw-b", "us", US, {"grpc": [sink.address]}, []), mesh=("127.0.0.1:0",))
+        g = gateway(region_doc(None, "gw-b", "us", US, {"grpc": [sink.address]}, []), mesh=("127.0.0.1:0",))
         header = proxy_protocol.encode_v2("203.0.113.9", 40000, "127.0.0.1", 443, authority=f"grpc-{sink.port}g.{ZONE}")
         with Conn(g.http) as c:
             c.send_raw(header + H2_PREFACE + H2_SETTINGS)
