@@ -347,9 +347,9 @@ def explain(db: maxminddb.Reader, net: bytes, ours: str | None, theirs: str | No
 # -- main --------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each server once per round)")
     ap.add_argument("--duration", type=float, default=10.0, help="saturating run length in s (<= 15)")
     ap.add_argument("--lat-duration", type=float, default=4.0, help="fixed-rate run length in s")
     ap.add_argument("--lat-qps", type=int, default=20000, help="rate of the latency run")
@@ -357,13 +357,20 @@ def main() -> int:
     ap.add_argument("--apps", type=int, default=100, help="app names the queries ask for")
     ap.add_argument("--clients", type=int, default=8, help="dnsperf -c")
     ap.add_argument("--outstanding", type=int, default=200, help="dnsperf -q")
-    ap.add_argument("--server-cpu", type=int, default=1)
-    ap.add_argument("--client-cpu", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=20240601)
-    ap.add_argument("--geoip-db", type=Path, default=None)
+    ap.add_argument("--server-cpu", type=int, default=1, help="CPU the DNS server under test is pinned to")
+    ap.add_argument("--client-cpu", type=int, default=0, help="CPU dnsperf is pinned to")
+    ap.add_argument("--seed", type=int, default=20240601,
+                    help="seed of the query file (which subnets and names), so runs are comparable")
+    ap.add_argument("--geoip-db", type=Path, default=None,
+                    help="GeoLite2 City .mmdb for both servers (default: the one the maxminddb-geolite2 package ships)")
     ap.add_argument("--ours-args", default="", help="extra geomesh-dns flags, e.g. '--no-batch-io'")
-    ap.add_argument("--skip-gdnsd", action="store_true")
+    ap.add_argument("--skip-gdnsd", action="store_true", help="measure geomesh-dns alone (no ratio is printed)")
     ap.add_argument("--results", type=Path, default=None, help="directory for raw output (default: a temp dir)")
+    return ap
+
+
+def main() -> int:
+    ap = parser()
     args = ap.parse_args()
     if args.duration > 15 or args.lat_duration > 15:
         ap.error("runs are bounded to 15 s")

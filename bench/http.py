@@ -201,7 +201,7 @@ def med(values: list[float]) -> float:
     return statistics.median(clean) if clean else float("nan")
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (1-15)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
@@ -212,6 +212,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the raw runs here")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure bench/_relay_floor.py (the Python+uvloop+httptools ceiling) with rr")
+    return ap
+
+
+def main() -> int:
+    ap = parser()
     args = ap.parse_args()
     if not 1 <= args.duration <= 15:
         ap.error("--duration must be 1..15 seconds")
