@@ -295,6 +295,12 @@ class ClientConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- httptools callbacks
 
     def on_message_begin(self) -> None:
+        # the head fields were reset when the previous head completed (`_reset_head`)
+        self.in_head = True
+        if self.active is None:
+            self.deadline = self.server.now + self.header_timeout
+
+    def _reset_head(self) -> None:
         self.h_parts = []
         self.h_url = b""
         self.h_host = None
@@ -306,10 +312,6 @@ class ClientConnection(asyncio.Protocol):
             self.h_cl = -1
             self.h_err = None
             self.h_xff = self.h_fwd = self.h_proto = self.h_mark = self.h_upgrade = self.h_conn = None
-        self.in_head = True
-        self.head_bytes = 0
-        if self.active is None:
-            self.deadline = self.server.now + self.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.h_url += url
@@ -378,6 +380,14 @@ class ClientConnection(asyncio.Protocol):
                 ex.head = self._head_slow(ex, method, parser.get_http_version())  # type: ignore[union-attr]
         else:
             keep = False
+        if self.h_special:
+            self._reset_head()
+        else:  # inlined _reset_head, the common case
+            self.h_parts = []
+            self.h_url = b""
+            self.h_host = None
+            self.h_count = 0
+            self.h_size = 0
         self.cur = ex
         if not keep or not ex.keep_alive or (ex.error is not None and ex.error.closes):
             self.dead_parser = True
@@ -658,10 +668,21 @@ class ClientConnection(asyncio.Protocol):
                 up.close()
         else:
             up.detach(ex.req_done and not ex.upgrade)
-        if ex.req_done:
-            self._finish(ex)
-        else:  # the backend answered before the whole body arrived: drain the rest, then go on
+        if not ex.req_done:  # the backend answered before the whole body arrived: drain the rest, then go on
             ex.discard = True
+            return
+        if self.queue or self.closing or not ex.keep_alive or self.closed:
+            self._finish(ex)
+            return
+        # inlined _finish for the common case (keep-alive, nothing queued)
+        self.active = None
+        counts = server.metrics.requests
+        key = (ex.app, ex.backend_label, status)
+        counts[key] = counts.get(key, 0) + 1
+        if ex.counted:
+            ex.counted = False
+            rt.inflight -= 1  # type: ignore[union-attr]
+        self.deadline = server.now + (self.header_timeout if self.in_head else self.idle_timeout)
 
     def _finish(self, ex: Exchange) -> None:
         self.active = None

@@ -12,7 +12,7 @@ once, and idle ones are closed after `pool_idle_timeout`.
 from __future__ import annotations
 
 import asyncio
-import time
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -117,7 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status >= 200 and ex is not None:
             ex.status = status
-            ex.t_head = time.monotonic()
+            ex.t_head = monotonic()
             self.keep = self.parser.should_keep_alive()
             if ex.head_only:  # no body follows a response to HEAD; llhttp cannot be told, so we end here
                 self.done = True
