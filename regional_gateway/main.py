@@ -36,8 +36,8 @@ SETTING_HELP = {
              "for <app>-<port>s names (repeatable)",
     "mesh": "mesh listener host:port: requests forwarded by other gateways; their X-Forwarded-* and "
             "X-Geomesh-Forwarded headers are trusted here only (repeatable)",
-    "trusted_peers": "IP of another gateway whose forwarded requests are trusted on every listener, as on "
-                     "the mesh listener (for gateways reached without a mesh; repeatable)",
+    "trusted_peers": "IP of another gateway whose forwarded requests and tunnels (PROXY v2) are trusted on every "
+                     "listener, as on the mesh listener (for gateways reached without a mesh; repeatable)",
     "max_connections": "client connections over all listeners; beyond it new ones get 503 and are closed",
     "max_header_bytes": "request line + headers limit in bytes (431 beyond)",
     "max_headers": "number of header fields limit (431 beyond)",

@@ -182,6 +182,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.trusted:
             if self.client_ip in server.trusted_peers:
                 self.trusted = True
+                if self.kind == "http":  # the peer's forwarded tunnels (PROXY v2 first) arrive here too
+                    self.sniffing = bytearray()
             elif server.mesh_local_ips and self.kind == "http":
                 local = transport.get_extra_info("sockname")
                 if isinstance(local, tuple) and local and local[0] in server.mesh_local_ips:

@@ -290,3 +290,24 @@ def test_proxy_v2_with_an_authority_on_a_public_listener_is_not_a_forward(gatewa
         assert counters(g, "errors").get("bad-forwarded-h2") is None
     finally:
         sink.close()
+
+
+def test_a_trusted_peer_may_forward_tunnels_to_the_public_listener(gateway):
+    """Gateways without a mesh (`--trusted-peers`): a forwarded g tunnel from a listed peer address
+    is believed on the plain listener; the same bytes from any other address are a 400."""
+    sink = Backend("h2c", raw=True)
+    try:
+        g = gateway(region_doc(None, "gw-b", "us", US, {"grpc": [sink.address]}, []), trusted_peers=("127.0.0.5",))
+        header = proxy_protocol.encode_v2("203.0.113.9", 40000, "127.0.0.1", 443, authority=f"grpc-{sink.port}g.{ZONE}")
+        sent = H2_PREFACE + H2_SETTINGS
+        with Conn(g.http, source="127.0.0.5") as c:
+            c.send_raw(header + sent)
+            assert recv_exactly(c.sock, len(sent)) == sent  # tunnelled to the sink, which echoes
+        assert b"".join(sink.received) == sent
+        with Conn(g.http, source="127.0.0.6") as c:
+            c.send_raw(header + sent)
+            r = c.read_response()
+        assert r.status == 400 and r.header("x-geomesh-error") == "bad-request"
+        assert b"".join(sink.received) == sent  # nothing more reached the app
+    finally:
+        sink.close()
