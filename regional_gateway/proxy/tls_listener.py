@@ -9,7 +9,8 @@ name. Then the socket is handed to the event loop as one of:
 - HTTP/2 (`<app>-<port>g` names): terminated with ALPN h2, the clear stream tunnelled to the app
   (h2c), or, when the app has no available backend in this region, to the mesh listener of the
   nearest region's gateway that has one, after a PROXY v2 header whose authority TLV names the
-  `g` host (that gateway serves it locally: one hop at most);
+  `g` host (that gateway serves it locally: one hop at most). A client that does not offer h2
+  in its ALPN list is terminated as HTTP/1.1 instead and answered `421` (connect with ALPN h2);
 - everything else: terminated with the certificate for that name (`CertificateStore`) and served
   by a `ClientConnection` like plain HTTP (unknown names get a 404 over TLS when a default
   certificate exists, else a TLS `unrecognized_name` alert).
@@ -178,7 +179,7 @@ class _Sniffer:
             plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=True)
             server.spawn(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock))
             return
-        if isinstance(match, NameMatch) and match.mode is Mode.H2:
+        if isinstance(match, NameMatch) and match.mode is Mode.H2 and "h2" in hello.alpn:
             ctx = server.certs.context_for(name, h2=True)
             if ctx is None:
                 self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
@@ -188,6 +189,8 @@ class _Sniffer:
             server.spawn(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock, ssl=ctx,
                                                       ssl_handshake_timeout=server.settings.header_timeout))
             return
+        # HTTP/1.1 termination; also a `g` name whose client does not offer h2: it gets the 421 that
+        # tells it to connect with ALPN h2, instead of a tunnel that would answer it in HTTP/2 frames
         ctx = server.certs.context_for(name)
         if ctx is None:
             self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")

@@ -156,6 +156,24 @@ def test_g_form_terminates_with_h2_and_tunnels_cleartext(ca, gateway):
         sink.close()
 
 
+def test_g_form_tells_an_http1_client_to_use_h2(ca, gateway):
+    """A client that does not offer h2 (curl --http1.1, a browser on an old stack) cannot talk to
+    an h2c app through a byte tunnel: it gets the TLS it asked for and a 421 naming the fix,
+    not a tunnel that answers its request with HTTP/2 frames."""
+    sink = Backend("h2c", raw=True)
+    try:
+        g = gateway(tls_routes(ca, [{"name": "grpc", "backends": [sink.address]}]), http=(), https=("127.0.0.1:0",))
+        name = f"grpc-{sink.port}g.{ZONE}"
+        for alpn in (["http/1.1"], None):
+            with Conn(g.https, tls=ca.client_context(alpn=alpn), server_name=name) as c:
+                assert c.sock.selected_alpn_protocol() in ("http/1.1", None)
+                r = c.request(name)
+            assert r.status == 421 and b"ALPN h2" in r.body, r.body
+        assert sink.received == [] and sink.connections == 0
+    finally:
+        sink.close()
+
+
 def test_tls_refusals_are_explicit(ca, backends, gateway, tmp_path):
     (b,) = backends(1)
     g = gateway({"zone": ZONE, "health": {"check": "none"}, "apps": [{"name": "shop", "backends": [b.address]}]},
