@@ -434,7 +434,8 @@ async def amain(args: argparse.Namespace) -> int:
     with _procs.workdir(args.keep, "geomesh-bench-coord-") as workdir:
         pki = _procs.make_pki(workdir / "pki")
         etcd = _procs.start_etcd(workdir, args.etcd_cpu)
-        coord = _procs.CoordinatorProc(etcd, pki, workdir, cpu=args.server_cpu, lease_ttl=30, profile=args.profile)
+        coord = _procs.CoordinatorProc(etcd, pki, workdir, cpu=args.server_cpu, lease_ttl=30, profile=args.profile,
+                                     extra=args.coordinator_flags.split())
         bench: Bench | None = None
         try:
             coord.start()
@@ -490,6 +491,8 @@ def parser() -> argparse.ArgumentParser:
                    "coordinator and client logs (default: a temporary directory, removed)")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--profile", type=Path, help="run the coordinator under cProfile and write the profile here")
+    p.add_argument("--coordinator-flags", default="", metavar="FLAGS",
+                   help="extra geomesh-coordinator flags, e.g. '--no-uvloop' (split on spaces)")
     return p
 
 

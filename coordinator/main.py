@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+import uvloop
+
 from coordinator.server import Coordinator, CoordinatorConfig
 from geomesh import logs, metrics
 from geomesh.errors import ValidationError
@@ -38,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
     p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
+    p.add_argument("--no-uvloop", action="store_true", help="run on the stock asyncio event loop instead of uvloop")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default %(default)s)")
     p.add_argument("--log-format", default="json", choices=["json", "text"], help="log format (default %(default)s)")
     return p
@@ -69,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     try:
-        asyncio.run(run(args))
+        if args.no_uvloop:
+            asyncio.run(run(args))
+        else:
+            uvloop.run(run(args))
     except ValidationError as exc:
         print(f"geomesh-coordinator: invalid configuration: {exc}", file=sys.stderr)
         return 2
