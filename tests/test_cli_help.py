@@ -21,6 +21,7 @@ PARSERS = [
     ("bench.mesh_convergence", "parser"),
     ("bench.dns", "parser"),
     ("bench.http", "parser"),
+    ("bench.proxy_path", "parser"),
 ]
 
 

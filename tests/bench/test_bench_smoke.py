@@ -87,3 +87,16 @@ def test_http_bench_runs_every_system(tmp_path: Path) -> None:
     rr = result["summary"]["rr"]
     assert rr["ratio"] == rr["geomesh_rps"] / rr["haproxy_rps"]
     assert result["summary"]["floor"]["rps"] == result["systems"]["floor-rr"][0]["rps"]
+
+
+def test_proxy_path_bench_runs_the_real_exchange(tmp_path: Path) -> None:
+    """bench/proxy_path.py drives the gateway's real objects (it fails when an exchange does not complete)
+    for every policy and the floor, and reports the gateway's work as the difference to the floor."""
+    out = tmp_path / "path.json"
+    proc = subprocess.run([sys.executable, "bench/proxy_path.py", "--requests", "2000", "--repeats", "1",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"proxy_path.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert set(result) == {"floor", "geomesh-rr", "geomesh-lc", "geomesh-hash"}
+    for name in ("geomesh-rr", "geomesh-lc", "geomesh-hash"):
+        assert result[name]["over_floor_us"] == result[name]["best_us"] - result["floor"]["best_us"]
