@@ -26,13 +26,51 @@ import uvloop
 from httptools import HttpRequestParser, HttpResponseParser
 
 
-class Backend(asyncio.Protocol):
+class ResponseCallbacks:
+    """What a proxy must learn from a response: its status and where it ends (httptools callbacks)."""
+
+    parser: HttpResponseParser
+    status = 0
+    complete = 0
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_message_complete(self) -> None:
+        self.complete += 1
+
+
+class RequestCallbacks:
+    """What a router must learn from a request: URL, Host, method, where it ends (httptools callbacks)."""
+
+    parser: HttpRequestParser
+    url = b""
+    host = b""
+    method = b""
+    complete = 0
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"host":
+            self.host = value
+
+    def on_headers_complete(self) -> None:
+        self.method = self.parser.get_method()
+
+    def on_message_complete(self) -> None:
+        self.complete += 1
+
+
+class Backend(ResponseCallbacks, asyncio.Protocol):
     def __init__(self, client: Client) -> None:
         self.client = client
         self.parser = HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
-        self.status = 0
-        self.complete = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -41,27 +79,17 @@ class Backend(asyncio.Protocol):
         self.parser.feed_data(data)
         self.client.transport.write(data)  # type: ignore[union-attr]
 
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-
-    def on_message_complete(self) -> None:
-        self.complete += 1
-
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.transport.close()  # type: ignore[union-attr]
 
 
-class Client(asyncio.Protocol):
+class Client(RequestCallbacks, asyncio.Protocol):
     def __init__(self, backends: itertools.cycle) -> None:
         self.backends = backends
         self.parser = HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.backend: Backend | None = None
         self.pending: list[bytes] = []
-        self.url = b""
-        self.host = b""
-        self.method = b""
-        self.complete = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -85,23 +113,6 @@ class Client(asyncio.Protocol):
             self.pending.append(data)
         else:
             self.backend.transport.write(data)  # type: ignore[union-attr]
-
-    # the request callbacks a router needs: the URL, the headers (for Host), the method
-    def on_message_begin(self) -> None:
-        self.url = b""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"host":
-            self.host = value
-
-    def on_headers_complete(self) -> None:
-        self.method = self.parser.get_method()
-
-    def on_message_complete(self) -> None:
-        self.complete += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.backend is not None:

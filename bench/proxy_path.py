@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository, no
 
 from httptools import HttpRequestParser, HttpResponseParser  # noqa: E402
 
+from bench._relay_floor import RequestCallbacks, ResponseCallbacks  # noqa: E402
 from regional_gateway.proxy.downstream import ClientConnection  # noqa: E402
 from regional_gateway.proxy.routes_file import parse_routes  # noqa: E402
 from regional_gateway.proxy.server import ProxyServer  # noqa: E402
@@ -103,50 +104,28 @@ def gateway_exchange(policy: str):
     return one, check
 
 
-class _FloorUpstream:
+class _FloorUpstream(ResponseCallbacks):
     def __init__(self, client: _FloorClient) -> None:
         self.client = client
         self.parser = HttpResponseParser(self)
         self.transport = CountingTransport(BACKENDS[0])
-        self.status = 0
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
         self.client.transport.write(data)
 
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
 
-    def on_message_complete(self) -> None:
-        pass
+class _FloorClient(RequestCallbacks):
+    """The floor relay's client side (`bench/_relay_floor.py`) on counting transports."""
 
-
-class _FloorClient:
     def __init__(self) -> None:
         self.parser = HttpRequestParser(self)
         self.transport = CountingTransport(("127.0.0.1", 40000))
         self.upstream = _FloorUpstream(self)
-        self.url = self.host = self.method = b""
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
         self.upstream.transport.write(data)
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"host":
-            self.host = value
-
-    def on_headers_complete(self) -> None:
-        self.method = self.parser.get_method()
-
-    def on_message_complete(self) -> None:
-        pass
 
 
 def floor_exchange():
