@@ -9,7 +9,7 @@ them into metric families when /metrics is scraped (served by `geomesh.metrics.s
 - `geomesh_gateway_upstream_latency_seconds{app}`: request sent -> response head received;
 - `geomesh_gateway_errors_total{cause}`: errors the gateway answered or hit, by cause;
 - `geomesh_gateway_forwarded_total{app,region}`: requests and tunnels sent to another region;
-- `geomesh_gateway_active_connections{listener}`: open client connections (http, https, mesh, tunnel);
+- `geomesh_gateway_active_connections{listener}`: open client connections (http, https, mesh, tunnel, h2);
 - `geomesh_gateway_backend_up{app,backend,state}`: 1 if the backend takes traffic, with its state;
 - `geomesh_gateway_routes_reloads_total{result}`: routes updates applied or refused.
 """
@@ -107,7 +107,7 @@ class _Collector(Collector):
             fwd.add_metric([app, region], val)
         for result, val in sorted(sums["rel"].items()):
             rel.add_metric([result], val)
-        for kind in ("http", "https", "mesh", "tunnel"):
+        for kind in ("http", "https", "mesh", "tunnel", "h2"):
             conns.add_metric([kind], sums["conn"].get(kind, 0))
         for app, h in sorted(hist.items()):
             cumulative, buckets = 0.0, []

@@ -24,6 +24,7 @@ from geomesh.logs import event
 from regional_gateway.proxy import client_hello
 from regional_gateway.proxy.certificates import CertificateStore
 from regional_gateway.proxy.downstream import ClientConnection
+from regional_gateway.proxy.h2proxy import H2Downstream
 from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName
 from regional_gateway.proxy.metrics import ProxyMetrics
 from regional_gateway.proxy.prober import Prober
@@ -48,7 +49,7 @@ class ProxyServer:
         self.pool = Pool(settings.pool_max_idle, settings.pool_idle_timeout)
         self.metrics = ProxyMetrics(self)
         self.connections: set[Any] = set()
-        self.kind_counts: dict[str, int] = {"http": 0, "https": 0, "mesh": 0, "tunnel": 0}
+        self.kind_counts: dict[str, int] = {"http": 0, "https": 0, "mesh": 0, "tunnel": 0, "h2": 0}
         self.now = 0.0
         self.draining = False
         self.mark = (routes.self_name or routes.region or "gateway").encode()
@@ -201,11 +202,11 @@ class ProxyServer:
             transport.write(tls_alert(ALERT_UNRECOGNIZED_NAME))
             transport.close()
             return
-        self._tunnel_forwarded(conn, header, match, data, raw_tls=True)
+        self._tunnel_forwarded(conn, header, match, data)
 
     def h2_from_mesh(self, conn: ClientConnection, header: ProxyHeader, data: bytes) -> None:
-        """A forwarded `g` connection arrived on the mesh listener: tunnel its clear HTTP/2 to a local
-        backend (h2c).
+        """A forwarded `g` connection arrived on the mesh listener: its clear HTTP/2 streams go to
+        local backends (h2c), each by the app's policy, never forwarded again.
 
         The sending gateway terminated the TLS, so the host name comes from the PROXY header's
         authority TLV. One that is not a `g` name here is refused by closing: the peer is a gateway,
@@ -220,10 +221,11 @@ class ProxyServer:
             event(log, "forwarded h2 refused", logging.WARNING, peer=conn.client_ip, authority=authority, reason=why)
             conn.transport.close()
             return
-        self._tunnel_forwarded(conn, header, match, data, raw_tls=False)
+        client = (header.source or conn.client_ip, header.source_port or conn.client_port)
+        local = (header.destination or "0.0.0.0", header.destination_port)
+        self._hand_over(conn, H2Downstream(self, match, client, local, authority, may_forward=False, preread=data))
 
-    def _tunnel_forwarded(self, conn: ClientConnection, header: ProxyHeader, match: NameMatch, data: bytes, *,
-                          raw_tls: bool) -> None:
+    def _tunnel_forwarded(self, conn: ClientConnection, header: ProxyHeader, match: NameMatch, data: bytes) -> None:
         """Hand a forwarded mesh connection to a `TunnelClient` for a local backend of `match`.
 
         The client address is the one the PROXY header carries (the forwarding gateway's own is
@@ -232,13 +234,16 @@ class ProxyServer:
         """
         client = (header.source or conn.client_ip, header.source_port or conn.client_port)
         local = (header.destination or "0.0.0.0", header.destination_port)
-        plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=raw_tls)
-        tunnel = TunnelClient(self, plan, preread=data)
+        plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=True)
+        self._hand_over(conn, TunnelClient(self, plan, preread=data))
+
+    def _hand_over(self, conn: ClientConnection, protocol: Any) -> None:
+        """Move a mesh connection from the HTTP protocol that sniffed it to the one that serves it."""
         transport = conn.transport
         self.conn_closed(conn)
         conn.closed = True
-        transport.set_protocol(tunnel)
-        tunnel.connection_made(transport)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
 
     # ---------------------------------------------------------------- timers
 

@@ -6,11 +6,10 @@ name. Then the socket is handed to the event loop as one of:
 
 - TLS passthrough (`<app>-<port>s` names, passthrough custom domains): a `TunnelClient` that
   forwards the untouched TLS stream, ClientHello included;
-- HTTP/2 (`<app>-<port>g` names): terminated with ALPN h2, the clear stream tunnelled to the app
-  (h2c), or, when the app has no available backend in this region, to the mesh listener of the
-  nearest region's gateway that has one, after a PROXY v2 header whose authority TLV names the
-  `g` host (that gateway serves it locally: one hop at most). A client that does not offer h2
-  in its ALPN list is terminated as HTTP/1.1 instead and answered `421` (connect with ALPN h2);
+- HTTP/2 (`<app>-<port>g` names): terminated with ALPN h2 and served by an `h2proxy.H2Downstream`,
+  which routes every stream (gRPC call) on its own, to a local backend (h2c) or another region's
+  gateway. A client that does not offer h2 in its ALPN list is terminated as HTTP/1.1 instead
+  and answered `421` (connect with ALPN h2);
 - everything else: terminated with the certificate for that name (`CertificateStore`) and served
   by a `ClientConnection` like plain HTTP (unknown names get a 404 over TLS when a default
   certificate exists, else a TLS `unrecognized_name` alert).
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 from geomesh.logs import event
 from regional_gateway.proxy import client_hello
 from regional_gateway.proxy.downstream import ClientConnection
+from regional_gateway.proxy.h2proxy import H2Downstream
 from regional_gateway.proxy.hostnames import Mode, NameMatch
 from regional_gateway.proxy.http_errors import BadRequest, render
 from regional_gateway.proxy.tunnel import (
@@ -184,10 +184,10 @@ class _Sniffer:
             if ctx is None:
                 self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
                 return
-            # the name is lower-cased already (client_hello.parse): the far gateway resolves it as is
-            plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=False, authority=name)
-            server.spawn(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock, ssl=ctx,
-                                                      ssl_handshake_timeout=server.settings.header_timeout))
+            # the name is lower-cased already (client_hello.parse): a far gateway resolves it as is
+            server.spawn(loop.connect_accepted_socket(
+                lambda: H2Downstream(server, match, client, local, name, may_forward=True), sock, ssl=ctx,
+                ssl_handshake_timeout=server.settings.header_timeout))
             return
         # HTTP/1.1 termination; also a `g` name whose client does not offer h2: it gets the 421 that
         # tells it to connect with ALPN h2, instead of a tunnel that would answer it in HTTP/2 frames

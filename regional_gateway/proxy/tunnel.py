@@ -1,16 +1,13 @@
-"""Byte tunnels: TLS passthrough (`s` names), HTTP/2 after termination (`g` names), and both
-kinds forwarded between regions.
+"""Byte tunnels: TLS passthrough (`s` names), also when forwarded between regions.
 
 A `TunnelClient` is the accepted side. It picks a target with `targets.choose` (retrying other
 backends when a connect fails), writes an optional preamble (a PROXY v2 header when the app
 asked for one, or always when the target is another region's gateway, which needs the client
-address and, for a `g` connection, the host name as an authority TLV: that gateway gets clear
-HTTP/2 with no ClientHello to read the name from), then copies bytes both ways with
-back-pressure (a full write buffer on one side pauses reading on the other) and half-close.
-When no target can be reached on a raw passthrough, the client gets a TLS alert
-(internal_error, or unrecognized_name for an unknown name) rather than a silent close: it is in
-the middle of a TLS handshake and that is the only thing it can read. A terminated `g`
-connection is simply closed.
+address), then copies bytes both ways with back-pressure (a full write buffer on one side
+pauses reading on the other) and half-close. When no target can be reached, the client gets a
+TLS alert (internal_error, or unrecognized_name for an unknown name) rather than a silent
+close: it is in the middle of a TLS handshake and that is the only thing it can read.
+(`g` names are not tunnelled: `h2proxy` routes each of their HTTP/2 streams.)
 """
 
 from __future__ import annotations
@@ -49,7 +46,6 @@ class TunnelPlan:
     local: tuple[str, int]  # where the client connected to
     may_forward: bool
     raw_tls: bool  # the client is mid-handshake: failures are answered with a TLS alert
-    authority: str | None = None  # a `g` host name: sent to another region's gateway in the PROXY header
 
 
 class TunnelUpstream(asyncio.Protocol):
@@ -168,18 +164,11 @@ class TunnelClient(asyncio.Protocol):
         self._fail(last)
 
     def _preamble(self, target: Target) -> bytes:
-        """The PROXY v2 header to send before the client's bytes, or b"" for none.
-
-        Another region's gateway always gets one: it needs the client address, and for a `g`
-        connection (whose TLS ended here) the host name, since no ClientHello will tell it. A local
-        backend gets one (addresses only) when its app asks for it.
-        """
-        plan = self.plan
-        if target.region is not None:
-            return proxy_protocol.encode_v2(*plan.client, *plan.local, authority=plan.authority)
+        """The PROXY v2 header to send before the client's bytes, or b"" for none: another region's
+        gateway always gets one (it needs the client address), a local backend when its app asks."""
         app = self.server.state.apps.get(target.app)
-        if app is not None and app.spec.proxy_protocol:
-            return proxy_protocol.encode_v2(*plan.client, *plan.local)
+        if target.region is not None or (app is not None and app.spec.proxy_protocol):
+            return proxy_protocol.encode_v2(*self.plan.client, *self.plan.local)
         return b""
 
     def _fail(self, why: ProxyError | str) -> None:

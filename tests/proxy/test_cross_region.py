@@ -1,7 +1,7 @@
 """Cross-region forwarding between two real gateway processes on loopback (standalone routes listing
 the other gateway's mesh listener): nearest region first, failover to the next, one hop at most,
 the forwarded mark trusted only on the mesh listener, TLS passthrough forwarded with PROXY v2, `g`
-(terminated h2) connections forwarded as clear h2 after PROXY v2 with the name in an authority TLV.
+(terminated h2) calls forwarded as clear h2 after PROXY v2 with the name in an authority TLV.
 (The same over WireGuard in network namespaces is the mesh end-to-end suite's job.)"""
 
 from __future__ import annotations
@@ -12,10 +12,14 @@ import time
 import tomllib
 from pathlib import Path
 
+import grpc
+import pytest
+
 from regional_gateway.proxy import proxy_protocol
 from tests.proxy.backends import Backend
 from tests.proxy.certs import TestCA, san_of, server_context
 from tests.proxy.client import Conn, get
+from tests.proxy.grpc_backends import gateway_channel, h2_call, start_on_one_port, who
 
 ZONE = "apps.test"
 EU = (48.86, 2.35)
@@ -201,55 +205,39 @@ def counters(g, name: str) -> dict:
     return g.run(lambda: dict(getattr(g.server.metrics, name)))
 
 
-def test_g_form_is_forwarded_as_clear_h2_with_the_name_and_the_client_address(gateway, tmp_path):
+def test_g_calls_are_forwarded_and_balanced_in_the_far_region(gateway, tmp_path):
+    """A has no backend for the app: its gRPC calls go to B over the mesh (PROXY v2 with the client
+    address and the name), and B spreads them over its backends call by call."""
     ca = TestCA(tmp_path)
-    sink = Backend("h2c-us", raw=True)
-    pp_sink = Backend("h2c-pp-us", raw=True)
+    bs = start_on_one_port(["us-1", "us-2"], first_host=21)
     try:
-        doc_b = region_doc(None, "gw-b", "us", US, {"grpc": [sink.address]}, [])
-        doc_b["apps"].append({"name": "grpcpp", "proxy_protocol": True, "backends": [pp_sink.address]})
-        b = gateway(doc_b, http=(), mesh=("127.0.0.1:0",))
-        a = gateway(region_doc(ca, "gw-a", "eu", EU, {}, [("us", US, ["grpc", "grpcpp"], "gw-b", b.mesh[1])]),
+        b = gateway(region_doc(None, "gw-b", "us", US, {"grpc": [x.address for x in bs]}, []), http=(),
+                    mesh=("127.0.0.1:0",))
+        a = gateway(region_doc(ca, "gw-a", "eu", EU, {}, [("us", US, ["grpc"], "gw-b", b.mesh[1])]),
                     http=(), https=("127.0.0.1:0",), mesh=("127.0.0.1:0",))
-        sent = H2_PREFACE + H2_SETTINGS
-        name = f"grpc-{sink.port}g.{ZONE}"
-        with Conn(a.https, tls=ca.client_context(alpn=["h2"]), server_name=name) as c:
-            assert c.sock.selected_alpn_protocol() == "h2"
-            c.send_raw(sent)
-            assert recv_exactly(c.sock, len(sent)) == sent  # the sink's echo, back through B and A
-        # B's backend got the client's clear bytes and nothing else (no PROXY header, no TLS)
-        assert b"".join(sink.received) == sent
-        assert counters(a, "forwarded") == {("grpc", "us"): 1}
+        with gateway_channel(a.https, ca.path, f"grpc-{bs[0].port}g.{ZONE}") as ch:
+            answers = [who(ch) for _ in range(6)]
+        assert [x["backend"] for x in answers] == ["us-1", "us-2"] * 3
+        assert {x["metadata"]["x-forwarded-for"] for x in answers} == {"127.0.0.1"}  # the client, not A
+        assert counters(a, "forwarded") == {("grpc", "us"): 6}
         assert counters(b, "forwarded") == {}
-        # an app behind B that asks for PROXY v2 gets the client's address as A saw it, not A's
-        name = f"grpcpp-{pp_sink.port}g.{ZONE}"
-        with Conn(a.https, tls=ca.client_context(alpn=["h2"]), server_name=name) as c:
-            client = c.sock.getsockname()[:2]
-            c.send_raw(sent)
-            echoed = recv_exactly(c.sock, 16)  # the fixed part of a PROXY v2 header, then what it counts
-            echoed += recv_exactly(c.sock, int.from_bytes(echoed[14:16], "big") + len(sent))
-            header = proxy_protocol.parse_v2(echoed)
-            assert header is not None
-        assert (header.source, header.source_port) == client
-        assert (header.destination, header.destination_port) == a.https
-        assert header.authority is None  # the name was for B; the backend did not ask for it
-        assert echoed[header.length:] == sent and b"".join(pp_sink.received) == echoed
     finally:
-        sink.close()
-        pp_sink.close()
+        for x in bs:
+            x.stop()
 
 
-def test_a_forwarded_g_connection_is_not_forwarded_again(gateway, tmp_path):
-    """Both regions claim the app, neither has a backend: A forwards once, B refuses rather than
-    sending it back, and A's client sees its connection end."""
+def test_a_forwarded_g_call_is_not_forwarded_again(gateway, tmp_path):
+    """Both regions claim the app, neither has a backend: A forwards once, B answers UNAVAILABLE
+    rather than sending it back."""
     ca = TestCA(tmp_path)
     b = gateway(region_doc(None, "gw-b", "us", US, {"grpc": []}, []), http=(), mesh=("127.0.0.1:0",))
     a = gateway(region_doc(ca, "gw-a", "eu", EU, {"grpc": []}, [("us", US, ["grpc"], "gw-b", b.mesh[1])]),
                 http=(), https=("127.0.0.1:0",), mesh=("127.0.0.1:0",))
     b.update(region_doc(None, "gw-b", "us", US, {"grpc": []}, [("eu", EU, ["grpc"], "gw-a", a.mesh[1])]))
-    with Conn(a.https, tls=ca.client_context(alpn=["h2"]), server_name=f"grpc-50051g.{ZONE}") as c:
-        c.send_raw(H2_PREFACE + H2_SETTINGS)
-        assert c.closed_by_peer()
+    with gateway_channel(a.https, ca.path, f"grpc-50051g.{ZONE}") as ch, pytest.raises(grpc.RpcError) as err:
+        who(ch)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "already forwarded once" in err.value.details()
     assert counters(a, "forwarded") == {("grpc", "us"): 1}
     assert counters(b, "forwarded") == {}  # no second hop back to eu
     assert counters(b, "errors") == {"no-healthy-backend": 1}
@@ -293,21 +281,23 @@ def test_proxy_v2_with_an_authority_on_a_public_listener_is_not_a_forward(gatewa
 
 
 def test_a_trusted_peer_may_forward_tunnels_to_the_public_listener(gateway):
-    """Gateways without a mesh (`--trusted-peers`): a forwarded g tunnel from a listed peer address
-    is believed on the plain listener; the same bytes from any other address are a 400."""
-    sink = Backend("h2c", raw=True)
+    """Gateways without a mesh (`--trusted-peers`): a forwarded g connection from a listed peer
+    address is believed on the plain listener; the same bytes from any other address are a 400."""
+    (app_backend,) = start_on_one_port(["us-1"], first_host=31)
     try:
-        g = gateway(region_doc(None, "gw-b", "us", US, {"grpc": [sink.address]}, []), trusted_peers=("127.0.0.5",))
-        header = proxy_protocol.encode_v2("203.0.113.9", 40000, "127.0.0.1", 443, authority=f"grpc-{sink.port}g.{ZONE}")
-        sent = H2_PREFACE + H2_SETTINGS
-        with Conn(g.http, source="127.0.0.5") as c:
-            c.send_raw(header + sent)
-            assert recv_exactly(c.sock, len(sent)) == sent  # tunnelled to the sink, which echoes
-        assert b"".join(sink.received) == sent
+        g = gateway(region_doc(None, "gw-b", "us", US, {"grpc": [app_backend.address]}, []),
+                    trusted_peers=("127.0.0.5",))
+        name = f"grpc-{app_backend.port}g.{ZONE}"
+        header = proxy_protocol.encode_v2("203.0.113.9", 40000, "127.0.0.1", 443, authority=name)
+        with socket.create_connection(g.http, timeout=10, source_address=("127.0.0.5", 0)) as s:
+            headers, message, trailers = h2_call(s, name, "/geomesh.test.Echo/Who", b"hi", preamble=header)
+        assert headers[b":status"] == b"200" and trailers[b"grpc-status"] == b"0"
+        answer = json.loads(message)
+        assert answer["backend"] == "us-1" and answer["metadata"]["x-forwarded-for"] == "203.0.113.9"
         with Conn(g.http, source="127.0.0.6") as c:
-            c.send_raw(header + sent)
+            c.send_raw(header + H2_PREFACE + H2_SETTINGS)
             r = c.read_response()
         assert r.status == 400 and r.header("x-geomesh-error") == "bad-request"
-        assert b"".join(sink.received) == sent  # nothing more reached the app
+        assert app_backend.calls == 1  # nothing more reached the app
     finally:
-        sink.close()
+        app_backend.stop()

@@ -1,5 +1,6 @@
 """TLS on the gateway: termination with the certificate picked by SNI, reload on change, TLS passthrough
-reaching a TLS backend untouched (with PROXY v2 when asked), the `g` form, clear refusals."""
+reaching a TLS backend untouched (with PROXY v2 when asked), the `g` form's ALPN rule (its HTTP/2
+proxying: test_h2.py), clear refusals."""
 
 from __future__ import annotations
 
@@ -132,26 +133,6 @@ def test_passthrough_sends_proxy_v2_when_the_app_asks(ca, gateway):
         got = proxy_protocol.parse_v2(echoed)
         assert got is not None and got.source == "127.0.0.1" and got.destination_port == g.https[1]
         assert echoed[got.length:] == hello  # the ClientHello arrives byte for byte
-    finally:
-        sink.close()
-
-
-def test_g_form_terminates_with_h2_and_tunnels_cleartext(ca, gateway):
-    sink = Backend("h2c", raw=True)
-    try:
-        data = tls_routes(ca, [{"name": "grpc", "backends": [sink.address]}])
-        g = gateway(data, http=(), https=("127.0.0.1:0",))
-        ctx = ca.client_context(alpn=["h2"])
-        name = f"grpc-{sink.port}g.{ZONE}"
-        with Conn(g.https, tls=ctx, server_name=name) as c:
-            assert c.sock.selected_alpn_protocol() == "h2"
-            preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-            c.send_raw(preface)
-            got = b""
-            while len(got) < len(preface):
-                got += c.sock.recv(100)
-            assert got == preface
-        assert sink.received and sink.received[0].startswith(b"PRI * HTTP/2.0")
     finally:
         sink.close()
 

@@ -1,0 +1,742 @@
+"""HTTP/2 proxying for `g` names (gRPC and other h2c apps): each stream balanced on its own.
+
+A client of a `<app>-<port>g` name speaks HTTP/2 over TLS (ALPN h2) and typically keeps one
+connection for everything (a gRPC channel). Tunnelling that connection to one backend would pin
+all its calls there; here the gateway terminates HTTP/2 itself (the `h2` library, sans-IO) and
+routes every *stream* — one gRPC call, one HTTP/2 request — with `targets.choose`, so the app's
+policy applies per call: round robin spreads calls, least connections counts streams in flight,
+IP hash keeps a client's calls on one backend.
+
+Shape: one `H2Downstream` per client connection (server side of HTTP/2). It opens, lazily, one
+`H2Upstream` (client side of HTTP/2, cleartext h2c) per target address it needs, owned by that
+client connection alone, so no flow-control state is shared between clients. A target in
+another region is that region's gateway: its upstream connection starts with a PROXY v2 header
+carrying the client address and the `g` host name (authority TLV), and the far gateway's mesh
+listener runs an `H2Downstream` of its own that never forwards again (one hop).
+
+Flow control: data is passed on as the receiving side's HTTP/2 window and transport allow, and
+acknowledged to its sender (WINDOW_UPDATE) only once passed on, so a slow reader slows its
+writer through HTTP/2 itself and the gateway holds at most one window per stream.
+
+Errors are answered per stream, never by dropping the connection: a request with no reachable
+backend gets a complete response — for gRPC (`content-type: application/grpc...`) a
+trailers-only response with `grpc-status: 14` (UNAVAILABLE) and a message naming the cause, as
+gRPC clients expect from proxies; otherwise the HTTP status (502/503/504) with a plain-text body
+and `x-geomesh-error`. A backend that resets a stream resets the client's stream; a backend
+connection lost before answering is a 502/UNAVAILABLE, after answering a reset. Malformed HTTP/2
+from a client ends that connection with GOAWAY (PROTOCOL_ERROR), logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from geomesh.logs import event
+from regional_gateway.proxy import proxy_protocol
+from regional_gateway.proxy.client_address import CLIENT_ADDRESS_HEADERS, forwarded_node
+from regional_gateway.proxy.hostnames import NameMatch
+from regional_gateway.proxy.http_errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from regional_gateway.proxy.route_state import BackendRuntime
+from regional_gateway.proxy.targets import Target, choose
+
+if TYPE_CHECKING:
+    from regional_gateway.proxy.server import ProxyServer
+
+log = logging.getLogger("geomesh.gateway.h2")
+MAX_ATTEMPTS = 3
+GRPC_UNAVAILABLE = 14
+GRPC_DEADLINE_EXCEEDED = 4
+# connection-specific headers have no place in HTTP/2 (RFC 9113 8.2.2); h2 refuses them anyway
+_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
+_DROP = _HOP | CLIENT_ADDRESS_HEADERS
+
+
+def _config(client_side: bool) -> h2.config.H2Configuration:
+    return h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True,
+                                     validate_outbound_headers=True, normalize_outbound_headers=True)
+
+
+class Stream:
+    """One client stream and, once routed, its upstream stream."""
+
+    __slots__ = ("sid", "headers", "grpc", "up", "up_sid", "target", "attempts", "tried", "to_up", "up_end",
+                 "up_trailers", "to_down", "down_end", "down_trailers", "client_done", "response_started", "status", "t_sent",
+                 "counted", "finished")
+
+    def __init__(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.sid = sid
+        self.headers = headers
+        self.grpc = any(n == b"content-type" and v.startswith(b"application/grpc") for n, v in headers)
+        self.up: H2Upstream | None = None
+        self.up_sid = 0
+        self.target: Target | None = None
+        self.attempts = 0
+        self.tried: tuple[str, ...] = ()
+        self.to_up: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length to ack downstream)
+        self.up_end = False  # the client ended its request: end the upstream stream once to_up is sent
+        self.up_trailers: list[tuple[bytes, bytes]] | None = None  # request trailers, sent last
+        self.to_down: deque[tuple[bytes, int]] = deque()  # (data, length to ack upstream)
+        self.down_end = False
+        self.down_trailers: list[tuple[bytes, bytes]] | None = None
+        self.client_done = False
+        self.response_started = False
+        self.status = 0
+        self.t_sent = 0.0
+        self.counted = False
+        self.finished = False
+
+
+class H2Downstream(asyncio.Protocol):
+    """A client's HTTP/2 connection for a `g` name: every stream routed on its own."""
+
+    kind = "h2"
+
+    def __init__(self, server: ProxyServer, match: NameMatch, client: tuple[str, int], local: tuple[str, int],
+                 authority: str, *, may_forward: bool, preread: bytes = b"") -> None:
+        self.server = server
+        self.match = match
+        self.client = client
+        self.client_key = client[0].encode()
+        self.local = local
+        self.authority = authority
+        self.may_forward = may_forward
+        self.preread = preread
+        self.transport: Any = None
+        self.conn = h2.connection.H2Connection(config=_config(client_side=False))
+        self.streams: dict[int, Stream] = {}
+        self.upstreams: dict[tuple[str, int], H2Upstream] = {}
+        self.deadline = 0.0
+        self.closed = False
+        self.counted = False
+        self.draining = False
+        self.write_paused = False
+        self.addr_headers = [(b"x-forwarded-for", client[0].encode()), (b"x-forwarded-proto", b"https"),
+                             (b"forwarded", f"for={forwarded_node(client[0])};proto=https".encode())]
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        server = self.server
+        if not server.conn_opened(self):
+            server.metrics.error("too-many-connections")
+            transport.close()
+            return
+        self.counted = True
+        self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 256})
+        self.conn.initiate_connection()
+        self._flush()
+        self.deadline = server.now + server.settings.header_timeout
+        if self.preread:
+            data, self.preread = self.preread, b""
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        try:
+            for ev in events:
+                try:
+                    self._event(ev)
+                except h2.exceptions.StreamClosedError:
+                    pass  # the stream closed while we acted on it (the client ended or reset it): done
+        except Exception as exc:  # a bug must not take the event loop's callback down silently
+            log.error("HTTP/2 connection failed", exc_info=exc)
+            self.server.metrics.error("internal")
+            self._goaway(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            self.transport.close()
+            return
+        self._flush()
+        self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
+
+    def eof_received(self) -> bool | None:
+        return None  # HTTP/2 has no half-close of the connection: close it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.counted:
+            self.counted = False
+            self.server.conn_closed(self)
+        for st in list(self.streams.values()):
+            self._end_stream_state(st)
+        self.streams.clear()
+        for up in list(self.upstreams.values()):
+            up.close()
+        self.upstreams.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for st in list(self.streams.values()):
+            self._push_down(st)
+        self._flush()
+
+    # ---------------------------------------------------------------- client events
+
+    def _event(self, ev: Any) -> None:
+        t = type(ev)
+        if t is h2.events.RequestReceived:
+            st = Stream(ev.stream_id, ev.headers)
+            self.streams[ev.stream_id] = st
+            if ev.stream_ended is not None:
+                st.up_end = True
+            self._route(st)
+        elif t is h2.events.DataReceived:
+            st = self.streams.get(ev.stream_id)
+            if st is None:  # answered already (an error): just give the window back
+                self._ack_down(ev.flow_controlled_length, ev.stream_id)
+                return
+            st.to_up.append((ev.data, ev.flow_controlled_length))
+            if ev.stream_ended is not None:
+                st.up_end = True
+            self._push_up(st)
+        elif t is h2.events.StreamEnded:
+            st = self.streams.get(ev.stream_id)
+            if st is not None and not st.up_end:
+                st.up_end = True
+                self._push_up(st)
+        elif t is h2.events.TrailersReceived:
+            st = self.streams.get(ev.stream_id)
+            if st is not None:  # request trailers: sent after the body, ending the upstream stream
+                st.up_trailers = [(n, v) for n, v in ev.headers if n not in _HOP]
+                st.up_end = True
+                self._push_up(st)
+        elif t is h2.events.StreamReset:
+            st = self.streams.pop(ev.stream_id, None)
+            if st is not None:
+                if st.up is not None and st.up_sid:
+                    st.up.reset(st.up_sid, h2.errors.ErrorCodes.CANCEL)
+                self._end_stream_state(st)
+        elif t is h2.events.WindowUpdated:
+            targets = self.streams.values() if ev.stream_id == 0 else \
+                [s for s in (self.streams.get(ev.stream_id),) if s is not None]
+            for st in list(targets):
+                self._push_down(st)
+        elif t is h2.events.RemoteSettingsChanged:  # a new initial window can unblock every stream
+            for st in list(self.streams.values()):
+                self._push_down(st)
+        elif t is h2.events.ConnectionTerminated:
+            self.draining = True
+            if not self.streams:
+                self.transport.close()
+
+    def _protocol_error(self, exc: Exception) -> None:
+        self.server.metrics.error("h2-protocol-error")
+        event(log, "malformed HTTP/2 from client", logging.INFO, client=self.client[0], error=str(exc) or type(exc).__name__)
+        try:
+            self.conn.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+        self.transport.close()
+
+    # ---------------------------------------------------------------- routing a stream
+
+    def _route(self, st: Stream, failed: ProxyError | None = None) -> None:
+        """Pick a target for `st` and open it there; `failed`: why the previous attempt failed (the
+        answer when no other target is left, more useful than "no healthy backend")."""
+        server = self.server
+        if self.draining:
+            self._answer(st, UpstreamFailed("the gateway is shutting down"), refused=True)
+            return
+        target = choose(server.state, self.match, self.client_key, may_forward=self.may_forward, exclude=st.tried)
+        if not isinstance(target, Target):
+            self._answer(st, failed or target)
+            return
+        st.target = target
+        st.attempts += 1
+        rt = target.backend
+        rt.inflight += 1
+        st.counted = True
+        if target.region is not None:
+            server.metrics.forward(target.app, target.region.name)
+        up = self.upstreams.get(target.addr)
+        if up is None or up.closed or up.goaway:
+            preamble = b""
+            if target.region is not None:  # another region's gateway: it needs the client and the name
+                preamble = proxy_protocol.encode_v2(*self.client, *self.local, authority=self.authority)
+            up = H2Upstream(self, target.addr, rt, preamble)
+            self.upstreams[target.addr] = up
+            server.spawn(up.connect())
+        up.attach(st)
+
+    def upstream_failed(self, up: H2Upstream, why: str, *, before_connect: bool, timeout: bool = False) -> None:
+        """An upstream connection failed; its streams are retried elsewhere or answered."""
+        server = self.server
+        rt = up.backend
+        if self.upstreams.get(up.addr) is up:
+            del self.upstreams[up.addr]
+        if before_connect and rt.health.connect_failed(server.now, why):
+            server.health_changed(rt)
+        server.metrics.error("upstream-connect" if before_connect else "upstream-reset")
+        for st in list(up.pending) + list(up.active.values()):
+            if st.finished or self.streams.get(st.sid) is not st:
+                continue
+            self._uncount(st)
+            st.up, st.up_sid = None, 0
+            err = UpstreamTimeout(why) if timeout else UpstreamFailed(why)
+            untouched = before_connect or (not st.response_started and not st.t_sent)
+            if untouched and st.attempts < MAX_ATTEMPTS:
+                st.tried += (rt.key,)
+                self._route(st, err)
+                continue
+            if st.response_started:
+                self._reset(st, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            else:
+                self._answer(st, err)
+        up.pending.clear()
+        up.active.clear()
+        self._flush()
+
+    # ---------------------------------------------------------------- moving data
+
+    def _push_up(self, st: Stream) -> None:
+        """Send what the client sent on `st` to its upstream stream, as far as windows allow (what
+        cannot go yet waits in `st.to_up`, unacknowledged, until the upstream stream opens or its
+        window grows)."""
+        up = st.up
+        if up is None or not st.up_sid or up.closed:
+            return
+        self._ack_down(up.send_body(st), st.sid)
+        up.flush()
+        self._flush()
+
+    def _push_down(self, st: Stream) -> None:
+        """Send what the backend sent on `st` to the client, as far as the window and transport allow."""
+        if self.closed or self.write_paused:
+            return
+        conn = self.conn
+        acked: list[int] = []
+        while st.to_down:
+            data, length = st.to_down[0]
+            room = min(conn.local_flow_control_window(st.sid), conn.max_outbound_frame_size)
+            if len(data) > room:
+                if room <= 0:
+                    break
+                conn.send_data(st.sid, data[:room])
+                st.to_down[0] = (data[room:], length)
+                continue
+            st.to_down.popleft()
+            if data:
+                conn.send_data(st.sid, data)
+            acked.append(length)
+        if not st.to_down and (st.down_end or st.down_trailers is not None) and not st.finished:
+            if st.down_trailers is not None:
+                conn.send_headers(st.sid, st.down_trailers, end_stream=True)
+            else:
+                conn.end_stream(st.sid)
+            self._finish(st)
+        if acked and st.up is not None and st.up_sid:
+            st.up.ack(st.up_sid, sum(acked))
+            st.up.flush()
+        self._flush()
+
+    def response_headers(self, st: Stream, headers: list[tuple[bytes, bytes]], end: bool, *,
+                         informational: bool = False) -> None:
+        if st.finished or self.streams.get(st.sid) is not st:
+            return
+        out = [(n, v) for n, v in headers if n not in _HOP]
+        if informational:
+            self.conn.send_headers(st.sid, out)
+            self._flush()
+            return
+        st.response_started = True
+        for n, v in headers:
+            if n == b":status":
+                st.status = int(v) if v.isdigit() else 0
+        if st.t_sent:
+            self.server.metrics.observe(st.target.app if st.target else "-", monotonic() - st.t_sent)
+        self.conn.send_headers(st.sid, out, end_stream=end)
+        if end:
+            self._finish(st)
+        self._flush()
+
+    def response_data(self, st: Stream, data: bytes, length: int, end: bool) -> None:
+        if st.finished or self.streams.get(st.sid) is not st:
+            if st.up is not None and st.up_sid:
+                st.up.ack(st.up_sid, length)
+            return
+        st.to_down.append((data, length))
+        if end:
+            st.down_end = True
+        self._push_down(st)
+
+    def response_end(self, st: Stream, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        if st.finished or self.streams.get(st.sid) is not st:
+            return
+        if trailers is not None:
+            st.down_trailers = [(n, v) for n, v in trailers if n not in _HOP]
+        else:
+            st.down_end = True
+        self._push_down(st)
+
+    def upstream_reset(self, st: Stream, code: int) -> None:
+        """The backend reset its stream: the client's stream is reset too (or answered, if untouched)."""
+        if st.finished or self.streams.get(st.sid) is not st:
+            return
+        if not st.response_started and code == h2.errors.ErrorCodes.REFUSED_STREAM and st.attempts < MAX_ATTEMPTS \
+                and not st.t_sent:
+            self._uncount(st)
+            st.tried += (st.target.backend.key,) if st.target else ()
+            self._route(st)
+            return
+        self._reset(st, code)
+
+    # ---------------------------------------------------------------- stream endings
+
+    def _answer(self, st: Stream, err: ProxyError, *, refused: bool = False) -> None:
+        """Answer the stream from the gateway itself (no backend could take it)."""
+        server = self.server
+        server.metrics.error(err.cause)
+        conn = self.conn
+        if st.grpc:  # a trailers-only response, what gRPC clients read as a call status
+            code = GRPC_DEADLINE_EXCEEDED if isinstance(err, UpstreamTimeout) else GRPC_UNAVAILABLE
+            conn.send_headers(st.sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                       (b"grpc-status", str(code).encode()),
+                                       (b"grpc-message", quote(err.message, safe=" ").encode()),
+                                       (b"x-geomesh-error", err.cause.encode())], end_stream=True)
+            st.status = 200
+        else:
+            body = f"{err.status} {err.message}\n".encode()
+            conn.send_headers(st.sid, [(b":status", str(err.status).encode()),
+                                       (b"content-type", b"text/plain; charset=utf-8"),
+                                       (b"content-length", str(len(body)).encode()),
+                                       (b"x-geomesh-error", err.cause.encode())])
+            conn.send_data(st.sid, body, end_stream=True)
+            st.status = err.status
+        if not st.up_end:  # the request body is not needed any more (RFC 9113 8.1)
+            try:
+                conn.reset_stream(st.sid, h2.errors.ErrorCodes.REFUSED_STREAM if refused else h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.StreamClosedError:
+                pass  # the client's END_STREAM was in the same read: the stream is closed already
+        for _, length in st.to_up:
+            self._ack_down(length, st.sid)
+        st.to_up.clear()
+        server.metrics.request(st.target.app if st.target else (self.match.app or self.match.instance), "-", st.status)
+        st.finished = True
+        self._end_stream_state(st)
+        self.streams.pop(st.sid, None)
+        self._flush()
+
+    def _reset(self, st: Stream, code: int) -> None:
+        try:
+            self.conn.reset_stream(st.sid, code)
+        except h2.exceptions.StreamClosedError:
+            pass
+        self.server.metrics.error("upstream-reset")
+        st.finished = True
+        self._end_stream_state(st)
+        self.streams.pop(st.sid, None)
+        self._flush()
+
+    def _finish(self, st: Stream) -> None:
+        st.finished = True
+        rt = st.target.backend if st.target is not None else None
+        server = self.server
+        if rt is not None:
+            if st.status >= 500 or rt.health.errors_5xx:
+                if rt.health.response(st.status, server.now):
+                    server.health_changed(rt)
+            label = rt.label if st.target.region is not None else rt.key  # type: ignore[union-attr]
+            server.metrics.request(st.target.app, label, st.status)  # type: ignore[union-attr]
+        self._end_stream_state(st)
+        self.streams.pop(st.sid, None)
+        if self.draining and not self.streams:
+            self._flush()
+            self.transport.close()
+
+    def _end_stream_state(self, st: Stream) -> None:
+        self._uncount(st)
+        up = st.up
+        if up is not None:
+            up.detach(st)
+        st.up = None
+
+    def _uncount(self, st: Stream) -> None:
+        if st.counted and st.target is not None:
+            st.counted = False
+            st.target.backend.inflight -= 1
+
+    def _ack_down(self, length: int, sid: int) -> None:
+        if length and not self.closed:
+            try:
+                self.conn.acknowledge_received_data(length, sid)
+            except h2.exceptions.ProtocolError:
+                pass
+
+    def _flush(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    # ---------------------------------------------------------------- server hooks
+
+    def timed_out(self) -> None:
+        if self.streams:  # calls in progress (a long stream may be quiet): only idle connections time out
+            self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
+            return
+        self._goaway()
+        self.transport.close()
+
+    def drain(self) -> None:
+        self.draining = True
+        self._goaway()
+        if not self.streams:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+    def _goaway(self, code: int = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        try:
+            self.conn.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+
+
+class H2Upstream(asyncio.Protocol):
+    """Cleartext HTTP/2 to one backend (or another region's gateway) for one client connection."""
+
+    def __init__(self, down: H2Downstream, addr: tuple[str, int], backend: BackendRuntime, preamble: bytes) -> None:
+        self.down = down
+        self.addr = addr
+        self.backend = backend
+        self.preamble = preamble
+        self.transport: Any = None
+        self.conn = h2.connection.H2Connection(config=_config(client_side=True))
+        self.pending: list[Stream] = []  # attached before the connection is up
+        self.active: dict[int, Stream] = {}  # upstream stream id -> stream
+        self.connected = False
+        self.closed = False
+        self.goaway = False
+        self.write_paused = False
+
+    async def connect(self) -> None:
+        server = self.down.server
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: self, *self.addr), server.settings.connect_timeout)
+        except TimeoutError:
+            self._failed(f"connect to {self.backend.label} timed out after {server.settings.connect_timeout:g}s",
+                         timeout=True)
+            return
+        except OSError as exc:
+            self._failed(f"cannot connect to {self.backend.label}: {exc.strerror or exc}")
+            return
+        if self.down.closed:
+            self.close()
+
+    def _failed(self, why: str, *, timeout: bool = False) -> None:
+        self.closed = True
+        self.down.upstream_failed(self, why, before_connect=True, timeout=timeout)
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.connected = True
+        self.backend.health.connected()
+        if self.preamble:
+            transport.write(self.preamble)
+        self.conn.initiate_connection()
+        self._open_pending()
+        self.flush()
+        self.down._flush()
+
+    def _open_pending(self) -> None:
+        while self.pending and self._has_room():
+            self._open(self.pending.pop(0))
+
+    def attach(self, st: Stream) -> None:
+        st.up = self
+        if self.connected and not self.closed and self._has_room():
+            self._open(st)
+            self.flush()
+        else:
+            self.pending.append(st)  # until connected, or until a stream ends (the backend's limit)
+
+    def _has_room(self) -> bool:
+        return self.conn.open_outbound_streams < self.conn.remote_settings.max_concurrent_streams
+
+    def _open(self, st: Stream) -> None:
+        """Start the upstream stream: the client's headers, with the client-address headers replaced."""
+        if st.finished:
+            return
+        sid = self.conn.get_next_available_stream_id()
+        headers = [(n, v) for n, v in st.headers if n not in _DROP]
+        headers += self.down.addr_headers
+        end = st.up_end and not st.to_up and st.up_trailers is None
+        try:
+            self.conn.send_headers(sid, headers, end_stream=end)
+        except h2.exceptions.ProtocolError as exc:
+            self.down._answer(st, UpstreamFailed(f"{self.backend.label} refused the stream: {exc}"))
+            return
+        st.client_done = end
+        st.up_sid = sid
+        st.t_sent = monotonic()
+        self.active[sid] = st
+        if st.to_up or (st.up_end and not end):
+            self.down._ack_down(self.send_body(st), st.sid)
+
+    def send_body(self, st: Stream) -> int:
+        """Send queued request data on `st`'s upstream stream; returns the flow-controlled bytes sent."""
+        if self.write_paused or not st.up_sid or self.closed:
+            return 0
+        conn = self.conn
+        done = 0
+        try:
+            while st.to_up:
+                data, length = st.to_up[0]
+                room = min(conn.local_flow_control_window(st.up_sid), conn.max_outbound_frame_size)
+                if len(data) > room:
+                    if room <= 0:
+                        break
+                    conn.send_data(st.up_sid, data[:room])
+                    st.to_up[0] = (data[room:], length)
+                    continue
+                st.to_up.popleft()
+                if data:
+                    conn.send_data(st.up_sid, data)
+                done += length
+            if not st.to_up and st.up_end and not st.client_done:
+                if st.up_trailers is not None:
+                    conn.send_headers(st.up_sid, st.up_trailers, end_stream=True)
+                else:
+                    conn.end_stream(st.up_sid)
+                st.client_done = True
+        except h2.exceptions.StreamClosedError:
+            st.to_up.clear()  # the backend already ended or reset the stream
+        return done
+
+    def ack(self, sid: int, length: int) -> None:
+        if length and not self.closed:
+            try:
+                self.conn.acknowledge_received_data(length, sid)
+            except h2.exceptions.ProtocolError:
+                pass
+
+    def reset(self, sid: int, code: int) -> None:
+        st = self.active.pop(sid, None)
+        if st is not None:
+            st.up = None
+        if self.connected and not self.closed:
+            try:
+                self.conn.reset_stream(sid, code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self.flush()
+
+    def detach(self, st: Stream) -> None:
+        if st.up_sid:
+            self.active.pop(st.up_sid, None)
+            if self.pending and self.connected and not self.closed:
+                self._open_pending()  # a slot under the backend's stream limit is free again
+                self.flush()
+        elif st in self.pending:
+            self.pending.remove(st)
+
+    def flush(self) -> None:
+        if self.transport is not None and not self.closed:
+            data = self.conn.data_to_send()
+            if data:
+                self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        down = self.down
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.closed = True
+            self.transport.close()
+            down.upstream_failed(self, f"malformed HTTP/2 from {self.backend.label}: {exc}", before_connect=False)
+            return
+        for ev in events:
+            t = type(ev)
+            st = self.active.get(getattr(ev, "stream_id", 0) or 0)
+            if t is h2.events.ResponseReceived and st is not None:
+                down.response_headers(st, ev.headers, ev.stream_ended is not None)
+            elif t is h2.events.InformationalResponseReceived and st is not None:
+                down.response_headers(st, ev.headers, False, informational=True)
+            elif t is h2.events.DataReceived:
+                if st is None:
+                    self.ack(ev.stream_id, ev.flow_controlled_length)
+                else:
+                    down.response_data(st, ev.data, ev.flow_controlled_length, ev.stream_ended is not None)
+            elif t is h2.events.TrailersReceived and st is not None:
+                down.response_end(st, ev.headers)
+            elif t is h2.events.StreamEnded and st is not None:
+                if not st.down_end and st.down_trailers is None and st.response_started:
+                    down.response_end(st, None)
+            elif t is h2.events.StreamReset and st is not None:
+                self.active.pop(ev.stream_id, None)
+                st.up = None
+                down.upstream_reset(st, ev.error_code)
+            elif t is h2.events.WindowUpdated:
+                for s in list(self.active.values()) if ev.stream_id == 0 else ([st] if st is not None else []):
+                    down._ack_down(self.send_body(s), s.sid)
+            elif t is h2.events.RemoteSettingsChanged:  # a new window or stream limit
+                for s in list(self.active.values()):
+                    down._ack_down(self.send_body(s), s.sid)
+                self._open_pending()
+            elif t is h2.events.ConnectionTerminated:
+                self.goaway = True  # no new streams here; streams above last_stream_id were not processed
+                last = ev.last_stream_id or 0
+                lost = [s for sid, s in self.active.items() if sid > last]
+                for s in lost:
+                    self.active.pop(s.up_sid, None)
+                    s.up, s.up_sid = None, 0
+                    down.upstream_reset(s, h2.errors.ErrorCodes.REFUSED_STREAM)
+        self.flush()
+        down._flush()
+        down.deadline = down.server.now + down.server.settings.tunnel_idle_timeout
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_closed = self.closed
+        self.closed = True
+        if self.active and not self.down.closed:
+            why = f"{self.backend.label} closed the connection" + (f": {exc}" if exc else "")
+            self.down.upstream_failed(self, why, before_connect=False)
+        elif not was_closed and self.down.upstreams.get(self.addr) is self:
+            del self.down.upstreams[self.addr]
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for st in list(self.active.values()):
+            self.down._ack_down(self.send_body(st), st.sid)
+        self.flush()
+        self.down._flush()
