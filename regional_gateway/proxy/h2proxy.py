@@ -42,6 +42,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
@@ -61,11 +62,27 @@ GRPC_DEADLINE_EXCEEDED = 4
 # connection-specific headers have no place in HTTP/2 (RFC 9113 8.2.2); h2 refuses them anyway
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"))
 _DROP = _HOP | CLIENT_ADDRESS_HEADERS
+# receive windows: 256 KiB per stream, 1 MiB per connection (HTTP/2's default 64 KiB would cap a
+# forwarded call at 64 KiB per round trip between regions); the connection window bounds what one
+# connection can make the gateway hold
+STREAM_WINDOW = 256 * 1024
+CONNECTION_WINDOW = 1024 * 1024
 
 
 def _config(client_side: bool) -> h2.config.H2Configuration:
     return h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True,
                                      validate_outbound_headers=True, normalize_outbound_headers=True)
+
+
+def _open_connection(conn: h2.connection.H2Connection, settings: dict[int, int] | None = None) -> None:
+    """Send the connection preface with our settings and the larger connection window (the
+    settings go in the preface itself: a SETTINGS frame queued before it would precede a client's
+    connection magic)."""
+    conn.local_settings = h2.settings.Settings(
+        client=conn.config.client_side,
+        initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW, **(settings or {})})
+    conn.initiate_connection()
+    conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
 
 
 class Stream:
@@ -135,8 +152,7 @@ class H2Downstream(asyncio.Protocol):
             transport.close()
             return
         self.counted = True
-        self.conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 256})
-        self.conn.initiate_connection()
+        _open_connection(self.conn, {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 256})
         self._flush()
         self.deadline = server.now + server.settings.header_timeout
         if self.preread:
@@ -395,8 +411,8 @@ class H2Downstream(asyncio.Protocol):
         """The backend reset its stream: the client's stream is reset too (or answered, if untouched)."""
         if st.finished or self.streams.get(st.sid) is not st:
             return
-        if not st.response_started and code == h2.errors.ErrorCodes.REFUSED_STREAM and st.attempts < MAX_ATTEMPTS \
-                and not st.t_sent:
+        if not st.response_started and code == h2.errors.ErrorCodes.REFUSED_STREAM and st.attempts < MAX_ATTEMPTS:
+            # the backend did not process it (RFC 9113 8.7): safe to send elsewhere
             self._uncount(st)
             st.tried += (st.target.backend.key,) if st.target else ()
             self._route(st)
@@ -409,6 +425,29 @@ class H2Downstream(asyncio.Protocol):
         """Answer the stream from the gateway itself (no backend could take it)."""
         server = self.server
         server.metrics.error(err.cause)
+        conn = self.conn
+        try:
+            self._send_error(st, err)
+        except h2.exceptions.ProtocolError:  # no window left for the body, or the stream is gone
+            try:
+                conn.reset_stream(st.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+        if not st.up_end:  # the request body is not needed any more (RFC 9113 8.1)
+            try:
+                conn.reset_stream(st.sid, h2.errors.ErrorCodes.REFUSED_STREAM if refused else h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass  # the client's END_STREAM was in the same read: the stream is closed already
+        for _, length in st.to_up:
+            self._ack_down(length, st.sid)
+        st.to_up.clear()
+        server.metrics.request(st.target.app if st.target else (self.match.app or self.match.instance), "-", st.status)
+        st.finished = True
+        self._end_stream_state(st)
+        self.streams.pop(st.sid, None)
+        self._flush()
+
+    def _send_error(self, st: Stream, err: ProxyError) -> None:
         conn = self.conn
         if st.grpc:  # a trailers-only response, what gRPC clients read as a call status
             code = GRPC_DEADLINE_EXCEEDED if isinstance(err, UpstreamTimeout) else GRPC_UNAVAILABLE
@@ -425,19 +464,6 @@ class H2Downstream(asyncio.Protocol):
                                        (b"x-geomesh-error", err.cause.encode())])
             conn.send_data(st.sid, body, end_stream=True)
             st.status = err.status
-        if not st.up_end:  # the request body is not needed any more (RFC 9113 8.1)
-            try:
-                conn.reset_stream(st.sid, h2.errors.ErrorCodes.REFUSED_STREAM if refused else h2.errors.ErrorCodes.NO_ERROR)
-            except h2.exceptions.StreamClosedError:
-                pass  # the client's END_STREAM was in the same read: the stream is closed already
-        for _, length in st.to_up:
-            self._ack_down(length, st.sid)
-        st.to_up.clear()
-        server.metrics.request(st.target.app if st.target else (self.match.app or self.match.instance), "-", st.status)
-        st.finished = True
-        self._end_stream_state(st)
-        self.streams.pop(st.sid, None)
-        self._flush()
 
     def _reset(self, st: Stream, code: int) -> None:
         try:
@@ -452,6 +478,13 @@ class H2Downstream(asyncio.Protocol):
 
     def _finish(self, st: Stream) -> None:
         st.finished = True
+        if not st.client_done:  # the response is complete before the request (RFC 9113 8.1)
+            if st.up is not None and st.up_sid:
+                st.up.reset(st.up_sid, h2.errors.ErrorCodes.CANCEL)
+            try:
+                self.conn.reset_stream(st.sid, h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass  # the client had ended its side in the meantime
         rt = st.target.backend if st.target is not None else None
         server = self.server
         if rt is not None:
@@ -502,10 +535,18 @@ class H2Downstream(asyncio.Protocol):
         self.transport.close()
 
     def drain(self) -> None:
+        """Shutdown: tell the client (GOAWAY) to open no new streams; the ones in progress finish."""
         self.draining = True
-        self._goaway()
         if not self.streams:
+            self._goaway()
             self.transport.close()
+            return
+        # h2's close_connection() would end the streams in progress too: write the frame ourselves
+        self._flush()
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self.conn.highest_inbound_stream_id
+        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+        self.transport.write(frame.serialize())
 
     def abort(self) -> None:
         self.transport.abort()
@@ -560,7 +601,7 @@ class H2Upstream(asyncio.Protocol):
         self.backend.health.connected()
         if self.preamble:
             transport.write(self.preamble)
-        self.conn.initiate_connection()
+        _open_connection(self.conn)
         self._open_pending()
         self.flush()
         self.down._flush()
@@ -679,45 +720,60 @@ class H2Upstream(asyncio.Protocol):
             self.transport.close()
             down.upstream_failed(self, f"malformed HTTP/2 from {self.backend.label}: {exc}", before_connect=False)
             return
-        for ev in events:
-            t = type(ev)
-            st = self.active.get(getattr(ev, "stream_id", 0) or 0)
-            if t is h2.events.ResponseReceived and st is not None:
-                down.response_headers(st, ev.headers, ev.stream_ended is not None)
-            elif t is h2.events.InformationalResponseReceived and st is not None:
-                down.response_headers(st, ev.headers, False, informational=True)
-            elif t is h2.events.DataReceived:
-                if st is None:
-                    self.ack(ev.stream_id, ev.flow_controlled_length)
-                else:
-                    down.response_data(st, ev.data, ev.flow_controlled_length, ev.stream_ended is not None)
-            elif t is h2.events.TrailersReceived and st is not None:
-                down.response_end(st, ev.headers)
-            elif t is h2.events.StreamEnded and st is not None:
-                if not st.down_end and st.down_trailers is None and st.response_started:
-                    down.response_end(st, None)
-            elif t is h2.events.StreamReset and st is not None:
-                self.active.pop(ev.stream_id, None)
-                st.up = None
-                down.upstream_reset(st, ev.error_code)
-            elif t is h2.events.WindowUpdated:
-                for s in list(self.active.values()) if ev.stream_id == 0 else ([st] if st is not None else []):
-                    down._ack_down(self.send_body(s), s.sid)
-            elif t is h2.events.RemoteSettingsChanged:  # a new window or stream limit
-                for s in list(self.active.values()):
-                    down._ack_down(self.send_body(s), s.sid)
-                self._open_pending()
-            elif t is h2.events.ConnectionTerminated:
-                self.goaway = True  # no new streams here; streams above last_stream_id were not processed
-                last = ev.last_stream_id or 0
-                lost = [s for sid, s in self.active.items() if sid > last]
-                for s in lost:
-                    self.active.pop(s.up_sid, None)
-                    s.up, s.up_sid = None, 0
-                    down.upstream_reset(s, h2.errors.ErrorCodes.REFUSED_STREAM)
+        try:
+            for ev in events:
+                try:
+                    self._event(ev)
+                except h2.exceptions.StreamClosedError:
+                    pass  # the client's stream closed while we acted on it
+        except Exception as exc:  # a bug must not take the event loop's callback down silently
+            log.error("HTTP/2 upstream connection failed", exc_info=exc)
+            self.closed = True
+            self.transport.close()
+            down.upstream_failed(self, f"internal error on the connection to {self.backend.label}",
+                                 before_connect=False)
+            return
         self.flush()
         down._flush()
         down.deadline = down.server.now + down.server.settings.tunnel_idle_timeout
+
+    def _event(self, ev: Any) -> None:
+        """One event from the backend, passed on to the client's stream it belongs to."""
+        down = self.down
+        t = type(ev)
+        st = self.active.get(getattr(ev, "stream_id", 0) or 0)
+        if t is h2.events.ResponseReceived and st is not None:
+            down.response_headers(st, ev.headers, ev.stream_ended is not None)
+        elif t is h2.events.InformationalResponseReceived and st is not None:
+            down.response_headers(st, ev.headers, False, informational=True)
+        elif t is h2.events.DataReceived:
+            if st is None:
+                self.ack(ev.stream_id, ev.flow_controlled_length)
+            else:
+                down.response_data(st, ev.data, ev.flow_controlled_length, ev.stream_ended is not None)
+        elif t is h2.events.TrailersReceived and st is not None:
+            down.response_end(st, ev.headers)
+        elif t is h2.events.StreamEnded and st is not None:
+            if not st.down_end and st.down_trailers is None and st.response_started:
+                down.response_end(st, None)
+        elif t is h2.events.StreamReset and st is not None:
+            self.active.pop(ev.stream_id, None)
+            st.up = None
+            down.upstream_reset(st, ev.error_code)
+        elif t is h2.events.WindowUpdated:
+            for s in list(self.active.values()) if ev.stream_id == 0 else ([st] if st is not None else []):
+                down._ack_down(self.send_body(s), s.sid)
+        elif t is h2.events.RemoteSettingsChanged:  # a new window or stream limit
+            for s in list(self.active.values()):
+                down._ack_down(self.send_body(s), s.sid)
+            self._open_pending()
+        elif t is h2.events.ConnectionTerminated:
+            self.goaway = True  # no new streams here; streams above last_stream_id were not processed
+            last = ev.last_stream_id or 0
+            for s in [s for sid, s in self.active.items() if sid > last]:
+                self.active.pop(s.up_sid, None)
+                s.up, s.up_sid = None, 0
+                down.upstream_reset(s, h2.errors.ErrorCodes.REFUSED_STREAM)
 
     def eof_received(self) -> bool | None:
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 import time
 from collections import Counter
 
@@ -14,6 +15,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from tests.proxy.certs import TestCA
@@ -218,3 +220,42 @@ def test_plain_http2_requests_get_http_errors(ca, gateway):
 
 def counters(g) -> dict:
     return g.run(lambda: dict(g.server.metrics.errors))
+
+
+def test_the_gateway_offers_large_receive_windows(ca, gateway):
+    """256 KiB per stream and 1 MiB per connection, so a call forwarded between regions is not
+    capped at HTTP/2's default 64 KiB per round trip."""
+    g = gateway(g_routes(ca, [{"name": "api", "backends": []}]), http=(), https=("127.0.0.1:0",))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    settings, window = None, 0
+    with _h2_socket(g, ca, f"api-8080g.{ZONE}") as s:
+        s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 10
+        while (settings is None or not window) and time.monotonic() < deadline:
+            for ev in conn.receive_data(s.recv(65536)):
+                if isinstance(ev, h2.events.RemoteSettingsChanged):
+                    settings = {k: v.new_value for k, v in ev.changed_settings.items()}
+                elif isinstance(ev, h2.events.WindowUpdated) and ev.stream_id == 0:
+                    window += ev.delta
+    assert settings[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE] == 256 * 1024
+    assert settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] == 256
+    assert window == 1024 * 1024 - 65535
+
+
+def test_shutdown_lets_a_call_in_progress_finish(ca, grpc_backends, gateway):
+    (b,) = grpc_backends(1)
+    g = gateway(g_routes(ca, [app("api", [b])]), http=(), https=("127.0.0.1:0",))
+    with gateway_channel(g.https, ca.path, g_name("api", [b])) as ch:
+        held = method(ch, "Hold").future(b"", timeout=20)
+        deadline = time.monotonic() + 10
+        while not b.held and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stopping = threading.Thread(target=lambda: g.call(g.server.shutdown(10)))
+        stopping.start()
+        time.sleep(0.3)
+        assert stopping.is_alive()  # draining: waits for the call
+        b.release()
+        assert json.loads(held.result(timeout=10))["backend"] == "g1"
+        stopping.join(10)
+        assert not stopping.is_alive()
