@@ -52,6 +52,9 @@ SETTING_HELP = {
     "pool_idle_timeout": "seconds an idle upstream connection is kept",
     "cert_check_interval": "seconds between checks of the certificate files for changes",
     "backlog": "listen(2) backlog",
+    "g_mode": "how <app>-<port>g names are proxied: streams = HTTP/2 terminated, every call (stream) balanced "
+              "by the app's policy; tunnel = each client connection a byte tunnel to one backend (faster, "
+              "balanced per connection)",
 }
 
 
@@ -76,7 +79,7 @@ class Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from regional_gateway.proxy.settings import ProxySettings
+    from regional_gateway.proxy.settings import G_MODES, ProxySettings
 
     p = argparse.ArgumentParser(
         prog="geomesh-gateway",
@@ -93,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type.startswith("tuple"):
             p.add_argument(flag, action="append", metavar="IP" if f.name == "trusted_peers" else "HOST:PORT",
                            default=None, help=SETTING_HELP[f.name])
+        elif f.type == "str":
+            p.add_argument(flag, choices=G_MODES, default=None,
+                           help=f"{SETTING_HELP[f.name]} (default {getattr(defaults, f.name)})")
         else:
             kind = int if f.type == "int" else float
             p.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else "SECONDS",

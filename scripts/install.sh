@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything geomesh's lab, tests and benchmarks need, idempotently:
-# Debian packages (etcd, wireguard-go, dig/kdig, dnsperf, wrk, gdnsd, haproxy, ...)
+# Debian packages (etcd, wireguard-go, dig/kdig, dnsperf, wrk, h2load, gdnsd, haproxy, ...)
 # and a virtualenv in .venv with geomesh (editable) and its Python dependencies.
 # Re-running is cheap: each step is skipped when its stamp matches the inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server etcd-client wireguard-go iproute2 iputils-ping dnsutils knot-dnsutils
-              dnsperf wrk gdnsd haproxy curl procps nginx-light)
+              dnsperf wrk gdnsd haproxy curl procps nginx-light nghttp2-client)
 
 say() { printf '[install] %s\n' "$*" >&2; }
 

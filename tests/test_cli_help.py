@@ -22,6 +22,7 @@ PARSERS = [
     ("bench.dns", "parser"),
     ("bench.http", "parser"),
     ("bench.proxy_path", "parser"),
+    ("bench.h2", "parser"),
 ]
 
 

@@ -70,8 +70,10 @@ CONNECTION_WINDOW = 1024 * 1024
 
 
 def _config(client_side: bool) -> h2.config.H2Configuration:
+    # inbound headers are validated on both sides; what goes out is those headers (plus the gateway's
+    # own), so outbound validation would only check them twice: it is off, for speed
     return h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True,
-                                     validate_outbound_headers=True, normalize_outbound_headers=True)
+                                     validate_outbound_headers=False, normalize_outbound_headers=False)
 
 
 def _open_connection(conn: h2.connection.H2Connection, settings: dict[int, int] | None = None) -> None:
@@ -139,6 +141,7 @@ class H2Downstream(asyncio.Protocol):
         self.counted = False
         self.draining = False
         self.write_paused = False
+        self.closed_by_client = False  # the client sent GOAWAY: nothing can be sent any more
         self.addr_headers = [(b"x-forwarded-for", client[0].encode()), (b"x-forwarded-proto", b"https"),
                              (b"forwarded", f"for={forwarded_node(client[0])};proto=https".encode())]
 
@@ -208,6 +211,11 @@ class H2Downstream(asyncio.Protocol):
             self._push_down(st)
         self._flush()
 
+    @property
+    def gone(self) -> bool:
+        """Nothing can be sent to the client any more (closed, or it sent GOAWAY)."""
+        return self.closed or self.closed_by_client
+
     # ---------------------------------------------------------------- client events
 
     def _event(self, ev: Any) -> None:
@@ -253,9 +261,10 @@ class H2Downstream(asyncio.Protocol):
             for st in list(self.streams.values()):
                 self._push_down(st)
         elif t is h2.events.ConnectionTerminated:
-            self.draining = True
-            if not self.streams:
-                self.transport.close()
+            # the client is going away; after its GOAWAY the h2 state machine sends nothing more on
+            # this connection, so what is in progress cannot be answered: close (upstreams follow)
+            self.closed_by_client = True
+            self.transport.close()
 
     def _protocol_error(self, exc: Exception) -> None:
         self.server.metrics.error("h2-protocol-error")
@@ -300,6 +309,10 @@ class H2Downstream(asyncio.Protocol):
     def upstream_failed(self, up: H2Upstream, why: str, *, before_connect: bool, timeout: bool = False) -> None:
         """An upstream connection failed; its streams are retried elsewhere or answered."""
         server = self.server
+        if self.gone:
+            up.pending.clear()
+            up.active.clear()
+            return
         rt = up.backend
         if self.upstreams.get(up.addr) is up:
             del self.upstreams[up.addr]
@@ -340,7 +353,7 @@ class H2Downstream(asyncio.Protocol):
 
     def _push_down(self, st: Stream) -> None:
         """Send what the backend sent on `st` to the client, as far as the window and transport allow."""
-        if self.closed or self.write_paused:
+        if self.gone or self.write_paused:
             return
         conn = self.conn
         acked: list[int] = []
@@ -370,7 +383,7 @@ class H2Downstream(asyncio.Protocol):
 
     def response_headers(self, st: Stream, headers: list[tuple[bytes, bytes]], end: bool, *,
                          informational: bool = False) -> None:
-        if st.finished or self.streams.get(st.sid) is not st:
+        if self.gone or st.finished or self.streams.get(st.sid) is not st:
             return
         out = [(n, v) for n, v in headers if n not in _HOP]
         if informational:
@@ -389,7 +402,7 @@ class H2Downstream(asyncio.Protocol):
         self._flush()
 
     def response_data(self, st: Stream, data: bytes, length: int, end: bool) -> None:
-        if st.finished or self.streams.get(st.sid) is not st:
+        if self.gone or st.finished or self.streams.get(st.sid) is not st:
             if st.up is not None and st.up_sid:
                 st.up.ack(st.up_sid, length)
             return
@@ -399,7 +412,7 @@ class H2Downstream(asyncio.Protocol):
         self._push_down(st)
 
     def response_end(self, st: Stream, trailers: list[tuple[bytes, bytes]] | None) -> None:
-        if st.finished or self.streams.get(st.sid) is not st:
+        if self.gone or st.finished or self.streams.get(st.sid) is not st:
             return
         if trailers is not None:
             st.down_trailers = [(n, v) for n, v in trailers if n not in _HOP]
@@ -409,7 +422,7 @@ class H2Downstream(asyncio.Protocol):
 
     def upstream_reset(self, st: Stream, code: int) -> None:
         """The backend reset its stream: the client's stream is reset too (or answered, if untouched)."""
-        if st.finished or self.streams.get(st.sid) is not st:
+        if self.gone or st.finished or self.streams.get(st.sid) is not st:
             return
         if not st.response_started and code == h2.errors.ErrorCodes.REFUSED_STREAM and st.attempts < MAX_ATTEMPTS:
             # the backend did not process it (RFC 9113 8.7): safe to send elsewhere
@@ -424,6 +437,8 @@ class H2Downstream(asyncio.Protocol):
     def _answer(self, st: Stream, err: ProxyError, *, refused: bool = False) -> None:
         """Answer the stream from the gateway itself (no backend could take it)."""
         server = self.server
+        if self.gone:
+            return
         server.metrics.error(err.cause)
         conn = self.conn
         try:
@@ -468,8 +483,8 @@ class H2Downstream(asyncio.Protocol):
     def _reset(self, st: Stream, code: int) -> None:
         try:
             self.conn.reset_stream(st.sid, code)
-        except h2.exceptions.StreamClosedError:
-            pass
+        except h2.exceptions.ProtocolError:
+            pass  # the stream or the connection is closed already
         self.server.metrics.error("upstream-reset")
         st.finished = True
         self._end_stream_state(st)

@@ -202,7 +202,7 @@ class ProxyServer:
             transport.write(tls_alert(ALERT_UNRECOGNIZED_NAME))
             transport.close()
             return
-        self._tunnel_forwarded(conn, header, match, data)
+        self._tunnel_forwarded(conn, header, match, data, raw_tls=True)
 
     def h2_from_mesh(self, conn: ClientConnection, header: ProxyHeader, data: bytes) -> None:
         """A forwarded `g` connection arrived on the mesh listener: its clear HTTP/2 streams go to
@@ -221,11 +221,15 @@ class ProxyServer:
             event(log, "forwarded h2 refused", logging.WARNING, peer=conn.client_ip, authority=authority, reason=why)
             conn.transport.close()
             return
+        if self.settings.g_mode == "tunnel":
+            self._tunnel_forwarded(conn, header, match, data, raw_tls=False)
+            return
         client = (header.source or conn.client_ip, header.source_port or conn.client_port)
         local = (header.destination or "0.0.0.0", header.destination_port)
         self._hand_over(conn, H2Downstream(self, match, client, local, authority, may_forward=False, preread=data))
 
-    def _tunnel_forwarded(self, conn: ClientConnection, header: ProxyHeader, match: NameMatch, data: bytes) -> None:
+    def _tunnel_forwarded(self, conn: ClientConnection, header: ProxyHeader, match: NameMatch, data: bytes, *,
+                          raw_tls: bool) -> None:
         """Hand a forwarded mesh connection to a `TunnelClient` for a local backend of `match`.
 
         The client address is the one the PROXY header carries (the forwarding gateway's own is
@@ -234,7 +238,7 @@ class ProxyServer:
         """
         client = (header.source or conn.client_ip, header.source_port or conn.client_port)
         local = (header.destination or "0.0.0.0", header.destination_port)
-        plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=True)
+        plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=raw_tls)
         self._hand_over(conn, TunnelClient(self, plan, preread=data))
 
     def _hand_over(self, conn: ClientConnection, protocol: Any) -> None:

@@ -30,6 +30,9 @@ def parse_listen(field: str, value: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
+G_MODES = ("streams", "tunnel")
+
+
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     http: tuple[str, ...] = ()  # plain HTTP listeners, "host:port"
@@ -50,6 +53,10 @@ class ProxySettings:
     pool_idle_timeout: float = 30.0  # an idle upstream connection is closed after this
     cert_check_interval: float = 5.0  # how often certificate files are checked for changes
     backlog: int = 1024
+    # how `g` names are proxied: "streams" (HTTP/2 terminated here, every call balanced on its own)
+    # or "tunnel" (the clear HTTP/2 connection is a byte stream to one backend: faster, but all the
+    # calls of a client connection go to the backend chosen when it connected)
+    g_mode: str = "streams"
 
     def __post_init__(self) -> None:
         for name in ("http", "https", "mesh"):
@@ -77,6 +84,8 @@ class ProxySettings:
                         or not 0 < value <= 86400 * 7:
                     raise ValidationError(f.name, f"{value!r} is not a positive number of seconds")
                 object.__setattr__(self, f.name, float(value))
+        if self.g_mode not in G_MODES:
+            raise ValidationError("g_mode", f"{self.g_mode!r} is not one of: {', '.join(G_MODES)}")
         if self.max_header_bytes < 1024:
             raise ValidationError("max_header_bytes", "must be at least 1024")
 

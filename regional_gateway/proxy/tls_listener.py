@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from geomesh.logs import event
 from regional_gateway.proxy import client_hello
@@ -185,9 +185,13 @@ class _Sniffer:
                 self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
                 return
             # the name is lower-cased already (client_hello.parse): a far gateway resolves it as is
-            server.spawn(loop.connect_accepted_socket(
-                lambda: H2Downstream(server, match, client, local, name, may_forward=True), sock, ssl=ctx,
-                ssl_handshake_timeout=server.settings.header_timeout))
+            if server.settings.g_mode == "tunnel":
+                plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=False, authority=name)
+                protocol: Any = lambda: TunnelClient(server, plan)  # noqa: E731
+            else:
+                protocol = lambda: H2Downstream(server, match, client, local, name, may_forward=True)  # noqa: E731
+            server.spawn(loop.connect_accepted_socket(protocol, sock, ssl=ctx,
+                                                      ssl_handshake_timeout=server.settings.header_timeout))
             return
         # HTTP/1.1 termination; also a `g` name whose client does not offer h2: it gets the 421 that
         # tells it to connect with ALPN h2, instead of a tunnel that would answer it in HTTP/2 frames

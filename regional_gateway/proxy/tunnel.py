@@ -7,7 +7,9 @@ address), then copies bytes both ways with back-pressure (a full write buffer on
 pauses reading on the other) and half-close. When no target can be reached, the client gets a
 TLS alert (internal_error, or unrecognized_name for an unknown name) rather than a silent
 close: it is in the middle of a TLS handshake and that is the only thing it can read.
-(`g` names are not tunnelled: `h2proxy` routes each of their HTTP/2 streams.)
+`g` names are tunnelled too when the gateway runs with `g_mode = "tunnel"` (the clear HTTP/2
+connection after TLS termination; to another region with the name in the PROXY header's
+authority TLV); by default `h2proxy` routes each of their HTTP/2 streams instead.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class TunnelPlan:
     local: tuple[str, int]  # where the client connected to
     may_forward: bool
     raw_tls: bool  # the client is mid-handshake: failures are answered with a TLS alert
+    authority: str | None = None  # a `g` host name (tunnel mode): sent to another region's gateway
 
 
 class TunnelUpstream(asyncio.Protocol):
@@ -165,10 +168,14 @@ class TunnelClient(asyncio.Protocol):
 
     def _preamble(self, target: Target) -> bytes:
         """The PROXY v2 header to send before the client's bytes, or b"" for none: another region's
-        gateway always gets one (it needs the client address), a local backend when its app asks."""
+        gateway always gets one (it needs the client address, and for a `g` connection, whose TLS
+        ended here, the host name in an authority TLV), a local backend when its app asks."""
+        plan = self.plan
+        if target.region is not None:
+            return proxy_protocol.encode_v2(*plan.client, *plan.local, authority=plan.authority)
         app = self.server.state.apps.get(target.app)
-        if target.region is not None or (app is not None and app.spec.proxy_protocol):
-            return proxy_protocol.encode_v2(*self.plan.client, *self.plan.local)
+        if app is not None and app.spec.proxy_protocol:
+            return proxy_protocol.encode_v2(*plan.client, *plan.local)
         return b""
 
     def _fail(self, why: ProxyError | str) -> None:

@@ -100,3 +100,20 @@ def test_proxy_path_bench_runs_the_real_exchange(tmp_path: Path) -> None:
     assert set(result) == {"floor", "geomesh-rr", "geomesh-lc", "geomesh-hash"}
     for name in ("geomesh-rr", "geomesh-lc", "geomesh-hash"):
         assert result[name]["over_floor_us"] == result[name]["best_us"] - result["floor"]["best_us"]
+
+
+def test_h2_bench_runs_every_system(tmp_path: Path) -> None:
+    """bench/h2.py, one short round: HAProxy and the gateway in both g modes serve every request."""
+    for tool in ("h2load", "haproxy", "nginx"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed: run scripts/install.sh (./run test does)")
+    out = tmp_path / "h2.json"
+    proc = subprocess.run([sys.executable, "bench/h2.py", "--duration", "1", "--rounds", "1", "--clients", "2",
+                           "--streams", "4", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"h2.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"haproxy", "geomesh", "geomesh-tunnel"}
+    for name, (run,) in result["runs"].items():
+        assert run["succeeded"] > 0 and run["failed"] == 0 and run["non_2xx"] == 0, (name, run)
+    for mode in ("geomesh", "geomesh-tunnel"):
+        assert result["summary"][mode]["ratio"] == result["runs"][mode][0]["rps"] / result["runs"]["haproxy"][0]["rps"]

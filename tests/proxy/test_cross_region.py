@@ -301,3 +301,23 @@ def test_a_trusted_peer_may_forward_tunnels_to_the_public_listener(gateway):
         assert app_backend.calls == 1  # nothing more reached the app
     finally:
         app_backend.stop()
+
+
+def test_tunnel_mode_forwards_the_g_connection_with_its_name(gateway, tmp_path):
+    """`g_mode = "tunnel"` on A: the whole clear HTTP/2 connection goes to B after a PROXY v2 header
+    naming the `g` host; B (streams mode) serves its calls from its own backends."""
+    ca = TestCA(tmp_path)
+    bs = start_on_one_port(["us-1", "us-2"], first_host=41)
+    try:
+        b = gateway(region_doc(None, "gw-b", "us", US, {"grpc": [x.address for x in bs]}, []), http=(),
+                    mesh=("127.0.0.1:0",))
+        a = gateway(region_doc(ca, "gw-a", "eu", EU, {}, [("us", US, ["grpc"], "gw-b", b.mesh[1])]),
+                    http=(), https=("127.0.0.1:0",), mesh=("127.0.0.1:0",), g_mode="tunnel")
+        with gateway_channel(a.https, ca.path, f"grpc-{bs[0].port}g.{ZONE}") as ch:
+            answers = [who(ch) for _ in range(4)]
+        assert [x["backend"] for x in answers] == ["us-1", "us-2"] * 2  # B balances the tunnelled calls
+        assert {x["metadata"]["x-forwarded-for"] for x in answers} == {"127.0.0.1"}
+        assert counters(a, "forwarded") == {("grpc", "us"): 1}  # one connection forwarded
+    finally:
+        for x in bs:
+            x.stop()

@@ -62,7 +62,9 @@ def test_round_robin_spreads_the_calls_of_one_channel(ca, grpc_backends, gateway
     g = gateway(g_routes(ca, [app("api", bs)]), http=(), https=("127.0.0.1:0",))
     with gateway_channel(g.https, ca.path, g_name("api", bs)) as ch:
         seen = Counter(who(ch)["backend"] for _ in range(30))
+        counts = g.run(lambda: g.server.connection_counts())
     assert seen == {"g1": 10, "g2": 10, "g3": 10}  # one connection, calls spread one by one
+    assert counts["h2"] == 1 and counts["tunnel"] == 0
 
 
 def test_ip_hash_keeps_a_client_on_one_backend(ca, grpc_backends, gateway):
@@ -259,3 +261,19 @@ def test_shutdown_lets_a_call_in_progress_finish(ca, grpc_backends, gateway):
         assert json.loads(held.result(timeout=10))["backend"] == "g1"
         stopping.join(10)
         assert not stopping.is_alive()
+
+
+def test_tunnel_mode_keeps_a_connection_on_one_backend(ca, grpc_backends, gateway):
+    """`g_mode = "tunnel"`: the clear HTTP/2 connection is a byte tunnel, so every call of one
+    channel reaches the backend chosen when it connected; a second channel may go elsewhere."""
+    bs = grpc_backends(3)
+    g = gateway(g_routes(ca, [app("api", bs)]), http=(), https=("127.0.0.1:0",), g_mode="tunnel")
+    channels = []
+    for _ in range(2):
+        with gateway_channel(g.https, ca.path, g_name("api", bs)) as ch:
+            seen = Counter(who(ch)["backend"] for _ in range(9))
+            counts = g.run(lambda: g.server.connection_counts())
+        assert counts["tunnel"] == 1 and counts["h2"] == 0  # a byte tunnel, no HTTP/2 termination
+        assert len(seen) == 1 and sum(seen.values()) == 9
+        channels.append(next(iter(seen)))
+    assert channels[0] != channels[1]  # round robin per connection
