@@ -27,6 +27,9 @@ from typing import Any
 
 from geomesh import validate
 from geomesh.errors import ValidationError
+from regional_gateway.proxy.certificates import load as load_certificate
+from regional_gateway.proxy.routes import CertificateSpec
+from regional_gateway.proxy.settings import G_MODES
 
 BACKENDS = ("auto", "userspace", "kernel", "none")
 
@@ -41,6 +44,9 @@ class AgentConfig:
     public_ipv6: str = ""
     proxy_port: int = 8080              # where clients (and peers over the mesh) reach the proxy
     proxy_listen: str = ""              # bind address of the client-facing listener ("" = public_ip)
+    https_port: int = 0                 # TLS listener on proxy_listen (SNI termination, `s`, `g`); 0 = none
+    certificates: tuple[CertificateSpec, ...] = ()  # served by SNI on https_port
+    g_mode: str = "streams"             # `g` names: streams (per-call balancing) or tunnel
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -71,6 +77,14 @@ class AgentConfig:
         validate.ip_address("public_ipv6", self.public_ipv6, version=6, optional=True)
         validate.fqdn("zone", self.zone)
         validate.port("proxy_port", self.proxy_port)
+        if self.https_port:
+            validate.port("https_port", self.https_port)
+            if self.https_port == self.proxy_port:
+                raise ValidationError("https_port", "must differ from proxy_port (plain HTTP listens there)")
+        for i, spec in enumerate(self.certificates):
+            load_certificate(spec, f"certificates[{i}]")  # readable, a certificate, the key matches
+        if self.g_mode not in G_MODES:
+            raise ValidationError("g_mode", f"{self.g_mode!r} is not one of: {', '.join(G_MODES)}")
         validate.port("wireguard.listen_port", self.wg_listen_port)
         if not 1 <= len(self.wg_interface) <= 15:
             raise ValidationError("wireguard.interface", "must be 1-15 characters (a Linux interface name)")
@@ -98,19 +112,25 @@ def load(path: Path) -> AgentConfig:
     tls = data.get("tls", {})
     wg = data.get("wireguard", {})
     known = {"name", "region", "coordinators", "public_ip", "public_ipv6", "zone", "proxy_port", "proxy_listen",
-             "insecure", "heartbeat_interval", "metrics_host", "metrics_port", "dataplane", "tls", "wireguard",
-             "routes"}
+             "https_port", "certificates", "g_mode", "insecure", "heartbeat_interval", "metrics_host", "metrics_port",
+             "dataplane", "tls", "wireguard", "routes"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValidationError(unknown[0], "is not a known setting")
     coordinators = data.get("coordinators", [])
     if isinstance(coordinators, str):
         coordinators = [coordinators]
+    certificates = []
+    for i, item in enumerate(data.get("certificates", [])):
+        if not isinstance(item, dict) or set(item) != {"cert", "key"}:
+            raise ValidationError(f"certificates[{i}]", "must be a table with cert and key (file paths)")
+        certificates.append(CertificateSpec(cert=rel(item["cert"]), key=rel(item["key"])))  # type: ignore[arg-type]
     return AgentConfig(
         name=data.get("name", ""), region=data.get("region", ""), coordinators=tuple(coordinators),
         public_ip=data.get("public_ip", ""), public_ipv6=data.get("public_ipv6", ""),
         zone=data.get("zone", "geomesh.test"), proxy_port=data.get("proxy_port", 8080),
-        proxy_listen=data.get("proxy_listen", ""), insecure=bool(data.get("insecure", False)),
+        proxy_listen=data.get("proxy_listen", ""), https_port=data.get("https_port", 0),
+        certificates=tuple(certificates), g_mode=data.get("g_mode", "streams"), insecure=bool(data.get("insecure", False)),
         tls_ca=rel(tls.get("ca")), tls_cert=rel(tls.get("cert")), tls_key=rel(tls.get("key")),
         wg_interface=wg.get("interface", "gm0"), wg_listen_port=wg.get("listen_port", 51820),
         wg_key_file=rel(wg.get("key_file", "wg.key")) or base / "wg.key", wg_backend=wg.get("backend", "auto"),

@@ -32,7 +32,7 @@ class ProxyDataPlane:
     def update_table(self, table: RoutingTable, mesh: dict[str, MeshPeerInfo]) -> None:
         try:
             routes = routes_from_table(table, region=self.config.region, zone=self.config.zone,
-                                       self_name=self.config.name)
+                                       self_name=self.config.name, certificates=self.config.certificates)
         except ValidationError as exc:  # keep serving the routes in force
             event(log, "routing table refused by the data plane", logging.ERROR, field=exc.field, error=exc.message)
             return
@@ -54,8 +54,10 @@ async def start_dataplane(config: AgentConfig, mesh_ip: str) -> tuple[ProxyServe
     """Start the proxy (empty routes until the first table arrives)."""
     listen = config.proxy_listen or config.public_ip
     mesh = (f"{mesh_ip}:{config.proxy_port}",) if mesh_ip and config.wg_backend != "none" else ()
-    settings = ProxySettings(http=(f"{listen}:{config.proxy_port}",), mesh=mesh)
-    server = ProxyServer(settings, Routes(zone=config.zone, self_name=config.name, region=config.region))
+    https = (f"{listen}:{config.https_port}",) if config.https_port else ()
+    settings = ProxySettings(http=(f"{listen}:{config.proxy_port}",), https=https, mesh=mesh, g_mode=config.g_mode)
+    server = ProxyServer(settings, Routes(zone=config.zone, self_name=config.name, region=config.region,
+                                          certificates=config.certificates))
     await server.start()
-    event(log, "data plane listening", http=f"{listen}:{config.proxy_port}", mesh=list(mesh))
+    event(log, "data plane listening", http=f"{listen}:{config.proxy_port}", https=list(https), mesh=list(mesh))
     return server, ProxyDataPlane(config, server)

@@ -16,15 +16,24 @@ from geomesh.errors import ValidationError
 from regional_gateway.agent import Agent
 from regional_gateway.agent_config import AgentConfig, load
 from regional_gateway.mesh_view import apply_mesh_update, desired_peers
+from regional_gateway.proxy.routes import CertificateSpec
 
 from ..coordinator.test_admin import seed
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def config_for(coordinators, pki, tmp_path, name: str, ip: str, **kw) -> AgentConfig:
     ident = pki.identity("gateway", name)
     return AgentConfig(name=name, region=kw.pop("region", "eu-central"), coordinators=tuple(c.address for c in coordinators),
                        public_ip=ip, tls_ca=ident.ca, tls_cert=ident.cert, tls_key=ident.key,
-                       wg_key_file=tmp_path / f"{name}.key", wg_backend="none", dataplane=False,
+                       wg_key_file=tmp_path / f"{name}.key", wg_backend="none", dataplane=kw.pop("dataplane", False),
                        heartbeat_interval=0.3, **kw)
 
 
@@ -161,3 +170,69 @@ async def test_agent_reaches_coordinator_over_unix_socket_with_mtls(coordinator_
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_agent_terminates_tls_with_its_certificates(coordinator, pki, tmp_path):
+    """Coordinator mode with `https_port` and `[[certificates]]`: the agent's data plane serves
+    the apps of the routing table over TLS, picking the certificate by SNI."""
+    from tests.proxy.backends import Backend
+    from tests.proxy.certs import TestCA, san_of
+    from tests.proxy.client import Conn
+
+    admin = coordinator.admin()
+    await seed(admin)
+    await admin.CreateApp(pb.App(name="shop", lb_policy=pb.LB_POLICY_ROUND_ROBIN))
+    backend = Backend("shop-1")
+    ca = TestCA(tmp_path)
+    cert, key = ca.issue("zone", ["*.apps.test"])
+    http_port, https_port = free_port(), free_port()
+    cfg = config_for([coordinator], pki, tmp_path, "gw-tls", "192.0.2.31", region="us-east", zone="apps.test",
+                     dataplane=True, proxy_listen="127.0.0.1", proxy_port=http_port, https_port=https_port,
+                     certificates=(CertificateSpec(cert=cert, key=key),))
+    await admin.AddInstance(pb.Instance(app="shop", id="s1", region="us-east", address="127.0.0.1", port=backend.port))
+    agent = Agent(cfg)
+    task = asyncio.create_task(agent.run())
+
+    def https_get():
+        with Conn(("127.0.0.1", https_port), tls=ca.client_context(), server_name="shop.apps.test") as c:
+            return san_of(c.sock.getpeercert(binary_form=True)), c.request("shop.apps.test")
+
+    try:
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            try:
+                sans, r = await asyncio.to_thread(https_get)
+                if r.status == 200 or asyncio.get_running_loop().time() > deadline:
+                    break
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(0.1)
+        assert sans == ["*.apps.test"]
+        assert r.status == 200 and r.header("x-backend") == "shop-1"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        backend.close()
+
+
+def test_agent_config_tls_listener_fields(tmp_path):
+    from tests.proxy.certs import TestCA
+
+    ca = TestCA(tmp_path)
+    cert, _ = ca.issue("zone", ["*.apps.test"])
+    base = ('name = "gw-a"\nregion = "eu"\ncoordinators = ["127.0.0.1:7443"]\npublic_ip = "192.0.2.1"\n'
+            'insecure = true\nproxy_port = 8080\n')
+    path = tmp_path / "gw.toml"
+    path.write_text(base + 'https_port = 8443\ng_mode = "tunnel"\n[[certificates]]\ncert = "zone.pem"\nkey = "zone.key"\n')
+    cfg = load(path)
+    assert cfg.https_port == 8443 and cfg.g_mode == "tunnel"
+    assert cfg.certificates == (CertificateSpec(cert=tmp_path / "zone.pem", key=tmp_path / "zone.key"),)
+    for extra, field in (('https_port = 8080\n', "https_port"), ('g_mode = "fast"\n', "g_mode"),
+                         ('[[certificates]]\ncert = "nope.pem"\nkey = "zone.key"\n', "certificates[0]"),
+                         ('[[certificates]]\ncert = "zone.pem"\n', "certificates[0]")):
+        path.write_text(base + extra)
+        with pytest.raises(ValidationError) as err:
+            load(path)
+        assert err.value.field == field, (extra, err.value)
+    assert cert.exists()
