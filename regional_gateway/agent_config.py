@@ -7,6 +7,11 @@ Example (`deploy/gateway.example.toml` documents every field)::
     coordinators = ["10.0.0.5:7443", "10.0.0.6:7443"]
     public_ip = "198.51.100.21"
     zone = "apps.example.com"
+    proxy_port = 80
+    https_port = 443
+    [[certificates]]
+    cert = "/etc/geomesh/apps.example.com.pem"
+    key = "/etc/geomesh/apps.example.com.key"
     [tls]
     ca = "/etc/geomesh/ca.pem"
     cert = "/etc/geomesh/gateway.pem"
