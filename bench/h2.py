@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from bench.http import BODY, CLK_TCK, Procs, cpu_ticks, free_port, med, wait_port  # noqa: E402
+from bench.http import CLK_TCK, Procs, cpu_ticks, free_port, med, nginx_conf, wait_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONE = "bench.test"
@@ -69,27 +69,6 @@ def self_signed(directory: Path) -> tuple[Path, Path, Path]:
     paths[1].write_bytes(key_pem)
     paths[2].write_bytes(cert_pem + key_pem)
     return paths
-
-
-def nginx_conf(d: Path, port: int) -> str:
-    servers = "\n".join(
-        f'  server {{ listen {h}:{port} http2; default_type text/plain; add_header X-Backend b{i + 1};\n'
-        f'    location / {{ return 200 "{BODY}"; }} }}' for i, h in enumerate(HOSTS))
-    return f"""master_process off;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-worker_rlimit_nofile 16384;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  http2_max_requests 1000000;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-{servers}
-}}
-"""
 
 
 def haproxy_cfg(port: int, backend_port: int, combined: Path) -> str:
@@ -157,7 +136,8 @@ def main() -> int:
         cert, key, combined = self_signed(work)
         backend_port = free_port()
         (work / "nginx").mkdir()
-        (work / "nginx" / "nginx.conf").write_text(nginx_conf(work / "nginx", backend_port))
+        (work / "nginx" / "nginx.conf").write_text(
+            nginx_conf(work / "nginx", [f"{h}:{backend_port} http2" for h in HOSTS], "\n  http2_max_requests 1000000;"))
         procs.start(["nginx", "-p", str(work / "nginx"), "-c", str(work / "nginx" / "nginx.conf")], args.client_cpu,
                     work / "nginx.log")
         hp_port, gw_port, tn_port = free_port(), free_port(), free_port()

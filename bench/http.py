@@ -106,10 +106,12 @@ class Procs:
                 p.wait(5)
 
 
-def nginx_conf(d: Path, ports: list[int]) -> str:
+def nginx_conf(d: Path, listens: list[str], extra: str = "") -> str:
+    """One nginx process, a server block per `listen` value (`b1`, `b2`, ... in X-Backend), each
+    answering every request with the fixed 100-byte BODY; `extra`: more `http {}` directives."""
     servers = "\n".join(
-        f'  server {{ listen 127.0.0.1:{p}; default_type text/plain; add_header X-Backend b{i + 1};\n'
-        f'    location / {{ return 200 "{BODY}"; }} }}' for i, p in enumerate(ports))
+        f'  server {{ listen {listen}; default_type text/plain; add_header X-Backend b{i + 1};\n'
+        f'    location / {{ return 200 "{BODY}"; }} }}' for i, listen in enumerate(listens))
     return f"""master_process off;
 daemon off;
 pid {d}/nginx.pid;
@@ -119,7 +121,7 @@ events {{ worker_connections 4096; }}
 http {{
   access_log off;
   keepalive_requests 1000000;
-  keepalive_timeout 65;
+  keepalive_timeout 65;{extra}
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
 {servers}
@@ -234,7 +236,7 @@ def main() -> int:
     try:
         backends = [free_port() for _ in range(3)]
         (work / "nginx").mkdir()
-        (work / "nginx" / "nginx.conf").write_text(nginx_conf(work / "nginx", backends))
+        (work / "nginx" / "nginx.conf").write_text(nginx_conf(work / "nginx", [f"127.0.0.1:{p}" for p in backends]))
         procs.start(["nginx", "-p", str(work / "nginx"), "-c", str(work / "nginx" / "nginx.conf")], args.client_cpu,
                     work / "nginx.log")
         for p in backends:

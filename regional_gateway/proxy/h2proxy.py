@@ -87,6 +87,27 @@ def _open_connection(conn: h2.connection.H2Connection, settings: dict[int, int] 
     conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
 
 
+def send_windowed(conn: h2.connection.H2Connection, sid: int, queue: deque[tuple[bytes, int]]) -> int:
+    """Send queued (data, length) chunks on stream `sid` as far as its flow-control window and the
+    frame size allow; what does not fit stays queued (split if need be). Returns the sum of the
+    `length`s of the chunks fully sent: what may now be acknowledged to the side they came from."""
+    done = 0
+    while queue:
+        data, length = queue[0]
+        room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+        if len(data) > room:
+            if room <= 0:
+                break
+            conn.send_data(sid, data[:room])
+            queue[0] = (data[room:], length)
+            continue
+        queue.popleft()
+        if data:
+            conn.send_data(sid, data)
+        done += length
+    return done
+
+
 class Stream:
     """One client stream and, once routed, its upstream stream."""
 
@@ -356,28 +377,15 @@ class H2Downstream(asyncio.Protocol):
         if self.gone or self.write_paused:
             return
         conn = self.conn
-        acked: list[int] = []
-        while st.to_down:
-            data, length = st.to_down[0]
-            room = min(conn.local_flow_control_window(st.sid), conn.max_outbound_frame_size)
-            if len(data) > room:
-                if room <= 0:
-                    break
-                conn.send_data(st.sid, data[:room])
-                st.to_down[0] = (data[room:], length)
-                continue
-            st.to_down.popleft()
-            if data:
-                conn.send_data(st.sid, data)
-            acked.append(length)
+        sent = send_windowed(conn, st.sid, st.to_down)
         if not st.to_down and (st.down_end or st.down_trailers is not None) and not st.finished:
             if st.down_trailers is not None:
                 conn.send_headers(st.sid, st.down_trailers, end_stream=True)
             else:
                 conn.end_stream(st.sid)
             self._finish(st)
-        if acked and st.up is not None and st.up_sid:
-            st.up.ack(st.up_sid, sum(acked))
+        if sent and st.up is not None and st.up_sid:
+            st.up.ack(st.up_sid, sent)
             st.up.flush()
         self._flush()
 
@@ -663,19 +671,7 @@ class H2Upstream(asyncio.Protocol):
         conn = self.conn
         done = 0
         try:
-            while st.to_up:
-                data, length = st.to_up[0]
-                room = min(conn.local_flow_control_window(st.up_sid), conn.max_outbound_frame_size)
-                if len(data) > room:
-                    if room <= 0:
-                        break
-                    conn.send_data(st.up_sid, data[:room])
-                    st.to_up[0] = (data[room:], length)
-                    continue
-                st.to_up.popleft()
-                if data:
-                    conn.send_data(st.up_sid, data)
-                done += length
+            done = send_windowed(conn, st.up_sid, st.to_up)
             if not st.to_up and st.up_end and not st.client_done:
                 if st.up_trailers is not None:
                     conn.send_headers(st.up_sid, st.up_trailers, end_stream=True)
