@@ -157,6 +157,7 @@ class H2Downstream(asyncio.Protocol):
         self.conn = h2.connection.H2Connection(config=_config(client_side=False))
         self.streams: dict[int, Stream] = {}
         self.upstreams: dict[tuple[str, int], H2Upstream] = {}
+        self.dirty: set[H2Upstream] = set()  # upstreams with frames to write at the next flush
         self.deadline = 0.0
         self.closed = False
         self.counted = False
@@ -369,8 +370,7 @@ class H2Downstream(asyncio.Protocol):
         if up is None or not st.up_sid or up.closed:
             return
         self._ack_down(up.send_body(st), st.sid)
-        up.flush()
-        self._flush()
+        up.touch()
 
     def _push_down(self, st: Stream) -> None:
         """Send what the backend sent on `st` to the client, as far as the window and transport allow."""
@@ -386,8 +386,7 @@ class H2Downstream(asyncio.Protocol):
             self._finish(st)
         if sent and st.up is not None and st.up_sid:
             st.up.ack(st.up_sid, sent)
-            st.up.flush()
-        self._flush()
+            st.up.touch()
 
     def response_headers(self, st: Stream, headers: list[tuple[bytes, bytes]], end: bool, *,
                          informational: bool = False) -> None:
@@ -396,7 +395,6 @@ class H2Downstream(asyncio.Protocol):
         out = [(n, v) for n, v in headers if n not in _HOP]
         if informational:
             self.conn.send_headers(st.sid, out)
-            self._flush()
             return
         st.response_started = True
         for n, v in headers:
@@ -407,7 +405,6 @@ class H2Downstream(asyncio.Protocol):
         self.conn.send_headers(st.sid, out, end_stream=end)
         if end:
             self._finish(st)
-        self._flush()
 
     def response_data(self, st: Stream, data: bytes, length: int, end: bool) -> None:
         if self.gone or st.finished or self.streams.get(st.sid) is not st:
@@ -468,7 +465,6 @@ class H2Downstream(asyncio.Protocol):
         st.finished = True
         self._end_stream_state(st)
         self.streams.pop(st.sid, None)
-        self._flush()
 
     def _send_error(self, st: Stream, err: ProxyError) -> None:
         conn = self.conn
@@ -497,7 +493,6 @@ class H2Downstream(asyncio.Protocol):
         st.finished = True
         self._end_stream_state(st)
         self.streams.pop(st.sid, None)
-        self._flush()
 
     def _finish(self, st: Stream) -> None:
         st.finished = True
@@ -542,6 +537,13 @@ class H2Downstream(asyncio.Protocol):
                 pass
 
     def _flush(self) -> None:
+        """Write what the HTTP/2 state machines produced: the upstreams touched since the last
+        flush, then this connection. Called once at the end of each event-loop callback, so a
+        response's headers, data and trailers leave in one write (one TLS record, one syscall)."""
+        if self.dirty:
+            ups, self.dirty = self.dirty, set()
+            for up in ups:
+                up.flush()
         if self.closed or self.transport is None:
             return
         data = self.conn.data_to_send()
@@ -637,7 +639,7 @@ class H2Upstream(asyncio.Protocol):
         st.up = self
         if self.connected and not self.closed and self._has_room():
             self._open(st)
-            self.flush()
+            self.touch()
         else:
             self.pending.append(st)  # until connected, or until a stream ends (the backend's limit)
 
@@ -698,16 +700,20 @@ class H2Upstream(asyncio.Protocol):
                 self.conn.reset_stream(sid, code)
             except h2.exceptions.ProtocolError:
                 pass
-            self.flush()
+            self.touch()
 
     def detach(self, st: Stream) -> None:
         if st.up_sid:
             self.active.pop(st.up_sid, None)
             if self.pending and self.connected and not self.closed:
                 self._open_pending()  # a slot under the backend's stream limit is free again
-                self.flush()
+                self.touch()
         elif st in self.pending:
             self.pending.remove(st)
+
+    def touch(self) -> None:
+        """Frames are waiting: written when the client connection flushes (end of the callback)."""
+        self.down.dirty.add(self)
 
     def flush(self) -> None:
         if self.transport is not None and not self.closed:
