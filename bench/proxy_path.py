@@ -44,7 +44,19 @@ from regional_gateway.proxy.upstream import UpstreamConnection  # noqa: E402
 
 POLICIES = {"rr": "round_robin", "lc": "least_connections", "hash": "ip_hash"}
 BACKENDS = [("127.0.0.1", 9001), ("127.0.0.1", 9002), ("127.0.0.1", 9003)]  # never connected to
-REQUEST = b"GET / HTTP/1.1\r\nHost: app.bench.test\r\n\r\n"
+REQUESTS = {
+    "wrk": b"GET / HTTP/1.1\r\nHost: app.bench.test\r\n\r\n",  # what bench/http.py's load sends
+    "browser": (b"GET /catalog/items?page=2 HTTP/1.1\r\nHost: app.bench.test\r\nConnection: keep-alive\r\n"
+                b"sec-ch-ua: \"Chromium\";v=\"130\", \"Not?A_Brand\";v=\"99\"\r\nsec-ch-ua-mobile: ?0\r\n"
+                b"sec-ch-ua-platform: \"Linux\"\r\nUpgrade-Insecure-Requests: 1\r\n"
+                b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+                b"Chrome/130.0.0.0 Safari/537.36\r\n"
+                b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8\r\n"
+                b"Sec-Fetch-Site: same-origin\r\nSec-Fetch-Mode: navigate\r\nSec-Fetch-Dest: document\r\n"
+                b"Referer: https://app.bench.test/catalog\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n"
+                b"Accept-Language: en-US,en;q=0.9\r\nCookie: session=4f2a9c; theme=dark\r\n\r\n"),
+}
+REQUEST = REQUESTS["wrk"]
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Thu, 26 Nov 2026 02:40:50 GMT\r\n"
             b"Content-Type: text/plain\r\nContent-Length: 100\r\nConnection: keep-alive\r\nX-Backend: b1\r\n\r\n"
             + b"0" * 100)
@@ -76,7 +88,7 @@ class CountingTransport:
         pass
 
 
-def gateway_exchange(policy: str):
+def gateway_exchange(policy: str, request: bytes = REQUEST):
     """A function that runs one request/response through the gateway's objects."""
     import tomllib
 
@@ -94,7 +106,7 @@ def gateway_exchange(policy: str):
     client.connection_made(transport)
 
     def one() -> None:
-        client.data_received(REQUEST)
+        client.data_received(request)
         client.active.upstream.data_received(RESPONSE)  # type: ignore[union-attr]
 
     def check() -> None:
@@ -128,11 +140,11 @@ class _FloorClient(RequestCallbacks):
         self.upstream.transport.write(data)
 
 
-def floor_exchange():
+def floor_exchange(request: bytes = REQUEST):
     client = _FloorClient()
 
     def one() -> None:
-        client.data_received(REQUEST)
+        client.data_received(request)
         client.upstream.data_received(RESPONSE)
 
     def check() -> None:
@@ -161,6 +173,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7, help="timed runs per system; best and median are printed "
                    "(default %(default)s)")
     p.add_argument("--policies", default="rr,lc,hash", help="comma list of rr, lc, hash (default %(default)s)")
+    p.add_argument("--request", choices=sorted(REQUESTS), default="wrk",
+                   help="wrk: GET with only a Host header (what bench/http.py sends); browser: a browser's "
+                        "navigation GET with 16 headers (default %(default)s)")
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     return p
 
@@ -174,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in policies:
         if p not in POLICIES:
             ap.error(f"unknown policy {p!r} (rr, lc, hash)")
-    systems = {"floor": floor_exchange()} | {f"geomesh-{p}": gateway_exchange(POLICIES[p]) for p in policies}
+    request = REQUESTS[args.request]
+    systems = {"floor": floor_exchange(request)} | {f"geomesh-{p}": gateway_exchange(POLICIES[p], request)
+                                                    for p in policies}
     results: dict[str, dict[str, float]] = {}
-    print(f"# {args.repeats} runs x {args.requests:,} exchanges each, in-process, no sockets")
+    print(f"# {args.repeats} runs x {args.requests:,} exchanges each ({args.request} request), in-process, no sockets")
     for name, (one, check) in systems.items():
         check()
         runs = measure(one, args.requests, args.repeats)
