@@ -48,7 +48,7 @@ from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
 from regional_gateway.proxy.client_address import CLIENT_ADDRESS_HEADERS, forwarded_node
 from regional_gateway.proxy.hostnames import NameMatch
-from regional_gateway.proxy.http_errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from regional_gateway.proxy.http_errors import ProxyError, ShuttingDown, UpstreamFailed, UpstreamTimeout
 from regional_gateway.proxy.route_state import BackendRuntime
 from regional_gateway.proxy.targets import Target, choose
 
@@ -305,7 +305,7 @@ class H2Downstream(asyncio.Protocol):
         answer when no other target is left, more useful than "no healthy backend")."""
         server = self.server
         if self.draining:
-            self._answer(st, UpstreamFailed("the gateway is shutting down"), refused=True)
+            self._answer(st, ShuttingDown("the gateway is shutting down"), refused=True)
             return
         target = choose(server.state, self.match, self.client_key, may_forward=self.may_forward, exclude=st.tried)
         if not isinstance(target, Target):
