@@ -16,7 +16,8 @@ always`); the gateway is `geomesh-gateway --routes` with one app per policy (hea
 metrics on, as in production). Load: `wrk -t1 -cCONNS -dDURATIONs --latency`, keep-alive, the
 same Host header for both. Before measuring, each system answers 9 one-shot requests (body
 checked, backend spread printed). Then ROUNDS interleaved rounds (every system once per round,
-back to back), so each ratio compares adjacent runs on a machine that other work shares.
+back to back, every other round in reverse order), so each ratio compares adjacent runs on a
+machine that other work shares and no system always runs first or last.
 
 `--floor` (on by default; `--no-floor` skips it) adds a third system in the round-robin rounds:
 `bench/_relay_floor.py`, a uvloop relay that runs httptools over both directions and does
@@ -274,7 +275,8 @@ def main() -> int:
                 print(f"bench/http.py: {s.name} answered {seen[0][1][:200]!r}", file=sys.stderr)
                 return 1
         for r in range(1, args.rounds + 1):
-            for s in systems:
+            # every other round runs in reverse, so no policy (or system) always runs first or last
+            for s in (systems if r % 2 else list(reversed(systems))):
                 res = run_wrk(s, args)
                 res["round"] = r
                 s.runs.append(res)
