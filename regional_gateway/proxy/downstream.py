@@ -155,8 +155,9 @@ class ClientConnection(asyncio.Protocol):
         self.h_parts: list[bytes] = []
         self.h_url = b""
         self.h_host: bytes | None = None
-        self.h_count = 0
-        self.h_size = 0
+        self.h_dropped = 0  # header fields not forwarded as they came (only ever set with h_special)
+        self.h_dropped_size = 0
+        self.feed_len = 0  # bytes of the read being parsed (bounds the size of a head it completes)
         self.h_special = False
         self.h_te = False
         self.h_cl = -1
@@ -222,6 +223,7 @@ class ClientConnection(asyncio.Protocol):
             data = self._sniff(data)
             if not data:
                 return
+        self.feed_len = len(data)
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except HttpParserUpgrade as exc:
@@ -306,10 +308,10 @@ class ClientConnection(asyncio.Protocol):
         self.h_parts = []
         self.h_url = b""
         self.h_host = None
-        self.h_count = 0
-        self.h_size = 0
         if self.h_special:
             self.h_special = False
+            self.h_dropped = 0
+            self.h_dropped_size = 0
             self.h_te = False
             self.h_cl = -1
             self.h_err = None
@@ -319,45 +321,57 @@ class ClientConnection(asyncio.Protocol):
         self.h_url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.h_count += 1
-        self.h_size += len(name) + len(value) + 4
+        # the common header costs a lower(), a set lookup and an append; how many fields and bytes
+        # the head holds is derived when it completes (`_head_size`), not counted per field here
         lname = name.lower()
         if lname not in _SPECIAL:
             self.h_parts += (name, b": ", value, b"\r\n")
             return
-        if lname == b"host":
-            if self.h_host is not None:
-                self.h_special = True
-                self.h_err = BadRequest("more than one Host header")
+        if lname == b"host" and self.h_host is None:
             self.h_host = value
             self.h_parts += (name, b": ", value, b"\r\n")
             return
         self.h_special = True
-        if lname == b"content-length":
+        if not self._special_header(lname, name, value):  # not forwarded as is: count it here
+            self.h_dropped += 1
+            self.h_dropped_size += len(name) + len(value) + 4
+
+    def _special_header(self, lname: bytes, name: bytes, value: bytes) -> bool:
+        """A header the gateway interprets; True if it is forwarded as it came (into `h_parts`)."""
+        if lname == b"host":
+            self.h_err = BadRequest("more than one Host header")
+        elif lname == b"content-length":
             self.h_cl = int(value) if value.strip().isdigit() else -1
-            self.h_parts += (name, b": ", value, b"\r\n")
         elif lname == b"transfer-encoding":
             self.h_te = True
-            self.h_parts += (name, b": ", value, b"\r\n")
         elif lname == b"connection":
             self.h_conn = value if self.h_conn is None else self.h_conn + b"," + value
+            return False
         elif lname == b"upgrade":
             self.h_upgrade = value
+            return False
         elif lname in _ADDR:
             if not self.trusted:
-                return
+                return False
             if lname == b"x-forwarded-for":
                 self.h_xff = value if self.h_xff is None else self.h_xff + b", " + value
-            elif lname == b"forwarded":
+                return False
+            if lname == b"forwarded":
                 self.h_fwd = value if self.h_fwd is None else self.h_fwd + b", " + value
-            elif lname == b"x-forwarded-proto":
+                return False
+            if lname == b"x-forwarded-proto":
                 self.h_proto = value
-            elif lname == b"x-geomesh-forwarded":
+                return False
+            if lname == b"x-geomesh-forwarded":
                 self.h_mark = value  # and the app sees which gateway forwarded it
-                self.h_parts += (name, b": ", value, b"\r\n")
-            else:
-                self.h_parts += (name, b": ", value, b"\r\n")
-        # other hop-by-hop headers (keep-alive, te, trailer, proxy-connection) are dropped
+        else:  # other hop-by-hop headers (keep-alive, te, trailer, proxy-connection) are dropped
+            return False
+        self.h_parts += (name, b": ", value, b"\r\n")
+        return True
+
+    def _head_size(self) -> int:
+        """Header fields + URL in bytes, as received (name, ': ', value, CRLF per field)."""
+        return sum(map(len, self.h_parts)) + self.h_dropped_size + len(self.h_url)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -370,9 +384,13 @@ class ClientConnection(asyncio.Protocol):
         if method == b"HEAD":
             ex.head_only = True
         host = ex.host = self.h_host
-        if self.h_special or method == b"CONNECT" or host is None or self.h_count > self.max_headers:
-            self._head_checks(ex, method)
-        elif self.h_size + len(self.h_url) > self.max_header_bytes:
+        count = (len(self.h_parts) >> 2) + self.h_dropped
+        # the head is inside the bytes read since it began: only a head that may be too large is measured
+        too_big = self.head_bytes + self.feed_len > self.max_header_bytes and \
+            self._head_size() > self.max_header_bytes
+        if self.h_special or method == b"CONNECT" or host is None or count > self.max_headers:
+            self._head_checks(ex, method, count, too_big)
+        elif too_big:
             ex.error = HeadersTooLarge(f"request head over {self.max_header_bytes} bytes")
         if ex.error is None:
             if keep and not self.h_special and not self.trusted:  # plain HTTP/1.1 (1.0 keep-alive needs a header)
@@ -388,8 +406,6 @@ class ClientConnection(asyncio.Protocol):
             self.h_parts = []
             self.h_url = b""
             self.h_host = None
-            self.h_count = 0
-            self.h_size = 0
         self.cur = ex
         if not keep or not ex.keep_alive or (ex.error is not None and ex.error.closes):
             self.dead_parser = True
@@ -400,16 +416,16 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(ex)
             self.pause_reading(_PAUSE_PIPELINE)
 
-    def _head_checks(self, ex: Exchange, method: bytes) -> None:
+    def _head_checks(self, ex: Exchange, method: bytes, count: int, too_big: bool) -> None:
         """The checks a plain request does not need (a special header was seen, or an odd request)."""
         settings = self.server.settings
         ex.chunked = self.h_te
         ex.has_body = self.h_te or self.h_cl > 0
         if self.h_err is not None:
             ex.error = self.h_err
-        elif self.h_count > settings.max_headers:
-            ex.error = HeadersTooLarge(f"{self.h_count} header fields, at most {settings.max_headers}")
-        elif self.h_size + len(self.h_url) > settings.max_header_bytes:
+        elif count > settings.max_headers:
+            ex.error = HeadersTooLarge(f"{count} header fields, at most {settings.max_headers}")
+        elif too_big:
             ex.error = HeadersTooLarge(f"request head over {settings.max_header_bytes} bytes")
         elif method == b"CONNECT":
             ex.error = MethodNotAllowed("CONNECT is not supported by this gateway")

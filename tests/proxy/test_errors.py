@@ -259,3 +259,30 @@ def test_malformed_corpus_never_breaks_the_gateway(backends, gateway, errors_log
             assert status < 500 or status == 502, (payload, data[:300])
         assert get(g.http, f"shop.{ZONE}").status == 200, payload
     assert not errors_logged, [r.getMessage() for r in errors_logged]
+
+
+def test_header_limit_counts_the_head_not_the_read(backends, gateway):
+    """max_header_bytes bounds the request head however the bytes arrive: a small head sent with a
+    large body or behind another request in the same read is fine; a head over the limit is a 431
+    whether it comes in one read or in many small ones."""
+    (b,) = backends(1)
+    g = gateway(routes([("shop", [b.address])]), max_header_bytes=1024, max_body_bytes=100_000)
+    host = f"shop.{ZONE}"
+    body = b"z" * 5000
+    with Conn(g.http) as c:  # head + a body five times the head limit, one write
+        c.send_raw(f"POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        r = c.read_response()
+        assert r.status == 200 and r.body == body
+    one = f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Pad: {'p' * 600}\r\n\r\n".encode()
+    with Conn(g.http) as c:  # two 650-byte heads pipelined in one write: 1,300 bytes, each under 1,024
+        c.send_raw(one + one)
+        assert [c.read_response().status, c.read_response().status] == [200, 200]
+    big = f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Pad: {'p' * 1200}\r\n\r\n".encode()
+    with Conn(g.http) as c:  # the same head over the limit in one write
+        c.send_raw(big)
+        check(c.read_response(), 431, "request head over 1024 bytes")
+    with Conn(g.http) as c:  # and in 100-byte pieces
+        for i in range(0, len(big), 100):
+            c.send_raw(big[i:i + 100])
+            time.sleep(0.005)
+        check(c.read_response(), 431, "request head over 1024 bytes")
