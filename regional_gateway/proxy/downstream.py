@@ -211,13 +211,7 @@ class ClientConnection(asyncio.Protocol):
         if self.dead_parser:
             ex = self.active
             if self.upgrading and ex is not None:
-                up = ex.upstream
-                if up is not None and not up.closed:
-                    up.transport.write(data)
-                else:
-                    if ex.pending is None:
-                        ex.pending = []
-                    ex.pending.append(data)
+                self._forward(ex, data)
             return
         if self.sniffing is not None:
             data = self._sniff(data)
@@ -467,17 +461,22 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._forward(ex, data) and ex.pending_len > MAX_PENDING:
+            self.pause_reading(_PAUSE_PENDING)
+        self.deadline = self.server.now + self.upstream_timeout
+
+    def _forward(self, ex: Exchange, data: bytes) -> bool:
+        """Request bytes for `ex`'s backend: written now, or queued (True) until its upstream
+        connection is up (`_flush_pending` sends them)."""
         up = ex.upstream
         if up is not None and not up.closed:
             up.transport.write(data)
-        else:
-            if ex.pending is None:
-                ex.pending = []
-            ex.pending.append(data)
-            ex.pending_len += len(data)
-            if ex.pending_len > MAX_PENDING:
-                self.pause_reading(_PAUSE_PENDING)
-        self.deadline = self.server.now + self.upstream_timeout
+            return False
+        if ex.pending is None:
+            ex.pending = []
+        ex.pending.append(data)
+        ex.pending_len += len(data)
+        return True
 
     def on_message_complete(self) -> None:
         ex = self.cur
@@ -486,13 +485,7 @@ class ClientConnection(asyncio.Protocol):
         self.cur = None
         ex.req_done = True
         if ex.chunked and not ex.discard and ex.error is None:
-            up = ex.upstream
-            if up is not None and not up.closed:
-                up.transport.write(b"0\r\n\r\n")
-            else:
-                if ex.pending is None:
-                    ex.pending = []
-                ex.pending.append(b"0\r\n\r\n")
+            self._forward(ex, b"0\r\n\r\n")
         if ex.resp_done and ex is self.active:
             self._finish(ex)
 
@@ -817,12 +810,7 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             ex.req_done = True
             if rest:
-                if ex.upstream is not None and not ex.upstream.closed:
-                    ex.upstream.transport.write(rest)
-                else:
-                    if ex.pending is None:
-                        ex.pending = []
-                    ex.pending.append(rest)
+                self._forward(ex, rest)
 
     def upstream_upgraded(self, up: UpstreamConnection, data: bytes) -> None:
         """The backend's response to the active exchange ends with an upgrade (101)."""
