@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Mapping
 
 from prometheus_client import Histogram
 
@@ -31,6 +32,7 @@ WATCH_LAG = Histogram("geomesh_coordinator_watch_lag_seconds",
                       "time from an acknowledged write until the coordinator's watch delivered it",
                       buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1))
 IPAM_ATTEMPTS = 64
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops (compares and puts are each limited)
 
 
 class Operations:
@@ -129,6 +131,23 @@ class Operations:
             return
         await self._commit(Txn().mod_equals(raw.key, raw.mod_revision)
                            .put(raw.key, dataclasses.replace(inst, healthy=healthy).to_json()))
+
+    async def set_instances_health(self, changes: Mapping[str, bool]) -> bool:
+        """Write the health of several instances ("app/id" -> healthy), only those whose cached
+        health differs, in as few transactions as etcd allows (each compares every instance's
+        mod revision). False when an instance changed meanwhile: the caller offers the batch again."""
+        writes = []
+        for name, healthy in changes.items():
+            inst, raw = self.state.instances.get(name), self.state.raw["instances"].get(name)
+            if inst is not None and raw is not None and inst.healthy != healthy:
+                writes.append((raw, dataclasses.replace(inst, healthy=healthy)))
+        ok = True
+        for start in range(0, len(writes), MAX_TXN_OPS):
+            txn = Txn()
+            for raw, updated in writes[start:start + MAX_TXN_OPS]:
+                txn.mod_equals(raw.key, raw.mod_revision).put(raw.key, updated.to_json())
+            ok = (await self._commit(txn))[0] and ok
+        return ok
 
     # -- domains -------------------------------------------------------------------------------
 

@@ -1,0 +1,104 @@
+"""Rules for a gateway's heartbeats: what a valid one is, how many count, when health is written.
+
+Pure and synchronous (time is passed in), so the rules are table-tested without a server. A
+heartbeat is checked on arrival (`HeartbeatReport.from_proto`: `load` finite and >= 0,
+`active_connections` >= 0, or `ValidationError` naming the field). A `TokenBucket` per session
+caps how many heartbeats per second are looked at; the excess still proves the gateway is there
+but its content is ignored (every heartbeat reports every backend, so the next one accepted
+carries the same news). A `HealthCoalescer` per session keeps the latest reported health of each
+instance that differs from what etcd has, and hands it out at most once per interval, so a
+gateway costs at most one etcd write batch per interval however fast its backends flap; the
+last reported value wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from geomesh.api import geomesh_pb2 as pb
+from geomesh.errors import ValidationError
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReport:
+    """One heartbeat, validated: backends maps "app/id" to healthy (the last entry of a name wins)."""
+
+    load: float
+    active_connections: int
+    backends: Mapping[str, bool]
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.load) or self.load < 0:
+            raise ValidationError("heartbeat.load", f"{self.load!r} is not a finite number >= 0")
+        if self.active_connections < 0:
+            raise ValidationError("heartbeat.active_connections", f"{self.active_connections} is negative")
+
+    @classmethod
+    def from_proto(cls, m: pb.Heartbeat) -> HeartbeatReport:
+        return cls(m.load, m.active_connections, {f"{b.app}/{b.instance_id}": b.healthy for b in m.backends})
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` saved up; `take` spends one if there is one."""
+
+    rate: float
+    burst: float
+    tokens: float = -1.0  # -1: start full
+    at: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self.tokens < 0 or self.at is None:
+            self.tokens = self.burst
+        else:
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class HealthCoalescer:
+    """Health changes of one gateway's instances, written at most once per `interval`.
+
+    `offer` takes a heartbeat's report and what the cache says now (only instances the gateway
+    may report on); a value is pending when it differs from the cache, or from what is being
+    written right now (`inflight`, the cache does not show it yet). `take` hands the pending
+    values to the writer; `done` says whether they were written (if not, they are pending again
+    unless a newer value came meanwhile).
+    """
+
+    interval: float
+    pending: dict[str, bool] = field(default_factory=dict)
+    inflight: dict[str, bool] = field(default_factory=dict)
+    last_take: float = -math.inf
+
+    def offer(self, reported: Mapping[str, bool], cached: Mapping[str, bool]) -> bool:
+        """Record a report; True when something is pending."""
+        for name, healthy in reported.items():
+            current = cached.get(name)
+            if current is None:
+                continue  # unknown instance, or not this gateway's to report on
+            if name in self.pending or healthy != self.inflight.get(name, current):
+                self.pending[name] = healthy
+        return bool(self.pending)
+
+    def due_at(self) -> float | None:
+        """When the pending values may be written (None: nothing pending)."""
+        return self.last_take + self.interval if self.pending else None
+
+    def take(self, now: float) -> dict[str, bool]:
+        batch, self.pending = self.pending, {}
+        self.inflight = dict(batch)
+        self.last_take = now
+        return batch
+
+    def done(self, written: bool) -> None:
+        if not written:
+            for name, healthy in self.inflight.items():
+                self.pending.setdefault(name, healthy)
+        self.inflight = {}
