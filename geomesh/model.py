@@ -144,14 +144,39 @@ class Gateway(_Json):
 
 
 MAX_PINNED = 32
+MAX_PORTS = 64
+
+
+def app_ports(field_name: str, ports: Any) -> tuple[int, ...]:
+    """An app's declared ports, checked: each 1..65535, no duplicates, at most `MAX_PORTS`.
+
+    Shared by the Admin API's `App.ports` and the gateway routes file's `apps[i].ports`, so both
+    refuse the same values with the same words (`ports[2]: 0 is not a port (1-65535)`).
+    """
+    ports = tuple(ports)
+    if len(ports) > MAX_PORTS:
+        raise ValidationError(field_name, f"has {len(ports)} entries, at most {MAX_PORTS}")
+    seen: set[int] = set()
+    for i, p in enumerate(ports):
+        if isinstance(p, bool):
+            raise ValidationError(f"{field_name}[{i}]", f"{p!r} is not a port (1-65535)")
+        v.port(f"{field_name}[{i}]", p)
+        if p in seen:
+            raise ValidationError(f"{field_name}[{i}]", f"port {p} is listed twice")
+        seen.add(p)
+    return ports
 
 
 @dataclass(frozen=True, slots=True)
 class App(_Json):
+    """An app. `ports`: the ports its `<app>-<port>` names may reach besides each instance's own
+    port (the gateways refuse every other port; see docs/gateway-dataplane.md)."""
+
     name: str
     lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
     pinned_regions: tuple[str, ...] = ()
     mod_revision: int = field(default=0, metadata={"stored": False})
+    ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         v.dns_label("name", self.name)
@@ -164,16 +189,18 @@ class App(_Json):
         if len(set(pinned)) != len(pinned):
             raise ValidationError("pinned_regions", "lists a region twice")
         object.__setattr__(self, "pinned_regions", pinned)
+        object.__setattr__(self, "ports", app_ports("ports", self.ports))
 
     def to_proto(self) -> pb.App:
         return pb.App(name=self.name, lb_policy=_LB_TO_PB[self.lb_policy],
-                      pinned_regions=list(self.pinned_regions), mod_revision=self.mod_revision)
+                      pinned_regions=list(self.pinned_regions), mod_revision=self.mod_revision,
+                      ports=list(self.ports))
 
     @classmethod
     def from_proto(cls, m: pb.App) -> App:
         if m.lb_policy not in _PB_TO_LB:
             raise ValidationError("lb_policy", f"unknown value {m.lb_policy}")
-        return cls(m.name, _PB_TO_LB[m.lb_policy], tuple(m.pinned_regions), m.mod_revision)
+        return cls(m.name, _PB_TO_LB[m.lb_policy], tuple(m.pinned_regions), m.mod_revision, tuple(m.ports))
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,16 +69,18 @@ class Gateway(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., mesh_ip: _Optional[str] = ..., proxy_port: _Optional[int] = ..., state: _Optional[_Union[GatewayState, str]] = ..., alive: _Optional[bool] = ..., mod_revision: _Optional[int] = ...) -> None: ...
 
 class App(_message.Message):
-    __slots__ = ("name", "lb_policy", "pinned_regions", "mod_revision")
+    __slots__ = ("name", "lb_policy", "pinned_regions", "mod_revision", "ports")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LB_POLICY_FIELD_NUMBER: _ClassVar[int]
     PINNED_REGIONS_FIELD_NUMBER: _ClassVar[int]
     MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    PORTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     lb_policy: LbPolicy
     pinned_regions: _containers.RepeatedScalarFieldContainer[str]
     mod_revision: int
-    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[LbPolicy, str]] = ..., pinned_regions: _Optional[_Iterable[str]] = ..., mod_revision: _Optional[int] = ...) -> None: ...
+    ports: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., lb_policy: _Optional[_Union[LbPolicy, str]] = ..., pinned_regions: _Optional[_Iterable[str]] = ..., mod_revision: _Optional[int] = ..., ports: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("app", "id", "region", "address", "port", "healthy")
