@@ -6,9 +6,19 @@ list of available ones kept ready and a balancer; the remote gateways with their
 health; a host-name cache. Backend and gateway states are carried over from the previous state
 when their identity is unchanged, so a routes update keeps health verdicts and in-flight counts,
 and swapping the state is a single attribute assignment (the data path never waits for it).
+
+`lookup` is where every listener (HTTP/1, TLS passthrough, HTTP/2, the mesh) turns a name into a
+target, so the port allow-list is enforced there: a `-<port>` name on a port the app does not
+expose (`Routes.port_refusal`) comes out as an `UnknownName`, refused exactly like a name that does
+not exist (404, or the TLS `unrecognized_name` alert), before any connection is tried; each such
+refusal counts in `geomesh_gateway_ports_refused_total{app}`.
 """
 
 from __future__ import annotations
+
+import re
+
+from prometheus_client import Counter
 
 from regional_gateway.proxy import balancers
 from regional_gateway.proxy.health import HealthState
@@ -16,6 +26,9 @@ from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName, norma
 from regional_gateway.proxy.routes import AppRoute, Backend, HealthCheck, RemoteGateway, Routes
 
 HOST_CACHE_MAX = 4096
+PORTS_REFUSED = Counter("geomesh_gateway_ports_refused", "Names refused because their app does not expose the "
+                        "port in the name (`<app>-<port>` forms)", ["app"])
+_PORT_SUFFIX = re.compile(r"-[0-9]{1,5}[sg]?$")
 GATEWAY_HEALTH = HealthCheck(check="none", eject_connect_failures=1, eject_5xx=0, eject_seconds=3.0)
 
 
@@ -80,7 +93,7 @@ class AppRuntime:
 
 
 class RouteState:
-    __slots__ = ("routes", "apps", "instances", "gateways", "host_cache", "fast", "region_cursor")
+    __slots__ = ("routes", "apps", "instances", "gateways", "host_cache", "fast", "refused", "region_cursor")
 
     def __init__(self, routes: Routes) -> None:
         self.routes = routes
@@ -90,6 +103,7 @@ class RouteState:
         self.host_cache: dict[bytes, NameMatch | UnknownName] = {}
         # host -> (app, port) for plain `<app>[-<port>]` HTTP names of a local app: the request fast path
         self.fast: dict[bytes, tuple[AppRuntime, int]] = {}
+        self.refused: dict[bytes, str] = {}  # host -> app label, for names refused for their port
         self.region_cursor = 0
 
     @classmethod
@@ -134,24 +148,53 @@ class RouteState:
         return state
 
     def lookup(self, raw_host: bytes) -> NameMatch | UnknownName:
-        """Resolve a Host header / SNI value, cached per routes version."""
+        """Resolve a Host header / SNI value, cached per routes version; ports not exposed are refused."""
         found = self.host_cache.get(raw_host)
         if found is None:
-            found = resolve(self.routes, normalize_host(raw_host.decode("latin-1")))
+            found, refused = _resolve(self.routes, normalize_host(raw_host.decode("latin-1")))
             if len(self.host_cache) >= HOST_CACHE_MAX:
                 self.host_cache.clear()
                 self.fast.clear()
+                self.refused.clear()
             self.host_cache[raw_host] = found
+            if refused is not None:
+                self.refused[raw_host] = refused
             if isinstance(found, NameMatch) and found.mode is Mode.HTTP and not found.instance:
                 app = self.apps.get(found.app)
-                if app is not None:
-                    self.fast[raw_host] = (app, found.port)
+                if app is not None and app.spec.serves_port(found.port):  # a port only another region serves
+                    self.fast[raw_host] = (app, found.port)                 # is forwarded: not the fast path
+        if type(found) is UnknownName:
+            refused = self.refused.get(raw_host)
+            if refused is not None:
+                PORTS_REFUSED.labels(refused).inc()
         return found
 
     def all_backends(self) -> list[BackendRuntime]:
         out = [b for app in self.apps.values() for b in app.backends]
         out.extend(self.gateways.values())
         return out
+
+
+def _resolve(routes: Routes, host: str) -> tuple[NameMatch | UnknownName, str | None]:
+    """`resolve` plus the port allow-list; second: the app label when the name is refused for its port.
+
+    `resolve` already refuses an app name on a port the app does not allow; this adds the
+    `<instance-id>-<port>` forms and names known only from other regions (`Routes.port_refusal`),
+    and tells a port refusal from an unknown name (the name without its `-<port>` suffix resolves).
+    """
+    found = resolve(routes, host)
+    if isinstance(found, NameMatch):
+        why = routes.port_refusal(found.app, found.instance, found.port)
+        if why is None:
+            return found, None
+        return UnknownName(why), found.app or "-"
+    label, dot, rest = host.partition(".")
+    m = _PORT_SUFFIX.search(label)
+    if m is not None and rest == routes.zone:
+        base = resolve(routes, f"{label[:m.start()]}.{rest}")
+        if isinstance(base, NameMatch):
+            return found, base.app or "-"
+    return found, None
 
 
 def _backend(b: Backend, health: HealthCheck, app: AppRuntime) -> BackendRuntime:

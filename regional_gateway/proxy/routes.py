@@ -3,14 +3,21 @@
 A `Routes` holds the zone, this gateway's identity and location, the local apps (LB policy,
 backends, health-check settings, exposed ports, PROXY-protocol wish), custom domains, TLS
 certificate files and, for cross-region forwarding, the other regions (location, the apps and
-instances they host, their routable gateways) sorted nearest first. It is built either from the
+instances they host, the ports those serve, their routable gateways) sorted nearest first. It is built either from the
 standalone TOML file (`routes_file.load_routes`) or from the coordinator's routing table
 (`routes_from_table`), validated on construction, and handed to the proxy server as a whole
 (`ProxyServer.update_routes`), so the data path always reads one consistent version.
+
+Port allow-list (probe finding 15): an `<app>-<port>` name reaches only a port the app exposes,
+its declared `ports`, its backends' own ports and the ports its custom domains name
+(`AppRoute.serves_port`); in coordinator mode a port only another region serves is valid here
+too, and goes there (`AppRoute.allows_port`, `RemoteRegion.serves`). `Routes.port_refusal` is the
+rule as one pure function; the proxy applies it when it resolves a name, before any connection.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +27,7 @@ from types import MappingProxyType
 from geomesh import geo
 from geomesh import validate as v
 from geomesh.errors import ValidationError
-from geomesh.model import LbPolicy
+from geomesh.model import LbPolicy, app_ports
 from geomesh.routing_table import RoutingTable
 
 HEALTH_CHECKS = ("tcp", "http", "none")
@@ -83,14 +90,24 @@ class Backend:
 
 @dataclass(frozen=True, slots=True)
 class AppRoute:
-    """A local app: how to balance over its backends in this region."""
+    """A local app: how to balance over its backends in this region, and the ports it exposes.
+
+    `ports` are the app's declared ports; with its backends' own ports (and the ports of its
+    custom domains, `domain_ports`, filled in by `Routes`) they make `served`, the ports this
+    region's backends are reached on. `remote_ports` (filled in by `Routes` from the other
+    regions' `app_ports`) are ports only other regions serve: a name on one of them is valid here
+    and forwarded, never sent to a local backend. Any other port is refused.
+    """
 
     name: str
     lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
     backends: tuple[Backend, ...] = ()
-    ports: tuple[int, ...] = ()  # ports reachable through `<app>-<port>`; empty = any
+    ports: tuple[int, ...] = ()  # declared ports, besides each backend's own (at most 64)
     proxy_protocol: bool = False  # send a PROXY v2 header on TLS passthrough connections
     health: HealthCheck = field(default_factory=HealthCheck)
+    domain_ports: frozenset[int] = frozenset()  # set by Routes: ports named by the app's custom domains
+    remote_ports: frozenset[int] = frozenset()  # set by Routes: ports the app's other regions serve
+    served: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         v.dns_label("name", self.name)
@@ -101,13 +118,19 @@ class AppRoute:
             if b.key in seen:
                 raise ValidationError(f"backends[{i}]", f"{b.key} is listed twice")
             seen.add(b.key)
-        ports = tuple(self.ports)
-        for i, p in enumerate(ports):
-            v.port(f"ports[{i}]", p)
-        object.__setattr__(self, "ports", ports)
+        object.__setattr__(self, "ports", app_ports("ports", self.ports))
+        object.__setattr__(self, "domain_ports", frozenset(self.domain_ports))
+        object.__setattr__(self, "remote_ports", frozenset(self.remote_ports))
+        object.__setattr__(self, "served", frozenset(self.ports).union(
+            (b.port for b in self.backends), self.domain_ports))
+
+    def serves_port(self, port: int) -> bool:
+        """May this region's backends be reached on `port`? (0: each backend's own port.)"""
+        return not port or port in self.served
 
     def allows_port(self, port: int) -> bool:
-        return not self.ports or port in self.ports
+        """Is `<app>-<port>` a valid name through this gateway (served here or in another region)?"""
+        return not port or port in self.served or port in self.remote_ports
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +171,13 @@ class RemoteGateway:
 
 @dataclass(frozen=True, slots=True)
 class RemoteRegion:
-    """Another region: where it is, what it hosts (healthy), and its routable gateways."""
+    """Another region: where it is, what it hosts (healthy), and its routable gateways.
+
+    `app_ports` / `instance_ports`: the ports an app / an instance is reached on there (declared
+    ports, that region's instance ports, domain ports), so a name on another port is not sent
+    there. An app or instance missing from them (a routes file lists names only) is not checked
+    here: the far gateway applies its own list and refuses.
+    """
 
     name: str
     latitude: float
@@ -156,6 +185,8 @@ class RemoteRegion:
     apps: frozenset[str] = frozenset()
     instances: frozenset[str] = frozenset()
     gateways: tuple[RemoteGateway, ...] = ()
+    app_ports: Mapping[str, frozenset[int]] = field(default_factory=lambda: _EMPTY)
+    instance_ports: Mapping[str, frozenset[int]] = field(default_factory=lambda: _EMPTY)
 
     def __post_init__(self) -> None:
         v.dns_label("name", self.name)
@@ -166,6 +197,22 @@ class RemoteRegion:
         object.__setattr__(self, "gateways", tuple(self.gateways))
         for i, a in enumerate(sorted(self.apps)):
             v.dns_label(f"apps[{i}]", a)
+        for name in ("app_ports", "instance_ports"):
+            ports = {k: frozenset(p) for k, p in getattr(self, name).items()}
+            for k, p in ports.items():
+                for port in p:
+                    v.port(f"{name}.{k}", port)
+            object.__setattr__(self, name, MappingProxyType(ports))
+
+    def __hash__(self) -> int:  # the port maps are not hashable; the name identifies a region
+        return hash(self.name)
+
+    def serves(self, app: str, instance: str, port: int) -> bool:
+        """May a request for `app` (or `instance`) on `port` be sent to this region?"""
+        if not port:
+            return True
+        known = self.instance_ports.get(instance) if instance else self.app_ports.get(app)
+        return known is None or port in known
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +267,6 @@ class Routes:
         for name, app in apps.items():
             if name != app.name:
                 raise ValidationError(f"apps.{name}", f"is keyed by a different name than {app.name!r}")
-        object.__setattr__(self, "apps", MappingProxyType(apps))
         object.__setattr__(self, "domains", MappingProxyType(dict(self.domains)))
         object.__setattr__(self, "certificates", tuple(self.certificates))
         regions = tuple(self.regions)
@@ -270,9 +316,58 @@ class Routes:
                 raise ValidationError(f"domains.{fqdn}.app", f"{d.app!r} is not a known app")
             if d.fqdn == self.zone or d.fqdn.endswith("." + self.zone):
                 raise ValidationError(f"domains.{fqdn}", f"is inside the zone {self.zone!r}")
+        # the ports each local app is valid on: its domains' ports are served here, the ports its
+        # other regions serve are forwarded there (derived here, so both sources of routes agree)
+        domain_ports: dict[str, set[int]] = {}
+        for d in self.domains.values():
+            if d.port:
+                domain_ports.setdefault(d.app, set()).add(d.port)
+        remote_ports: dict[str, set[int]] = {}
+        for r in regions:
+            if r.gateways:
+                for a, ports in r.app_ports.items():
+                    remote_ports.setdefault(a, set()).update(ports)
+        for name, app in apps.items():
+            dp = frozenset(domain_ports.get(name, ()))
+            rp = frozenset(remote_ports.get(name, ()))
+            if dp != app.domain_ports or rp != app.remote_ports:
+                apps[name] = dataclasses.replace(app, domain_ports=dp, remote_ports=rp)
+        object.__setattr__(self, "apps", MappingProxyType(apps))
 
     def knows_app(self, app: str) -> bool:
         return app in self.apps or app in self.remote_apps
+
+    def port_refusal(self, app: str, instance: str, port: int) -> str | None:
+        """Why `<app|instance>-<port>` must be refused, or None if the port may be reached.
+
+        The rule (probe finding 15): an app is reached only on its declared ports, its instances'
+        own ports and its custom domains' ports, so the name form is not a scanner of whatever
+        else listens on an instance's host. An `<instance-id>` name: the ports its app serves in
+        this region (a local instance) or in the instance's region. A name nobody here can judge
+        (an app or instance known only by name from another region) is left to that region's
+        gateway, which applies its own list. Port 0 (no port in the name) is always fine.
+        """
+        if not port:
+            return None
+        rule = "(an app is reached only on its instances' ports and its declared ports)"
+        if instance:
+            local = self.instances.get(instance)
+            if local is not None:
+                if self.apps[local.app].serves_port(port):
+                    return None
+                return f"instance {instance!r} of app {local.app!r} does not expose port {port} {rule}"
+            regions = self.remote_instances.get(instance, ())
+            if regions and all(r.instance_ports.get(instance) is not None and not r.serves(app, instance, port)
+                               for r in regions):
+                return f"instance {instance!r} does not expose port {port} {rule}"
+            return None
+        spec = self.apps.get(app)
+        if spec is not None:
+            return None if spec.allows_port(port) else f"app {app!r} does not expose port {port} {rule}"
+        regions = self.remote_apps.get(app, ())
+        if regions and all(r.app_ports.get(app) is not None and not r.serves(app, "", port) for r in regions):
+            return f"app {app!r} does not expose port {port} {rule}"
+        return None
 
 
 def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name: str,
@@ -286,6 +381,9 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
     domains: every domain of the table. Remote regions: every other region with at least one
     routable gateway, with the apps it hosts (healthy instances, pinning respected, as
     `RoutingTable.hosting_regions`) and its instance ids, nearest first from this region.
+    Ports: each app's declared `ports` (Admin API `App.ports`); each other region carries the
+    ports its instances of each app serve (`RemoteRegion.app_ports`), so a `-<port>` name goes only
+    where that port is exposed.
     `forward_via="public"` forwards to the other gateways' public addresses instead of their mesh
     addresses (a lab without WireGuard; pair it with `ProxyServer.trusted_peers`).
     """
@@ -296,11 +394,15 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
     local: dict[str, list] = {}
     hosted: dict[str, set[str]] = {}  # region -> apps with a healthy instance there
     remote_ids: dict[str, set[str]] = {}
+    remote_ports: dict[str, dict[str, set[int]]] = {}  # region -> app -> ports its instances there serve
+    remote_app_of: dict[str, dict[str, str]] = {}  # region -> instance id -> app
     for inst in table.instances.values():
         if inst.region == region:
             local.setdefault(inst.app, []).append(inst)
             continue
         remote_ids.setdefault(inst.region, set()).add(inst.id)
+        remote_ports.setdefault(inst.region, {}).setdefault(inst.app, set()).add(inst.port)
+        remote_app_of.setdefault(inst.region, {})[inst.id] = inst.app
         if inst.healthy:
             spec = table.apps.get(inst.app)
             if spec is None or not spec.pinned_regions or inst.region in spec.pinned_regions:
@@ -317,7 +419,11 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
             seen.add((i.address, i.port))
             backends.append(Backend(i.address, i.port, i.id))
         apps[name] = AppRoute(name, spec.lb_policy if spec else LbPolicy.ROUND_ROBIN, tuple(backends),
-                              proxy_protocol=name in pp, health=health)
+                              spec.ports if spec else (), proxy_protocol=name in pp, health=health)
+    domain_ports: dict[str, set[int]] = {}
+    for d in table.domains.values():
+        if d.port:
+            domain_ports.setdefault(d.app, set()).add(d.port)
     regions = []
     for r in table.regions.values():
         if r.name == region:
@@ -327,8 +433,15 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
                     if g.name != self_name and (g.mesh_ip if forward_via == "mesh" else g.public_ip))
         if not gws:
             continue
+        app_ports: dict[str, frozenset[int]] = {}
+        for a, ports in remote_ports.get(r.name, {}).items():
+            spec = table.apps.get(a)
+            app_ports[a] = frozenset(ports).union(spec.ports if spec else (), domain_ports.get(a, ()))
+        instance_ports: dict[str, frozenset[int]] = {}
+        for i, a in remote_app_of.get(r.name, {}).items():
+            instance_ports[i] = instance_ports.get(i, frozenset()) | app_ports[a]  # ids may repeat across apps
         regions.append(RemoteRegion(r.name, r.latitude, r.longitude, frozenset(hosted.get(r.name, ())),
-                                    frozenset(remote_ids.get(r.name, ())), gws))
+                                    frozenset(remote_ids.get(r.name, ())), gws, app_ports, instance_ports))
     me = table.regions.get(region)
     known = set(apps) | {a for r in regions for a in r.apps}
     domains = {d.fqdn: DomainRoute(d.fqdn, d.app, d.port) for d in table.domains.values()

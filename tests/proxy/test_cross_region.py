@@ -230,10 +230,14 @@ def test_a_forwarded_g_call_is_not_forwarded_again(gateway, tmp_path):
     """Both regions claim the app, neither has a backend: A forwards once, B answers UNAVAILABLE
     rather than sending it back."""
     ca = TestCA(tmp_path)
-    b = gateway(region_doc(None, "gw-b", "us", US, {"grpc": []}, []), http=(), mesh=("127.0.0.1:0",))
-    a = gateway(region_doc(ca, "gw-a", "eu", EU, {"grpc": []}, [("us", US, ["grpc"], "gw-b", b.mesh[1])]),
+    def declared(doc: dict) -> dict:  # no backend: the port is exposed by declaring it
+        doc["apps"][0]["ports"] = [50051]
+        return doc
+
+    b = gateway(declared(region_doc(None, "gw-b", "us", US, {"grpc": []}, [])), http=(), mesh=("127.0.0.1:0",))
+    a = gateway(declared(region_doc(ca, "gw-a", "eu", EU, {"grpc": []}, [("us", US, ["grpc"], "gw-b", b.mesh[1])])),
                 http=(), https=("127.0.0.1:0",), mesh=("127.0.0.1:0",))
-    b.update(region_doc(None, "gw-b", "us", US, {"grpc": []}, [("eu", EU, ["grpc"], "gw-a", a.mesh[1])]))
+    b.update(declared(region_doc(None, "gw-b", "us", US, {"grpc": []}, [("eu", EU, ["grpc"], "gw-a", a.mesh[1])])))
     with gateway_channel(a.https, ca.path, f"grpc-50051g.{ZONE}") as ch, pytest.raises(grpc.RpcError) as err:
         who(ch)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE

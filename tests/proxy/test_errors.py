@@ -147,7 +147,7 @@ def test_malformed_oversized_and_refused_requests(backends, gateway):
         c.send_raw(b"400\r\n" + b"y" * 1024 + b"\r\n")
         check(c.read_response(), 413, "request body over the limit of 1000 bytes")
     check(get(g.http, host, method="CONNECT"), 405, "CONNECT is not supported")
-    check(get(g.http, f"shop-443s.{ZONE}"), 421, "TLS passthrough")
+    check(get(g.http, f"shop-{b.port}s.{ZONE}"), 421, "TLS passthrough")
     with Conn(g.http) as c:
         c.send_raw(f"GET / HTTP/1.1\r\nHost: {host}\r\nHost: other\r\n\r\n".encode())
         check(c.read_response(), 400, "more than one Host header")

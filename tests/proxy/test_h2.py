@@ -131,7 +131,7 @@ def test_no_backend_is_a_grpc_unavailable_naming_the_cause(ca, grpc_backends, ga
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert err.value.details() == f"cannot connect to 127.0.0.11:{port}: Connection refused"
     # an app with no backend at all: the policy's own answer
-    g.update(g_routes(ca, [{"name": "api", "backends": []}]))
+    g.update(g_routes(ca, [{"name": "api", "backends": [], "ports": [port]}]))
     with gateway_channel(g.https, ca.path, f"api-{port}g.{ZONE}") as ch:
         with pytest.raises(grpc.RpcError) as err:
             who(ch)
@@ -194,7 +194,7 @@ def test_malformed_http2_gets_a_goaway_and_the_gateway_keeps_serving(ca, grpc_ba
 
 def test_plain_http2_requests_get_http_errors(ca, gateway):
     """Not every h2c app is gRPC: a plain HTTP/2 request with nowhere to go gets an HTTP status."""
-    g = gateway(g_routes(ca, [{"name": "web", "backends": []}]), http=(), https=("127.0.0.1:0",))
+    g = gateway(g_routes(ca, [{"name": "web", "backends": [], "ports": [8080]}]), http=(), https=("127.0.0.1:0",))
     name = f"web-8080g.{ZONE}"
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     conn.initiate_connection()
@@ -227,7 +227,7 @@ def counters(g) -> dict:
 def test_the_gateway_offers_large_receive_windows(ca, gateway):
     """256 KiB per stream and 1 MiB per connection, so a call forwarded between regions is not
     capped at HTTP/2's default 64 KiB per round trip."""
-    g = gateway(g_routes(ca, [{"name": "api", "backends": []}]), http=(), https=("127.0.0.1:0",))
+    g = gateway(g_routes(ca, [{"name": "api", "backends": [], "ports": [8080]}]), http=(), https=("127.0.0.1:0",))
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
     conn.initiate_connection()
     settings, window = None, 0

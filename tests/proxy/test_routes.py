@@ -18,7 +18,8 @@ from regional_gateway.proxy.routes_file import parse_routes
 ZONE = "apps.test"
 BASE = {
     "zone": ZONE, "region": "eu", "latitude": 48.86, "longitude": 2.35,
-    "apps": [{"name": "shop", "backends": ["10.0.0.1:80", {"address": "10.0.0.2", "port": 80, "id": "shop-b"}]},
+    "apps": [{"name": "shop", "backends": ["10.0.0.1:80", {"address": "10.0.0.2", "port": 80, "id": "shop-b"}],
+              "ports": [8080, 50051, 9000]},
              {"name": "api-2", "backends": ["10.0.0.3:80"], "ports": [80, 8443]}],
     "domains": [{"fqdn": "www.shop.example", "app": "shop"},
                 {"fqdn": "secure.shop.example", "app": "shop", "port": 443, "passthrough": True}],
