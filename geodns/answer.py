@@ -8,7 +8,10 @@ after parsing SERVFAIL -- nothing escapes. The stages, in order:
 1. parse (`geodns.wire`: a direct decoder for the common shape, dnslib for the rest);
 2. exact cache: replies to UDP queries whose answer depends on the query bytes alone (no
    client address involved) are kept by the bytes after the ID in `exact`; the UDP transport
-   looks there first and only patches the ID;
+   looks in its current generation first and only patches the ID (`answer` looks in both).
+   Only queries of at most `EXACT_QUERY_MAX` octets whose EDNS options are Client Subnet,
+   cookie or padding are kept, so a key holds nothing but what decides the answer and the few
+   octets a resolver repeats; any other query is answered through the answer cache;
 3. answer cache: packed answers keyed by what they depend on -- lowercased name, type, class,
    RD/CD, the size limit, the EDNS shape (DO, ECS family and source prefix) and, for app
    names only, the GeoIP network of the ECS subnet or of the client. A hit copies the
@@ -17,8 +20,10 @@ after parsing SERVFAIL -- nothing escapes. The stages, in order:
 4. lookup (`geodns.zone`, `geodns.nearest`) and packing with dnslib, truncation to the UDP
    limit (TC set, answer sections dropped).
 
-Both caches are dropped whenever the view changes (`set_view`), i.e. when the routing table's
-revision moves.
+Both caches are `geodns.cache.BoundedCache`s sharing `cache_bytes` (half each) and holding at
+most `cache_size` entries each: full, they evict a generation of entries, never everything.
+Both are emptied whenever the view changes (`set_view`), i.e. when the routing table's revision
+moves. A query over `wire.MAX_QUERY_OCTETS` is refused with FORMERR before it is decoded.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import NamedTuple
 from dnslib import RR, DNSBuffer, DNSLabel
 
 from geodns import zone as zonemod
+from geodns.cache import BoundedCache
 from geodns.nearest import Locator, Place, choose, region_order
 from geodns.stats import Stats
 from geodns.view import RegionView, View
@@ -42,6 +48,7 @@ from geodns.wire import (
     CLASS_ANY,
     CLASS_IN,
     HEADER_LEN,
+    MAX_QUERY_OCTETS,
     OPCODE_MASK,
     OPCODE_QUERY,
     QR,
@@ -59,6 +66,7 @@ from geodns.wire import (
     FormError,
     NotAQuery,
     Query,
+    QueryTooLarge,
     header_of,
     opt_record,
     pack_header,
@@ -69,7 +77,12 @@ from geomesh.logs import event
 log = logging.getLogger("geodns.answer")
 
 DEFAULT_UDP_PAYLOAD = 1232  # DNS Flag Day 2020
-DEFAULT_CACHE_SIZE = 200_000
+DEFAULT_CACHE_SIZE = 200_000  # entries per cache
+DEFAULT_CACHE_BYTES = 32 << 20  # both caches together
+EXACT_QUERY_MAX = 512  # longer queries are answered but not kept in the exact cache
+# accounted per entry on top of the octets it holds: object headers, the tuple, the dict slot
+EXACT_OVERHEAD = 176
+ANSWER_OVERHEAD = 560
 TCP_LIMIT = 65535
 _ECHO = RD | CD
 
@@ -106,21 +119,35 @@ class _Geo:
     target: zonemod.AppName
 
 
+def _exact_size(key: bytes, value: tuple[bytes, int]) -> int:
+    return len(key) + len(value[0]) + EXACT_OVERHEAD
+
+
+def _answer_size(key: object, value: object) -> int:
+    """The answer cache's keys start with the base tuple, whose first item is the name."""
+    base = key[0] if isinstance(key, tuple) and isinstance(key[0], tuple) else key
+    name = base[0] if isinstance(base, tuple) else b""
+    return len(name) + (len(value.body) if isinstance(value, _Entry) else 0) + ANSWER_OVERHEAD
+
+
 class Responder:
     """Answers queries from one `View` at a time. One per process; not thread-safe."""
 
     def __init__(self, view: View, locator: Locator, stats: Stats | None = None, *,
                  udp_payload: int = DEFAULT_UDP_PAYLOAD, cache_size: int = DEFAULT_CACHE_SIZE,
-                 log_queries: bool = False) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, log_queries: bool = False) -> None:
         if not 512 <= udp_payload <= 65535:
             raise ValueError(f"udp_payload {udp_payload} is outside 512-65535")
         self.locator = locator
         self.stats = stats if stats is not None else Stats()
         self.udp_payload = udp_payload
         self.cache_size = max(0, cache_size)
+        self.cache_bytes = max(0, cache_bytes)
         self.log_queries = log_queries
-        self.exact: dict[bytes, tuple[bytes, int]] = {}
-        self._cache: dict[object, object] = {}
+        self.exact: BoundedCache[bytes, tuple[bytes, int]] = BoundedCache(
+            self.cache_bytes // 2, self.cache_size, _exact_size)
+        self._cache: BoundedCache[object, object] = BoundedCache(
+            self.cache_bytes - self.cache_bytes // 2, self.cache_size, _answer_size)
         self._orders: dict[tuple[float, float] | None, list[RegionView]] = {}
         self._last_error_log = 0.0
         self.view = view
@@ -132,9 +159,14 @@ class Responder:
         """Answer from `view` from now on; both caches start empty."""
         self.view = view
         self._zone_len = len(view.zone.name.split("."))
-        self.exact = {}
-        self._cache = {}
+        self.exact.reset()
+        self._cache.reset()
         self._orders = {}
+
+    def cache_stats(self) -> dict[str, dict[str, int]]:
+        """Size and evictions of both caches, for the metrics."""
+        return {name: {"bytes": c.bytes, "entries": len(c), "evictions": c.evictions}
+                for name, c in (("exact", self.exact), ("answer", self._cache))}
 
     # -- the choke point -----------------------------------------------------------------------
 
@@ -147,11 +179,20 @@ class Responder:
         except NotAQuery:
             self.stats.dropped += 1
             return DROPPED
+        exact = self.exact
+        if not tcp and len(data) <= EXACT_QUERY_MAX and not self.log_queries:
+            # the transport looked in the current generation only
+            cached = exact.get(data[2:])
+            if cached is not None:
+                self.stats.cache_hits += 1
+                return Answer(data[:2] + cached[0], cached[1])
         if (flags & OPCODE_MASK) >> 11 != OPCODE_QUERY:
             return self._error(data, ident, flags, RCODE_NOTIMP, client, tcp)
         try:
             query = parse_query(data)
         except FormError as exc:
+            if isinstance(exc, QueryTooLarge):
+                self.stats.oversize += 1
             return self._error(data, ident, flags, RCODE_FORMERR, client, tcp, str(exc))
         except NotAQuery:
             self.stats.dropped += 1
@@ -169,14 +210,24 @@ class Responder:
             self.stats.cache_hits += 1
         else:
             self.stats.cache_misses += 1
-        if entry.reusable and not tcp and self.cache_size:
-            exact = self.exact
-            if len(exact) >= self.cache_size:
-                exact.clear()
-            exact[data[2:]] = (wire[2:], entry.index)
+        if (entry.reusable and not tcp and len(data) <= EXACT_QUERY_MAX
+                and (query.edns is None or not query.edns.other_options)):
+            exact.put(data[2:], (wire[2:], entry.index))
         if self.log_queries:
             self._log(query, client, tcp, entry.rcode, entry.region, hit)
         return Answer(wire, entry.index)
+
+    def oversize(self, data: bytes, client: bytes) -> Answer:
+        """FORMERR (header only) for a datagram the transport cut at `MAX_QUERY_OCTETS`: what
+        `answer` gives any query over that size, without looking past the header."""
+        try:
+            ident, flags = header_of(data)
+        except NotAQuery:
+            self.stats.dropped += 1
+            return DROPPED
+        self.stats.oversize += 1
+        return self._error(data, ident, flags, RCODE_FORMERR, client, False,
+                           f"over {MAX_QUERY_OCTETS} octets, a query is at most {MAX_QUERY_OCTETS}")
 
     def _log_failure(self, msg: str) -> None:
         """Log the exception being handled, at most once a second."""
@@ -265,11 +316,7 @@ class Responder:
         return order
 
     def _remember(self, key: object, value: object) -> None:
-        if not self.cache_size:
-            return
-        if len(self._cache) >= self.cache_size:
-            self._cache.clear()
-        self._cache[key] = value
+        self._cache.put(key, value)
 
     def _target(self, q: Query) -> zonemod.Target | None:
         """What the question asks for; None when it is not ours to answer (REFUSED)."""

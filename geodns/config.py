@@ -12,16 +12,19 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geodns.answer import DEFAULT_CACHE_SIZE, DEFAULT_UDP_PAYLOAD
+from geodns.answer import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_SIZE, DEFAULT_UDP_PAYLOAD
 from geodns.nearest import default_database
 from geodns.rrl import RrlConfig
 from geodns.tcp import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from geodns.tcp_admission import default_per_client
 from geodns.view import NameServer
 from geomesh import validate as v
 from geomesh.errors import ValidationError
 
 MAX_UDP_PAYLOAD = 4096
 MAX_WORKERS = 64
+MIN_CACHE_BYTES = 64 << 10
+MAX_CACHE_BYTES = 64 << 30
 
 
 def parse_listen(field_name: str, value: str) -> tuple[str, int]:
@@ -53,8 +56,10 @@ class Config:
     geoip_db: Path | None = None
     udp_payload: int = DEFAULT_UDP_PAYLOAD
     cache_size: int = DEFAULT_CACHE_SIZE
+    cache_bytes: int = DEFAULT_CACHE_BYTES
     tcp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     tcp_max_connections: int = DEFAULT_MAX_CONNECTIONS
+    tcp_max_per_client: int | None = None  # None: default_per_client(tcp_max_connections)
     rrl: RrlConfig = field(default_factory=RrlConfig)
     workers: int = 1
     batch_io: bool = True
@@ -83,10 +88,16 @@ class Config:
             raise ValidationError("--edns-payload", f"{self.udp_payload} is outside 512-{MAX_UDP_PAYLOAD}")
         if self.cache_size < 0:
             raise ValidationError("--cache-size", "must be >= 0")
+        if self.cache_bytes != 0 and not MIN_CACHE_BYTES <= self.cache_bytes <= MAX_CACHE_BYTES:
+            raise ValidationError("--cache-bytes", f"{self.cache_bytes} is outside {MIN_CACHE_BYTES}-"
+                                  f"{MAX_CACHE_BYTES} (or 0 to disable caching)")
         if not 0.1 <= self.tcp_idle_timeout <= 3600:
             raise ValidationError("--tcp-idle-timeout", f"{self.tcp_idle_timeout} is outside 0.1-3600 seconds")
         if not 1 <= self.tcp_max_connections <= 1_000_000:
             raise ValidationError("--tcp-max-connections", "must be 1-1000000")
+        if self.tcp_max_per_client is not None and not 1 <= self.tcp_max_per_client <= self.tcp_max_connections:
+            raise ValidationError("--tcp-max-per-client", f"{self.tcp_max_per_client} is outside "
+                                  f"1-{self.tcp_max_connections} (--tcp-max-connections)")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValidationError("--workers", f"{self.workers} is outside 1-{MAX_WORKERS}")
         if self.workers > 1 and any(port == 0 for _, port in self.listen) and len(self.listen) > 1:
@@ -116,7 +127,8 @@ class Config:
             listen=listen, state=a.state, coordinators=coordinators, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
             tls_key=a.tls_key, insecure=a.insecure, name=a.name, zone_overrides=overrides,
             geoip_db=a.geoip_db or default_database(), udp_payload=a.edns_payload, cache_size=a.cache_size,
-            tcp_idle_timeout=a.tcp_idle_timeout, tcp_max_connections=a.tcp_max_connections, rrl=rrl,
+            cache_bytes=a.cache_bytes, tcp_idle_timeout=a.tcp_idle_timeout,
+            tcp_max_connections=a.tcp_max_connections, tcp_max_per_client=a.tcp_max_per_client, rrl=rrl,
             workers=a.workers, batch_io=not a.no_batch_io, query_log=a.query_log,
             metrics_host=a.metrics_host, metrics_port=a.metrics_port, port_file=a.port_file,
             log_level=a.log_level, log_format=a.log_format,
@@ -171,12 +183,21 @@ def parser() -> argparse.ArgumentParser:
                      help="largest UDP reply to EDNS queries, advertised in OPT (default %(default)s; "
                           "without EDNS 512); larger answers are sent with TC set")
     dns.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
-                     help="entries in each answer cache; emptied when full or when the table changes; "
+                     help="entries in each of the two answer caches; full, a cache evicts its older "
+                          "half, not what is still asked for; emptied when the table changes; "
                           "0 disables caching (default %(default)s)")
+    dns.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
+                     help="bytes both answer caches may hold together per process (accounted: what the "
+                          "entries hold plus an estimate of their overhead); 0 disables caching "
+                          f"(default %(default)s = {DEFAULT_CACHE_BYTES >> 20} MiB)")
     dns.add_argument("--tcp-idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                      help="close a TCP connection after this many seconds without a query (default %(default)s)")
     dns.add_argument("--tcp-max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                     help="concurrent TCP connections per process; more are closed at once (default %(default)s)")
+                     help="concurrent TCP connections per process; more are reset at once (default %(default)s)")
+    dns.add_argument("--tcp-max-per-client", type=int, default=None, metavar="N",
+                     help="concurrent TCP connections per process from one client (an IPv4 address or an "
+                          "IPv6 /56); more are reset at once (default: a tenth of --tcp-max-connections, "
+                          f"{default_per_client(DEFAULT_MAX_CONNECTIONS)} of {DEFAULT_MAX_CONNECTIONS})")
     dns.add_argument("--workers", type=int, default=1,
                      help="processes serving the same port with SO_REUSEPORT (default %(default)s)")
     dns.add_argument("--no-batch-io", action="store_true",

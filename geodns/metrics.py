@@ -10,6 +10,11 @@ send it every second. Exported:
 - `geodns_cache_hits_total`, `geodns_cache_misses_total`, `geodns_cache_hit_ratio`
 - `geodns_dropped_total` packets that got no reply; `geodns_rrl_total{action}` slip/drop
 - `geodns_udp_batches_total`, `geodns_udp_datagrams_total` recvmmsg calls and what they read
+- `geodns_cache_bytes{cache}`, `geodns_cache_entries{cache}` what the exact and answer caches
+  hold (accounted bytes), `geodns_cache_evictions_total{cache}` entries evicted to stay in bounds
+- `geodns_oversize_queries_total` queries refused with FORMERR for their size
+- `geodns_tcp_connections` open TCP connections, `geodns_tcp_refused_total{reason}` connections
+  closed at once (`max_connections`: the process is full; `per_client`: that client's share is)
 - `geodns_table_revision`, `geodns_feed_connected`, `geodns_feed_updates_total`,
   `geodns_feed_reconnects_total`, `geodns_workers`
 """
@@ -45,6 +50,27 @@ class GeoDnsCollector(Collector):
                                   value=snap.get("udp_batches", 0))
         yield CounterMetricFamily("geodns_udp_datagrams", "datagrams read by those calls (datagrams/batches = "
                                   "average batch)", value=snap.get("udp_datagrams", 0))
+        cache = snap.get("cache", {})
+        size = GaugeMetricFamily("geodns_cache_bytes", "accounted bytes held by each cache", labels=["cache"])
+        entries = GaugeMetricFamily("geodns_cache_entries", "entries held by each cache", labels=["cache"])
+        evictions = CounterMetricFamily("geodns_cache_evictions", "entries evicted to keep each cache within "
+                                        "--cache-bytes and --cache-size", labels=["cache"])
+        for name, values in sorted(cache.items()):
+            size.add_metric([name], values.get("bytes", 0))
+            entries.add_metric([name], values.get("entries", 0))
+            evictions.add_metric([name], values.get("evictions", 0))
+        yield size
+        yield entries
+        yield evictions
+        yield CounterMetricFamily("geodns_oversize_queries", "queries longer than a query may be, refused "
+                                  "with FORMERR before decoding", value=snap.get("oversize", 0))
+        yield GaugeMetricFamily("geodns_tcp_connections", "open TCP connections", value=snap.get("tcp_connections", 0))
+        refused = CounterMetricFamily("geodns_tcp_refused", "TCP connections closed at once, by reason "
+                                      "(max_connections: the process is full; per_client: the client's share is)",
+                                      labels=["reason"])
+        for reason, n in sorted(snap.get("tcp_refused", {}).items()):
+            refused.add_metric([reason], n)
+        yield refused
         rrl = CounterMetricFamily("geodns_rrl", "responses limited by RRL, by action", labels=["action"])
         for action, n in sorted(snap["rrl"].items()):
             rrl.add_metric([action], n)

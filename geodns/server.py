@@ -103,6 +103,7 @@ class Server:
         self.rrl = RateLimiter(config.rrl) if config.rrl.enabled else None
         self.feed: Any = None
         self.ports: list[int] = []
+        self.connections = TcpConnections(config.tcp_max_connections, config.tcp_max_per_client)
         self._stop: asyncio.Event | None = None
         self._zone_overrides = {k: val for k, val in config.zone_overrides.items() if val is not None}
 
@@ -118,7 +119,8 @@ class Server:
             zone, _ = static_state.zone_from({}, self._zone_overrides)
             view = View.empty(zone)
         self.responder = Responder(view, self.locator, self.stats, udp_payload=cfg.udp_payload,
-                                   cache_size=cfg.cache_size, log_queries=cfg.query_log)
+                                   cache_size=cfg.cache_size, cache_bytes=cfg.cache_bytes,
+                                   log_queries=cfg.query_log)
         event(log, "view loaded", source=str(cfg.state) if cfg.state else "coordinator", zone=view.zone.name,
               revision=view.revision, regions=len(view.regions), apps=len(view.apps), ready=view.ready,
               geoip=self.locator.database_type, geoip_build=self.locator.build_epoch)
@@ -153,6 +155,9 @@ class Server:
                         "updates": status.updates if status else 0,
                         "reconnects": status.reconnects if status else 0}
         snap["workers"] = 1
+        if self.responder is not None:
+            snap["cache"] = self.responder.cache_stats()
+        snap["tcp_connections"] = self.connections.admission.total
         return snap
 
     def stop(self) -> None:
@@ -173,7 +178,7 @@ class Server:
         udp_readers: list[BatchUdp] = []
         udp_transports: list[asyncio.BaseTransport] = []
         tcp_servers: list[asyncio.AbstractServer] = []
-        connections = TcpConnections(cfg.tcp_max_connections)
+        connections = self.connections
         sockets: list[socket.socket] = []
         tasks: list[asyncio.Task] = []
         try:
@@ -315,6 +320,11 @@ class Supervisor:
         out["workers"] = sum(1 for p in self.procs.values() if p.exitcode is None)
         if "feed" in alive:
             out["feed"] = alive["feed"]
+        # gauges: only what live workers hold (evictions stay counted from all)
+        out["tcp_connections"] = alive["tcp_connections"]
+        for name, values in out["cache"].items():
+            held = alive["cache"].get(name, {})
+            values["bytes"], values["entries"] = held.get("bytes", 0), held.get("entries", 0)
         return out
 
     def _start(self, index: int, config: Config) -> None:

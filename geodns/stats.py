@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RRL_ACTIONS = ("slip", "drop")
+TCP_REFUSALS = ("max_connections", "per_client")  # why a TCP connection was closed at once
+CACHES = ("exact", "answer")
 
 
 @dataclass
@@ -27,6 +29,8 @@ class Stats:
     udp_batches: int = 0  # recvmmsg calls that returned datagrams
     udp_datagrams: int = 0  # datagrams they returned
     rrl: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RRL_ACTIONS, 0))
+    oversize: int = 0  # queries over wire.MAX_QUERY_OCTETS, refused with FORMERR
+    tcp_refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TCP_REFUSALS, 0))
     _index: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def index(self, rcode: str, region: str) -> int:
@@ -57,20 +61,31 @@ class Stats:
             "rrl": dict(self.rrl),
             "udp_batches": self.udp_batches,
             "udp_datagrams": self.udp_datagrams,
+            "oversize": self.oversize,
+            "tcp_refused": dict(self.tcp_refused),
         }
 
 
 def merge(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     """The sum of several processes' snapshots."""
     out: dict[str, Any] = {"queries": {}, "cache_hits": 0, "cache_misses": 0, "dropped": 0,
-                           "rrl": dict.fromkeys(RRL_ACTIONS, 0), "udp_batches": 0, "udp_datagrams": 0}
+                           "rrl": dict.fromkeys(RRL_ACTIONS, 0), "udp_batches": 0, "udp_datagrams": 0,
+                           "oversize": 0, "tcp_refused": dict.fromkeys(TCP_REFUSALS, 0), "tcp_connections": 0,
+                           "cache": {c: {"bytes": 0, "entries": 0, "evictions": 0} for c in CACHES}}
     for snap in snapshots:
         for key, n in snap["queries"].items():
             out["queries"][key] = out["queries"].get(key, 0) + n
-        for name in ("cache_hits", "cache_misses", "dropped", "udp_batches", "udp_datagrams"):
+        for name in ("cache_hits", "cache_misses", "dropped", "udp_batches", "udp_datagrams", "oversize",
+                     "tcp_connections"):
             out[name] += snap.get(name, 0)
         for action, n in snap["rrl"].items():
             out["rrl"][action] = out["rrl"].get(action, 0) + n
+        for reason, n in snap.get("tcp_refused", {}).items():
+            out["tcp_refused"][reason] = out["tcp_refused"].get(reason, 0) + n
+        for cache, values in snap.get("cache", {}).items():
+            totals = out["cache"].setdefault(cache, {"bytes": 0, "entries": 0, "evictions": 0})
+            for name, n in values.items():
+                totals[name] = totals.get(name, 0) + n
     feeds = [snap["feed"] for snap in snapshots if "feed" in snap]
     if feeds:
         out["feed"] = {"revision": min(f["revision"] for f in feeds),

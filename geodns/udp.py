@@ -7,8 +7,9 @@ receive buffer, one dict look-up in the exact cache (a hit only patches the ID),
 the send buffer and a few integer stores; a miss goes through `Responder.answer`. The client's
 sockaddr is reused as the reply's destination without being decoded, except on misses and for
 rate limiting. Elsewhere `ProtocolUdp` (an asyncio DatagramProtocol) does the same one packet at
-a time. Oversize or truncated datagrams are dropped; a reply never exceeds the send slot
-(EDNS payload is capped at 4096).
+a time. A datagram over `wire.MAX_QUERY_OCTETS` is cut there by the kernel (the receive slot is
+that long) and answered FORMERR from its header alone (`Responder.oversize`), so its size costs
+nothing; a reply never exceeds the send slot (EDNS payload is capped at 4096).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import time
 from geodns.answer import Responder
 from geodns.rrl import Action, RateLimiter
 from geodns.stats import Stats
+from geodns.wire import HEADER_LEN, MAX_QUERY_OCTETS
 
 log = logging.getLogger("geodns.udp")
 
 BATCH = 64
-SLOT = 4096  # per-datagram buffer; larger queries are dropped (MSG_TRUNC), replies are <= 4096
+SLOT = 4096  # per-datagram buffer; replies are <= 4096
+RECV_LEN = MAX_QUERY_OCTETS  # larger queries are cut (MSG_TRUNC) and refused
 MAX_BATCHES_PER_WAKEUP = 16  # then yield to the loop (TCP, feed) even under full load
 MSG_DONTWAIT = 0x40
 MSG_TRUNC = 0x20
@@ -96,7 +99,7 @@ class BatchUdp:
         self._sh = (_Mmsghdr * n)()
         rbase, sbase, nbase = (ctypes.addressof(b) for b in (self._rbuf, self._sbuf, self._names))
         for i in range(n):
-            self._riov[i].base, self._riov[i].len = rbase + i * SLOT, SLOT
+            self._riov[i].base, self._riov[i].len = rbase + i * SLOT, RECV_LEN
             self._siov[i].base = sbase + i * SLOT
             self._rh[i].hdr.name, self._rh[i].hdr.namelen = nbase + i * 32, SOCKADDR_LEN
             self._rh[i].hdr.iov, self._rh[i].hdr.iovlen = ctypes.addressof(self._riov) + i * ctypes.sizeof(_Iovec), 1
@@ -158,28 +161,34 @@ class BatchUdp:
                 return
             stats.udp_batches += 1
             stats.udp_datagrams += n
-            # the exact cache may be swapped by a view change between wake-ups, never inside one
-            exact = responder.exact if not responder.log_queries else {}
+            # the exact cache's current generation: a view change replaces it between wake-ups;
+            # a miss may start a new generation inside one, and this one still answers correctly
+            exact = responder.exact.current if not responder.log_queries else {}
             get = exact.get
             j = 0
             for i in range(n):
                 at = i * s32
                 size = rh32[at + len_at]
-                if rh32[at + flags_at] & MSG_TRUNC:
-                    stats.dropped += 1
-                    continue
                 off = i * SLOT
-                data = rmv[off:off + size].tobytes()
-                hit = get(data[2:])
-                if hit is not None:
-                    reply = data[:2] + hit[0]
-                    fast[hit[1]] += 1
-                else:
-                    ans = answer(data, self._client(i))
+                if rh32[at + flags_at] & MSG_TRUNC:
+                    data = b""  # nothing to slip: a limited reply to it is dropped
+                    ans = responder.oversize(rmv[off:off + min(size, HEADER_LEN)].tobytes(), self._client(i))
                     if ans.wire is None:
                         continue
                     reply = ans.wire
                     slow[ans.index] += 1
+                else:
+                    data = rmv[off:off + size].tobytes()
+                    hit = get(data[2:])
+                    if hit is not None:
+                        reply = data[:2] + hit[0]
+                        fast[hit[1]] += 1
+                    else:
+                        ans = answer(data, self._client(i))
+                        if ans.wire is None:
+                            continue
+                        reply = ans.wire
+                        slow[ans.index] += 1
                 if rrl is not None:
                     action = rrl.check(self._client(i), now)
                     if action is not Action.SEND:
@@ -234,7 +243,8 @@ class ProtocolUdp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         responder = self.responder
-        hit = responder.exact.get(data[2:]) if not responder.log_queries else None
+        hit = (responder.exact.current.get(data[2:])
+               if not responder.log_queries and len(data) <= MAX_QUERY_OCTETS else None)
         if hit is not None:
             reply = data[:2] + hit[0]
             self.stats.fast[hit[1]] += 1

@@ -2,7 +2,10 @@
 
 `parse_query(data)` turns the bytes of one DNS message into a `Query` or raises a subclass of
 `FormError` (each maps to FORMERR) or `NotAQuery` (the message is dropped: too short to answer,
-or itself a response). The common shape -- one uncompressed question, no answer or authority
+or itself a response). Before anything is decoded, the header alone refuses what no query needs
+and what would make decoding expensive: a message over `MAX_QUERY_OCTETS` (`QueryTooLarge`),
+answer or authority records, or more than `MAX_ADDITIONAL` additional records
+(`UnexpectedRecords`). The common shape -- one uncompressed question, no answer or authority
 records, at most one additional record that is an OPT -- is decoded straight from the bytes;
 every other shape goes through dnslib's parser, so both give the same `Query`. EDNS (RFC 6891)
 and Client Subnet (RFC 7871) are validated here, once, with the RFC's reasons in the messages.
@@ -55,9 +58,17 @@ ECS_FAMILY_IPV6 = 2
 ECS_MAX_PREFIX = {ECS_FAMILY_IPV4: 32, ECS_FAMILY_IPV6: 128}
 ECS_ADDR_LEN = {ECS_FAMILY_IPV4: 4, ECS_FAMILY_IPV6: 16}
 
+OPTION_COOKIE = 10
+OPTION_PADDING = 12
+KNOWN_OPTIONS = frozenset((OPTION_ECS, OPTION_COOKIE, OPTION_PADDING))  # see Edns.other_options
+
 DO_BIT = 0x8000
 MIN_UDP_PAYLOAD = 512
 MAX_NAME_WIRE = 255
+# the largest query answered: 512 octets (a 255-octet name fits with room to spare) plus 512 for
+# EDNS (OPT 11, Client Subnet 24, cookie 44, padding to a 128-octet block, a TSIG)
+MAX_QUERY_OCTETS = 1024
+MAX_ADDITIONAL = 2  # an OPT and a TSIG or SIG(0)
 
 _H = struct.Struct("!H")
 _HEADER = struct.Struct("!HHHHHH")
@@ -105,6 +116,14 @@ class BadClientSubnet(FormError):
     """The Client Subnet option breaks RFC 7871 section 6."""
 
 
+class QueryTooLarge(FormError):
+    """The message is longer than any query needs (MAX_QUERY_OCTETS); it is not decoded."""
+
+
+class UnexpectedRecords(FormError):
+    """A query carries answer or authority records, or more than MAX_ADDITIONAL additional ones."""
+
+
 # -- values -----------------------------------------------------------------------------------
 
 
@@ -133,6 +152,7 @@ class Edns:
     version: int
     do: bool
     ecs: ClientSubnet | None = None
+    other_options: bool = False  # an option other than Client Subnet, cookie or padding
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +202,16 @@ def header_of(data: bytes) -> tuple[int, int]:
 def parse_query(data: bytes) -> Query:
     """Parse one DNS query. Raises NotAQuery (drop) or a FormError subclass (FORMERR)."""
     ident, flags = header_of(data)
+    if len(data) > MAX_QUERY_OCTETS:
+        raise QueryTooLarge(f"{len(data)} octets, a query is at most {MAX_QUERY_OCTETS}")
     _, _, qd, an, ns, ar = _HEADER.unpack_from(data)
     if qd != 1:
         raise BadQuestionCount(f"QDCOUNT is {qd}, a query carries exactly one question")
-    if an == 0 and ns == 0 and ar <= 1:
+    if an or ns:
+        raise UnexpectedRecords(f"ANCOUNT {an}, NSCOUNT {ns}: a query carries no answer or authority records")
+    if ar > MAX_ADDITIONAL:
+        raise UnexpectedRecords(f"ARCOUNT {ar}: a query carries at most {MAX_ADDITIONAL} additional records")
+    if ar <= 1:
         query = _parse_common(data, ident, flags, ar)
         if query is not None:
             return query
@@ -273,6 +299,7 @@ def _parse_general(data: bytes, ident: int, flags: int) -> Query:
 
 def _edns(payload: int, version: int, eflags: int, options: bytes) -> Edns:
     ecs = None
+    other = False
     i = 0
     end = len(options)
     while i < end:
@@ -286,8 +313,10 @@ def _edns(payload: int, version: int, eflags: int, options: bytes) -> Edns:
             if ecs is not None:
                 raise BadClientSubnet("more than one Client Subnet option")
             ecs = _client_subnet(options[i:i + length])
+        elif code not in KNOWN_OPTIONS:
+            other = True
         i += length
-    return Edns(max(payload, MIN_UDP_PAYLOAD), version, bool(eflags & DO_BIT), ecs)
+    return Edns(max(payload, MIN_UDP_PAYLOAD), version, bool(eflags & DO_BIT), ecs, other)
 
 
 def _client_subnet(body: bytes) -> ClientSubnet:
