@@ -189,3 +189,130 @@ def test_route_state_carries_health_inflight_and_balancers_over():
     fourth = RouteState.compile(parse_routes(data, Path("/"))[0], third)
     assert fourth.apps["a"].backends[0] is b1 and b1.available and b1.inflight == 3
     assert b1.health.check.check == "http"
+
+
+# -- the port allow-list (probe finding 15) ---------------------------------------------------------
+
+PORTS = {
+    "zone": ZONE, "region": "eu", "latitude": 48.86, "longitude": 2.35,
+    "apps": [{"name": "web", "backends": ["10.0.0.1:8080", {"address": "10.0.0.2", "port": 8081, "id": "web-b"}],
+              "ports": [9000]},
+             {"name": "bare", "backends": ["10.0.0.3:80"]}],
+    "domains": [{"fqdn": "tls.web.example", "app": "web", "port": 8443, "passthrough": True}],
+    "regions": [{"name": "us", "latitude": 40.7, "longitude": -74.0, "apps": ["far"], "instances": ["far-1"],
+                 "gateways": [{"name": "gw-us", "mesh_ip": "10.9.0.2", "proxy_port": 8080}]}],
+}
+
+
+@pytest.mark.parametrize("host,refused", [
+    (f"web.{ZONE}", None),
+    (f"web-8080.{ZONE}", None),  # a backend's own port (of either backend: the app's set)
+    (f"web-8081s.{ZONE}", None),
+    (f"web-9000g.{ZONE}", None),  # declared
+    (f"web-8443.{ZONE}", None),  # named by one of its custom domains
+    (f"web-22.{ZONE}", "app 'web' does not expose port 22"),
+    (f"web-18082s.{ZONE}", "app 'web' does not expose port 18082"),
+    (f"web-9001g.{ZONE}", "app 'web' does not expose port 9001"),
+    (f"web-b-9000.{ZONE}", None),
+    (f"web-b-22.{ZONE}", "does not expose port 22"),
+    (f"bare-80.{ZONE}", None),
+    (f"bare-9000.{ZONE}", "app 'bare' does not expose port 9000"),  # default: the backends' ports only
+    (f"far-22.{ZONE}", None),  # known here by name only: the far gateway applies its own list
+    (f"far-1-22.{ZONE}", None),
+    (f"nope-22.{ZONE}", "no app or instance named 'nope'"),
+])
+def test_names_reach_only_exposed_ports(host, refused):
+    from regional_gateway.proxy.route_state import RouteState
+
+    state = RouteState.compile(parse_routes(PORTS, Path("/"))[0])
+    got = state.lookup(host.encode())
+    if refused is None:
+        assert isinstance(got, NameMatch), got
+    else:
+        assert isinstance(got, UnknownName) and refused in got.reason, got
+    assert (host.encode() in state.refused) == (refused is not None and "does not expose" in refused)
+
+
+def test_a_refused_port_is_counted_and_never_on_the_fast_path():
+    from prometheus_client import REGISTRY
+
+    from regional_gateway.proxy.route_state import RouteState
+
+    state = RouteState.compile(parse_routes(PORTS, Path("/"))[0])
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("geomesh_gateway_ports_refused_total", {"app": "web"}) or 0.0
+
+    before = count()
+    for _ in range(3):  # cached after the first: still counted every time
+        assert isinstance(state.lookup(f"web-22.{ZONE}".encode()), UnknownName)
+    state.lookup(f"nope-22.{ZONE}".encode())  # an unknown name is not a port refusal
+    assert count() == before + 3
+    assert state.lookup(f"web-9000.{ZONE}".encode()) == NameMatch("web", 9000)
+    assert state.fast[f"web-9000.{ZONE}".encode()][1] == 9000
+    assert f"web-22.{ZONE}".encode() not in state.fast
+
+
+@pytest.mark.parametrize("ports,field", [
+    ([0], "apps[0].ports[0]"),
+    ([80, 70000], "apps[0].ports[1]"),
+    ([80, 443, 80], "apps[0].ports[2]"),
+    (["80"], "apps[0].ports[0]"),
+    ([True], "apps[0].ports[0]"),
+    (list(range(1, 66)), "apps[0].ports"),
+    ("80", "apps[0].ports"),
+])
+def test_routes_file_ports_are_validated(ports, field):
+    with pytest.raises(ValidationError) as info:
+        parse_routes({"zone": ZONE, "apps": [{"name": "a", "ports": ports}]}, Path("/"))
+    assert info.value.field == field, str(info.value)
+
+
+def _ports_table():
+    key = "A" * 43 + "="
+    return RoutingTable.from_resources(9, [
+        Region("eu", 48.86, 2.35), Region("us", 40.7, -74.0), Region("ap", 35.7, 139.7),
+        Gateway("gw-eu", "eu", "192.0.2.1", 51820, key, "10.9.0.1", 8080, alive=True),
+        Gateway("gw-us", "us", "192.0.2.2", 51820, key, "10.9.0.2", 8080, alive=True),
+        Gateway("gw-ap", "ap", "192.0.2.4", 51820, key, "10.9.0.4", 8080, alive=True),
+        App("shop", ports=(9000,)), App("far"),
+        Instance("shop", "shop-eu-1", "eu", "10.1.0.1", 8000),
+        Instance("shop", "shop-us-1", "us", "10.2.0.1", 7000),
+        Instance("far", "far-us-1", "us", "10.2.0.2", 8000),
+        Instance("far", "far-ap-1", "ap", "10.3.0.2", 6000),
+    ])
+
+
+def test_coordinator_mode_carries_the_ports_and_forwards_only_where_served():
+    from regional_gateway.proxy.route_state import RouteState
+    from regional_gateway.proxy.targets import Target, choose
+
+    r = routes_from_table(_ports_table(), region="eu", zone=ZONE, self_name="gw-eu")
+    shop, far = r.apps["shop"], r.apps["far"]
+    assert shop.ports == (9000,) and shop.served == {8000, 9000} and shop.remote_ports == {7000, 9000}
+    assert far.served == frozenset() and far.remote_ports == {8000, 6000}
+    us = next(x for x in r.regions if x.name == "us")
+    assert us.app_ports == {"shop": {7000, 9000}, "far": {8000}} and us.instance_ports["far-us-1"] == {8000}
+    state = RouteState.compile(r)
+
+    def where(host: str) -> str:
+        match = state.lookup(f"{host}.{ZONE}".encode())
+        if isinstance(match, UnknownName):
+            return "refused: " + match.reason
+        t = choose(state, match, b"c", may_forward=True)
+        assert isinstance(t, Target), t
+        return t.region.name if t.region else f"local {t.where}"
+
+    assert where("shop") == "local 10.1.0.1:8000"
+    assert where("shop-9000") == "local 10.1.0.1:9000"  # declared: served here first (the tried port, named)
+    assert where("shop-7000") == "us"  # only us's instance listens on 7000: never 10.1.0.1:7000
+    assert where("shop-6000").startswith("refused: app 'shop' does not expose port 6000")
+    assert where("far-8000") == "us" and where("far-6000") == "ap"  # each far region's own list
+    assert where("far-22").startswith("refused: app 'far' does not expose port 22")
+    assert where("far-us-1-8000") == "us"
+    assert where("far-us-1-6000").startswith("refused: instance 'far-us-1' does not expose port 6000")
+    assert where("shop-eu-1-7000").startswith("refused: instance 'shop-eu-1' of app 'shop' does not expose")
+    # a request forwarded to us for a port only another region serves is not sent to a local backend
+    match = state.lookup(f"shop-7000.{ZONE}".encode())
+    got = choose(state, match, b"c", may_forward=False)
+    assert not isinstance(got, Target) and got.status == 404 and "does not expose port 7000" in got.message
