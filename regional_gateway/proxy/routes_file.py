@@ -13,6 +13,8 @@ documented in docs/gateway-dataplane.md; in short:
     longitude = 2.35
     [health]                       # defaults for every app (see HealthCheck)
     [[apps]]                       # name, lb, backends, ports, proxy_protocol, health
+                                   # ports: extra ports for `<app>-<port>` names; the backends' own
+                                   # ports (and the domains') are always exposed, no other port is
     [[domains]]                    # fqdn, app, port, passthrough
     [[certificates]]               # cert, key (paths relative to the file)
     [[regions]]                    # other regions: name, latitude, longitude, apps, instances, gateways
@@ -110,7 +112,7 @@ def parse_routes(data: dict[str, Any], base_dir: Path, *, check_files: bool = Tr
         backends = tuple(_backend(f"{where}.backends[{j}]", b) for j, b in enumerate(_list(f"{where}.backends",
                                                                                             t.get("backends", []))))
         app_health = _health(f"{where}.health", t.get("health", {}), health)
-        ports = tuple(_list(f"{where}.ports", t.get("ports", [])))
+        ports = tuple(_list(f"{where}.ports", t.get("ports", [])))  # checked by AppRoute (geomesh.model.app_ports)
         pp = _bool(f"{where}.proxy_protocol", t.get("proxy_protocol", False))
         app = _nested(where, lambda t=t, b=backends, h=app_health, ports=ports, pp=pp: AppRoute(
             t["name"], t.get("lb", "round_robin"), b, ports, pp, h))
