@@ -59,6 +59,12 @@ SETTING_HELP = {
 
 
 @dataclass(frozen=True, slots=True)
+    "h2_max_resets": "HTTP/2: client stream resets and refused streams a connection may cause in a burst, "
+                     "refilled over 10 s (each completed call earns one back); beyond, GOAWAY ENHANCE_YOUR_CALM "
+                     "(rapid reset guard)",
+    "h2_max_control_frames": "HTTP/2: PING, SETTINGS, PRIORITY, WINDOW_UPDATE and empty DATA frames a connection may "
+                             "send in a burst, refilled over 10 s (DATA sent to it earns some back); beyond, GOAWAY "
+                             "ENHANCE_YOUR_CALM (flood guard)",
 class Config:
     routes_path: Path
     settings: Any  # ProxySettings

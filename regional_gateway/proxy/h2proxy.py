@@ -24,7 +24,15 @@ trailers-only response with `grpc-status: 14` (UNAVAILABLE) and a message naming
 gRPC clients expect from proxies; otherwise the HTTP status (502/503/504) with a plain-text body
 and `x-geomesh-error`. A backend that resets a stream resets the client's stream; a backend
 connection lost before answering is a 502/UNAVAILABLE, after answering a reset. Malformed HTTP/2
-from a client ends that connection with GOAWAY (PROTOCOL_ERROR), logged and counted.
+from a client ends that connection with GOAWAY (PROTOCOL_ERROR), logged and counted; a request
+head `h2` accepts but `h2_guard.request_problem` refuses gets a 400 and RST_STREAM
+(PROTOCOL_ERROR), and nothing reaches a backend.
+
+Hostile clients (`h2_guard`): the upstream stream of a request is opened only once the whole
+read that carried its HEADERS has been processed, so a HEADERS+RST_STREAM pair costs a backend
+nothing; client resets and no-op frames are counted per connection, with GOAWAY
+(ENHANCE_YOUR_CALM) past the budgets; reading stops while the client does not read what the
+gateway writes (PING and SETTINGS ACKs cannot pile up).
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import hyperframe.frame
 from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
 from regional_gateway.proxy.client_address import CLIENT_ADDRESS_HEADERS, forwarded_node
+from regional_gateway.proxy.h2_guard import MAX_QUEUED_CONTROL, Calm, RateBudget, data_credit, request_problem
 from regional_gateway.proxy.hostnames import NameMatch
 from regional_gateway.proxy.http_errors import ProxyError, ShuttingDown, UpstreamFailed, UpstreamTimeout
 from regional_gateway.proxy.route_state import BackendRuntime
@@ -67,6 +76,10 @@ _DROP = _HOP | CLIENT_ADDRESS_HEADERS
 # connection can make the gateway hold
 STREAM_WINDOW = 256 * 1024
 CONNECTION_WINDOW = 1024 * 1024
+# a client has this long to read the GOAWAY that ends its connection for an error, as long as it
+# sends no more than this meanwhile (what it sends is dropped; beyond, the connection is reset)
+GOAWAY_LINGER = 1.0
+GOAWAY_LINGER_BYTES = 256 * 1024
 
 
 def _config(client_side: bool) -> h2.config.H2Configuration:
@@ -106,6 +119,10 @@ def send_windowed(conn: h2.connection.H2Connection, sid: int, queue: deque[tuple
             conn.send_data(sid, data)
         done += length
     return done
+
+
+class _Calmed(Exception):
+    """Raised out of event handling when the connection went over a budget (GOAWAY sent)."""
 
 
 class Stream:
@@ -163,7 +180,12 @@ class H2Downstream(asyncio.Protocol):
         self.counted = False
         self.draining = False
         self.write_paused = False
-        self.closed_by_client = False  # the client sent GOAWAY: nothing can be sent any more
+        self.ended = False  # a GOAWAY was received or sent: nothing can be sent any more
+        self.linger_bytes = GOAWAY_LINGER_BYTES
+        self.fresh: list[Stream] = []  # streams opened in this read: routed once the read is processed
+        self.resets = RateBudget(server.settings.h2_max_resets, now=server.now)
+        self.noop = RateBudget(server.settings.h2_max_control_frames, now=server.now)
+        self.unread_replies = 0  # PING/SETTINGS ACKs produced while the client was not reading
         self.addr_headers = [(b"x-forwarded-for", client[0].encode()), (b"x-forwarded-proto", b"https"),
                              (b"forwarded", f"for={forwarded_node(client[0])};proto=https".encode())]
 
@@ -185,7 +207,10 @@ class H2Downstream(asyncio.Protocol):
             self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.ended:  # after a GOAWAY: what still arrives is dropped, up to a point
+            self.linger_bytes -= len(data)
+            if self.linger_bytes < 0 and not self.closed:
+                self.transport.abort()
             return
         try:
             events = self.conn.receive_data(data)
@@ -198,6 +223,14 @@ class H2Downstream(asyncio.Protocol):
                     self._event(ev)
                 except h2.exceptions.StreamClosedError:
                     pass  # the stream closed while we acted on it (the client ended or reset it): done
+            if self.fresh:  # open upstream streams only for requests not reset in the same read
+                fresh, self.fresh = self.fresh, []
+                for st in fresh:
+                    if self.streams.get(st.sid) is st and not st.finished:
+                        self._route(st)
+        except _Calmed:
+            self.fresh.clear()
+            return
         except Exception as exc:  # a bug must not take the event loop's callback down silently
             log.error("HTTP/2 connection failed", exc_info=exc)
             self.server.metrics.error("internal")
@@ -217,6 +250,10 @@ class H2Downstream(asyncio.Protocol):
         if self.counted:
             self.counted = False
             self.server.conn_closed(self)
+        self._release()
+
+    def _release(self) -> None:
+        """End every stream and close the upstream connections (the client connection is done)."""
         for st in list(self.streams.values()):
             self._end_stream_state(st)
         self.streams.clear()
@@ -224,11 +261,38 @@ class H2Downstream(asyncio.Protocol):
             up.close()
         self.upstreams.clear()
 
+    def _close_after_goaway(self) -> None:
+        """After a GOAWAY for an error: release the calls, then close once the client had
+        `GOAWAY_LINGER` seconds to read the GOAWAY. Closing at once, with its unread frames in
+        the socket, would reset the connection and could destroy the GOAWAY before the client
+        reads it; meanwhile what it sends is dropped unparsed (up to `GOAWAY_LINGER_BYTES`). A
+        client that does not read is cut at once."""
+        self.ended = True
+        self._release()
+        if self.write_paused:
+            self.transport.abort()
+            return
+        asyncio.get_running_loop().call_later(GOAWAY_LINGER, self._linger_done)
+
+    def _linger_done(self) -> None:
+        if not self.closed:
+            if self.write_paused:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
     def pause_writing(self) -> None:
+        # the client is not reading what we write: stop reading it, so nothing it sends can make
+        # us queue more (PING and SETTINGS ACKs in particular)
         self.write_paused = True
+        if not self.closed:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.unread_replies = 0
+        if not self.closed and not self.ended:
+            self.transport.resume_reading()
         for st in list(self.streams.values()):
             self._push_down(st)
         self._flush()
@@ -236,7 +300,7 @@ class H2Downstream(asyncio.Protocol):
     @property
     def gone(self) -> bool:
         """Nothing can be sent to the client any more (closed, or it sent GOAWAY)."""
-        return self.closed or self.closed_by_client
+        return self.closed or self.ended
 
     # ---------------------------------------------------------------- client events
 
@@ -244,11 +308,17 @@ class H2Downstream(asyncio.Protocol):
         t = type(ev)
         if t is h2.events.RequestReceived:
             st = Stream(ev.stream_id, ev.headers)
-            self.streams[ev.stream_id] = st
             if ev.stream_ended is not None:
                 st.up_end = True
-            self._route(st)
+            problem = request_problem(ev.headers)
+            if problem is not None:
+                self._malformed(st, problem)
+                return
+            self.streams[ev.stream_id] = st
+            self.fresh.append(st)
         elif t is h2.events.DataReceived:
+            if not ev.data and ev.stream_ended is None and self.noop.hit(self.server.now):
+                self._calm(Calm.CONTROL_FLOOD)
             st = self.streams.get(ev.stream_id)
             if st is None:  # answered already (an error): just give the window back
                 self._ack_down(ev.flow_controlled_length, ev.stream_id)
@@ -274,19 +344,68 @@ class H2Downstream(asyncio.Protocol):
                 if st.up is not None and st.up_sid:
                     st.up.reset(st.up_sid, h2.errors.ErrorCodes.CANCEL)
                 self._end_stream_state(st)
+            if self.resets.hit(self.server.now):
+                self._calm(Calm.RAPID_RESET)
         elif t is h2.events.WindowUpdated:
+            if self.noop.hit(self.server.now):
+                self._calm(Calm.CONTROL_FLOOD)
             targets = self.streams.values() if ev.stream_id == 0 else \
                 [s for s in (self.streams.get(ev.stream_id),) if s is not None]
             for st in list(targets):
                 self._push_down(st)
         elif t is h2.events.RemoteSettingsChanged:  # a new initial window can unblock every stream
+            self._control_frame(reply=True)
             for st in list(self.streams.values()):
                 self._push_down(st)
+        elif t is h2.events.PingReceived:
+            self._control_frame(reply=True)
         elif t is h2.events.ConnectionTerminated:
             # the client is going away; after its GOAWAY the h2 state machine sends nothing more on
             # this connection, so what is in progress cannot be answered: close (upstreams follow)
-            self.closed_by_client = True
+            self.ended = True
             self.transport.close()
+        else:  # PRIORITY, SETTINGS and PING ACKs, unknown frames...
+            self._control_frame(reply=False)
+
+    def _control_frame(self, *, reply: bool) -> None:
+        """Count a frame that carries nothing; `reply`: h2 queued an ACK for it."""
+        if self.noop.hit(self.server.now):
+            self._calm(Calm.CONTROL_FLOOD)
+        if reply and self.write_paused:
+            self.unread_replies += 1
+            if self.unread_replies > MAX_QUEUED_CONTROL:
+                self._calm(Calm.UNREAD_REPLIES)
+
+    def _calm(self, reason: Calm) -> None:
+        """Over a budget: GOAWAY (ENHANCE_YOUR_CALM), close, and stop handling this read."""
+        self.server.metrics.error(reason.value)
+        event(log, "HTTP/2 client over a limit, GOAWAY", logging.INFO, client=self.client[0], reason=reason.value)
+        self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self._close_after_goaway()
+        raise _Calmed
+
+    def _malformed(self, st: Stream, problem: str) -> None:
+        """A request `h2` let through but `request_problem` refuses: 400 naming the field, then
+        RST_STREAM (PROTOCOL_ERROR) if the client is still sending (RFC 9113 8.1.1)."""
+        server = self.server
+        server.metrics.error("h2-malformed-request")
+        body = f"400 malformed request: {problem}\n".encode()
+        conn = self.conn
+        try:
+            conn.send_headers(st.sid, [(b":status", b"400"), (b"content-type", b"text/plain; charset=utf-8"),
+                                       (b"content-length", str(len(body)).encode()),
+                                       (b"x-geomesh-error", b"h2-malformed-request")])
+            conn.send_data(st.sid, body, end_stream=True)
+        except h2.exceptions.ProtocolError:
+            pass
+        if not st.up_end:
+            try:
+                conn.reset_stream(st.sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+        server.metrics.request(self.match.app or self.match.instance, "-", 400)
+        if self.resets.hit(server.now):  # a refused stream counts like a reset
+            self._calm(Calm.RAPID_RESET)
 
     def _protocol_error(self, exc: Exception) -> None:
         self.server.metrics.error("h2-protocol-error")
@@ -294,9 +413,9 @@ class H2Downstream(asyncio.Protocol):
         try:
             self.conn.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
         except h2.exceptions.ProtocolError:
-            pass
+            pass  # h2 queued the GOAWAY itself
         self._flush()
-        self.transport.close()
+        self._close_after_goaway()
 
     # ---------------------------------------------------------------- routing a stream
 
@@ -378,6 +497,8 @@ class H2Downstream(asyncio.Protocol):
             return
         conn = self.conn
         sent = send_windowed(conn, st.sid, st.to_down)
+        if sent:  # the client may acknowledge what it receives (WINDOW_UPDATE, a bandwidth PING)
+            self.noop.credit(data_credit(sent))
         if not st.to_down and (st.down_end or st.down_trailers is not None) and not st.finished:
             if st.down_trailers is not None:
                 conn.send_headers(st.sid, st.down_trailers, end_stream=True)
@@ -445,6 +566,8 @@ class H2Downstream(asyncio.Protocol):
         if self.gone:
             return
         server.metrics.error(err.cause)
+        if refused:  # counted like a client reset (the next one over the budget ends the connection)
+            self.resets.hit(server.now)
         conn = self.conn
         try:
             self._send_error(st, err)
@@ -496,6 +619,7 @@ class H2Downstream(asyncio.Protocol):
 
     def _finish(self, st: Stream) -> None:
         st.finished = True
+        self.resets.credit(1)  # a completed call earns back one reset
         if not st.client_done:  # the response is complete before the request (RFC 9113 8.1)
             if st.up is not None and st.up_sid:
                 st.up.reset(st.up_sid, h2.errors.ErrorCodes.CANCEL)

@@ -59,6 +59,11 @@ class ProxySettings:
     g_mode: str = "streams"
 
     def __post_init__(self) -> None:
+    # HTTP/2 clients (h2_guard): client resets + refused streams, and no-op frames (PING, SETTINGS,
+    # PRIORITY, WINDOW_UPDATE, empty DATA), allowed per connection in a burst, refilled over 10 s;
+    # beyond, GOAWAY (ENHANCE_YOUR_CALM) and close
+    h2_max_resets: int = 1000
+    h2_max_control_frames: int = 1000
         for name in ("http", "https", "mesh"):
             values = tuple(getattr(self, name))
             for i, item in enumerate(values):
