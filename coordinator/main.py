@@ -37,6 +37,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ttl", type=int, default=3,
                    help="seconds a gateway stays alive after its coordinator loses contact (default %(default)s)")
     p.add_argument("--etcd-timeout", type=float, default=2.0, help="deadline of each etcd call in seconds (default %(default)s)")
+    p.add_argument("--watch-send-timeout", type=float, default=30.0,
+                   help="a RoutingFeed.Watch client that takes no message for this many seconds is dropped "
+                        "(default %(default)s); gateway sessions use 1.5 x --lease-ttl")
+    p.add_argument("--health-write-interval", type=float, default=1.0,
+                   help="at most one etcd write of heartbeat health per gateway per interval, seconds (default %(default)s)")
+    p.add_argument("--heartbeat-rate", type=float, default=20.0,
+                   help="heartbeats per second per gateway whose content is looked at; the rest are counted "
+                        "and ignored (default %(default)s, burst twice that)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
     p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
@@ -50,7 +58,9 @@ async def run(args: argparse.Namespace) -> None:
     config = CoordinatorConfig(etcd=args.etcd, listen=args.listen, pki_dir=args.pki_dir, insecure=args.insecure,
                                mesh_cidr=args.mesh_cidr, lease_ttl=args.lease_ttl, metrics_host=args.metrics_host,
                                metrics_port=args.metrics_port, server_hosts=tuple(args.server_host),
-                               etcd_timeout=args.etcd_timeout, listen_unix=args.listen_unix)
+                               etcd_timeout=args.etcd_timeout, listen_unix=args.listen_unix,
+                               watch_send_timeout=args.watch_send_timeout,
+                               health_write_interval=args.health_write_interval, heartbeat_rate=args.heartbeat_rate)
     coordinator = Coordinator(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ health NOT_SERVING, stop accepting, drain streams with a deadline, cancel the re
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import logging
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge
 
 from coordinator.operations import Operations
-from coordinator.services import AdminService, GatewayControlService, RoutingFeedService
+from coordinator.services import AdminService, GatewayControlService, RoutingFeedService, add_routing_feed
 from coordinator.state import PREFIX, State
 from coordinator.store import Compacted, EtcdStore, LeaseSet, ReplicaLease
 from geomesh import validate
@@ -34,6 +35,8 @@ log = logging.getLogger("geomesh.coordinator")
 
 CACHE_REVISION = Gauge("geomesh_coordinator_cache_revision", "etcd revision of the coordinator's cache")
 ETCD_UP = Gauge("geomesh_coordinator_etcd_connected", "1 while the coordinator's watch on etcd is healthy")
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+LARGE_BLOCK = 128 * 1024
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Admin", "GatewayControl", "RoutingFeed"))
 
 
@@ -50,6 +53,9 @@ class CoordinatorConfig:
     server_hosts: tuple[str, ...] = field(default_factory=tuple)
     etcd_timeout: float = 2.0
     listen_unix: Path | None = None  # also serve on this unix socket (reachable from other netns)
+    watch_send_timeout: float = 30.0  # a Watch stream whose client takes no message for this long is dropped
+    health_write_interval: float = 1.0  # at most one health write batch per gateway per interval
+    heartbeat_rate: float = 20.0  # heartbeats per second and gateway looked at (burst: twice that)
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -67,6 +73,25 @@ class CoordinatorConfig:
         validate.cidr("mesh_cidr", self.mesh_cidr)
         if not 1 <= self.lease_ttl <= 60:
             raise ValidationError("lease_ttl", "must be 1..60 seconds")
+        if not 1 <= self.watch_send_timeout <= 3600:
+            raise ValidationError("watch_send_timeout", "must be 1..3600 seconds")
+        if not 0.05 <= self.health_write_interval <= 60:
+            raise ValidationError("health_write_interval", "must be 0.05..60 seconds")
+        if not 1 <= self.heartbeat_rate <= 1000:
+            raise ValidationError("heartbeat_rate", "must be 1..1000 per second")
+
+
+def return_large_blocks_on_free() -> bool:
+    """Have malloc serve blocks over 128 KiB with mmap, so they go back to the OS when freed.
+
+    grpc's core copies every message it sends (a snapshot per stream) into its own buffers; glibc
+    raises its mmap threshold after the first such block is freed, so later ones land in the heap
+    and the process kept ~40 MB per 200 snapshot-sized sends after the streams ended. A fixed
+    threshold turns that off. False (nothing changed) where libc has no mallopt."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK))
+    except (OSError, AttributeError):
+        return False
 
 
 class Coordinator:
@@ -85,6 +110,7 @@ class Coordinator:
 
     async def start(self) -> int:
         cfg = self.config
+        return_large_blocks_on_free()
         self._tasks.append(asyncio.create_task(self._watch_loop(), name="etcd-watch"))
         self._tasks.append(asyncio.create_task(
             self.store.keepalive_forever(self.leases, max(cfg.lease_ttl / 3, 0.3)), name="lease-keepalive"))
@@ -97,10 +123,12 @@ class Coordinator:
             ("grpc.keepalive_permit_without_calls", 1),
         ])
         pbg.add_AdminServicer_to_server(AdminService(self.state, self.ops, insecure=cfg.insecure), server)
-        pbg.add_RoutingFeedServicer_to_server(RoutingFeedService(self.state, self.ops, insecure=cfg.insecure), server)
+        add_routing_feed(RoutingFeedService(self.state, self.ops, insecure=cfg.insecure,
+                                            send_timeout=cfg.watch_send_timeout), server)
         pbg.add_GatewayControlServicer_to_server(GatewayControlService(
             self.state, self.ops, self.store, self.lease, insecure=cfg.insecure,
-            lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr), server)
+            lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr, health_interval=cfg.health_write_interval,
+            heartbeat_rate=cfg.heartbeat_rate), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         if cfg.insecure:

@@ -14,10 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge
 
+from coordinator.heartbeats import HealthCoalescer, HeartbeatReport, TokenBucket
 from coordinator.operations import Operations
 from coordinator.rpc_common import Caller, stream, unary
 from coordinator.state import State
@@ -40,6 +44,14 @@ log = logging.getLogger("geomesh.coordinator")
 SESSIONS = Gauge("geomesh_coordinator_sessions", "open streams", ["kind"])
 SENT = Counter("geomesh_coordinator_stream_messages_total", "messages sent on streams", ["kind", "type"])
 SENT_BYTES = Counter("geomesh_coordinator_stream_bytes_total", "bytes sent on streams", ["kind"])
+SLOW_READERS = Counter("geomesh_coordinator_slow_readers_dropped_total",
+                       "streams ended because one send was not taken by the client in time", ["kind"])
+WATCHDOG = Counter("geomesh_coordinator_sessions_ended_by_watchdog_total",
+                   "gateway sessions ended while a send was blocked", ["reason"])
+HEARTBEATS_THROTTLED = Counter("geomesh_coordinator_heartbeats_throttled_total",
+                               "heartbeats over the per-gateway rate whose content was ignored")
+HEALTH_BATCHES = Counter("geomesh_coordinator_health_batches_total",
+                         "coalesced health writes of one gateway (one batch per interval at most)", ["result"])
 
 
 def _name(field: str, value: str) -> str:
@@ -177,34 +189,59 @@ class AdminService(_Base, pbg.AdminServicer):
 
 
 class RoutingFeedService(_Base, pbg.RoutingFeedServicer):
+    def __init__(self, state: State, ops: Operations, *, insecure: bool, send_timeout: float = 30.0) -> None:
+        super().__init__(state, ops, insecure=insecure)
+        self.send_timeout = send_timeout
+
     @stream("dns", "gateway", "admin")
     async def Watch(self, request: pb.WatchRoutingRequest, context, caller: Caller):
+        """Yields serialized RoutingUpdates (see `wire`): every stream at one revision sends the
+        same bytes object, so N watchers of a large table hold one copy of its snapshot."""
         if request.last_revision < 0:
             raise ValidationError("last_revision", "must be >= 0")
         SESSIONS.labels("routing").inc()
+        handler = _current_task()
         try:
+            await context.send_initial_metadata(())  # headers now: a later status needs no second header op
             have = request.last_revision if request.last_revision > 0 else -1
             while True:
                 delta = self.state.changes_since(have)
-                update = self.state.routing_update(delta)
+                update = self.state.routing_update(delta, since=have)
                 if update.snapshot or update.upserts or update.removals:
-                    SENT.labels("routing", "snapshot" if update.snapshot else "delta").inc()
-                    SENT_BYTES.labels("routing").inc(update.ByteSize())
-                    yield update
+                    kind = "snapshot" if update.snapshot else "delta"
+                    del update  # hold only the shared bytes while the send may block
+                    wire_bytes = self.state.routing_wire(delta, since=have)
+                    SENT.labels("routing", kind).inc()
+                    SENT_BYTES.labels("routing").inc(len(wire_bytes))
+                    with _send_deadline(self.send_timeout, lambda: self._drop_slow_reader(handler, context, caller)):
+                        yield wire_bytes
                 have = delta.revision
                 if self.state.revision <= have:
                     await asyncio.shield(self.state.changed())
         finally:
             SESSIONS.labels("routing").dec()
 
+    def _drop_slow_reader(self, handler: asyncio.Task, context: grpc.aio.ServicerContext, caller: Caller) -> None:
+        SLOW_READERS.labels("routing").inc()
+        log.warning("watch stream dropped: the client took no message in time",
+                    extra={"fields": {"caller": f"{caller.role}/{caller.name}", "timeout": self.send_timeout}})
+        _end_stalled(handler, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     f"slow reader: a message was not taken within {self.send_timeout:g} s; "
+                     "reconnect with last_revision")
+
 
 class GatewayControlService(_Base, pbg.GatewayControlServicer):
     def __init__(self, state: State, ops: Operations, store: EtcdStore, lease: ReplicaLease, *,
-                 insecure: bool, lease_ttl: int, mesh_cidr: str) -> None:
+                 insecure: bool, lease_ttl: int, mesh_cidr: str, health_interval: float = 1.0,
+                 heartbeat_rate: float = 20.0) -> None:
         super().__init__(state, ops, insecure=insecure)
         self.store = store
         self.lease = lease
         self.lease_ttl = lease_ttl
+        self.silence = lease_ttl * 1.5  # no heartbeat for this long ends the session
+        self.send_timeout = self.silence  # and so does one send blocked for as long
+        self.health_interval = health_interval
+        self.heartbeat_rate = heartbeat_rate
         self._cleanups: set[asyncio.Task] = set()
         self.mesh_cidr = mesh_cidr
 
@@ -259,10 +296,17 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                 raise NotFoundError(f"gateway {hello.name!r} is not registered: call Register first")
             await self.state.wait_change(stored.mod_revision - 1, timeout=10)
         name = hello.name
-        alive_rev = await self._mark_alive(name)
+        await context.send_initial_metadata(())  # headers now: a later status needs no second header op
+        live = _Liveness(name, await self._mark_alive(name), _current_task(), context)
         SESSIONS.labels("gateway").inc()
         log.info("gateway session open", extra={"fields": {"gateway": name}})
-        reader = asyncio.create_task(self._read_heartbeats(name, request_iterator))
+        coalescer = HealthCoalescer(self.health_interval)
+        flush = asyncio.Event()
+        reader = asyncio.create_task(self._read_heartbeats(name, request_iterator, coalescer, flush))
+        live.tasks = (reader, asyncio.create_task(self._flush_health(coalescer, flush)))
+        # the watchdog: while a send is blocked (the gateway does not read), the reader's end
+        # (heartbeat silence, close, bad input) ends the session from the loop, beside the handler
+        reader.add_done_callback(lambda _: live.sending and self._end_now(live, "silent"))
         try:
             have = hello.last_revision if hello.last_revision > 0 else -1
             while True:
@@ -278,7 +322,14 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                 if msg.HasField("mesh") or msg.HasField("routing"):
                     SENT.labels("gateway", "snapshot" if delta.routing is None else "delta").inc()
                     SENT_BYTES.labels("gateway").inc(msg.ByteSize())
-                    yield msg
+                    live.sending = True
+                    with _send_deadline(self.send_timeout, lambda: self._end_now(live, "send_timeout")):
+                        yield msg
+                    live.sending = False
+                    del msg
+                    if reader.done():  # it ended while we were sending
+                        reader.result()  # raises if the gateway misbehaved
+                        return  # the gateway closed its side or went silent
                 have = delta.revision
                 if self.state.revision > have:
                     continue
@@ -287,24 +338,46 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                 done, _ = await asyncio.wait({self.state.changed(), reader, lost}, return_when=asyncio.FIRST_COMPLETED)
                 if reader in done:
                     reader.result()  # raises if the gateway misbehaved
-                    return  # the gateway closed its side
+                    return  # the gateway closed its side, or went silent
                 if lost.done():
                     # etcd expired this replica's lease (unreachable for longer than the TTL) while
                     # the gateway is still connected: mark it alive again under the new lease
                     log.warning("replica lease expired while connected: renewing", extra={"fields": {"gateway": name}})
-                    alive_rev = await self._mark_alive(name)
+                    live.alive_rev = await self._mark_alive(name)
         finally:
-            reader.cancel()
-            SESSIONS.labels("gateway").dec()
             # grpc cancels this handler when the gateway goes away, and may cancel it again while
             # it cleans up: the cleanup runs as its own task so a second cancel cannot abort it
-            cleanup = asyncio.create_task(self._end_session(name, alive_rev))
-            self._cleanups.add(cleanup)
-            cleanup.add_done_callback(self._cleanups.discard)
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(cleanup)
+                await asyncio.shield(self._end_session(live))
 
-    async def _end_session(self, name: str, alive_rev: int) -> None:
+    def _end_now(self, live: _Liveness, reason: str) -> None:
+        """End a session whose handler is stuck in a send (the gateway does not read): clear
+        `alive` now, queue a status and cancel the handler. Runs on the loop, beside the handler."""
+        if live.cleanup is not None:
+            return
+        log.warning("gateway session ended by the watchdog", extra={"fields": {"gateway": live.name, "reason": reason}})
+        WATCHDOG.labels(reason).inc()
+        if reason == "send_timeout":
+            SLOW_READERS.labels("gateway").inc()
+        self._end_session(live)
+        if reason == "silent":
+            details = f"no heartbeat for {self.silence:g} s (1.5 x lease TTL) while not reading"
+        else:
+            details = f"a message was not taken within {self.send_timeout:g} s (1.5 x lease TTL)"
+        _end_stalled(live.handler, live.context, grpc.StatusCode.UNAVAILABLE, f"session ended: {details}")
+
+    def _end_session(self, live: _Liveness) -> asyncio.Task:
+        """The session's one cleanup (idempotent): its task, started on the first call."""
+        if live.cleanup is None:
+            for task in live.tasks:
+                task.cancel()
+            SESSIONS.labels("gateway").dec()
+            live.cleanup = asyncio.create_task(self._clear_alive(live.name, live.alive_rev))
+            self._cleanups.add(live.cleanup)
+            live.cleanup.add_done_callback(self._cleanups.discard)
+        return live.cleanup
+
+    async def _clear_alive(self, name: str, alive_rev: int) -> None:
         try:
             await self.ops.clear_alive(name, alive_rev)
         except StoreUnavailableError:
@@ -315,22 +388,124 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         lease_id = await self.lease.ensure()
         return await self.ops.mark_alive(name, lease_id)
 
-    async def _read_heartbeats(self, name: str, request_iterator) -> None:
-        """Consume heartbeats; return when the gateway closes or goes silent for a lease TTL."""
+    async def _read_heartbeats(self, name: str, request_iterator, coalescer: HealthCoalescer,
+                               flush: asyncio.Event) -> None:
+        """Consume heartbeats; return when the gateway closes or is silent for 1.5 × the lease TTL.
+
+        Any message proves the gateway is there; over `heartbeat_rate` per second (burst twice
+        that) the content of heartbeats is ignored and counted. Health goes to the coalescer."""
+        loop = asyncio.get_running_loop()
+        bucket = TokenBucket(self.heartbeat_rate, self.heartbeat_rate * 2)
         while True:
-            msg = await _next_or_none(request_iterator, timeout=self.lease_ttl * 1.5)
+            msg = await _next_or_none(request_iterator, timeout=self.silence)
             if msg is None:
                 return
             if msg.WhichOneof("msg") != "heartbeat":
                 continue
+            report = HeartbeatReport.from_proto(msg.heartbeat)  # ValidationError ends the session
+            if not bucket.take(loop.time()):
+                HEARTBEATS_THROTTLED.inc()
+                continue
             gw = self.state.gateways.get(name)
-            for b in msg.heartbeat.backends:
-                inst = self.state.instances.get(f"{b.app}/{b.instance_id}")
-                if inst is not None and gw is not None and inst.region == gw.region:
-                    try:
-                        await self.ops.set_instance_health(inst, b.healthy)
-                    except StoreUnavailableError:
-                        pass  # health is re-reported with the next heartbeat
+            if gw is None:
+                continue
+            cached: dict[str, bool] = {}
+            for instance in report.backends:
+                inst = self.state.instances.get(instance)
+                if inst is not None and inst.region == gw.region:  # only its own region's
+                    cached[instance] = inst.healthy
+            if coalescer.offer(report.backends, cached):
+                flush.set()
+
+    async def _flush_health(self, coalescer: HealthCoalescer, flush: asyncio.Event) -> None:
+        """Write pending health at most once per interval, every pending instance in one batch."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await flush.wait()
+            flush.clear()
+            due = coalescer.due_at()
+            if due is None:
+                continue
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            batch = coalescer.take(loop.time())
+            written = False
+            try:
+                written = await self.ops.set_instances_health(batch)
+            except StoreUnavailableError:
+                pass  # pending again (and re-reported by the next heartbeat anyway)
+            finally:
+                coalescer.done(written)
+            HEALTH_BATCHES.labels("written" if written else "retry").inc()
+            if coalescer.pending:
+                flush.set()
+
+
+@dataclass(slots=True)
+class _Liveness:
+    """One gateway session: its alive key's revision, handler, tasks, and its one cleanup."""
+
+    name: str
+    alive_rev: int
+    handler: asyncio.Task
+    context: grpc.aio.ServicerContext
+    sending: bool = False
+    tasks: tuple[asyncio.Task, ...] = ()  # the heartbeat reader and the health flusher
+    cleanup: asyncio.Task | None = None
+
+
+def _current_task() -> asyncio.Task:
+    task = asyncio.current_task()
+    assert task is not None
+    return task
+
+
+@contextlib.contextmanager
+def _send_deadline(timeout: float, expire: Callable[[], object]) -> Iterator[None]:
+    """Call `expire` if the `yield` inside (one send to the client) takes longer than `timeout`.
+
+    A stream's `yield` returns only once the transport took the message: a client that does not
+    open its flow-control window blocks it forever, and with it whatever the handler would check
+    next. The timer runs on the loop, apart from the blocked handler."""
+    handle = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        yield
+    finally:
+        handle.cancel()
+
+
+def _end_stalled(handler: asyncio.Task, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                 details: str) -> None:
+    """End an RPC whose handler is blocked in a send: queue its status and cancel the handler.
+
+    grpc's asyncio server cannot reset one stream: the status goes out behind the blocked message
+    (a client that reads again gets the message, then this status, and reconnects), and grpc's
+    copy of that message stays until then or until the client goes away. What ends here is all
+    of ours: the handler, its tasks, and (for a session) the gateway's liveness."""
+    async def send_status() -> None:
+        with contextlib.suppress(Exception):  # AbortError once queued; ExecuteBatchError if the client left
+            await context.abort(code, details)
+
+    task = asyncio.get_running_loop().create_task(send_status())
+    _STATUS_TASKS.add(task)
+    task.add_done_callback(_STATUS_TASKS.discard)
+    handler.cancel()
+
+
+_STATUS_TASKS: set[asyncio.Task] = set()
+
+
+def wire(message: bytes | Message) -> bytes:
+    """Response serializer of streams that yield pre-serialized, shared messages (or messages)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_routing_feed(servicer: RoutingFeedService, server: grpc.aio.Server) -> None:
+    """The generated add_RoutingFeedServicer_to_server, with `wire` as Watch's serializer."""
+    handlers = {"Watch": grpc.unary_stream_rpc_method_handler(
+        servicer.Watch, request_deserializer=pb.WatchRoutingRequest.FromString, response_serializer=wire)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("geomesh.v1.RoutingFeed", handlers),))
+    server.add_registered_method_handlers("geomesh.v1.RoutingFeed", handlers)
 
 
 async def _next_or_none(iterator, timeout: float):

@@ -7,7 +7,11 @@ A stream that is at revision R asks `changes_since(R)` and sends only those (coa
 slow consumer catches up in one message and a join in an N-gateway mesh costs each other
 gateway one peer, not N. A consumer older than the history gets a snapshot instead.
 
-Everything here is synchronous and pure apart from the asyncio.Event used to wake streams.
+Messages computed for a revision (snapshots, deltas from a given revision, and their serialized
+bytes) are memoised until the next change, so N streams at one revision share one copy.
+
+Everything here is synchronous and pure apart from the asyncio future used to wake streams (and a
+counter of shared snapshots).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import ipaddress
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from prometheus_client import Counter
 
 from coordinator.store import KV, Event
 from geomesh.api import geomesh_pb2 as pb
@@ -30,6 +36,9 @@ K = pb.ResourceKey
 _KIND_OF_DIR = {"regions": K.KIND_REGION, "gateways": K.KIND_GATEWAY, "alive": K.KIND_GATEWAY,
                 "apps": K.KIND_APP, "instances": K.KIND_INSTANCE, "domains": K.KIND_DOMAIN}
 HISTORY_LIMIT = 50_000
+SNAPSHOT_CACHE = Counter("geomesh_coordinator_snapshot_cache_total",
+                         "routing snapshots asked for by streams: hit = the revision's serialized snapshot was shared",
+                         ["result"])
 MAX_OVERVIEW_LINKS = 1000
 
 
@@ -261,14 +270,28 @@ class State:
 
     def routing_update(self, delta: Delta, since: int | None = None) -> pb.RoutingUpdate:
         """The RoutingUpdate for `delta`; with `since` (the revision it starts from) it is memoised
-        for this revision, so every stream at the same revision shares one message."""
-        memo_key = ("routing", since, delta.revision)
+        for this revision, so every stream at the same revision shares one message. A snapshot is
+        the same whatever the stream had before, so all snapshots of a revision are one message."""
+        memo_key = ("routing", None if delta.routing is None else since, delta.revision)
         if since is not None and memo_key in self._memo:
             return self._memo[memo_key]  # type: ignore[return-value]
         update = self._routing_update(delta)
         if since is not None:
             self._memo[memo_key] = update
         return update
+
+    def routing_wire(self, delta: Delta, since: int) -> bytes:
+        """`routing_update(delta, since)` serialized, memoised alike: N streams at one revision
+        send one shared bytes object instead of N copies of a (possibly large) snapshot."""
+        memo_key = ("routing-wire", None if delta.routing is None else since, delta.revision)
+        wire = self._memo.get(memo_key)
+        if delta.routing is None:
+            SNAPSHOT_CACHE.labels("hit" if wire is not None else "miss").inc()
+        if wire is None:
+            wire = self.routing_update(delta, since).SerializeToString()
+            self._memo[memo_key] = wire
+        assert isinstance(wire, bytes)
+        return wire
 
     def _routing_update(self, delta: Delta) -> pb.RoutingUpdate:
         if delta.routing is None:
