@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_agent(args.config, args)
     try:
         config = load_config(args)
+    from regional_gateway.proxy.fd_pressure import raise_nofile_limit
+
+    soft, hard = raise_nofile_limit()  # every connection is a descriptor (two when proxied)
+    logs.event(log, "file descriptor limit", soft=soft, hard=hard)
     except ValidationError as exc:
         print(f"geomesh-gateway: invalid configuration: {exc}", file=sys.stderr)
         return 2

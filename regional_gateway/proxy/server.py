@@ -9,13 +9,26 @@ can be called at any time from the loop thread; requests in flight finish on the
 started with. `shutdown()` follows the house order: stop accepting, close idle connections and
 let busy ones finish their exchange until `drain_timeout`, then abort the rest, stop the tasks
 and close the pool.
+
+Connection limit: `max_connections` counts the established connections of every listener and
+the TLS connections still on their way (ClientHello awaited, handshake, `pending_tls`). Running
+out of file descriptors first is what `fd_pressure` is about: `start()` warns when the
+descriptor limit cannot carry `max_connections`; the TLS listener backs off on EMFILE itself.
+The plain listeners are the event loop's own. uvloop (libuv) accepts and closes pending
+connections with a spare descriptor it keeps for that: no spin, no log. CPython's asyncio pauses
+the listener for 1 s but, in the same callback, retries up to `backlog` times, reporting each
+failure to the loop's exception handler (thousands of error lines a second):
+`_throttle_accept_errors` installs a handler that counts those (`accept-<errno>`) and logs one
+line per interval, passing every other report to the default handler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import resource
 import socket
 from collections.abc import Coroutine
 from typing import Any
@@ -24,6 +37,7 @@ from geomesh.logs import event
 from regional_gateway.proxy import client_hello
 from regional_gateway.proxy.certificates import CertificateStore
 from regional_gateway.proxy.downstream import ClientConnection
+from regional_gateway.proxy.fd_pressure import AcceptBackoff, fd_warning
 from regional_gateway.proxy.h2proxy import H2Downstream
 from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName
 from regional_gateway.proxy.metrics import ProxyMetrics
@@ -49,6 +63,7 @@ class ProxyServer:
         self.pool = Pool(settings.pool_max_idle, settings.pool_idle_timeout)
         self.metrics = ProxyMetrics(self)
         self.connections: set[Any] = set()
+        self.pending_tls = 0  # TLS connections accepted, not yet served (ClientHello, handshake)
         self.kind_counts: dict[str, int] = {"http": 0, "https": 0, "mesh": 0, "tunnel": 0, "h2": 0}
         self.now = 0.0
         self.draining = False
@@ -71,6 +86,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self.now = loop.time()
         self.pool.now = self.now
+        self._throttle_accept_errors(loop)
         try:
             wildcard_ports = {parse_listen("http", item)[1] for item in self.settings.http
                               if parse_listen("http", item)[0] in ("0.0.0.0", "::")}
@@ -98,10 +114,33 @@ class ProxyServer:
         except OSError:
             await self.shutdown()
             raise
+        warning = fd_warning(self.settings.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        if warning:
+            event(log, warning, logging.WARNING)
         self._background = [asyncio.create_task(self._sweep(), name="proxy-sweeper"),
                             asyncio.create_task(Prober(self).run(), name="proxy-prober")]
         event(log, "proxy listening", **{k: " ".join(f"{h}:{p}" for h, p in v) for k, v in self.addresses.items()},
               routes=self.state.routes.version, apps=len(self.state.apps))
+
+    def _throttle_accept_errors(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count asyncio's accept failures and log them once per interval (see the module doc);
+        a loop that has a handler of its own already keeps it."""
+        if loop.get_exception_handler() is not None:
+            return
+        throttle = AcceptBackoff()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if context.get("message") != "socket.accept() out of system resource" or not isinstance(exc, OSError):
+                loop.default_exception_handler(context)
+                return
+            self.metrics.error(f"accept-{errno.errorcode.get(exc.errno or 0, 'unknown').lower()}")
+            suppressed = throttle.failed(loop.time())[1]
+            if suppressed is not None:
+                event(log, "accept failed, the event loop pauses the listener", logging.WARNING, error=str(exc),
+                      not_logged_since_last=suppressed)
+
+        loop.set_exception_handler(handler)
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, drain connections (up to `timeout`, default drain_timeout), stop."""
@@ -151,6 +190,10 @@ class ProxyServer:
         self.connections.add(conn)
         self.kind_counts[conn.kind] += 1
         return True
+
+    def admit_tls(self) -> bool:
+        """May the TLS listener take one more connection (it counts until it is served)?"""
+        return not self.draining and len(self.connections) + self.pending_tls < self.settings.max_connections
 
     def conn_closed(self, conn: Any) -> None:
         if conn in self.connections:

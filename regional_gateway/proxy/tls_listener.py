@@ -16,18 +16,28 @@ name. Then the socket is handed to the event loop as one of:
 
 Plain HTTP sent to this port gets a 400 saying so. A ClientHello that does not arrive within
 `header_timeout` ends the connection.
+
+Limits: a connection counts against `max_connections` from the moment it is accepted (while its
+ClientHello is awaited and during the TLS handshake, `ProxyServer.pending_tls`), so beyond the
+limit a new connection is closed at once (`too-many-connections`). When `accept()` fails for
+lack of file descriptors the listener stops reading its socket for a growing pause and logs at
+most once per interval (`fd_pressure.AcceptBackoff`), counting every failure as
+`accept-<errno>` (e.g. `accept-emfile`) in the error counter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from geomesh.logs import event
 from regional_gateway.proxy import client_hello
 from regional_gateway.proxy.downstream import ClientConnection
+from regional_gateway.proxy.fd_pressure import NO_FD_ERRNOS, TRANSIENT_ERRNOS, AcceptBackoff
 from regional_gateway.proxy.h2proxy import H2Downstream
 from regional_gateway.proxy.hostnames import Mode, NameMatch
 from regional_gateway.proxy.http_errors import BadRequest, render
@@ -54,6 +64,8 @@ class TlsListener:
         self.loop = asyncio.get_running_loop()
         self.closed = False
         self.pending: set[_Sniffer] = set()
+        self.backoff = AcceptBackoff()
+        self.paused: asyncio.TimerHandle | None = None
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._accept)
 
@@ -62,14 +74,22 @@ class TlsListener:
         return self.sock.getsockname()[:2]
 
     def _accept(self) -> None:
+        server = self.server
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep the listener
-                event(log, "accept failed", logging.WARNING, error=str(exc))
+            except OSError as exc:
+                if exc.errno in TRANSIENT_ERRNOS:  # about that one connection: next
+                    continue
+                self._failed(exc)  # out of descriptors (or worse): pause, do not spin
                 return
+            self.backoff.succeeded()
+            if not server.admit_tls():
+                server.metrics.error("too-many-connections")
+                conn.close()
+                continue
             conn.setblocking(False)
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -77,13 +97,47 @@ class TlsListener:
                 pass
             s = _Sniffer(self, conn, addr)
             self.pending.add(s)
+            server.pending_tls += 1
             s.start()
+
+    def _failed(self, exc: OSError) -> None:
+        """Stop reading the listening socket for a while (it stays readable: retrying at once
+        would spin), count the failure, log it if the last line is old enough."""
+        name = errno.errorcode.get(exc.errno or 0, "unknown").lower()
+        self.server.metrics.error(f"accept-{name}")
+        delay, suppressed = self.backoff.failed(self.loop.time())
+        if suppressed is not None:
+            event(log, "accept failed, pausing the listener", logging.WARNING, error=str(exc),
+                  out_of_descriptors=exc.errno in NO_FD_ERRNOS, pause=delay, not_logged_since_last=suppressed,
+                  listener=f"{self.address[0]}:{self.address[1]}")
+        self.loop.remove_reader(self.sock.fileno())
+        self.paused = self.loop.call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        self.paused = None
+        if not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def handed_over(self, coro: Coroutine) -> Coroutine:
+        """`coro` (the TLS handshake and protocol start) keeps its connection counted until done."""
+        server = self.server
+
+        async def counted() -> Any:
+            server.pending_tls += 1
+            try:
+                return await coro
+            finally:
+                server.pending_tls -= 1
+        return counted()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self.loop.remove_reader(self.sock.fileno())
+        if self.paused is not None:
+            self.paused.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         for s in list(self.pending):
             s.finish()
@@ -122,6 +176,7 @@ class _Sniffer:
             if h is not None:
                 h.cancel()
         self.listener.pending.discard(self)
+        self.listener.server.pending_tls -= 1
         if not keep_socket:
             self.sock.close()
 
@@ -177,7 +232,8 @@ class _Sniffer:
         loop = self.listener.loop
         if isinstance(match, NameMatch) and match.mode is Mode.PASSTHROUGH:
             plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=True)
-            server.spawn(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock))
+            server.spawn(self.listener.handed_over(loop.connect_accepted_socket(lambda: TunnelClient(server, plan),
+                                                                                 sock)))
             return
         if isinstance(match, NameMatch) and match.mode is Mode.H2 and "h2" in hello.alpn:
             ctx = server.certs.context_for(name, h2=True)
@@ -190,8 +246,8 @@ class _Sniffer:
                 protocol: Any = lambda: TunnelClient(server, plan)  # noqa: E731
             else:
                 protocol = lambda: H2Downstream(server, match, client, local, name, may_forward=True)  # noqa: E731
-            server.spawn(loop.connect_accepted_socket(protocol, sock, ssl=ctx,
-                                                      ssl_handshake_timeout=server.settings.header_timeout))
+            server.spawn(self.listener.handed_over(loop.connect_accepted_socket(
+                protocol, sock, ssl=ctx, ssl_handshake_timeout=server.settings.header_timeout)))
             return
         # HTTP/1.1 termination; also a `g` name whose client does not offer h2: it gets the 421 that
         # tells it to connect with ALPN h2, instead of a tunnel that would answer it in HTTP/2 frames
@@ -199,9 +255,9 @@ class _Sniffer:
         if ctx is None:
             self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
             return
-        server.spawn(loop.connect_accepted_socket(
+        server.spawn(self.listener.handed_over(loop.connect_accepted_socket(
             lambda: ClientConnection(server, "https", "https", trusted=False, sni=name), sock, ssl=ctx,
-            ssl_handshake_timeout=server.settings.header_timeout))
+            ssl_handshake_timeout=server.settings.header_timeout)))
 
     def _late_refuse(self, sock: socket.socket, alert: int, cause: str) -> None:
         self.listener.server.metrics.error(cause)
