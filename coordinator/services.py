@@ -306,7 +306,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         live.tasks = (reader, asyncio.create_task(self._flush_health(coalescer, flush)))
         # the watchdog: while a send is blocked (the gateway does not read), the reader's end
         # (heartbeat silence, close, bad input) ends the session from the loop, beside the handler
-        reader.add_done_callback(lambda _: live.sending and self._end_now(live, "silent"))
+        reader.add_done_callback(lambda task: self._reader_done(live, task))
         try:
             have = hello.last_revision if hello.last_revision > 0 else -1
             while True:
@@ -350,6 +350,13 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._end_session(live))
 
+    def _reader_done(self, live: _Liveness, reader: asyncio.Task) -> None:
+        if not live.sending or live.cleanup is not None:
+            return  # the handler sees it itself (or the session is already over)
+        if reader.cancelled():
+            return
+        self._end_now(live, "bad_input" if reader.exception() is not None else reader.result())
+
     def _end_now(self, live: _Liveness, reason: str) -> None:
         """End a session whose handler is stuck in a send (the gateway does not read): clear
         `alive` now, queue a status and cancel the handler. Runs on the loop, beside the handler."""
@@ -360,10 +367,11 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         if reason == "send_timeout":
             SLOW_READERS.labels("gateway").inc()
         self._end_session(live)
-        if reason == "silent":
-            details = f"no heartbeat for {self.silence:g} s (1.5 x lease TTL) while not reading"
-        else:
-            details = f"a message was not taken within {self.send_timeout:g} s (1.5 x lease TTL)"
+        details = {
+            "silent": f"no heartbeat for {self.silence:g} s (1.5 x lease TTL) while not reading",
+            "send_timeout": f"a message was not taken within {self.send_timeout:g} s (1.5 x lease TTL)",
+            "bad_input": "a bad heartbeat while not reading",
+        }.get(reason, reason)
         _end_stalled(live.handler, live.context, grpc.StatusCode.UNAVAILABLE, f"session ended: {details}")
 
     def _end_session(self, live: _Liveness) -> asyncio.Task:
@@ -389,17 +397,21 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         return await self.ops.mark_alive(name, lease_id)
 
     async def _read_heartbeats(self, name: str, request_iterator, coalescer: HealthCoalescer,
-                               flush: asyncio.Event) -> None:
-        """Consume heartbeats; return when the gateway closes or is silent for 1.5 × the lease TTL.
+                               flush: asyncio.Event) -> str:
+        """Consume heartbeats; return "closed" when the gateway closes its side, "silent" when it
+        sent nothing for 1.5 × the lease TTL.
 
         Any message proves the gateway is there; over `heartbeat_rate` per second (burst twice
         that) the content of heartbeats is ignored and counted. Health goes to the coalescer."""
         loop = asyncio.get_running_loop()
         bucket = TokenBucket(self.heartbeat_rate, self.heartbeat_rate * 2)
         while True:
-            msg = await _next_or_none(request_iterator, timeout=self.silence)
-            if msg is None:
-                return
+            try:
+                msg = await asyncio.wait_for(request_iterator.__anext__(), self.silence)
+            except TimeoutError:
+                return "silent"
+            except (StopAsyncIteration, grpc.aio.AioRpcError):
+                return "closed"
             if msg.WhichOneof("msg") != "heartbeat":
                 continue
             report = HeartbeatReport.from_proto(msg.heartbeat)  # ValidationError ends the session

@@ -24,14 +24,17 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import pytest
 
+from coordinator.heartbeats import HealthCoalescer, HeartbeatReport, TokenBucket
 from coordinator.state import key
 from coordinator.store import EtcdStore, Txn
 from geomesh.api import geomesh_pb2 as pb
+from geomesh.errors import ValidationError
 from geomesh.model import Instance
 from geomesh.pki import SERVER_NAME, Identity
 
-from .test_admin import KEY, seed
+from .test_admin import KEY, expect, seed
 
 REG = dict(region="eu-central", public_ip="192.0.2.21", wg_port=51820, wg_public_key=KEY, proxy_port=8080)
 ETCD_MAX_TXN_OPS = 128
@@ -114,7 +117,7 @@ class StalledH2:
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._thread.start()
 
-    def open(self, path: str, body: bytes, per_connection: int) -> None:
+    def open(self, path: str, body: bytes, per_connection: int, *, end_stream: bool = True) -> None:
         with self._lock:
             for sock, conn in self.conns:
                 for _ in range(per_connection):
@@ -122,7 +125,7 @@ class StalledH2:
                     conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"), (":path", path),
                                             (":authority", SERVER_NAME), ("content-type", "application/grpc"),
                                             ("te", "trailers")])
-                    conn.send_data(sid, body, end_stream=True)
+                    conn.send_data(sid, body, end_stream=end_stream)
                 sock.sendall(conn.data_to_send())
 
     def resume(self) -> None:
@@ -221,3 +224,165 @@ async def test_200_stalled_watch_streams_share_one_snapshot_are_dropped_and_memo
     assert peak - base < 80, f"200 stalled watchers grew the coordinator by {peak - base:.0f} MB"
     assert delivered - base < 25, f"memory not released after the streams ended: {delivered - base:.0f} MB"
     assert after - base < 25, f"memory not released after the watchers left: {after - base:.0f} MB"
+
+
+# -- finding 6: a stalled session keeps a silent gateway alive ---------------------------------
+
+async def gateway_alive(admin, name: str) -> bool:
+    return (await admin.GetGateway(pb.GetRequest(name=name), timeout=2)).alive
+
+
+async def test_stalled_silent_session_loses_alive_within_one_and_a_half_ttl(coordinator, etcd):
+    admin = coordinator.admin()
+    await seed(admin)
+    await wait_revision(admin, await fill_instances(etcd.endpoint, "web", 2000))
+    await coordinator.gateway_control("gw-stall").Register(pb.RegisterRequest(name="gw-stall", **REG))
+    attack = StalledH2(coordinator.port, coordinator.pki.identity("gateway", "gw-stall"), connections=1)
+    try:
+        hello = pb.SessionUp(hello=pb.SessionHello(name="gw-stall")).SerializeToString()
+        attack.open("/geomesh.v1.GatewayControl/Session", grpc_frame(hello), 1, end_stream=False)
+        opened = time.monotonic()
+        await wait_until(lambda: attack.headers >= 1, 5, "no session headers")
+        deadline = opened + 10
+        was_alive = False
+        while time.monotonic() < deadline:
+            alive = await gateway_alive(admin, "gw-stall")
+            was_alive = was_alive or alive
+            if was_alive and not alive:
+                break
+            await asyncio.sleep(0.1)
+        silent_for = time.monotonic() - opened
+        assert was_alive, "the session never marked the gateway alive"
+        # --lease-ttl 2: 1.5 x TTL = 3 s, plus slack for a loaded machine
+        assert silent_for < 6, f"a silent gateway that does not read stayed alive {silent_for:.1f} s"
+        # the connection still answers pings; when it reads again it gets its message and a status
+        attack.resume()
+        await wait_until(lambda: attack.status, 5, "the stalled session never ended")
+        assert list(attack.status.values()) == [str(grpc.StatusCode.UNAVAILABLE.value[0])]
+    finally:
+        attack.close()
+    assert not await gateway_alive(admin, "gw-stall")
+
+
+# -- finding 14: heartbeat-driven health writes ------------------------------------------------
+
+async def test_heartbeat_flood_is_coalesced_and_the_last_health_wins(coordinator, etcd):
+    admin = coordinator.admin()
+    await seed(admin)
+    await wait_revision(admin, await fill_instances(etcd.endpoint, "web", 50))
+    gc = coordinator.gateway_control("gw-hb")
+    await gc.Register(pb.RegisterRequest(name="gw-hb", **REG))
+    call = gc.Session()
+    await call.write(pb.SessionUp(hello=pb.SessionHello(name="gw-hb")))
+    assert (await call.read()).routing.snapshot
+
+    async def drain() -> None:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    reading = asyncio.create_task(drain())
+    ids = [f"i{i:05d}" for i in range(50)]
+
+    def beat(health: list[bool]) -> pb.SessionUp:
+        return pb.SessionUp(heartbeat=pb.Heartbeat(load=0.5, active_connections=3, backends=[
+            pb.BackendHealth(app="web", instance_id=i, healthy=h) for i, h in zip(ids, health, strict=True)]))
+
+    before = await etcd_revision(etcd.endpoint)
+    start = time.monotonic()
+    sent, slowest = 0, 0.0
+    while time.monotonic() - start < 3 and sent < 20_000:
+        await call.write(beat([sent % 2 == 0] * 50))
+        sent += 1
+        if sent % 500 == 0:  # others are served during the flood
+            t = time.monotonic()
+            await admin.GetOverview(pb.Empty(), timeout=2)
+            slowest = max(slowest, time.monotonic() - t)
+    flood = time.monotonic() - start
+    await asyncio.sleep(0.3)  # the rate limit refills: the final word is looked at
+    final = [i % 3 == 0 for i in range(50)]
+    await call.write(beat(final))
+    want = {i: h for i, h in zip(ids, final, strict=True)}
+    deadline = time.monotonic() + 5
+    while True:
+        got = {i.id: i.healthy for i in (await admin.ListInstances(pb.ListInstancesRequest(app="web"))).instances}
+        if got == want:
+            break
+        assert time.monotonic() < deadline, "the last reported health was not written"
+        await asyncio.sleep(0.1)
+    revisions = await etcd_revision(etcd.endpoint) - before
+    print(f"{sent} heartbeats in {flood:.1f} s -> {revisions} etcd revisions; GetOverview max {slowest * 1000:.0f} ms")
+    assert sent > 100, "the flood did not flood"
+    # one batch per --health-write-interval (1 s) at most: the old code wrote one txn per change (~900/s)
+    assert revisions <= flood * 2 + 4, f"{revisions} etcd revisions for {sent} heartbeats in {flood:.1f} s"
+    assert slowest < 2
+    # the session survived the flood: bad input ends it with the field named
+    await call.write(pb.SessionUp(heartbeat=pb.Heartbeat(load=float("nan"))))
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, reading, "heartbeat.load")
+
+
+async def test_negative_heartbeat_counts_end_the_session_naming_the_field(coordinator):
+    admin = coordinator.admin()
+    await seed(admin)
+    gc = coordinator.gateway_control("gw-neg")
+    await gc.Register(pb.RegisterRequest(name="gw-neg", **REG))
+    call = gc.Session()
+    await call.write(pb.SessionUp(hello=pb.SessionHello(name="gw-neg")))
+    await call.read()
+    await call.write(pb.SessionUp(heartbeat=pb.Heartbeat(active_connections=-5)))
+
+    async def read_to_end() -> None:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, asyncio.wait_for(read_to_end(), 5), "heartbeat.active_connections")
+
+
+# -- the pure rules, table-tested --------------------------------------------------------------
+
+@pytest.mark.parametrize(("load", "conns", "field"), [
+    (0.0, 0, None), (12.5, 7, None),
+    (float("nan"), 0, "heartbeat.load"), (float("inf"), 0, "heartbeat.load"), (-0.1, 0, "heartbeat.load"),
+    (1.0, -5, "heartbeat.active_connections"),
+])
+def test_heartbeat_report_validation(load: float, conns: int, field: str | None) -> None:
+    hb = pb.Heartbeat(load=load, active_connections=conns, backends=[
+        pb.BackendHealth(app="web", instance_id="a", healthy=True),
+        pb.BackendHealth(app="web", instance_id="a", healthy=False)])
+    if field is None:
+        assert HeartbeatReport.from_proto(hb).backends == {"web/a": False}  # the last entry wins
+    else:
+        with pytest.raises(ValidationError) as info:
+            HeartbeatReport.from_proto(hb)
+        assert info.value.field == field
+
+
+@pytest.mark.parametrize(("times", "allowed"), [
+    ([0.0] * 5, [True, True, True, True, False]),             # burst 4, then empty
+    ([0.0] * 4 + [0.49, 0.5], [True] * 4 + [False, True]),    # 2/s: one token after 0.5 s
+    ([0.0, 10.0, 10.0, 10.0, 10.0, 10.0], [True] * 5 + [False]),  # refill caps at the burst
+])
+def test_token_bucket(times: list[float], allowed: list[bool]) -> None:
+    bucket = TokenBucket(rate=2, burst=4)
+    assert [bucket.take(t) for t in times] == allowed
+
+
+def test_health_coalescer_rules() -> None:
+    c = HealthCoalescer(interval=1.0)
+    cache = {"w/a": True, "w/b": True}
+    # a report equal to the cache is no change; unknown (or other region's) instances are ignored
+    assert not c.offer({"w/a": True, "w/x": False}, cache)
+    assert c.due_at() is None
+    # a change is pending, due at once (nothing written yet); flapping keeps the last value
+    assert c.offer({"w/a": False}, cache) and c.offer({"w/a": True, "w/b": False}, cache)
+    assert c.pending == {"w/a": True, "w/b": False} and c.due_at() == -float("inf")
+    assert c.take(now=5.0) == {"w/a": True, "w/b": False}
+    # while the write is in flight the cache is stale: a report is compared with what is written
+    assert not c.offer({"w/b": False}, cache)
+    assert c.offer({"w/b": True}, cache) and c.pending == {"w/b": True}
+    assert c.due_at() == 6.0  # at most once per interval
+    # a failed write is pending again, unless a newer value came meanwhile
+    c.done(written=False)
+    assert c.pending == {"w/a": True, "w/b": True}
+    c.take(now=6.0)
+    c.done(written=True)
+    assert not c.pending and not c.inflight
