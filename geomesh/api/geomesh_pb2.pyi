@@ -14,6 +14,13 @@ class GatewayState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GATEWAY_STATE_ACTIVE: _ClassVar[GatewayState]
     GATEWAY_STATE_DRAINING: _ClassVar[GatewayState]
 
+class SessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SESSION_STATE_UNSPECIFIED: _ClassVar[SessionState]
+    SESSION_STATE_OPEN: _ClassVar[SessionState]
+    SESSION_STATE_TIMED_OUT: _ClassVar[SessionState]
+    SESSION_STATE_CLOSED: _ClassVar[SessionState]
+
 class LbPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LB_POLICY_UNSPECIFIED: _ClassVar[LbPolicy]
@@ -23,6 +30,10 @@ class LbPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 GATEWAY_STATE_UNSPECIFIED: GatewayState
 GATEWAY_STATE_ACTIVE: GatewayState
 GATEWAY_STATE_DRAINING: GatewayState
+SESSION_STATE_UNSPECIFIED: SessionState
+SESSION_STATE_OPEN: SessionState
+SESSION_STATE_TIMED_OUT: SessionState
+SESSION_STATE_CLOSED: SessionState
 LB_POLICY_UNSPECIFIED: LbPolicy
 LB_POLICY_ROUND_ROBIN: LbPolicy
 LB_POLICY_LEAST_CONNECTIONS: LbPolicy
@@ -43,7 +54,7 @@ class Region(_message.Message):
     def __init__(self, name: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., display_name: _Optional[str] = ..., instance_subnet: _Optional[str] = ...) -> None: ...
 
 class Gateway(_message.Message):
-    __slots__ = ("name", "region", "public_ip", "public_ipv6", "wg_port", "wg_public_key", "mesh_ip", "proxy_port", "state", "alive", "mod_revision")
+    __slots__ = ("name", "region", "public_ip", "public_ipv6", "wg_port", "wg_public_key", "mesh_ip", "proxy_port", "state", "alive", "mod_revision", "https_port", "unreachable", "session", "seen_by", "down_by", "probe_rtt_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_IP_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +66,12 @@ class Gateway(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    HTTPS_PORT_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SEEN_BY_FIELD_NUMBER: _ClassVar[int]
+    DOWN_BY_FIELD_NUMBER: _ClassVar[int]
+    PROBE_RTT_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     public_ip: str
@@ -66,7 +83,13 @@ class Gateway(_message.Message):
     state: GatewayState
     alive: bool
     mod_revision: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., mesh_ip: _Optional[str] = ..., proxy_port: _Optional[int] = ..., state: _Optional[_Union[GatewayState, str]] = ..., alive: _Optional[bool] = ..., mod_revision: _Optional[int] = ...) -> None: ...
+    https_port: int
+    unreachable: bool
+    session: SessionState
+    seen_by: _containers.RepeatedScalarFieldContainer[str]
+    down_by: _containers.RepeatedScalarFieldContainer[str]
+    probe_rtt_ms: float
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., mesh_ip: _Optional[str] = ..., proxy_port: _Optional[int] = ..., state: _Optional[_Union[GatewayState, str]] = ..., alive: _Optional[bool] = ..., mod_revision: _Optional[int] = ..., https_port: _Optional[int] = ..., unreachable: _Optional[bool] = ..., session: _Optional[_Union[SessionState, str]] = ..., seen_by: _Optional[_Iterable[str]] = ..., down_by: _Optional[_Iterable[str]] = ..., probe_rtt_ms: _Optional[float] = ...) -> None: ...
 
 class App(_message.Message):
     __slots__ = ("name", "lb_policy", "pinned_regions", "mod_revision", "ports")
@@ -214,8 +237,30 @@ class MeshLink(_message.Message):
     up: bool
     def __init__(self, a: _Optional[str] = ..., b: _Optional[str] = ..., up: _Optional[bool] = ...) -> None: ...
 
+class GatewayHealth(_message.Message):
+    __slots__ = ("name", "region", "session", "reachable", "seen_by", "down_by", "probe_rtt_ms", "draining", "in_dns")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    SEEN_BY_FIELD_NUMBER: _ClassVar[int]
+    DOWN_BY_FIELD_NUMBER: _ClassVar[int]
+    PROBE_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IN_DNS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    region: str
+    session: SessionState
+    reachable: bool
+    seen_by: _containers.RepeatedScalarFieldContainer[str]
+    down_by: _containers.RepeatedScalarFieldContainer[str]
+    probe_rtt_ms: float
+    draining: bool
+    in_dns: bool
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., session: _Optional[_Union[SessionState, str]] = ..., reachable: _Optional[bool] = ..., seen_by: _Optional[_Iterable[str]] = ..., down_by: _Optional[_Iterable[str]] = ..., probe_rtt_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., in_dns: _Optional[bool] = ...) -> None: ...
+
 class Overview(_message.Message):
-    __slots__ = ("revision", "regions", "links", "apps", "domains", "links_total", "links_up")
+    __slots__ = ("revision", "regions", "links", "apps", "domains", "links_total", "links_up", "gateways", "cut_off_regions", "panic_held")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +268,9 @@ class Overview(_message.Message):
     DOMAINS_FIELD_NUMBER: _ClassVar[int]
     LINKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LINKS_UP_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    CUT_OFF_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    PANIC_HELD_FIELD_NUMBER: _ClassVar[int]
     revision: int
     regions: _containers.RepeatedCompositeFieldContainer[RegionOverview]
     links: _containers.RepeatedCompositeFieldContainer[MeshLink]
@@ -230,7 +278,10 @@ class Overview(_message.Message):
     domains: int
     links_total: int
     links_up: int
-    def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ..., links_total: _Optional[int] = ..., links_up: _Optional[int] = ...) -> None: ...
+    gateways: _containers.RepeatedCompositeFieldContainer[GatewayHealth]
+    cut_off_regions: _containers.RepeatedScalarFieldContainer[str]
+    panic_held: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ..., links_total: _Optional[int] = ..., links_up: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayHealth, _Mapping]]] = ..., cut_off_regions: _Optional[_Iterable[str]] = ..., panic_held: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResourceKey(_message.Message):
     __slots__ = ("kind", "name")
@@ -287,7 +338,7 @@ class WatchRoutingRequest(_message.Message):
     def __init__(self, last_revision: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "region", "public_ip", "public_ipv6", "wg_port", "wg_public_key", "proxy_port")
+    __slots__ = ("name", "region", "public_ip", "public_ipv6", "wg_port", "wg_public_key", "proxy_port", "https_port")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_IP_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +346,7 @@ class RegisterRequest(_message.Message):
     WG_PORT_FIELD_NUMBER: _ClassVar[int]
     WG_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     PROXY_PORT_FIELD_NUMBER: _ClassVar[int]
+    HTTPS_PORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     public_ip: str
@@ -302,7 +354,8 @@ class RegisterRequest(_message.Message):
     wg_port: int
     wg_public_key: str
     proxy_port: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., proxy_port: _Optional[int] = ...) -> None: ...
+    https_port: int
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., proxy_port: _Optional[int] = ..., https_port: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("gateway", "mesh_cidr")
@@ -313,7 +366,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, gateway: _Optional[_Union[Gateway, _Mapping]] = ..., mesh_cidr: _Optional[str] = ...) -> None: ...
 
 class MeshPeer(_message.Message):
-    __slots__ = ("name", "region", "public_key", "endpoint", "allowed_ips", "mesh_ip", "proxy_port")
+    __slots__ = ("name", "region", "public_key", "endpoint", "allowed_ips", "mesh_ip", "proxy_port", "https_port", "unreachable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +374,8 @@ class MeshPeer(_message.Message):
     ALLOWED_IPS_FIELD_NUMBER: _ClassVar[int]
     MESH_IP_FIELD_NUMBER: _ClassVar[int]
     PROXY_PORT_FIELD_NUMBER: _ClassVar[int]
+    HTTPS_PORT_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     public_key: str
@@ -328,7 +383,9 @@ class MeshPeer(_message.Message):
     allowed_ips: _containers.RepeatedScalarFieldContainer[str]
     mesh_ip: str
     proxy_port: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_key: _Optional[str] = ..., endpoint: _Optional[str] = ..., allowed_ips: _Optional[_Iterable[str]] = ..., mesh_ip: _Optional[str] = ..., proxy_port: _Optional[int] = ...) -> None: ...
+    https_port: int
+    unreachable: bool
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_key: _Optional[str] = ..., endpoint: _Optional[str] = ..., allowed_ips: _Optional[_Iterable[str]] = ..., mesh_ip: _Optional[str] = ..., proxy_port: _Optional[int] = ..., https_port: _Optional[int] = ..., unreachable: _Optional[bool] = ...) -> None: ...
 
 class MeshUpdate(_message.Message):
     __slots__ = ("revision", "snapshot", "upserts", "removals")
@@ -352,15 +409,29 @@ class BackendHealth(_message.Message):
     healthy: bool
     def __init__(self, app: _Optional[str] = ..., instance_id: _Optional[str] = ..., healthy: _Optional[bool] = ...) -> None: ...
 
+class ReachVote(_message.Message):
+    __slots__ = ("target", "up", "rtt_ms")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    up: bool
+    rtt_ms: float
+    def __init__(self, target: _Optional[str] = ..., up: _Optional[bool] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
+
 class Heartbeat(_message.Message):
-    __slots__ = ("load", "active_connections", "backends")
+    __slots__ = ("load", "active_connections", "backends", "reach", "reach_complete")
     LOAD_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
+    REACH_FIELD_NUMBER: _ClassVar[int]
+    REACH_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     load: float
     active_connections: int
     backends: _containers.RepeatedCompositeFieldContainer[BackendHealth]
-    def __init__(self, load: _Optional[float] = ..., active_connections: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendHealth, _Mapping]]] = ...) -> None: ...
+    reach: _containers.RepeatedCompositeFieldContainer[ReachVote]
+    reach_complete: bool
+    def __init__(self, load: _Optional[float] = ..., active_connections: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendHealth, _Mapping]]] = ..., reach: _Optional[_Iterable[_Union[ReachVote, _Mapping]]] = ..., reach_complete: _Optional[bool] = ...) -> None: ...
 
 class SessionHello(_message.Message):
     __slots__ = ("name", "last_revision")
