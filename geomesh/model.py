@@ -49,6 +49,21 @@ _GW_TO_PB = {GatewayState.ACTIVE: pb.GATEWAY_STATE_ACTIVE, GatewayState.DRAINING
 _PB_TO_GW = {v_: k for k, v_ in _GW_TO_PB.items()} | {pb.GATEWAY_STATE_UNSPECIFIED: GatewayState.ACTIVE}
 
 
+class SessionState(enum.StrEnum):
+    """What the coordinator knows of a gateway's control session (from `alive/<g>`): open
+    (heartbeats flowing), timed out (heartbeats stopped; the gateway stays alive while a quorum
+    of other regions still reaches it) or closed (stream reset, never opened: not alive)."""
+
+    OPEN = "open"
+    TIMED_OUT = "timed_out"
+    CLOSED = "closed"
+
+
+_SESSION_TO_PB = {SessionState.OPEN: pb.SESSION_STATE_OPEN, SessionState.TIMED_OUT: pb.SESSION_STATE_TIMED_OUT,
+                  SessionState.CLOSED: pb.SESSION_STATE_CLOSED}
+_PB_TO_SESSION = {v_: k for k, v_ in _SESSION_TO_PB.items()}
+
+
 class _Json:
     """JSON (etcd) round trip for the dataclasses below."""
 
@@ -108,9 +123,17 @@ class Gateway(_Json):
     proxy_port: int
     public_ipv6: str = ""
     state: GatewayState = GatewayState.ACTIVE
-    # not stored in the gateway's key: `alive` comes from alive/<g>, revision from etcd
+    https_port: int = 0  # TLS port clients reach, 0 = none
+    # not stored in the gateway's key: `alive` and `session` come from alive/<g>, the
+    # reachability verdict (`unreachable`, `seen_by`, `down_by`, `probe_rtt_ms`) from reach/<g>,
+    # the revision from etcd
     alive: bool = field(default=False, metadata={"stored": False})
     mod_revision: int = field(default=0, metadata={"stored": False})
+    session: SessionState = field(default=SessionState.CLOSED, metadata={"stored": False})
+    unreachable: bool = field(default=False, metadata={"stored": False})
+    seen_by: tuple[str, ...] = field(default=(), metadata={"stored": False})   # regions that reach it
+    down_by: tuple[str, ...] = field(default=(), metadata={"stored": False})   # regions that do not
+    probe_rtt_ms: float = field(default=0.0, metadata={"stored": False})
 
     def __post_init__(self) -> None:
         v.dns_label("name", self.name)
@@ -121,26 +144,51 @@ class Gateway(_Json):
         v.wg_key("wg_public_key", self.wg_public_key)
         object.__setattr__(self, "mesh_ip", v.ip_address("mesh_ip", self.mesh_ip, optional=True))
         v.port("proxy_port", self.proxy_port)
+        v.port("https_port", self.https_port, allow_zero=True)
         object.__setattr__(self, "state", GatewayState(self.state))
+        # `session` agrees with `alive`: alive without a stated session is open, not alive is closed
+        session = SessionState(self.session)
+        if not self.alive:
+            session = SessionState.CLOSED
+        elif session is SessionState.CLOSED:
+            session = SessionState.OPEN
+        object.__setattr__(self, "session", session)
+        object.__setattr__(self, "seen_by", tuple(self.seen_by))
+        object.__setattr__(self, "down_by", tuple(self.down_by))
 
     @property
     def routable(self) -> bool:
-        """Should DNS and peers send new clients here? Alive and not draining."""
+        """Alive (session open, or timed out) and not draining. The reachability verdict is
+        apart: see `reachable_routable`."""
         return self.alive and self.state is GatewayState.ACTIVE
+
+    @property
+    def reachable_routable(self) -> bool:
+        """Should DNS and peers send new clients here? Routable and not found unreachable by a
+        quorum of other regions' probers (consumers fail open when this leaves nothing)."""
+        return self.routable and not self.unreachable
 
     def to_proto(self) -> pb.Gateway:
         return pb.Gateway(name=self.name, region=self.region, public_ip=self.public_ip,
                           public_ipv6=self.public_ipv6, wg_port=self.wg_port,
                           wg_public_key=self.wg_public_key, mesh_ip=self.mesh_ip,
                           proxy_port=self.proxy_port, state=_GW_TO_PB[self.state], alive=self.alive,
-                          mod_revision=self.mod_revision)
+                          mod_revision=self.mod_revision, https_port=self.https_port,
+                          unreachable=self.unreachable, session=_SESSION_TO_PB[self.session],
+                          seen_by=list(self.seen_by), down_by=list(self.down_by),
+                          probe_rtt_ms=self.probe_rtt_ms)
 
     @classmethod
     def from_proto(cls, m: pb.Gateway) -> Gateway:
+        session = _PB_TO_SESSION.get(m.session)
+        if session is None:  # unspecified (an older coordinator): what `alive` says
+            session = SessionState.OPEN if m.alive else SessionState.CLOSED
         return cls(name=m.name, region=m.region, public_ip=m.public_ip, wg_port=m.wg_port,
                    wg_public_key=m.wg_public_key, mesh_ip=m.mesh_ip, proxy_port=m.proxy_port,
                    public_ipv6=m.public_ipv6, state=_PB_TO_GW.get(m.state, GatewayState.ACTIVE),
-                   alive=m.alive, mod_revision=m.mod_revision)
+                   https_port=m.https_port, alive=m.alive, mod_revision=m.mod_revision, session=session,
+                   unreachable=m.unreachable, seen_by=tuple(m.seen_by), down_by=tuple(m.down_by),
+                   probe_rtt_ms=m.probe_rtt_ms)
 
 
 MAX_PINNED = 32
