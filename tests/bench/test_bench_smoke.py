@@ -117,3 +117,23 @@ def test_h2_bench_runs_every_system(tmp_path: Path) -> None:
         assert run["succeeded"] > 0 and run["failed"] == 0 and run["non_2xx"] == 0, (name, run)
     for mode in ("geomesh", "geomesh-tunnel"):
         assert result["summary"][mode]["ratio"] == result["runs"][mode][0]["rps"] / result["runs"]["haproxy"][0]["rps"]
+
+
+def test_abuse_bench_runs_a_gateway_and_a_dns_scenario(tmp_path: Path) -> None:
+    """bench/abuse.py --quick on one gateway and one DNS scenario: the victim is measured quiet and
+    attacked, the attacker really attacked, and the server survived and served afterwards."""
+    if shutil.which("nginx") is None:
+        pytest.fail("nginx is not installed: run scripts/install.sh (./run test does)")
+    out = tmp_path / "abuse.json"
+    proc = subprocess.run([sys.executable, "bench/abuse.py", "--quick", "--scenarios", "slowloris,dns-cache",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"abuse.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = {r["name"]: r for r in json.loads(out.read_text())}
+    assert set(result) == {"slowloris", "dns-cache"}
+    for name, r in result.items():
+        assert r["quiet"]["requests"] > 0 and r["quiet"]["errors"] == 0, (name, r["quiet"])
+        assert r["attacked"]["requests"] > 0, (name, r["attacked"])
+        assert r["attacker"].get("sent", 0) > 0, (name, r["attacker"])
+        assert r["server"]["alive"] and r["server"]["served_after"], (name, r["server"])
+        assert r["server"]["rss_peak_mb"] >= r["server"]["rss_start_mb"] > 0, (name, r["server"])
+    assert result["dns-cache"]["attacker"]["unit"] == "unique 4 KB queries"
