@@ -9,12 +9,21 @@ carries the same news). A `HealthCoalescer` per session keeps the latest reporte
 instance that differs from what etcd has, and hands it out at most once per interval, so a
 gateway costs at most one etcd write batch per interval however fast its backends flap; the
 last reported value wins.
+
+Instance health has one owner per instance (`health_owner`): the gateway of the instance's
+region with an open session ranked first by rendezvous hash of (gateway, instance), so two
+gateways that disagree cannot flip the record; the others' reports are ignored. Reachability
+votes (`Heartbeat.reach`) are checked by `check_votes` (a known target, not the prober itself nor
+its region, one vote per target, at most `MAX_VOTES_PER_HEARTBEAT`, a finite RTT; the rest is
+ignored and counted, never an error) and merged into the prober's vote map by `merge_votes`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from geomesh.api import geomesh_pb2 as pb
@@ -102,3 +111,68 @@ class HealthCoalescer:
             for name, healthy in self.inflight.items():
                 self.pending.setdefault(name, healthy)
         self.inflight = {}
+
+
+# -- instance health: one owner per instance -------------------------------------------------
+
+def _score(gateway: str, instance: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{gateway}\0{instance}".encode(), digest_size=8).digest(), "big")
+
+
+def health_owner(instance: str, candidates: Iterable[str]) -> str | None:
+    """The gateway whose reports set `instance`'s health: among `candidates` (the gateways of the
+    instance's region with an open session), the first by rendezvous hash of (gateway, instance);
+    None when there is none. A gateway joining or leaving moves only the instances it wins or
+    loses, and every replica picks the same owner from the same cache."""
+    best: tuple[int, str] | None = None
+    for name in candidates:
+        rank = (_score(name, instance), name)
+        if best is None or rank > best:
+            best = rank
+    return None if best is None else best[1]
+
+
+# -- reachability votes ------------------------------------------------------------------------
+
+MAX_VOTES_PER_HEARTBEAT = 4096
+
+VoteMap = dict[str, tuple[bool, float]]  # target -> (up, rtt_ms)
+
+
+def check_votes(prober: str, votes: Iterable[pb.ReachVote], region_of: Callable[[str], str | None],
+                limit: int = MAX_VOTES_PER_HEARTBEAT) -> tuple[VoteMap, Counter[str]]:
+    """The valid votes of one heartbeat of `prober` (target -> (up, rtt_ms)) and what was ignored
+    (reason -> count). `region_of(name)` is a known gateway's region, None for an unknown name.
+    Reasons: too-many (past `limit`), duplicate (a second vote about one target: the first
+    counts), unknown-target, self, same-region (only other regions vote), bad-rtt (not a finite
+    number >= 0)."""
+    accepted: VoteMap = {}
+    ignored: Counter[str] = Counter()
+    own = region_of(prober)
+    for i, vote in enumerate(votes):
+        if i >= limit:
+            ignored["too-many"] += 1
+            continue
+        target = vote.target
+        region = region_of(target)
+        if target in accepted:
+            ignored["duplicate"] += 1
+        elif region is None:
+            ignored["unknown-target"] += 1
+        elif target == prober:
+            ignored["self"] += 1
+        elif region == own:
+            ignored["same-region"] += 1
+        elif not math.isfinite(vote.rtt_ms) or vote.rtt_ms < 0:
+            ignored["bad-rtt"] += 1
+        else:
+            accepted[target] = (vote.up, round(vote.rtt_ms, 3))
+    return accepted, ignored
+
+
+def merge_votes(current: Mapping[str, tuple[bool, float]], accepted: Mapping[str, tuple[bool, float]],
+                complete: bool, known: Container[str]) -> VoteMap:
+    """The prober's vote map after one heartbeat: `accepted` replaces the map when `complete`
+    (the prober's whole set), else updates it; targets no longer `known` are dropped."""
+    merged = dict(accepted) if complete else {**current, **accepted}
+    return {t: v for t, v in merged.items() if t in known}

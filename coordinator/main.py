@@ -45,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-rate", type=float, default=20.0,
                    help="heartbeats per second per gateway whose content is looked at; the rest are counted "
                         "and ignored (default %(default)s, burst twice that)")
+    p.add_argument("--reach-max-unreachable-share", type=float, default=0.5,
+                   help="panic threshold: at most this share of all gateways is ever decided unreachable; past "
+                        "it the rest are held reachable, logged and counted (default %(default)s)")
+    p.add_argument("--reach-vote-write-rate", type=float, default=5.0,
+                   help="at most this many etcd writes of one gateway's probe votes per second, burst twice "
+                        "that; a change waits for the next token (default %(default)s)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
     p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
@@ -60,7 +66,9 @@ async def run(args: argparse.Namespace) -> None:
                                metrics_port=args.metrics_port, server_hosts=tuple(args.server_host),
                                etcd_timeout=args.etcd_timeout, listen_unix=args.listen_unix,
                                watch_send_timeout=args.watch_send_timeout,
-                               health_write_interval=args.health_write_interval, heartbeat_rate=args.heartbeat_rate)
+                               health_write_interval=args.health_write_interval, heartbeat_rate=args.heartbeat_rate,
+                               reach_max_unreachable_share=args.reach_max_unreachable_share,
+                               reach_vote_write_rate=args.reach_vote_write_rate)
     coordinator = Coordinator(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

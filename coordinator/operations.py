@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 from prometheus_client import Histogram
 
+from coordinator.heartbeats import VoteMap
+from coordinator.reach_keys import ReachRecord, alive_value, votes_to_json
 from coordinator.state import State, key
 from coordinator.store import EtcdStore, Txn
 from geomesh.errors import (
@@ -24,7 +26,7 @@ from geomesh.errors import (
     NotFoundError,
     PreconditionError,
 )
-from geomesh.model import App, Domain, Gateway, GatewayState, Instance, Region
+from geomesh.model import App, Domain, Gateway, GatewayState, Instance, Region, SessionState
 
 log = logging.getLogger("geomesh.coordinator.ops")
 
@@ -226,16 +228,45 @@ class Operations:
         gw = self.state.gateways.get(name)
         if gw is None:
             raise NotFoundError(f"gateway {name!r} does not exist")
-        txn = Txn().delete(key("gateways", name)).delete(key("alive", name))
+        txn = (Txn().delete(key("gateways", name)).delete(key("alive", name))
+               .delete(key("votes", name)).delete(key("reach", name)))
         if gw.mesh_ip:
             txn.delete(key("ipam", gw.mesh_ip))
         await self._commit(txn)
 
     async def mark_alive(self, name: str, lease_id: int) -> int:
-        """alive/<g> bound to this replica's lease (a reconnecting gateway takes it over); returns
-        the revision of the put, which `clear_alive` compares against."""
-        _ok, rev = await self._commit(Txn().put(key("alive", name), b"1", lease=lease_id))
+        """alive/<g> = {"session": "open"}, bound to this replica's lease (a reconnecting gateway
+        takes it over); returns the revision of the put, which `clear_alive` compares against."""
+        _ok, rev = await self._commit(Txn().put(key("alive", name), alive_value(SessionState.OPEN), lease=lease_id))
         return rev
+
+    async def mark_timed_out(self, name: str, revision: int, lease_id: int) -> bool:
+        """alive/<g> = {"session": "timed_out"} (same lease) unless another session wrote it since
+        `revision`: the gateway stays alive until the probes say it is unreachable."""
+        k = key("alive", name)
+        ok, _ = await self._commit(Txn().mod_equals(k, revision).put(k, alive_value(SessionState.TIMED_OUT),
+                                                                         lease=lease_id))
+        return ok
+
+    async def write_votes(self, prober: str, votes: VoteMap) -> bool:
+        """votes/<prober> = its vote map, while the gateway exists (False: it was removed)."""
+        ok, _ = await self._commit(Txn().present(key("gateways", prober)).put(key("votes", prober), votes_to_json(votes)))
+        return ok
+
+    async def write_reach(self, records: Mapping[str, tuple[ReachRecord, int]]) -> bool:
+        """reach/<g> for each gateway -> (record, mod revision the decision was made from; 0:
+        absent), of gateways that still exist, in as few transactions as etcd allows. False when a
+        key changed meanwhile (another replica wrote the same decision first, or a newer one)."""
+        items = sorted(records.items())
+        ok = True
+        per_txn = MAX_TXN_OPS // 2  # two compares per key
+        for start in range(0, len(items), per_txn):
+            txn = Txn()
+            for name, (record, revision) in items[start:start + per_txn]:
+                k = key("reach", name)
+                txn.present(key("gateways", name)).mod_equals(k, revision).put(k, record.to_json())
+            ok = (await self._commit(txn))[0] and ok
+        return ok
 
     async def clear_alive(self, name: str, revision: int) -> None:
         """Delete alive/<g> unless another session (any replica) has written it since `revision`."""

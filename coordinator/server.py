@@ -1,8 +1,8 @@
 """The coordinator process: etcd cache + gRPC server, started and stopped in one order.
 
 `CoordinatorConfig` has no side effects; `Coordinator.start()` connects to etcd, loads the cache
-(waiting for etcd if it is not up yet), starts the single watch and the lease keepalive stream,
-then serves Admin, GatewayControl, RoutingFeed, reflection and grpc.health.v1 with mTLS (or
+(waiting for etcd if it is not up yet), starts the single watch, the lease keepalive stream and
+the reachability decider (`coordinator.reach_decider`), then serves Admin, GatewayControl, RoutingFeed, reflection and grpc.health.v1 with mTLS (or
 plaintext on loopback when --insecure was asked for). `stop()` follows the house shutdown order:
 health NOT_SERVING, stop accepting, drain streams with a deadline, cancel the rest, release leases.
 """
@@ -22,6 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge
 
 from coordinator.operations import Operations
+from coordinator.reach_decider import ReachDecider
+from coordinator.reachability import DEFAULT_MAX_SHARE
 from coordinator.services import AdminService, GatewayControlService, RoutingFeedService, add_routing_feed
 from coordinator.state import PREFIX, State
 from coordinator.store import Compacted, EtcdStore, LeaseSet, ReplicaLease
@@ -56,6 +58,8 @@ class CoordinatorConfig:
     watch_send_timeout: float = 30.0  # a Watch stream whose client takes no message for this long is dropped
     health_write_interval: float = 1.0  # at most one health write batch per gateway per interval
     heartbeat_rate: float = 20.0  # heartbeats per second and gateway looked at (burst: twice that)
+    reach_max_unreachable_share: float = DEFAULT_MAX_SHARE  # panic threshold: at most this share unreachable
+    reach_vote_write_rate: float = 5.0  # votes/<prober> writes per second and gateway (burst: twice that)
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -79,6 +83,10 @@ class CoordinatorConfig:
             raise ValidationError("health_write_interval", "must be 0.05..60 seconds")
         if not 1 <= self.heartbeat_rate <= 1000:
             raise ValidationError("heartbeat_rate", "must be 1..1000 per second")
+        if not 0 <= self.reach_max_unreachable_share <= 1:
+            raise ValidationError("reach_max_unreachable_share", "must be 0..1")
+        if not 0.5 <= self.reach_vote_write_rate <= 100:
+            raise ValidationError("reach_vote_write_rate", "must be 0.5..100 per second")
 
 
 def return_large_blocks_on_free() -> bool:
@@ -102,6 +110,7 @@ class Coordinator:
         self.leases = LeaseSet()
         self.lease = ReplicaLease(self.store, self.leases, config.lease_ttl)
         self.ops = Operations(self.store, self.state)
+        self.decider = ReachDecider(self.state, self.ops, max_share=config.reach_max_unreachable_share)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -115,6 +124,7 @@ class Coordinator:
         self._tasks.append(asyncio.create_task(
             self.store.keepalive_forever(self.leases, max(cfg.lease_ttl / 3, 0.3)), name="lease-keepalive"))
         await self._loaded.wait()
+        self._tasks.append(asyncio.create_task(self.decider.run(), name="reach-decider"))
 
         server = grpc.aio.server(options=[
             ("grpc.keepalive_time_ms", 5000),
@@ -128,7 +138,7 @@ class Coordinator:
         pbg.add_GatewayControlServicer_to_server(GatewayControlService(
             self.state, self.ops, self.store, self.lease, insecure=cfg.insecure,
             lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr, health_interval=cfg.health_write_interval,
-            heartbeat_rate=cfg.heartbeat_rate), server)
+            heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         if cfg.insecure:

@@ -3,10 +3,20 @@
 Thin: convert protobuf to domain values (validation happens there), authorise the caller, call
 `Operations` for writes or read the `State` cache, convert back. Streams wait on the state's
 change signal and send what changed since the revision the client has (see `State.changes_since`).
-The gateway session also owns the gateway's liveness: while the stream is open `alive/<g>` exists,
-bound to this replica's lease; when the stream closes the key is deleted at once (only if it is
-still ours: a gateway that moved to another replica keeps the key that replica wrote). If the
-replica dies or loses etcd, its one lease expires and etcd deletes all its gateways' keys.
+The gateway session also owns the gateway's liveness: while the stream is open `alive/<g>` is
+`{"session": "open"}`, bound to this replica's lease. When the stream is reset or closed the key
+is deleted at once (only if it is still ours: a gateway that moved to another replica keeps the
+key that replica wrote): a crashed gateway is out at once. When the session ends for heartbeat
+silence or a send the gateway does not take (the watchdog), the key is rewritten `{"session":
+"timed_out"}` instead: a gateway whose control session stalls while users still reach it stays
+in DNS until the probes say it is unreachable (`coordinator.reach_decider`). If the replica dies
+or loses etcd, its one lease expires and etcd deletes all its gateways' keys.
+
+The session also carries the gateway's probe votes (`Heartbeat.reach`): checked
+(`heartbeats.check_votes`; bad votes are ignored and counted, never an error), merged into the
+prober's vote map and written to `votes/<prober>` when it changed, at once but at most
+`vote_write_rate` writes per second (burst twice that). Instance health is taken only from each
+instance's owner (`heartbeats.health_owner`).
 """
 
 from __future__ import annotations
@@ -15,13 +25,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge
 
-from coordinator.heartbeats import HealthCoalescer, HeartbeatReport, TokenBucket
+from coordinator.heartbeats import (
+    HealthCoalescer,
+    HeartbeatReport,
+    TokenBucket,
+    VoteMap,
+    check_votes,
+    merge_votes,
+)
 from coordinator.operations import Operations
 from coordinator.rpc_common import Caller, stream, unary
 from coordinator.state import State
@@ -52,6 +69,14 @@ HEARTBEATS_THROTTLED = Counter("geomesh_coordinator_heartbeats_throttled_total",
                                "heartbeats over the per-gateway rate whose content was ignored")
 HEALTH_BATCHES = Counter("geomesh_coordinator_health_batches_total",
                          "coalesced health writes of one gateway (one batch per interval at most)", ["result"])
+HEALTH_IGNORED = Counter("geomesh_coordinator_health_reports_ignored_total",
+                         "instance health reports not taken (not_owner: another gateway of the region owns it)",
+                         ["reason"])
+VOTES_IGNORED = Counter("geomesh_coordinator_reach_votes_ignored_total",
+                        "reachability votes in heartbeats that were ignored", ["reason"])
+VOTE_WRITES = Counter("geomesh_coordinator_reach_vote_writes_total",
+                      "writes of a prober's vote map to votes/<prober>", ["result"])
+TIMED_OUT_REASONS = frozenset({"silent", "send_timeout"})  # the session stalled: alive turns timed_out
 
 
 def _name(field: str, value: str) -> str:
@@ -233,7 +258,7 @@ class RoutingFeedService(_Base, pbg.RoutingFeedServicer):
 class GatewayControlService(_Base, pbg.GatewayControlServicer):
     def __init__(self, state: State, ops: Operations, store: EtcdStore, lease: ReplicaLease, *,
                  insecure: bool, lease_ttl: int, mesh_cidr: str, health_interval: float = 1.0,
-                 heartbeat_rate: float = 20.0) -> None:
+                 heartbeat_rate: float = 20.0, vote_write_rate: float = 5.0) -> None:
         super().__init__(state, ops, insecure=insecure)
         self.store = store
         self.lease = lease
@@ -242,6 +267,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         self.send_timeout = self.silence  # and so does one send blocked for as long
         self.health_interval = health_interval
         self.heartbeat_rate = heartbeat_rate
+        self.vote_write_rate = vote_write_rate
         self._cleanups: set[asyncio.Task] = set()
         self.mesh_cidr = mesh_cidr
 
@@ -251,7 +277,8 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         caller.require_gateway(request.name)
         gw = Gateway(name=request.name, region=request.region, public_ip=request.public_ip,
                      public_ipv6=request.public_ipv6, wg_port=request.wg_port,
-                     wg_public_key=request.wg_public_key, mesh_ip="", proxy_port=request.proxy_port)
+                     wg_public_key=request.wg_public_key, mesh_ip="", proxy_port=request.proxy_port,
+                     https_port=request.https_port)
         registered = await self.ops.register_gateway(gw)
         log.info("gateway registered", extra={"fields": {"gateway": gw.name, "mesh_ip": registered.mesh_ip}})
         return pb.RegisterResponse(gateway=registered.to_proto(), mesh_cidr=self.mesh_cidr)
@@ -302,8 +329,11 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         log.info("gateway session open", extra={"fields": {"gateway": name}})
         coalescer = HealthCoalescer(self.health_interval)
         flush = asyncio.Event()
-        reader = asyncio.create_task(self._read_heartbeats(name, request_iterator, coalescer, flush))
-        live.tasks = (reader, asyncio.create_task(self._flush_health(coalescer, flush)))
+        stored_votes = self.state.votes.get(name, {})
+        book = _VoteBook(votes=stored_votes, written=stored_votes)
+        reader = asyncio.create_task(self._read_heartbeats(name, request_iterator, coalescer, flush, book))
+        live.tasks = (reader, asyncio.create_task(self._flush_health(coalescer, flush)),
+                      asyncio.create_task(self._write_votes(name, book)))
         # the watchdog: while a send is blocked (the gateway does not read), the reader's end
         # (heartbeat silence, close, bad input) ends the session from the loop, beside the handler
         reader.add_done_callback(lambda task: self._reader_done(live, task))
@@ -328,7 +358,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                     live.sending = False
                     del msg
                     if reader.done():  # it ended while we were sending
-                        reader.result()  # raises if the gateway misbehaved
+                        live.reason = reader.result()  # raises if the gateway misbehaved
                         return  # the gateway closed its side or went silent
                 have = delta.revision
                 if self.state.revision > have:
@@ -337,7 +367,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                 # shared futures: waiting costs no task per session
                 done, _ = await asyncio.wait({self.state.changed(), reader, lost}, return_when=asyncio.FIRST_COMPLETED)
                 if reader in done:
-                    reader.result()  # raises if the gateway misbehaved
+                    live.reason = reader.result()  # raises if the gateway misbehaved
                     return  # the gateway closed its side, or went silent
                 if lost.done():
                     # etcd expired this replica's lease (unreachable for longer than the TTL) while
@@ -364,6 +394,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
             return
         log.warning("gateway session ended by the watchdog", extra={"fields": {"gateway": live.name, "reason": reason}})
         WATCHDOG.labels(reason).inc()
+        live.reason = reason
         if reason == "send_timeout":
             SLOW_READERS.labels("gateway").inc()
         self._end_session(live)
@@ -380,29 +411,40 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
             for task in live.tasks:
                 task.cancel()
             SESSIONS.labels("gateway").dec()
-            live.cleanup = asyncio.create_task(self._clear_alive(live.name, live.alive_rev))
+            live.cleanup = asyncio.create_task(self._clear_alive(live.name, live.alive_rev,
+                                                                 timed_out=live.reason in TIMED_OUT_REASONS))
             self._cleanups.add(live.cleanup)
             live.cleanup.add_done_callback(self._cleanups.discard)
         return live.cleanup
 
-    async def _clear_alive(self, name: str, alive_rev: int) -> None:
+    async def _clear_alive(self, name: str, alive_rev: int, *, timed_out: bool) -> None:
+        """The session is over: alive/<g> deleted (reset, close, bad input), or rewritten
+        timed_out (heartbeat silence, a send not taken) so the probes decide."""
         try:
-            await self.ops.clear_alive(name, alive_rev)
+            if timed_out:
+                await self.ops.mark_timed_out(name, alive_rev, await self.lease.ensure())
+            else:
+                await self.ops.clear_alive(name, alive_rev)
         except StoreUnavailableError:
-            log.warning("could not clear alive; the replica lease will expire", extra={"fields": {"gateway": name}})
-        log.info("gateway session closed", extra={"fields": {"gateway": name}})
+            log.warning("could not update alive; the replica lease will expire", extra={"fields": {"gateway": name}})
+        if timed_out:
+            log.warning("gateway session timed out: alive until the probes find it unreachable",
+                        extra={"fields": {"gateway": name}})
+        else:
+            log.info("gateway session closed", extra={"fields": {"gateway": name}})
 
     async def _mark_alive(self, name: str) -> int:
         lease_id = await self.lease.ensure()
         return await self.ops.mark_alive(name, lease_id)
 
     async def _read_heartbeats(self, name: str, request_iterator, coalescer: HealthCoalescer,
-                               flush: asyncio.Event) -> str:
+                               flush: asyncio.Event, book: _VoteBook) -> str:
         """Consume heartbeats; return "closed" when the gateway closes its side, "silent" when it
         sent nothing for 1.5 × the lease TTL.
 
         Any message proves the gateway is there; over `heartbeat_rate` per second (burst twice
-        that) the content of heartbeats is ignored and counted. Health goes to the coalescer."""
+        that) the content of heartbeats is ignored and counted (votes too: "throttled"). Health
+        of the instances this gateway owns goes to the coalescer, votes to the vote book."""
         loop = asyncio.get_running_loop()
         bucket = TokenBucket(self.heartbeat_rate, self.heartbeat_rate * 2)
         while True:
@@ -417,17 +459,68 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
             report = HeartbeatReport.from_proto(msg.heartbeat)  # ValidationError ends the session
             if not bucket.take(loop.time()):
                 HEARTBEATS_THROTTLED.inc()
+                if msg.heartbeat.reach:
+                    VOTES_IGNORED.labels("throttled").inc(len(msg.heartbeat.reach))
                 continue
             gw = self.state.gateways.get(name)
             if gw is None:
                 continue
+            if msg.heartbeat.reach or msg.heartbeat.reach_complete:
+                self._take_votes(name, msg.heartbeat, book)
             cached: dict[str, bool] = {}
+            not_owner = 0
             for instance in report.backends:
                 inst = self.state.instances.get(instance)
-                if inst is not None and inst.region == gw.region:  # only its own region's
-                    cached[instance] = inst.healthy
+                if inst is None or inst.region != gw.region:  # only its own region's
+                    continue
+                if self.state.health_owner(instance, inst.region) != name:
+                    not_owner += 1  # one verdict per instance: its owner's
+                    continue
+                cached[instance] = inst.healthy
+            if not_owner:
+                HEALTH_IGNORED.labels("not_owner").inc(not_owner)
             if coalescer.offer(report.backends, cached):
                 flush.set()
+
+    def _take_votes(self, name: str, heartbeat: pb.Heartbeat, book: _VoteBook) -> None:
+        gateways = self.state.gateways
+
+        def region_of(gateway: str) -> str | None:
+            g = gateways.get(gateway)
+            return None if g is None else g.region
+
+        accepted, ignored = check_votes(name, heartbeat.reach, region_of)
+        for reason, count in ignored.items():
+            VOTES_IGNORED.labels(reason).inc(count)
+        merged = merge_votes(book.votes, accepted, heartbeat.reach_complete, gateways)
+        if merged != book.votes:
+            book.votes = merged
+            book.changed.set()
+
+    async def _write_votes(self, name: str, book: _VoteBook) -> None:
+        """Write the vote map to votes/<name> when it differs from what etcd has: at once, but at
+        most `vote_write_rate` times per second (burst twice that); the latest map wins."""
+        loop = asyncio.get_running_loop()
+        bucket = TokenBucket(self.vote_write_rate, self.vote_write_rate * 2)
+        while True:
+            await book.changed.wait()
+            book.changed.clear()
+            while book.votes != book.written:
+                if not bucket.take(loop.time()):
+                    VOTE_WRITES.labels("delayed").inc()
+                    await asyncio.sleep(1 / self.vote_write_rate)
+                    continue
+                votes = book.votes
+                try:
+                    ok = await self.ops.write_votes(name, votes)
+                except StoreUnavailableError:
+                    VOTE_WRITES.labels("retry").inc()
+                    await asyncio.sleep(0.5)
+                    continue
+                VOTE_WRITES.labels("written" if ok else "gone").inc()
+                if not ok:
+                    return  # the gateway was removed
+                book.written = votes
 
     async def _flush_health(self, coalescer: HealthCoalescer, flush: asyncio.Event) -> None:
         """Write pending health at most once per interval, every pending instance in one batch."""
@@ -454,6 +547,16 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
 
 
 @dataclass(slots=True)
+class _VoteBook:
+    """One session's vote map: the current one and the last one in etcd (maps are replaced,
+    never changed in place); `changed` wakes the writer."""
+
+    votes: VoteMap
+    written: VoteMap
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
 class _Liveness:
     """One gateway session: its alive key's revision, handler, tasks, and its one cleanup."""
 
@@ -462,8 +565,9 @@ class _Liveness:
     handler: asyncio.Task
     context: grpc.aio.ServicerContext
     sending: bool = False
-    tasks: tuple[asyncio.Task, ...] = ()  # the heartbeat reader and the health flusher
+    tasks: tuple[asyncio.Task, ...] = ()  # the heartbeat reader, the health flusher, the vote writer
     cleanup: asyncio.Task | None = None
+    reason: str = "closed"  # why it ended: "silent" and "send_timeout" leave the gateway timed out
 
 
 def _current_task() -> asyncio.Task:

@@ -10,6 +10,12 @@ gateway one peer, not N. A consumer older than the history gets a snapshot inste
 Messages computed for a revision (snapshots, deltas from a given revision, and their serialized
 bytes) are memoised until the next change, so N streams at one revision share one copy.
 
+A gateway as consumers see it (`gateway(name)`) joins three keys: its record (`gateways/<g>`),
+its liveness and session state (`alive/<g>`) and the reachability decision (`reach/<g>`); a
+change to any of them is a Gateway upsert in the routing feed, and a `reach/` change also a mesh
+peer change (`MeshPeer.unreachable`). Probers' votes (`votes/<g>`) are kept for the decider
+(`coordinator.reach_decider`), which is woken through `reach_epoch`.
+
 Everything here is synchronous and pure apart from the asyncio future used to wake streams (and a
 counter of shared snapshots).
 """
@@ -25,16 +31,30 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter
 
+from coordinator.heartbeats import VoteMap, health_owner
+from coordinator.reach_keys import ReachRecord, session_of, votes_from_json
 from coordinator.store import KV, Event
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.errors import ValidationError
-from geomesh.model import App, Domain, Gateway, GatewayState, Instance, Region, Resource, resource_to_proto
+from geomesh.model import (
+    App,
+    Domain,
+    Gateway,
+    GatewayState,
+    Instance,
+    Region,
+    Resource,
+    SessionState,
+    resource_to_proto,
+)
 from geomesh.routing_table import RoutingTable
 
 PREFIX = b"/geomesh/v1/"
 K = pb.ResourceKey
 _KIND_OF_DIR = {"regions": K.KIND_REGION, "gateways": K.KIND_GATEWAY, "alive": K.KIND_GATEWAY,
-                "apps": K.KIND_APP, "instances": K.KIND_INSTANCE, "domains": K.KIND_DOMAIN}
+                "reach": K.KIND_GATEWAY, "apps": K.KIND_APP, "instances": K.KIND_INSTANCE,
+                "domains": K.KIND_DOMAIN}
+_REACH_INPUTS = frozenset({"gateways", "alive", "votes", "reach"})  # what the reach decider reads
 HISTORY_LIMIT = 50_000
 SNAPSHOT_CACHE = Counter("geomesh_coordinator_snapshot_cache_total",
                          "routing snapshots asked for by streams: hit = the revision's serialized snapshot was shared",
@@ -68,13 +88,20 @@ class State:
         self.mesh_network = ipaddress.ip_network(mesh_cidr)
         self.revision = 0
         self.floor = 0  # we know every change after this revision
-        self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam")}
+        self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam", "votes")}
         self.regions: dict[str, Region] = {}
         self.gateways: dict[str, Gateway] = {}  # stored records (alive filled in by resource())
         self.apps: dict[str, App] = {}
         self.instances: dict[str, Instance] = {}
         self.domains: dict[str, Domain] = {}
         self.ipam: dict[str, str] = {}  # mesh ip -> gateway
+        self.sessions: dict[str, SessionState] = {}   # alive/<g>: open or timed out (absent: closed)
+        self.votes: dict[str, VoteMap] = {}           # votes/<prober>: target -> (up, rtt_ms)
+        self.reach: dict[str, ReachRecord] = {}       # reach/<g>: the decision (absent: reachable)
+        self.reach_epoch = 0  # bumped when gateways, alive, votes or reach change (wakes the decider)
+        # the decider's last round, for GetOverview (every replica computes the same)
+        self.cut_off_regions: tuple[str, ...] = ()
+        self.panic_held: tuple[str, ...] = ()
         self.history: deque[Change] = deque()
         self._tick: asyncio.Future | None = None
         self._table: RoutingTable | None = None
@@ -82,6 +109,8 @@ class State:
         self._gateway_view: dict[str, Gateway] = {}         # gateway with `alive` filled in
         self._owners: dict[str, str | None] = {}            # region -> gateway carrying its subnet
         self._memo: dict[tuple, object] = {}                # (kind, from, to[, region]) -> message
+        self._health_owners: dict[tuple[str, str], str | None] = {}  # (instance, region) -> owner
+        self._open_in: dict[str, list[str]] = {}  # region -> gateways with an open session
 
     # -- loading and applying ----------------------------------------------------------------
 
@@ -89,7 +118,8 @@ class State:
         """Replace everything with a consistent snapshot taken at `revision`."""
         for d in self.raw.values():
             d.clear()
-        for obj in (self.regions, self.gateways, self.apps, self.instances, self.domains, self.ipam):
+        for obj in (self.regions, self.gateways, self.apps, self.instances, self.domains, self.ipam,
+                    self.sessions, self.votes, self.reach):
             obj.clear()
         for kv in kvs:
             self._set(kv.key, kv.value, kv.mod_revision)
@@ -97,6 +127,9 @@ class State:
         self.floor = revision  # history before this point is unknown: older consumers get snapshots
         self.history.clear()
         self._gateway_view.clear()
+        self._health_owners.clear()
+        self._open_in.clear()
+        self.reach_epoch += 1
         self._owners = {r: self._compute_owner(r) for r in {g.region for g in self.gateways.values()}}
         self._wake()
 
@@ -115,9 +148,16 @@ class State:
             kind = _KIND_OF_DIR.get(directory)
             if kind is not None:
                 change.routing.add((kind, name))
-            if directory in ("gateways", "alive"):
+            if directory in ("gateways", "alive", "reach"):
                 self._gateway_view.pop(name, None)
-            if directory == "gateways":
+            if directory in _REACH_INPUTS:
+                self.reach_epoch += 1
+            if directory in ("gateways", "alive"):
+                self._health_owners.clear()
+                self._open_in.clear()
+            if directory == "reach":
+                change.mesh.add(name)  # MeshPeer.unreachable
+            elif directory == "gateways":
                 change.mesh.add(name)
                 # the region's instance subnet rides on one gateway of the region (the first by
                 # name): a join or leave that moves it changes the old and the new carrier
@@ -213,24 +253,52 @@ class State:
             _put(self.domains, name, None if value is None else Domain.from_json(value))
         elif directory == "ipam":
             _put(self.ipam, name, None if value is None else value.decode())
+        elif directory == "alive":
+            _put(self.sessions, name, None if value is None else session_of(value))
+        elif directory == "votes":
+            _put(self.votes, name, None if value is None else votes_from_json(value))
+        elif directory == "reach":
+            _put(self.reach, name, None if value is None else ReachRecord.from_json(value))
 
     # -- objects -----------------------------------------------------------------------------
 
     def alive(self, gateway: str) -> bool:
+        """Its session is open or timed out (`alive/<g>` exists)."""
         return gateway in self.raw["alive"]
 
+    def session(self, gateway: str) -> SessionState:
+        return self.sessions.get(gateway, SessionState.CLOSED) if self.alive(gateway) else SessionState.CLOSED
+
     def gateway(self, name: str) -> Gateway | None:
-        """The stored gateway with `alive` filled in (cached until it or its alive key changes)."""
+        """The stored gateway with `alive`, `session` and the reachability verdict filled in
+        (cached until its record, its alive key or its reach key changes)."""
         view = self._gateway_view.get(name)
         if view is not None:
             return view
         g = self.gateways.get(name)
         if g is None:
             return None
-        alive = self.alive(name)
-        view = g if g.alive == alive else dataclasses.replace(g, alive=alive)
+        reach = self.reach.get(name, ReachRecord())
+        view = dataclasses.replace(g, alive=self.alive(name), session=self.session(name),
+                                   unreachable=reach.unreachable, seen_by=reach.seen_by,
+                                   down_by=reach.down_by, probe_rtt_ms=reach.probe_rtt_ms)
         self._gateway_view[name] = view
         return view
+
+    def open_gateways(self, region: str) -> list[str]:
+        """Gateways of `region` whose session is open (memoised until a gateway or session changes)."""
+        if region not in self._open_in:
+            self._open_in[region] = [n for n, g in self.gateways.items()
+                                     if g.region == region and self.session(n) is SessionState.OPEN]
+        return self._open_in[region]
+
+    def health_owner(self, instance: str, region: str) -> str | None:
+        """The gateway whose reports set `instance`'s health (see `heartbeats.health_owner`),
+        memoised until a gateway or a session changes."""
+        memo = (instance, region)
+        if memo not in self._health_owners:
+            self._health_owners[memo] = health_owner(instance, self.open_gateways(region))
+        return self._health_owners[memo]
 
     def resource(self, kind: int, name: str) -> Resource | None:
         if kind == K.KIND_REGION:
@@ -325,7 +393,8 @@ class State:
             allowed.append(region.instance_subnet)
         return pb.MeshPeer(name=g.name, region=g.region, public_key=g.wg_public_key,
                            endpoint=f"{g.public_ip}:{g.wg_port}", allowed_ips=allowed, mesh_ip=g.mesh_ip,
-                           proxy_port=g.proxy_port)
+                           proxy_port=g.proxy_port, https_port=g.https_port,
+                           unreachable=self.reach.get(name, ReachRecord()).unreachable)
 
     def mesh_update(self, delta: Delta, for_gateway: str, since: int | None = None) -> pb.MeshUpdate:
         """The mesh view of `for_gateway`: every other registered gateway is a peer.
@@ -363,7 +432,15 @@ class State:
     # -- overview ----------------------------------------------------------------------------
 
     def overview(self) -> pb.Overview:
-        out = pb.Overview(revision=self.revision, apps=len(self.apps), domains=len(self.domains))
+        out = pb.Overview(revision=self.revision, apps=len(self.apps), domains=len(self.domains),
+                          cut_off_regions=self.cut_off_regions, panic_held=self.panic_held)
+        views = [g for n in self.gateways if (g := self.gateway(n)) is not None]
+        in_dns = dns_presence(views, self.apps.values())
+        for g in sorted(views, key=lambda g: (g.region, g.name)):
+            out.gateways.append(pb.GatewayHealth(
+                name=g.name, region=g.region, session=g.to_proto().session, reachable=not g.unreachable,
+                seen_by=g.seen_by, down_by=g.down_by, probe_rtt_ms=g.probe_rtt_ms,
+                draining=g.state is GatewayState.DRAINING, in_dns=g.name in in_dns))
         for name in sorted(self.regions):
             gws = [self.gateway(g) for g in self.gateways if self.gateways[g].region == name]
             insts = [i for i in self.instances.values() if i.region == name]
@@ -392,6 +469,25 @@ class State:
             ip = str(host)
             if ip not in self.ipam:
                 yield ip
+
+
+def dns_presence(gateways: Iterable[Gateway], apps: Iterable[App]) -> frozenset[str]:
+    """The gateways GeoDNS answers with (`GatewayHealth.in_dns`): the reachable routable ones,
+    and, where fail-open applies, the routable ones anyway. Fail-open applies to the regions an
+    app may be served from (its pinned regions, or every region) when none of their routable
+    gateways is reachable: GeoDNS then answers the nearest such region's routable gateways, so
+    each of them may be answered. Per-app hosting is not looked at (DNS may send an app to any
+    healthy region it may be served from)."""
+    gws = list(gateways)
+    out = {g.name for g in gws if g.reachable_routable}
+    # None: an app not pinned may be served from every region (and so, with no app yet, may any)
+    groups: set[frozenset[str] | None] = {frozenset(a.pinned_regions) if a.pinned_regions else None for a in apps}
+    groups = groups or {None}
+    for allowed in groups:
+        members = [g for g in gws if g.routable and (allowed is None or g.region in allowed)]
+        if members and not any(g.reachable_routable for g in members):
+            out.update(g.name for g in members)
+    return frozenset(out)
 
 
 def _put(d: dict, name: str, value: object) -> None:

@@ -79,7 +79,13 @@ class Txn:
                                          create_revision=0))
         return self
 
+    def present(self, key: bytes) -> Txn:
+        self.compares.append(rpc.Compare(key=key, result=rpc.Compare.GREATER, target=rpc.Compare.CREATE,
+                                         create_revision=0))
+        return self
+
     def mod_equals(self, key: bytes, revision: int) -> Txn:
+        """The key's last change was at `revision` (0: the key does not exist)."""
         self.compares.append(rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD,
                                          mod_revision=revision))
         return self
