@@ -6,6 +6,11 @@ dropped and replaced by what the gateway saw: the TCP peer address and the schem
 listener the peer is another geomesh gateway, so the incoming chain is kept and the peer is
 appended, as RFC 7239 section 5.2 describes for a chain of proxies. Pure: strings in, header
 bytes out.
+
+Look-alikes are dropped on the public listeners too: the same names spelt with `_` for `-`
+(`X_Forwarded_For`: CGI and WSGI servers map both spellings to `HTTP_X_FORWARDED_FOR`), and the
+client-IP headers other proxies and CDNs set (`True-Client-IP`, `X-Client-IP`,
+`CF-Connecting-IP`, `X-Cluster-Client-IP`, `Fastly-Client-IP`), which an app may believe.
 """
 
 from __future__ import annotations
@@ -14,6 +19,21 @@ from __future__ import annotations
 CLIENT_ADDRESS_HEADERS = frozenset((b"x-forwarded-for", b"forwarded", b"x-forwarded-proto",
                                     b"x-forwarded-host", b"x-real-ip", b"x-geomesh-forwarded"))
 FORWARDED_MARK = b"X-Geomesh-Forwarded"
+_OTHER_CLIENT_IP = (b"true-client-ip", b"x-client-ip", b"cf-connecting-ip", b"x-cluster-client-ip",
+                    b"fastly-client-ip")
+
+
+def _spellings(name: bytes) -> set[bytes]:
+    """`name` with each '-' as '-' or '_'."""
+    out = {b""}
+    for part in name.split(b"-"):
+        out = {o + sep + part for o in out for sep in ((b"-", b"_") if o else (b"",))}
+    return out
+
+
+# Dropped on the public listeners with the headers above (lowercase): not the names themselves
+LOOKALIKE_HEADERS = frozenset(s for n in (*CLIENT_ADDRESS_HEADERS, *_OTHER_CLIENT_IP) for s in _spellings(n)) \
+    - CLIENT_ADDRESS_HEADERS
 
 
 def forwarded_node(ip: str) -> str:

@@ -16,7 +16,18 @@ what the client still sends for a moment, so the client reads the answer instead
 
 Timeouts come from one coarse clock (`server.now`, ticked by the server's sweeper): each
 connection carries a `deadline` the sweeper checks; what happens on expiry depends on the state
-(idle -> close, head incomplete -> 408, waiting for the backend -> 504, stalled -> close).
+(idle -> close, head incomplete -> 408, body silent or trickling -> 408, waiting for the backend
+-> 504, stalled -> close).
+
+Against hostile clients (request smuggling and the like; the rules are in `request_head` and
+`hostnames.parse_authority`): the backend gets exactly the request the gateway parsed. The
+gateway writes the body's framing itself (its own Content-Length, or chunked with its own chunk
+sizes), never the client's header; `Connection` cannot remove framing, routing or
+client-address headers (400); a bad Transfer-Encoding, Host or HTTP version is refused before
+anything is sent; an absolute-form target is routed by its authority and forwarded in
+origin-form; bytes after an `Upgrade:` request wait for the backend's 101 and are dropped on any
+other answer; an upstream connection goes back to the pool only after exactly one complete
+request and one complete response.
 """
 
 from __future__ import annotations
@@ -30,22 +41,35 @@ from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from regional_gateway.proxy import client_hello, proxy_protocol
-from regional_gateway.proxy.client_address import FORWARDED_MARK, mesh_headers, public_headers
-from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName
+from regional_gateway.proxy import client_hello, proxy_protocol, request_head
+from regional_gateway.proxy.client_address import (
+    CLIENT_ADDRESS_HEADERS,
+    FORWARDED_MARK,
+    LOOKALIKE_HEADERS,
+    mesh_headers,
+    public_headers,
+)
+from regional_gateway.proxy.hostnames import Authority, Mode, NameMatch, UnknownName, parse_authority
 from regional_gateway.proxy.http_errors import (
+    BadFraming,
+    BadHost,
     BadRequest,
+    BodyTimeout,
     BodyTooLarge,
     HeadersTooLarge,
+    IncompleteRequest,
     MethodNotAllowed,
     MisdirectedRequest,
     Overloaded,
+    ProtectedHeader,
     ProxyError,
     RequestTimeout,
     ShuttingDown,
+    SniMismatch,
     UnknownHost,
     UpstreamFailed,
     UpstreamTimeout,
+    VersionNotSupported,
     render,
 )
 from regional_gateway.proxy.metrics import BUCKETS
@@ -60,11 +84,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("geomesh.gateway.proxy")
 
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
-_ADDR = frozenset((b"x-forwarded-for", b"forwarded", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip",
-                   b"x-geomesh-forwarded"))
-_SPECIAL = _HOP | _ADDR | frozenset((b"host", b"transfer-encoding", b"content-length"))
+_ADDR = CLIENT_ADDRESS_HEADERS
+_SPECIAL = _HOP | _ADDR | LOOKALIKE_HEADERS | frozenset((b"host", b"transfer-encoding", b"content-length"))
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-_CONN_TOKENS_OK = frozenset((b"close", b"keep-alive", b"upgrade"))
+_ODD_METHODS = frozenset((b"CONNECT", b"TRACE"))  # refused (405); checked with the other odd-request signs
+_CONN_SIMPLE = frozenset((b"keep-alive", b"close", b"upgrade"))  # a Connection value that names no header
+_REFUSALS = {"protected-header": ProtectedHeader, "framing": BadFraming, "host": BadHost,
+             "version": VersionNotSupported}
 MAX_PENDING = 256 * 1024  # body bytes held for a request whose upstream is not connected yet
 MAX_ATTEMPTS = 3
 LINGER = 2.0
@@ -109,6 +135,8 @@ class Exchange:
     final_head = b""
     counted = False
     marked = False  # arrived with a trusted X-Geomesh-Forwarded: never forwarded again
+    held: list[bytes] | None = None  # bytes after an upgrade request's head, until the backend's 101
+    held_len = 0
 
 
 _VERSION_LINE = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
@@ -123,6 +151,8 @@ class ClientConnection(asyncio.Protocol):
         self.header_timeout = settings.header_timeout
         self.idle_timeout = settings.idle_timeout
         self.upstream_timeout = settings.upstream_timeout
+        self.body_timeout = settings.body_timeout
+        self.body_min_rate = settings.body_min_rate
         self.max_headers = settings.max_headers
         self.max_header_bytes = settings.max_header_bytes
         self.kind = kind
@@ -140,13 +170,21 @@ class ClientConnection(asyncio.Protocol):
         self.cur: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.in_head = False
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes of the reads a head in progress spans (an upper bound of its size)
+        self.head_low = 0  # bytes it holds for sure (`_partial_head`)
+        self.cl_ended = False  # a Content-Length body ended (in the current read, or since the last look)
         self.paused = 0
+        self.paused_win = False  # reading was paused during the current body-rate window
+        self.body_last = 0.0  # when the active exchange's body last made progress
+        self.body_win_start = 0.0  # the body-rate window: since when, and bytes received in it
+        self.body_win_bytes = 0
         self.closed = False
         self.closing = False  # close once the current exchange is done
         self.dead_parser = False  # stop reading requests (after an error or Connection: close)
+        self.stop_after = False  # stop once the request being read is complete (Connection: close + body)
         self.lingering = False
         self.upgrading = False
+        self.up_ex: Exchange | None = None  # the exchange whose upgrade request ended the parsing
         self.tunnel: UpstreamConnection | None = None
         self.tunnel_client_eof = False
         self.tunnel_upstream_eof = False
@@ -160,6 +198,7 @@ class ClientConnection(asyncio.Protocol):
         self.feed_len = 0  # bytes of the read being parsed (bounds the size of a head it completes)
         self.h_special = False
         self.h_te = False
+        self.h_te_val = b""
         self.h_cl = -1
         self.h_err: ProxyError | None = None
         self.h_xff: bytes | None = None
@@ -209,9 +248,8 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
             return
         if self.dead_parser:
-            ex = self.active
-            if self.upgrading and ex is not None:
-                self._forward(ex, data)
+            if self.upgrading:
+                self._hold(data)
             return
         if self.sniffing is not None:
             data = self._sniff(data)
@@ -226,11 +264,28 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             self._parse_error(exc)
             return
-        if self.in_head:
-            self.head_bytes += len(data)
-            if self.head_bytes > self.server.settings.max_header_bytes:
-                self._fail_head(HeadersTooLarge(
-                    f"request head over {self.server.settings.max_header_bytes} bytes"))
+        if self.in_head:  # the read ended inside a head (rare): bound it before it completes
+            n = len(data)
+            if not self.head_bytes:  # it began in this read, maybe after other requests
+                self.head_low = self._partial_head(data)
+            else:  # it began in an earlier read: all of this one is head
+                self.head_low += n
+            self.head_bytes += n
+            if self.head_low > self.max_header_bytes:  # too large for sure (else measured when complete)
+                self._fail_head(HeadersTooLarge(f"request head over {self.max_header_bytes} bytes"))
+
+    def _partial_head(self, data: bytes) -> int:
+        """A lower bound of the bytes of the head in progress that `data` (the read it began in) holds.
+
+        Not the whole read: it may carry complete requests before it. The fields parsed so far are
+        counted (`_head_size`); so is the line in progress (after the read's last CRLF) unless a
+        Content-Length body ended in this read, whose last bytes may come after that CRLF."""
+        low = self._head_size()
+        if not self.cl_ended:
+            i = data.rfind(b"\r\n")
+            low = max(low, len(data) - i - 2 if i >= 0 else len(data))
+        self.cl_ended = False
+        return low
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -242,12 +297,43 @@ class ClientConnection(asyncio.Protocol):
             return True
         if self.lingering:
             return None
+        cur = self.cur
+        if cur is not None and not cur.req_done and cur.error is None:
+            # the client ended inside a request body: it can never complete, answer now and let
+            # the upstream connection go (instead of holding it until upstream_timeout)
+            return self._cut_short(cur, IncompleteRequest(
+                f"the client closed its side of the connection after {cur.body_len} bytes of the request "
+                "body, before its end"))
+        if self.in_head and not self.dead_parser:
+            self._fail_head(IncompleteRequest("the client closed its side of the connection inside a request head"))
+            return None if self.lingering else True
         ex = self.active
-        if ex is not None and not ex.req_done and ex.upstream is not None:
-            return True  # half-close mid-request: let the response come back, then close
         if ex is not None:
             self.closing = True
             return True
+        return None
+
+    def _cut_short(self, ex: Exchange, err: ProxyError) -> bool | None:
+        """`ex`'s request cannot complete (client EOF): answer `err` in its turn, release its upstream."""
+        self.dead_parser = True
+        self.cur = None
+        ex.keep_alive = False
+        if ex is not self.active:
+            ex.error = err  # answered in its turn, after the exchanges before it
+            self.closing = True
+            return True
+        up = ex.upstream
+        if ex.resp_done or (up is not None and up.got):
+            # the backend answered (or is answering) already: nothing to say, end both connections
+            if up is not None:
+                ex.upstream = None
+                up.close()
+            self.server.metrics.error(err.cause)
+            self._uncount(ex)
+            self.active = None
+            self._close_after_write()
+            return None
+        self._local(ex, err)
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -282,6 +368,7 @@ class ClientConnection(asyncio.Protocol):
     def pause_reading(self, reason: int) -> None:
         if not self.paused and not self.closed:
             self.transport.pause_reading()
+            self.paused_win = True  # the body-rate window cannot blame the client for this pause
         self.paused |= reason
 
     def resume_reading(self, reason: int) -> None:
@@ -307,6 +394,7 @@ class ClientConnection(asyncio.Protocol):
             self.h_dropped = 0
             self.h_dropped_size = 0
             self.h_te = False
+            self.h_te_val = b""
             self.h_cl = -1
             self.h_err = None
             self.h_xff = self.h_fwd = self.h_proto = self.h_mark = self.h_upgrade = self.h_conn = None
@@ -331,13 +419,26 @@ class ClientConnection(asyncio.Protocol):
             self.h_dropped_size += len(name) + len(value) + 4
 
     def _special_header(self, lname: bytes, name: bytes, value: bytes) -> bool:
-        """A header the gateway interprets; True if it is forwarded as it came (into `h_parts`)."""
+        """A header the gateway interprets; True if it is forwarded as it came (into `h_parts`).
+
+        Content-Length and Transfer-Encoding are never forwarded as they came: `_head_slow` writes
+        the framing of the body the gateway forwards (llhttp has already refused the ambiguous
+        combinations: both, two lengths, a length that is not digits)."""
         if lname == b"host":
-            self.h_err = BadRequest("more than one Host header")
+            self._head_error(BadHost("more than one Host header"))
         elif lname == b"content-length":
-            self.h_cl = int(value) if value.strip().isdigit() else -1
+            digits = value.strip(b" \t")
+            if self.h_cl >= 0:
+                self._head_error(BadFraming("more than one Content-Length"))
+            elif not digits.isdigit():
+                self._head_error(BadFraming(f"Content-Length {value[:40]!r} is not a decimal number"))
+            else:
+                self.h_cl = int(digits)
+            return False
         elif lname == b"transfer-encoding":
             self.h_te = True
+            self.h_te_val = value if not self.h_te_val else self.h_te_val + b"," + value
+            return False
         elif lname == b"connection":
             self.h_conn = value if self.h_conn is None else self.h_conn + b"," + value
             return False
@@ -358,10 +459,17 @@ class ClientConnection(asyncio.Protocol):
                 return False
             if lname == b"x-geomesh-forwarded":
                 self.h_mark = value  # and the app sees which gateway forwarded it
+        elif lname in LOOKALIKE_HEADERS:  # X_Forwarded_For, True-Client-IP, ...: believed from a peer only
+            if not self.trusted:
+                return False
         else:  # other hop-by-hop headers (keep-alive, te, trailer, proxy-connection) are dropped
             return False
         self.h_parts += (name, b": ", value, b"\r\n")
         return True
+
+    def _head_error(self, err: ProxyError) -> None:
+        if self.h_err is None:  # the first problem found is the one answered
+            self.h_err = err
 
     def _head_size(self) -> int:
         """Header fields + URL in bytes, as received (name, ': ', value, CRLF per field)."""
@@ -382,7 +490,10 @@ class ClientConnection(asyncio.Protocol):
         # the head is inside the bytes read since it began: only a head that may be too large is measured
         too_big = self.head_bytes + self.feed_len > self.max_header_bytes and \
             self._head_size() > self.max_header_bytes
-        if self.h_special or method == b"CONNECT" or host is None or count > self.max_headers:
+        # the odd requests: a special header, an odd method, no Host, too many fields, a target that
+        # is not a path (absolute-form, `*`), a Host other than the TLS SNI
+        if self.h_special or method in _ODD_METHODS or host is None or count > self.max_headers \
+                or self.h_url[:1] != b"/" or (self.sni is not None and host != self.sni):
             self._head_checks(ex, method, count, too_big)
         elif too_big:
             ex.error = HeadersTooLarge(f"request head over {self.max_header_bytes} bytes")
@@ -392,7 +503,9 @@ class ClientConnection(asyncio.Protocol):
                                     b"\r\n"))
             else:
                 ex.head = self._head_slow(ex, method, parser.get_http_version())  # type: ignore[union-attr]
-        else:
+                if ex.error is not None:
+                    keep = False
+        elif ex.error.closes:
             keep = False
         if self.h_special:
             self._reset_head()
@@ -402,7 +515,10 @@ class ClientConnection(asyncio.Protocol):
             self.h_host = None
         self.cur = ex
         if not keep or not ex.keep_alive or (ex.error is not None and ex.error.closes):
-            self.dead_parser = True
+            if ex.has_body and ex.error is None:
+                self.stop_after = True  # Connection: close with a body: read the body, then stop
+            else:
+                self.dead_parser = True
         if self.active is None:
             self.active = ex
             self._dispatch(ex)
@@ -411,7 +527,7 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading(_PAUSE_PIPELINE)
 
     def _head_checks(self, ex: Exchange, method: bytes, count: int, too_big: bool) -> None:
-        """The checks a plain request does not need (a special header was seen, or an odd request)."""
+        """The checks a plain request does not need (a special header, or an odd request)."""
         settings = self.server.settings
         ex.chunked = self.h_te
         ex.has_body = self.h_te or self.h_cl > 0
@@ -421,38 +537,115 @@ class ClientConnection(asyncio.Protocol):
             ex.error = HeadersTooLarge(f"{count} header fields, at most {settings.max_headers}")
         elif too_big:
             ex.error = HeadersTooLarge(f"request head over {settings.max_header_bytes} bytes")
-        elif method == b"CONNECT":
-            ex.error = MethodNotAllowed("CONNECT is not supported by this gateway")
+        elif method in _ODD_METHODS:
+            ex.error = MethodNotAllowed(f"{method.decode('latin-1')} is not supported by this gateway")
         elif self.h_host is None and self.sni is None:
             ex.error = BadRequest("no Host header: the gateway routes by host name")
         elif settings.max_body_bytes and self.h_cl > settings.max_body_bytes:
             ex.error = BodyTooLarge(f"Content-Length {self.h_cl} is over the limit of {settings.max_body_bytes} bytes")
+        elif self.h_te:  # before anything is sent: llhttp itself objects only after the head went out
+            coding = request_head.transfer_coding(self.h_te_val, self.parser.get_http_version())  # type: ignore
+            if type(coding) is request_head.Refusal:
+                ex.error = _REFUSALS[coding.kind](coding.message)
+            else:
+                self.h_te_val = coding  # type: ignore[assignment]
+        if ex.error is None and self.h_url[:1] != b"/":
+            ex.error = self._absolute_target(ex, method)
+        if ex.error is None and self.sni is not None and ex.host is not None and ex.host != self.sni:
+            ex.error = self._check_sni(ex.host)
         if ex.error is None and self.h_upgrade is not None:
             ex.upgrade = self.parser.should_upgrade()  # type: ignore[union-attr]
+            if ex.upgrade:
+                self.up_ex = ex
+
+    def _absolute_target(self, ex: Exchange, method: bytes) -> ProxyError | None:
+        """An absolute-form target (RFC 9112 section 3.2.2): routed by its authority, which must
+        agree with Host; the backend gets the origin-form and a Host naming the same server."""
+        url = self.h_url
+        if url == b"*":
+            return None if method == b"OPTIONS" else BadRequest("the '*' target is only for OPTIONS")
+        split = request_head.split_target(url)
+        if type(split) is request_head.Refusal:
+            return BadHost(split.message)
+        authority, origin = split  # type: ignore[misc]
+        auth = parse_authority(authority.decode("latin-1"))
+        if type(auth) is not Authority:
+            return BadHost(f"bad host in the request target: {auth.reason}")  # type: ignore[union-attr]
+        canon = auth.render().encode()
+        if self.h_host is not None:
+            host = parse_authority(self.h_host.decode("latin-1"))
+            if type(host) is not Authority or host.host != auth.host or \
+                    (host.port is not None and auth.port is not None and host.port != auth.port):
+                return BadHost(f"the request target names {auth.render()!r} but Host is "
+                               f"{self.h_host[:100].decode('latin-1')!r}")
+            parts = self.h_parts
+            for i in range(0, len(parts), 4):  # forward Host as the target names it
+                if parts[i].lower() == b"host":
+                    parts[i + 2] = canon
+                    break
+        else:
+            self.h_parts += (b"Host", b": ", canon, b"\r\n")
+        ex.host = canon
+        self.h_url = origin
+        return None
+
+    def _check_sni(self, host: bytes) -> ProxyError | None:
+        """Over TLS, Host must name the server the client asked for in SNI (RFC 9110 section 7.4:
+        otherwise a certificate for one name would front for every app: 421)."""
+        sni = self.sni
+        assert sni is not None
+        got = parse_authority(host.decode("latin-1"))
+        if type(got) is not Authority:
+            return BadHost(f"bad Host {host[:100].decode('latin-1')!r}: {got.reason}")  # type: ignore[union-attr]
+        want = parse_authority(sni.decode("latin-1"))
+        if type(want) is Authority and want.host == got.host:
+            return None
+        return SniMismatch(f"Host {got.host!r} is not the name this TLS connection was opened for "
+                           f"({sni.decode('latin-1')!r}): open a connection for {got.host!r}")
 
     def _head_slow(self, ex: Exchange, method: bytes, version: str) -> bytes:
-        """The upstream head when the request had special headers, came from the mesh, or is not 1.1."""
+        """The upstream head when the request had special headers, came from the mesh, or is not 1.1.
+
+        May refuse the request instead (sets `ex.error`): a Connection header naming a protected
+        header, an HTTP version other than 1.0/1.1."""
+        refused = request_head.version_refusal(version)
+        if refused is not None:
+            ex.error = _REFUSALS[refused.kind](refused.message)
+            return b""
         parts = self.h_parts
-        if self.h_conn is not None:
-            tokens = {t.strip().lower() for t in self.h_conn.split(b",")} - _CONN_TOKENS_OK
-            if tokens:  # headers the client named hop-by-hop in Connection are not forwarded
-                parts = _drop_named(parts, tokens)
+        conn = self.h_conn
+        if conn is not None and conn.lower() not in _CONN_SIMPLE:
+            drops = request_head.connection_drops(conn)
+            if type(drops) is request_head.Refusal:
+                ex.error = _REFUSALS[drops.kind](drops.message)
+                return b""
+            if drops:  # headers the client named hop-by-hop in Connection are not forwarded
+                parts = _drop_named(parts, drops)  # type: ignore[arg-type]
         addr = self.addr_headers
         if self.trusted:
             addr = mesh_headers(self.client_ip, self.scheme, self.h_xff, self.h_fwd, self.h_proto)
             ex.marked = self.h_mark is not None
+        # the framing of the body as the gateway forwards it, never the client's header as it came
+        if self.h_te:
+            frame = b"Transfer-Encoding: " + self.h_te_val + b"\r\n"
+        elif self.h_cl >= 0:
+            frame = b"Content-Length: %d\r\n" % self.h_cl
+        else:
+            frame = b""
         extra = b""
         if ex.upgrade and self.h_upgrade is not None:
             extra = b"Connection: upgrade\r\nUpgrade: " + self.h_upgrade + b"\r\n"
             ex.keep_alive = False  # after an upgrade attempt the client's stream is no longer HTTP
         elif version != "1.1":
             extra = b"Connection: keep-alive\r\n"
-        line = _VERSION_LINE.get(version) or b" HTTP/" + version.encode() + b"\r\n"
-        return b"".join((method, b" ", self.h_url, line, *parts, addr, extra, b"\r\n"))
+        line = _VERSION_LINE[version]
+        return b"".join((method, b" ", self.h_url, line, *parts, frame, addr, extra, b"\r\n"))
 
     def on_body(self, data: bytes) -> None:
         ex = self.cur
         if ex is None or ex.discard or ex.error is not None:
+            if ex is not None and ex is self.active:  # dropped as it comes, for as long as it keeps coming
+                self.deadline = self.server.now + self.body_timeout
             return
         ex.body_len += len(data)
         limit = self.server.settings.max_body_bytes
@@ -463,7 +656,11 @@ class ClientConnection(asyncio.Protocol):
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._forward(ex, data) and ex.pending_len > MAX_PENDING:
             self.pause_reading(_PAUSE_PENDING)
-        self.deadline = self.server.now + self.upstream_timeout
+        if ex is self.active:  # body progress: the next check is at the end of the rate window at the latest
+            now = self.server.now
+            self.body_last = now
+            self.body_win_bytes += len(data)
+            self.deadline = self.body_win_start + self.body_timeout
 
     def _forward(self, ex: Exchange, data: bytes) -> bool:
         """Request bytes for `ex`'s backend: written now, or queued (True) until its upstream
@@ -484,8 +681,15 @@ class ClientConnection(asyncio.Protocol):
             return
         self.cur = None
         ex.req_done = True
-        if ex.chunked and not ex.discard and ex.error is None:
-            self._forward(ex, b"0\r\n\r\n")
+        if ex.has_body:
+            if ex.chunked and not ex.discard and ex.error is None:
+                self._forward(ex, b"0\r\n\r\n")
+            if not ex.chunked:
+                self.cl_ended = True
+            if self.stop_after:
+                self.dead_parser = True
+            if ex is self.active and not ex.resp_done:  # the whole request is out: wait for the answer
+                self.deadline = self.server.now + self.upstream_timeout
         if ex.resp_done and ex is self.active:
             self._finish(ex)
 
@@ -508,7 +712,24 @@ class ClientConnection(asyncio.Protocol):
                     ex.app = app.name
                     self._send(ex, rt, rt.addr if not port else (rt.host, port), None)
                     return
-        self._route(ex, state.lookup(host))  # type: ignore[arg-type]
+        self._route_checked(ex, host)  # type: ignore[arg-type]
+
+    def _route_checked(self, ex: Exchange, host: bytes) -> None:
+        """Route a host that is not on the fast path: its syntax is checked (400 when it is not a
+        host name) and the head carries its canonical form (`hostnames.parse_authority`). The
+        fast path needs neither: it holds only names that resolved, looked up in canonical form."""
+        auth = parse_authority(host.decode("latin-1"))
+        if type(auth) is not Authority:
+            self._local(ex, BadHost(f"bad Host {host[:100].decode('latin-1')!r}: {auth.reason}"))  # type: ignore
+            return
+        canon = auth.render().encode()
+        if canon != host:
+            ex.head = _with_host(ex.head, canon, ex.host is not None)
+            ex.host = canon
+        elif ex.host is None:  # routed by SNI: the backend gets it as Host
+            ex.head = _with_host(ex.head, canon, False)
+            ex.host = canon
+        self._route(ex, self.server.state.lookup(canon))
 
     def _route(self, ex: Exchange, match: NameMatch | UnknownName) -> None:
         if type(match) is not NameMatch:
@@ -544,7 +765,10 @@ class ClientConnection(asyncio.Protocol):
                 ex.region = None
             ex.backend_label = rt.key
             ex.final_head = ex.head
-        self.deadline = server.now + self.upstream_timeout
+        if ex.has_body and not ex.req_done:  # the body is still coming: body_timeout / body_min_rate apply
+            self._body_window(server.now)
+        else:
+            self.deadline = server.now + self.upstream_timeout
         conns = server.pool.idle.get(addr)
         while conns:
             up = conns.pop()
@@ -678,6 +902,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 up.close()
         else:
+            if ex.upgrade:
+                self._drop_held(ex)
             up.detach(ex.req_done and not ex.upgrade)
         if not ex.req_done:  # the backend answered before the whole body arrived: drain the rest, then go on
             ex.discard = True
@@ -740,8 +966,8 @@ class ClientConnection(asyncio.Protocol):
         if ex.req_done:
             ex.backend_label = "-"
             self._finish(ex)
-        else:
-            self.deadline = server.now + self.upstream_timeout
+        else:  # the rest of the body is read and dropped, as long as it keeps coming
+            self.deadline = server.now + self.body_timeout
 
     def _uncount(self, ex: Exchange) -> None:
         if ex.counted:
@@ -803,14 +1029,31 @@ class ClientConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- upgrade / tunnel
 
     def _client_upgraded(self, rest: bytes) -> None:
-        """The client's request asked for a protocol upgrade; bytes after its head wait for the answer."""
+        """The client's request asked for a protocol upgrade: what follows it is not HTTP any more.
+
+        Those bytes are held, not sent: a backend that does not answer 101 would read them as its
+        next request (a request smuggled past the gateway's routing and header rules). They go out
+        when the 101 arrives (`upstream_upgraded`) and are dropped on any other answer."""
         self.dead_parser = True
         self.upgrading = True
-        ex = self.cur or self.active
-        if ex is not None:
-            ex.req_done = True
-            if rest:
-                self._forward(ex, rest)
+        ex = self.up_ex
+        if ex is None or ex.error is not None:
+            self.upgrading = False  # refused: nothing will be forwarded after it
+            return
+        ex.req_done = True
+        if rest:
+            self._hold(rest)
+
+    def _hold(self, data: bytes) -> None:
+        ex = self.up_ex
+        if ex is None or self.tunnel is not None:
+            return
+        if ex.held is None:
+            ex.held = []
+        ex.held.append(data)
+        ex.held_len += len(data)
+        if ex.held_len > MAX_PENDING:
+            self.pause_reading(_PAUSE_PENDING)
 
     def upstream_upgraded(self, up: UpstreamConnection, data: bytes) -> None:
         """The backend's response to the active exchange ends with an upgrade (101)."""
@@ -823,6 +1066,7 @@ class ClientConnection(asyncio.Protocol):
         ex.status = status
         self.server.metrics.request(ex.app, ex.backend_label, status)
         if status != 101 or not ex.upgrade:
+            self._drop_held(ex)
             self._uncount(ex)
             up.close()
             self.active = None
@@ -835,11 +1079,20 @@ class ClientConnection(asyncio.Protocol):
         up.tunnel = self
         self.tunnel = up
         self.upgrading = False
-        for chunk in ex.pending or ():
+        self.up_ex = None
+        for chunk in ex.held or ():
             up.transport.write(chunk)
-        ex.pending = None
+        ex.held = None
         self.resume_reading(0xFF)
         self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
+
+    def _drop_held(self, ex: Exchange) -> None:
+        """The backend did not switch protocols: what the client sent after its upgrade request is dropped."""
+        if ex.held:
+            self.server.metrics.error("upgrade-data-dropped")
+        ex.held = None
+        self.up_ex = None
+        self.upgrading = False
 
     def tunnel_data(self, data: bytes) -> None:
         self.transport.write(data)
@@ -868,7 +1121,12 @@ class ClientConnection(asyncio.Protocol):
         if exc.__context__ is not None:
             detail = f"{detail} ({exc.__context__})"
             log.error("request callback failed", exc_info=exc.__context__)
-        err = BadRequest(f"malformed request: {detail}")
+        if self.cur is None and self.h_url == b"*" and self.parser.get_method() == b"PRI":  # type: ignore
+            err: ProxyError = BadRequest(
+                "HTTP/2 with prior knowledge (h2c) is not served on this port: use HTTP/1.1, or HTTP/2 over "
+                "TLS with ALPN h2")
+        else:
+            err = BadRequest(f"malformed request: {detail}")
         ex = self.cur
         if ex is not None and not ex.req_done:  # the error is inside this request's body
             self.cur = None
@@ -911,6 +1169,44 @@ class ClientConnection(asyncio.Protocol):
             self.server.metrics.error("body-too-large")
             self.transport.close()
 
+    def _body_window(self, now: float) -> None:
+        """Start a body-rate window (and the body idle timer) at `now`."""
+        self.body_last = self.body_win_start = now
+        self.body_win_bytes = 0
+        self.paused_win = bool(self.paused)
+        self.deadline = now + self.body_timeout
+
+    def _body_stalled(self, ex: Exchange) -> None:
+        """The active request's body is incomplete at its deadline: the end of a rate window, or
+        `body_timeout` without a byte. 408 if the client is to blame; the gateway's own pauses
+        (backend not reading, connecting) are not held against it, up to `upstream_timeout`."""
+        now = self.server.now
+        last = self.body_last
+        if self.paused or self.paused_win:
+            if now - last < self.upstream_timeout:
+                self._body_window(now)
+                self.body_last = last  # the time of the last progress stays
+                return
+            label = ex.backend.label if ex.backend is not None else "the backend"
+            self._local(ex, UpstreamTimeout(f"{label} did not take the request body for "
+                                            f"{self.upstream_timeout:g}s"))
+            self._close_after_write()
+            return
+        timeout = self.body_timeout
+        if now - last >= timeout - 0.001:
+            err = BodyTimeout(f"no request body bytes for {timeout:g}s ({ex.body_len} received)")
+        elif self.body_min_rate and self.body_win_bytes < self.body_min_rate * (now - self.body_win_start):
+            rate = self.body_win_bytes / max(now - self.body_win_start, 0.001)
+            err = BodyTimeout(f"request body arriving at {rate:.0f} bytes/s, under the minimum of "
+                              f"{self.body_min_rate} bytes/s")
+        else:  # fine: a new window
+            self._body_window(now)
+            self.body_last = last
+            self.deadline = min(last + timeout, now + timeout)
+            return
+        self.dead_parser = True
+        self._local(ex, err)
+
     def timed_out(self) -> None:
         """The sweeper found this connection past its deadline."""
         settings = self.server.settings
@@ -937,8 +1233,7 @@ class ClientConnection(asyncio.Protocol):
             self._local(ex, UpstreamTimeout(f"{label} did not answer within {settings.upstream_timeout:g}s"))
             return
         if not ex.resp_done:
-            self.dead_parser = True
-            self._local(ex, RequestTimeout(f"request body stalled for {settings.upstream_timeout:g}s"))
+            self._body_stalled(ex)
         else:
             self.transport.close()
 
@@ -1019,7 +1314,19 @@ class ClientConnection(asyncio.Protocol):
         return b""
 
 
-def _drop_named(parts: list[bytes], names: set[bytes]) -> list[bytes]:
+def _with_host(head: bytes, host: bytes, replace: bool) -> bytes:
+    """`head` with its Host value replaced by `host` (or a Host line added after the request line)."""
+    if replace:
+        i = head.lower().find(b"\r\nhost:")
+        if i >= 0:
+            start = i + 7
+            end = head.index(b"\r\n", start)
+            return head[:start] + b" " + host + head[end:]
+    line_end = head.index(b"\r\n") + 2
+    return head[:line_end] + b"Host: " + host + b"\r\n" + head[line_end:]
+
+
+def _drop_named(parts: list[bytes], names: set[bytes] | frozenset[bytes]) -> list[bytes]:
     out: list[bytes] = []
     for i in range(0, len(parts), 4):
         if parts[i].lower() not in names:

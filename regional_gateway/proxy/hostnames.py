@@ -12,17 +12,25 @@ Pure: a Host header or TLS SNI value in, a `NameMatch` (app, port, instance, mod
 
 A label equal to an app or instance name wins over the `-<port>` reading, so an app called
 `api-2` is reachable as `api-2.Z`.
+
+Before any of that, `parse_authority` checks the syntax of a Host value (or a request target's
+authority): a DNS name (letters, digits, `-`, `_`; labels of 1-63, at most 253 in all, one
+trailing dot allowed), an IPv4 literal or a bracketed IPv6 literal without a zone id, and an
+optional port of 1-65535. What it returns is the canonical form the gateway routes by and
+forwards (lower case, no trailing dot); what it refuses is a 400 naming the rule.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from regional_gateway.proxy.routes import Routes
 
 _PORT_FORM = re.compile(r"^([a-z0-9][a-z0-9-]*?)-([0-9]{1,5})([sg]?)$")
+_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 
 
 class Mode(enum.Enum):
@@ -47,15 +55,76 @@ class UnknownName:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Authority:
+    """A checked Host value: `host` lower case without a trailing dot (IPv6 in brackets)."""
+
+    host: str
+    port: int | None = None
+
+    def render(self) -> str:
+        return self.host if self.port is None else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BadAuthority:
+    reason: str
+
+
+def parse_authority(raw: str) -> Authority | BadAuthority:
+    """A Host header value or a target's authority -> its canonical form, or why it is refused.
+
+    RFC 9110 section 7.2 and RFC 3986 section 3.2.2, kept to what a DNS name or an IP literal can
+    be: an empty port (`name:`) is allowed and dropped, `name..`, `:99999`, `:abc`, a zone id, a
+    user part and any other character are refused.
+    """
+    value = raw.strip(" \t")
+    if not value:
+        return BadAuthority("empty host")
+    port: int | None = None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return BadAuthority("IPv6 literal without a closing ']'")
+        name, rest = value[1:end], value[end + 1:]
+        if "%" in name:
+            return BadAuthority("IPv6 zone ids are not allowed in a host")
+        try:
+            host = f"[{ipaddress.IPv6Address(name).compressed}]"
+        except ValueError:
+            return BadAuthority(f"{name!r} is not an IPv6 address")
+        if rest and not rest.startswith(":"):
+            return BadAuthority("characters after the IPv6 literal")
+        port_s = rest[1:] if rest else ""
+    else:
+        name, colon, port_s = value.partition(":")
+        if ":" in port_s:
+            return BadAuthority("more than one ':' (an IPv6 address must be in brackets)")
+        host = name.lower()
+        if host.endswith("."):
+            host = host[:-1]
+        if not host:
+            return BadAuthority("empty host name")
+        if len(host) > 253:
+            return BadAuthority("host name over 253 characters")
+        for label in host.split("."):
+            if not label:
+                return BadAuthority(f"empty label in {name!r}")
+            if not _LABEL.fullmatch(label):
+                return BadAuthority(f"label {label[:64]!r} is not 1-63 of a-z, 0-9, '-', '_'")
+        if not colon:
+            return Authority(host)
+    if port_s:
+        if not port_s.isascii() or not port_s.isdigit() or len(port_s) > 5 or not 1 <= int(port_s) <= 65535:
+            return BadAuthority(f"port {port_s[:16]!r} is not 1-65535")
+        port = int(port_s)
+    return Authority(host, port)
+
+
 def normalize_host(raw: str) -> str:
-    """Lowercase, without a port and without a trailing dot ("" if empty/unusable)."""
-    host = raw.strip().lower()
-    if host.startswith("["):  # IPv6 literal, maybe with a port
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    if host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
+    """Lowercase, without a port and without a trailing dot ("" if unusable: see `parse_authority`)."""
+    found = parse_authority(raw)
+    return found.host if type(found) is Authority else ""
 
 
 def resolve(routes: Routes, host: str) -> NameMatch | UnknownName:

@@ -25,8 +25,38 @@ class BadRequest(ProxyError):
     status, cause, closes = 400, "bad-request", True
 
 
+class ProtectedHeader(BadRequest):
+    """`Connection` names a header the gateway relies on (request smuggling shape)."""
+
+    cause = "connection-protected-header"
+
+
+class BadFraming(BadRequest):
+    """Transfer-Encoding / Content-Length the gateway will not forward."""
+
+    cause = "bad-framing"
+
+
+class BadHost(BadRequest):
+    """A Host or request-target authority that is not a host name, or the two disagree."""
+
+    cause = "bad-host"
+
+
+class IncompleteRequest(BadRequest):
+    """The client ended its side of the connection inside a request."""
+
+    cause = "incomplete-request"
+
+
 class RequestTimeout(ProxyError):
     status, cause, closes = 408, "request-timeout", True
+
+
+class BodyTimeout(RequestTimeout):
+    """The request body stopped or trickled (idle longer than body_timeout, or under body_min_rate)."""
+
+    cause = "body-timeout"
 
 
 class UnknownHost(ProxyError):
@@ -43,6 +73,12 @@ class BodyTooLarge(ProxyError):
 
 class MisdirectedRequest(ProxyError):
     status, cause = 421, "misdirected"
+
+
+class SniMismatch(MisdirectedRequest):
+    """Over TLS, Host names another server than the SNI the connection was set up for."""
+
+    cause = "sni-host-mismatch"
 
 
 class HeadersTooLarge(ProxyError):
@@ -67,6 +103,10 @@ class ShuttingDown(ProxyError):
 
 class UpstreamTimeout(ProxyError):
     status, cause = 504, "upstream-timeout"
+
+
+class VersionNotSupported(ProxyError):
+    status, cause, closes = 505, "http-version", True
 
 
 def render(err: ProxyError, *, close: bool, head_only: bool = False) -> bytes:

@@ -7,6 +7,12 @@ connection can go back to the pool when the backend keeps it alive. A 101 respon
 pair into a byte tunnel (WebSocket and other upgrades). The pool keeps idle connections per
 backend address, most recently used first; a connection the backend closes leaves the pool at
 once, and idle ones are closed after `pool_idle_timeout`.
+
+A connection goes back to the pool only when its exchange ended cleanly in both directions: the
+whole request written (the client side decides, `ClientConnection.response_done`) and exactly
+one complete response read. A backend that sends anything after the response (a second
+response in the same read, junk) has lost track of the exchange; the connection is closed, and
+so is the client's, which has received those bytes.
 """
 
 from __future__ import annotations
@@ -111,6 +117,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.tunnel.resume_reading(PAUSE_BACKPRESSURE)
 
     # -- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:  # another response after the complete one, in the same read: never reuse this connection
+            self.keep = False
+            self.ex = None  # the callbacks of the extra response touch no exchange
+            client = self.client
+            if client is not None:
+                client.closing = True  # the client got the extra bytes too: its connection ends after this
+                client.server.metrics.error("upstream-extra-response")
 
     def on_headers_complete(self) -> None:
         ex = self.ex
