@@ -43,6 +43,10 @@ SETTING_HELP = {
     "max_headers": "number of header fields limit (431 beyond)",
     "max_body_bytes": "request body limit in bytes, 0 = none (413 beyond)",
     "header_timeout": "seconds to receive a complete request head (408 after; slowloris guard)",
+    "body_timeout": "seconds a request body may go without a byte (408 after); also the window over which "
+                    "--body-min-rate is measured",
+    "body_min_rate": "bytes/s a request body must average over each --body-timeout window, 0 = off (408 "
+                     "below; slow-body guard)",
     "idle_timeout": "seconds a keep-alive connection may stay idle, or a response may stall",
     "connect_timeout": "seconds to connect to a backend (another backend is tried; 504 when none answers)",
     "upstream_timeout": "seconds from request sent to the first response byte (504 after)",
@@ -55,16 +59,16 @@ SETTING_HELP = {
     "g_mode": "how <app>-<port>g names are proxied: streams = HTTP/2 terminated, every call (stream) balanced "
               "by the app's policy; tunnel = each client connection a byte tunnel to one backend (faster, "
               "balanced per connection)",
-}
-
-
-@dataclass(frozen=True, slots=True)
     "h2_max_resets": "HTTP/2: client stream resets and refused streams a connection may cause in a burst, "
                      "refilled over 10 s (each completed call earns one back); beyond, GOAWAY ENHANCE_YOUR_CALM "
                      "(rapid reset guard)",
     "h2_max_control_frames": "HTTP/2: PING, SETTINGS, PRIORITY, WINDOW_UPDATE and empty DATA frames a connection may "
                              "send in a burst, refilled over 10 s (DATA sent to it earns some back); beyond, GOAWAY "
                              "ENHANCE_YOUR_CALM (flood guard)",
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     routes_path: Path
     settings: Any  # ProxySettings
@@ -200,14 +204,14 @@ def run_agent(config_path: Path, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
-    if args.config is not None:
-        return run_agent(args.config, args)
-    try:
-        config = load_config(args)
     from regional_gateway.proxy.fd_pressure import raise_nofile_limit
 
     soft, hard = raise_nofile_limit()  # every connection is a descriptor (two when proxied)
     logs.event(log, "file descriptor limit", soft=soft, hard=hard)
+    if args.config is not None:
+        return run_agent(args.config, args)
+    try:
+        config = load_config(args)
     except ValidationError as exc:
         print(f"geomesh-gateway: invalid configuration: {exc}", file=sys.stderr)
         return 2

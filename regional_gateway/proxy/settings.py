@@ -44,6 +44,8 @@ class ProxySettings:
     max_headers: int = 100
     max_body_bytes: int = 100 * 1024 * 1024  # request body; 0 = no limit
     header_timeout: float = 10.0  # seconds to receive a full request head (slowloris guard)
+    body_timeout: float = 10.0  # request body: longest silence between reads (408 after)
+    body_min_rate: int = 1024  # request body: bytes/s it must average over each body_timeout window; 0 = off
     idle_timeout: float = 60.0  # keep-alive idle, and a stalled request body or response
     connect_timeout: float = 3.0  # upstream TCP connect
     upstream_timeout: float = 60.0  # request sent -> first response byte
@@ -57,13 +59,13 @@ class ProxySettings:
     # or "tunnel" (the clear HTTP/2 connection is a byte stream to one backend: faster, but all the
     # calls of a client connection go to the backend chosen when it connected)
     g_mode: str = "streams"
-
-    def __post_init__(self) -> None:
     # HTTP/2 clients (h2_guard): client resets + refused streams, and no-op frames (PING, SETTINGS,
     # PRIORITY, WINDOW_UPDATE, empty DATA), allowed per connection in a burst, refilled over 10 s;
     # beyond, GOAWAY (ENHANCE_YOUR_CALM) and close
     h2_max_resets: int = 1000
     h2_max_control_frames: int = 1000
+
+    def __post_init__(self) -> None:
         for name in ("http", "https", "mesh"):
             values = tuple(getattr(self, name))
             for i, item in enumerate(values):
@@ -82,7 +84,7 @@ class ProxySettings:
             value = getattr(self, f.name)
             if f.type == "int":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0 or \
-                        (value == 0 and f.name != "max_body_bytes"):
+                        (value == 0 and f.name not in ("max_body_bytes", "body_min_rate")):
                     raise ValidationError(f.name, f"{value!r} is not a positive integer")
             elif f.type == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
