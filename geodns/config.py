@@ -16,7 +16,12 @@ from geodns.answer import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_SIZE, DEFAULT_UDP_P
 from geodns.nearest import default_database
 from geodns.rrl import RrlConfig
 from geodns.tcp import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
-from geodns.tcp_admission import default_per_client
+from geodns.tcp_admission import (
+    DEFAULT_ABUSE_COOLDOWN,
+    DEFAULT_ABUSE_COOLDOWN_MAX,
+    DEFAULT_PENALTY_CLIENTS,
+    default_per_client,
+)
 from geodns.view import NameServer
 from geomesh import validate as v
 from geomesh.errors import ValidationError
@@ -60,6 +65,9 @@ class Config:
     tcp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     tcp_max_connections: int = DEFAULT_MAX_CONNECTIONS
     tcp_max_per_client: int | None = None  # None: default_per_client(tcp_max_connections)
+    tcp_abuse_cooldown: float = DEFAULT_ABUSE_COOLDOWN  # 0: no penalty box
+    tcp_abuse_cooldown_max: float = DEFAULT_ABUSE_COOLDOWN_MAX
+    tcp_abuse_clients: int = DEFAULT_PENALTY_CLIENTS
     rrl: RrlConfig = field(default_factory=RrlConfig)
     workers: int = 1
     batch_io: bool = True
@@ -98,6 +106,14 @@ class Config:
         if self.tcp_max_per_client is not None and not 1 <= self.tcp_max_per_client <= self.tcp_max_connections:
             raise ValidationError("--tcp-max-per-client", f"{self.tcp_max_per_client} is outside "
                                   f"1-{self.tcp_max_connections} (--tcp-max-connections)")
+        if self.tcp_abuse_cooldown != 0 and not 0.01 <= self.tcp_abuse_cooldown <= 3600:
+            raise ValidationError("--tcp-abuse-cooldown", f"{self.tcp_abuse_cooldown} is outside 0.01-3600 "
+                                  "seconds (or 0 to disable the penalty box)")
+        if not max(self.tcp_abuse_cooldown, 0.01) <= self.tcp_abuse_cooldown_max <= 86400:
+            raise ValidationError("--tcp-abuse-cooldown-max", f"{self.tcp_abuse_cooldown_max} is outside "
+                                  f"{max(self.tcp_abuse_cooldown, 0.01)}-86400 seconds (at least --tcp-abuse-cooldown)")
+        if not 1 <= self.tcp_abuse_clients <= 10_000_000:
+            raise ValidationError("--tcp-abuse-clients", f"{self.tcp_abuse_clients} is outside 1-10000000")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ValidationError("--workers", f"{self.workers} is outside 1-{MAX_WORKERS}")
         if self.workers > 1 and any(port == 0 for _, port in self.listen) and len(self.listen) > 1:
@@ -128,7 +144,9 @@ class Config:
             tls_key=a.tls_key, insecure=a.insecure, name=a.name, zone_overrides=overrides,
             geoip_db=a.geoip_db or default_database(), udp_payload=a.edns_payload, cache_size=a.cache_size,
             cache_bytes=a.cache_bytes, tcp_idle_timeout=a.tcp_idle_timeout,
-            tcp_max_connections=a.tcp_max_connections, tcp_max_per_client=a.tcp_max_per_client, rrl=rrl,
+            tcp_max_connections=a.tcp_max_connections, tcp_max_per_client=a.tcp_max_per_client,
+            tcp_abuse_cooldown=a.tcp_abuse_cooldown, tcp_abuse_cooldown_max=a.tcp_abuse_cooldown_max,
+            tcp_abuse_clients=a.tcp_abuse_clients, rrl=rrl,
             workers=a.workers, batch_io=not a.no_batch_io, query_log=a.query_log,
             metrics_host=a.metrics_host, metrics_port=a.metrics_port, port_file=a.port_file,
             log_level=a.log_level, log_format=a.log_format,
@@ -198,6 +216,17 @@ def parser() -> argparse.ArgumentParser:
                      help="concurrent TCP connections per process from one client (an IPv4 address or an "
                           "IPv6 /56); more are reset at once (default: a tenth of --tcp-max-connections, "
                           f"{default_per_client(DEFAULT_MAX_CONNECTIONS)} of {DEFAULT_MAX_CONNECTIONS})")
+    dns.add_argument("--tcp-abuse-cooldown", type=float, default=DEFAULT_ABUSE_COOLDOWN, metavar="SECONDS",
+                     help="a TCP message no query can be (over 1024 octets, answer/authority records, more than "
+                          "two additional records) gets FORMERR and its connection is closed; its client's new "
+                          "connections are then reset for this long, doubled on each repeat offence; 0 disables "
+                          "the cool-down, not the close (default %(default)s)")
+    dns.add_argument("--tcp-abuse-cooldown-max", type=float, default=DEFAULT_ABUSE_COOLDOWN_MAX, metavar="SECONDS",
+                     help="where the doubling stops; a client clean for this long after its cool-down starts "
+                          "over (default %(default)s)")
+    dns.add_argument("--tcp-abuse-clients", type=int, default=DEFAULT_PENALTY_CLIENTS, metavar="N",
+                     help="clients the penalty box remembers per process; the least recent offender is "
+                          "forgotten first (default %(default)s)")
     dns.add_argument("--workers", type=int, default=1,
                      help="processes serving the same port with SO_REUSEPORT (default %(default)s)")
     dns.add_argument("--no-batch-io", action="store_true",

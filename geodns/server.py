@@ -40,6 +40,7 @@ from geodns.nearest import Locator
 from geodns.rrl import RateLimiter
 from geodns.stats import Stats, merge
 from geodns.tcp import DnsTcpProtocol, TcpConnections
+from geodns.tcp_admission import PenaltyBox, TcpAbuseCollector, merge_snapshots
 from geodns.udp import BatchUdp, ProtocolUdp, batch_supported
 from geodns.view import View
 from geomesh import logs, metrics
@@ -103,7 +104,8 @@ class Server:
         self.rrl = RateLimiter(config.rrl) if config.rrl.enabled else None
         self.feed: Any = None
         self.ports: list[int] = []
-        self.connections = TcpConnections(config.tcp_max_connections, config.tcp_max_per_client)
+        self.connections = TcpConnections(config.tcp_max_connections, config.tcp_max_per_client, PenaltyBox(
+            config.tcp_abuse_cooldown, config.tcp_abuse_cooldown_max, config.tcp_abuse_clients))
         self._stop: asyncio.Event | None = None
         self._zone_overrides = {k: val for k, val in config.zone_overrides.items() if val is not None}
 
@@ -158,6 +160,7 @@ class Server:
         if self.responder is not None:
             snap["cache"] = self.responder.cache_stats()
         snap["tcp_connections"] = self.connections.admission.total
+        snap["tcp_abuse"] = self.connections.penalty.snapshot()
         return snap
 
     def stop(self) -> None:
@@ -269,6 +272,7 @@ def run(config: Config) -> None:
     server.load()
     if config.metrics_port >= 0:
         REGISTRY.register(GeoDnsCollector(server.snapshot))
+        REGISTRY.register(TcpAbuseCollector(lambda: server.snapshot()["tcp_abuse"]))
         bound = metrics.serve(config.metrics_host, config.metrics_port)
         event(log, "metrics", address=f"{config.metrics_host}:{bound}")
     _run_loop(server.serve())
@@ -322,6 +326,8 @@ class Supervisor:
             out["feed"] = alive["feed"]
         # gauges: only what live workers hold (evictions stay counted from all)
         out["tcp_connections"] = alive["tcp_connections"]
+        out["tcp_abuse"] = merge_snapshots([s.get("tcp_abuse", {}) for s in live + self.retired],
+                                           [s.get("tcp_abuse", {}) for s in live])
         for name, values in out["cache"].items():
             held = alive["cache"].get(name, {})
             values["bytes"], values["entries"] = held.get("bytes", 0), held.get("entries", 0)
@@ -352,6 +358,7 @@ class Supervisor:
         wcfg = dataclasses.replace(cfg, listen=tuple(listen), metrics_port=-1)
         if cfg.metrics_port >= 0:
             REGISTRY.register(GeoDnsCollector(self.snapshot))
+            REGISTRY.register(TcpAbuseCollector(lambda: self.snapshot()["tcp_abuse"]))
             bound = metrics.serve(cfg.metrics_host, cfg.metrics_port)
             event(log, "metrics", address=f"{cfg.metrics_host}:{bound}")
         for i in range(cfg.workers):

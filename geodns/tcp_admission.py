@@ -1,27 +1,53 @@
-"""Which TCP connections a process accepts: a cap on all of them and a share of it per client.
+"""Which TCP connections a process accepts: a cap on all of them, a share of it per client, and a
+penalty box for clients that were caught abusing the transport.
 
-`TcpAdmission.admit(client)` decides when a connection arrives and counts it; `release(client)`
-forgets it when it closes. A connection is refused when the process already holds
-`max_connections` (`Refusal.MAX_CONNECTIONS`) or when its client already holds `max_per_client`
+`TcpAdmission.admit(client, now)` decides when a connection arrives and counts it;
+`release(client)` forgets it when it closes. A connection is refused when its client sits in the
+penalty box (`Refusal.PENALISED`), when the process already holds `max_connections`
+(`Refusal.MAX_CONNECTIONS`) or when its client already holds `max_per_client`
 (`Refusal.PER_CLIENT`), so one client cannot take every slot and cut everyone else off TCP (the
 transport truncated answers and RRL slips send resolvers to). A client is one IPv4 address (TCP
 cannot be spoofed, and resolvers behind one NAT share an address) or one IPv6 /56 (the usual
 end-site assignment: a host can pick any address of its prefix, so counting single IPv6 addresses
-would give it an unlimited share). IPv4-mapped IPv6 addresses count as IPv4. Pure: no sockets,
-no clock.
+would give it an unlimited share). IPv4-mapped IPv6 addresses count as IPv4. `PenaltyBox.offend`
+puts a client whose connection was closed for abuse (`geodns.tcp`: a message no query can be) in
+the box for a cool-down that doubles with each repeat offence, from `cooldown` up to
+`cooldown_max`; a client that stays clean for `cooldown_max` after its cool-down ends starts over.
+The box remembers at most `max_clients` clients (the least recent offender is forgotten first).
+Pure: no sockets; the time is passed in. `TcpAbuseCollector` exports what the box counted.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CLIENT_IPV6_PREFIX_OCTETS = 7  # /56
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+DEFAULT_ABUSE_COOLDOWN = 1.0  # seconds, the first offence
+DEFAULT_ABUSE_COOLDOWN_MAX = 60.0  # seconds, where doubling stops
+DEFAULT_PENALTY_CLIENTS = 10_000  # clients the box remembers
 
 
 class Refusal(enum.StrEnum):
     MAX_CONNECTIONS = "max_connections"
     PER_CLIENT = "per_client"
+    PENALISED = "penalised"
+
+
+class Abuse(enum.StrEnum):
+    """Why a TCP connection was closed for abuse: a message no query can be (see `geodns.tcp`)."""
+
+    OVERSIZE = "oversize"  # longer than any query (wire.MAX_QUERY_OCTETS)
+    RECORDS = "records"  # a query with answer or authority records
+    ADDITIONAL = "additional"  # a query with more than wire.MAX_ADDITIONAL additional records
 
 
 def default_per_client(max_connections: int) -> int:
@@ -38,8 +64,70 @@ def client_key(client: bytes) -> bytes:
     return client
 
 
+@dataclass(slots=True)
+class _Penalty:
+    until: float  # refused before this time
+    cooldown: float  # the cool-down that ends at `until`; the next offence doubles it
+
+
+class PenaltyBox:
+    """Clients refused for a while after a connection of theirs was closed for abuse."""
+
+    def __init__(self, cooldown: float = DEFAULT_ABUSE_COOLDOWN, cooldown_max: float = DEFAULT_ABUSE_COOLDOWN_MAX,
+                 max_clients: int = DEFAULT_PENALTY_CLIENTS) -> None:
+        if cooldown < 0:
+            raise ValueError("cooldown must be >= 0 (0 disables the penalty box)")
+        if cooldown and cooldown_max < cooldown:
+            raise ValueError(f"cooldown_max {cooldown_max} is below cooldown {cooldown}")
+        if max_clients < 1:
+            raise ValueError("max_clients must be >= 1")
+        self.cooldown = cooldown
+        self.cooldown_max = cooldown_max
+        self.max_clients = max_clients
+        self.evictions = 0
+        self.closed = dict.fromkeys(Abuse, 0)  # connections closed for abuse, by reason
+        self._clients: OrderedDict[bytes, _Penalty] = OrderedDict()  # least recent offender first
+
+    @property
+    def enabled(self) -> bool:
+        return self.cooldown > 0
+
+    def offend(self, client: bytes, now: float, abuse: Abuse) -> float:
+        """A connection of `client` was closed for `abuse` at `now`: the cool-down it now serves."""
+        self.closed[abuse] += 1
+        if not self.enabled:
+            return 0.0
+        key = client_key(client)
+        last = self._clients.pop(key, None)
+        if last is not None and now < last.until + self.cooldown_max:
+            cooldown = min(max(last.cooldown * 2, self.cooldown), self.cooldown_max)
+        else:
+            cooldown = self.cooldown
+        self._clients[key] = _Penalty(now + cooldown, cooldown)
+        while len(self._clients) > self.max_clients:
+            self._clients.popitem(last=False)
+            self.evictions += 1
+        return cooldown
+
+    def penalised(self, client: bytes, now: float) -> bool:
+        """Whether `client` is serving a cool-down at `now`."""
+        if not self._clients:
+            return False
+        entry = self._clients.get(client_key(client))
+        return entry is not None and now < entry.until
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain, picklable totals for the metrics (summed across workers by `merge_snapshots`)."""
+        return {"closed": {abuse.value: n for abuse, n in self.closed.items()}, "clients": len(self._clients),
+                "evictions": self.evictions}
+
+
 class TcpAdmission:
-    def __init__(self, max_connections: int, max_per_client: int | None = None) -> None:
+    def __init__(self, max_connections: int, max_per_client: int | None = None,
+                 penalty: PenaltyBox | None = None) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be >= 1")
         per_client = default_per_client(max_connections) if max_per_client is None else max_per_client
@@ -47,11 +135,14 @@ class TcpAdmission:
             raise ValueError(f"max_per_client {per_client} is outside 1-{max_connections}")
         self.max_connections = max_connections
         self.max_per_client = per_client
+        self.penalty = penalty if penalty is not None else PenaltyBox(0.0)
         self.total = 0
         self._per_client: dict[bytes, int] = {}
 
-    def admit(self, client: bytes) -> Refusal | None:
-        """None (and the connection is counted) or why it is refused."""
+    def admit(self, client: bytes, now: float = 0.0) -> Refusal | None:
+        """None (and the connection is counted) or why it is refused at `now`."""
+        if self.penalty.penalised(client, now):
+            return Refusal.PENALISED
         if self.total >= self.max_connections:
             return Refusal.MAX_CONNECTIONS
         key = client_key(client)
@@ -76,3 +167,45 @@ class TcpAdmission:
 
     def held(self, client: bytes) -> int:
         return self._per_client.get(client_key(client), 0)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def merge_snapshots(snapshots: Iterable[dict[str, Any]], live: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The sum of several processes' `PenaltyBox.snapshot()`s; the `clients` gauge from `live`
+    only (a dead worker's box is gone)."""
+    out: dict[str, Any] = {"closed": dict.fromkeys((a.value for a in Abuse), 0), "clients": 0, "evictions": 0}
+    for snap in snapshots:
+        for reason, n in snap.get("closed", {}).items():
+            out["closed"][reason] = out["closed"].get(reason, 0) + n
+        out["evictions"] += snap.get("evictions", 0)
+    out["clients"] = sum(snap.get("clients", 0) for snap in live)
+    return out
+
+
+class TcpAbuseCollector(Collector):
+    """Exports a `PenaltyBox` snapshot (or the workers' merged ones) at scrape time:
+
+    - `geodns_tcp_abuse_closed_total{reason}` TCP connections closed after a message no query
+      can be (`oversize`, `records`, `additional`); their reconnections are counted in
+      `geodns_tcp_refused_total{reason="penalised"}`
+    - `geodns_tcp_penalty_clients` clients in the penalty box (serving or remembered for doubling)
+    - `geodns_tcp_penalty_evictions_total` clients forgotten to keep the box within its size
+    """
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        closed = CounterMetricFamily("geodns_tcp_abuse_closed", "TCP connections closed after a message no query "
+                                     "can be (FORMERR, then close), by reason", labels=["reason"])
+        for reason, n in sorted(snap.get("closed", {}).items()):
+            closed.add_metric([reason], n)
+        yield closed
+        yield GaugeMetricFamily("geodns_tcp_penalty_clients", "clients in the TCP penalty box (cooling down, or "
+                                "remembered so that a repeat offence doubles the cool-down)",
+                                value=snap.get("clients", 0))
+        yield CounterMetricFamily("geodns_tcp_penalty_evictions", "clients forgotten to keep the penalty box "
+                                  "within --tcp-abuse-clients", value=snap.get("evictions", 0))

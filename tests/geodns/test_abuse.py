@@ -1,5 +1,7 @@
-"""Hostile clients (security probe 2026-11, findings 10, 11, 17): the rules as table tests, then a
-real geomesh-dns under a cache flood, a TCP flood of heavy pipelined messages, and one client
+"""Hostile clients (security probe 2026-11, findings 10, 11, 17): the rules as table tests (cache,
+TCP admission, penalty box, framing, query shape), then a real geomesh-dns under a cache flood, a
+TCP client sending messages no query can be (FORMERR, closed, its reconnections refused for a
+cool-down while others are served), a TCP flood of heavy pipelined messages, and one client
 holding more TCP connections than its share -- while others keep being served."""
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from geodns.answer import Responder
 from geodns.cache import BoundedCache
 from geodns.config import Config
 from geodns.nearest import Locator
-from geodns.tcp_admission import Refusal, TcpAdmission, client_key, default_per_client
+from geodns.tcp import ABUSE_LINGER, COMPACT_AT, Abusive, Framer, Message, ZeroLength, abuse_of
+from geodns.tcp_admission import (
+    Abuse,
+    PenaltyBox,
+    Refusal,
+    TcpAdmission,
+    client_key,
+    default_per_client,
+    merge_snapshots,
+)
 from geodns.wire import (
     MAX_QUERY_OCTETS,
     BadOpt,
@@ -29,11 +40,12 @@ from geodns.wire import (
 )
 from geomesh.errors import ValidationError
 
-from .clients import DnsProcess, query, read_frame, tcp_exchange, udp_exchange
+from .clients import DnsProcess, query, read_frame, udp_exchange
 from .conftest import ZONE, state_toml
 from .test_server import metric, scrape
 
 HOT_SUBNET = "193.0.6.0/24"  # placed in Europe: eu-central answers with 192.0.2.20
+VICTIM, ATTACKER, FLOODER = "127.0.0.1", "127.0.0.2", "127.0.0.11"  # TCP sources
 CACHE_BYTES = 2 << 20
 TCP_MAX = 40
 TCP_PER_CLIENT = 8
@@ -121,8 +133,128 @@ def test_admission_share_and_cap() -> None:
         TcpAdmission(5, 6)
 
 
+# offences of one client at the given times -> the cool-down each one imposes (1 s doubling to 8 s)
+@pytest.mark.parametrize("times, cooldowns", [
+    ([0.0], [1.0]),
+    ([0.0, 1.5, 4.0, 9.0, 20.0], [1.0, 2.0, 4.0, 8.0, 8.0]),  # doubles on each repeat, stops at the max
+    ([0.0, 0.1, 0.2], [1.0, 2.0, 4.0]),  # connections of the same client closed one after another
+    ([0.0, 1.0 + 8.0 - 0.01], [1.0, 2.0]),  # just inside the clean period (the max) after the cool-down
+    ([0.0, 1.0 + 8.0], [1.0, 1.0]),  # clean for the max after the cool-down: starts over
+    ([0.0, 1.5, 4.0, 4.0 + 4.0 + 8.0], [1.0, 2.0, 4.0, 1.0]),
+])
+def test_penalty_cooldown_doubles(times: list[float], cooldowns: list[float]) -> None:
+    box = PenaltyBox(1.0, 8.0, 100)
+    assert [box.offend(V4, t, Abuse.RECORDS) for t in times] == cooldowns
+    assert box.closed[Abuse.RECORDS] == len(times)
+
+
+@pytest.mark.parametrize("offender, asking, at, penalised", [
+    (V4, V4, 0.5, True),
+    (V4, V4, 1.0, False),  # the cool-down is over
+    (V4, V4B, 0.5, False),  # another address is another client
+    (V6, V6_SAME_56, 0.5, True),  # the same /56
+    (V6, V6_OTHER_56, 0.5, False),
+    (MAPPED, V4, 0.5, True),
+])
+def test_penalty_is_per_client(offender: bytes, asking: bytes, at: float, penalised: bool) -> None:
+    box = PenaltyBox(1.0, 60.0, 100)
+    box.offend(offender, 0.0, Abuse.OVERSIZE)
+    assert box.penalised(asking, at) is penalised
+    adm = TcpAdmission(5, 2, box)
+    assert adm.admit(asking, at) is (Refusal.PENALISED if penalised else None)
+    assert adm.total == (0 if penalised else 1)
+
+
+def test_penalty_box_is_bounded_and_can_be_disabled() -> None:
+    box = PenaltyBox(1.0, 60.0, 3)
+    clients = [socket.inet_aton(f"192.0.2.{i}") for i in range(1, 6)]
+    for i, c in enumerate(clients):
+        box.offend(c, i / 100, Abuse.ADDITIONAL)
+        assert len(box) <= 3
+    assert box.evictions == 2
+    assert not box.penalised(clients[0], 0.5) and box.penalised(clients[4], 0.5)  # the oldest forgotten
+    off = PenaltyBox(0.0)
+    assert off.offend(V4, 0.0, Abuse.OVERSIZE) == 0.0 and not off.penalised(V4, 0.0) and len(off) == 0
+    assert off.closed[Abuse.OVERSIZE] == 1  # still counted: the connection was closed
+    for args in ((-1.0,), (2.0, 1.0), (1.0, 60.0, 0)):
+        with pytest.raises(ValueError):
+            PenaltyBox(*args)
+    merged = merge_snapshots([box.snapshot(), off.snapshot()], [off.snapshot()])
+    assert merged == {"closed": {"oversize": 1, "records": 0, "additional": 5}, "clients": 0, "evictions": 2}
+
+
 QUESTION = b"\x04shop\x03geo\x07example\x03com\x00" + struct.pack("!HH", 1, 1)
 EMPTY_TXT = b"\0" + struct.pack("!HHIH", 16, 1, 0, 1) + b"\0"
+OPT = b"\0" + struct.pack("!HHIH", 41, 1232, 0, 0)
+
+
+def header(flags: int = 0, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
+    return struct.pack("!HHHHHH", 0x1234, flags, qd, an, ns, ar)
+
+
+@pytest.mark.parametrize("size, head, want", [
+    (40, header(), None),
+    (40, header(ar=2), None),  # an OPT and a TSIG
+    (40, header(an=1), Abuse.RECORDS),
+    (40, header(ns=1), Abuse.RECORDS),
+    (40, header(ar=3), Abuse.ADDITIONAL),
+    (40, header(qd=0, an=1), Abuse.RECORDS),  # FORMERR either way
+    (1024, header(), None),
+    (1025, header(), Abuse.OVERSIZE),
+    (65535, header(0x8000, an=5458), Abuse.OVERSIZE),  # whatever the header says
+    (40, header(0x8000, an=1), None),  # a response: dropped, not answered
+    (40, header(5 << 11, an=1, ns=1), None),  # UPDATE carries records: NOTIMP, not abuse
+    (11, header()[:11], None),  # no header: dropped
+])
+def test_abuse_of(size: int, head: bytes, want: Abuse | None) -> None:
+    assert abuse_of(size, head) is want
+
+
+def frames(*messages: bytes) -> bytes:
+    return b"".join(struct.pack("!H", len(m)) + m for m in messages)
+
+
+def events(framer: Framer) -> list[object]:
+    out = []
+    while (ev := framer.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+@pytest.mark.parametrize("chunks, want", [
+    ([frames(b"A" * 20, b"B" * 30)], [Message(b"A" * 20), Message(b"B" * 30)]),
+    ([b"\0", b"\x14" + b"A" * 19, b"A"], [Message(b"A" * 20)]),  # split anywhere
+    ([frames(b"A" * 20) + b"\0\0" + frames(b"B" * 20)], [Message(b"A" * 20), ZeroLength()]),
+    # refused from the header: the 64 KB body is not waited for
+    ([struct.pack("!H", 65535) + header(an=5458)], [Abusive(Abuse.OVERSIZE, header(an=5458))]),
+    ([struct.pack("!H", 65535) + header()[:11]], []),  # the header is not complete yet
+    ([frames(b"A" * 20) + struct.pack("!H", 200) + header(an=1)], [Message(b"A" * 20), Abusive(Abuse.RECORDS,
+                                                                                             header(an=1))]),
+    ([frames(header(ar=3) + b"x" * 10, b"B" * 20)], [Abusive(Abuse.ADDITIONAL, header(ar=3))]),  # then done
+    ([frames(b"short")], [Message(b"short")]),  # under a header: the answer path drops it
+])
+def test_framer(chunks: list[bytes], want: list[object]) -> None:
+    framer = Framer()
+    got = []
+    for chunk in chunks:
+        framer.feed(chunk)
+        got += events(framer)
+    assert got == want
+    if want and not isinstance(want[-1], Message):
+        framer.feed(frames(b"C" * 20))
+        assert framer.done and framer.next_event() is None and framer.buffered == 0
+
+
+def test_framer_drops_what_it_consumed_without_copying_per_message() -> None:
+    framer = Framer()
+    one = frames(header() + b"q" * 28)
+    stream = one * 20_000  # 800 KB of pipelined queries, fed in 4 KB reads
+    got = 0
+    for i in range(0, len(stream), 4096):
+        framer.feed(stream[i:i + 4096])
+        got += len(events(framer))
+        assert len(framer._buf) <= COMPACT_AT + 4096 + len(one)
+    assert got == 20_000 and framer.buffered == 0
 
 
 def msg(an: int = 0, ns: int = 0, ar: int = 0, records: bytes = b"", pad: int = 0) -> bytes:
@@ -204,7 +336,8 @@ def dns(tmp_path_factory: pytest.TempPathFactory, mmdb: Path):
     state.write_text(state_toml())
     proc = DnsProcess(work, "--state", str(state), "--geoip-db", str(mmdb), "--metrics-port", "0",
                       "--cache-bytes", str(CACHE_BYTES), "--tcp-max-connections", str(TCP_MAX),
-                      "--tcp-max-per-client", str(TCP_PER_CLIENT), "--tcp-idle-timeout", "5")
+                      "--tcp-max-per-client", str(TCP_PER_CLIENT), "--tcp-idle-timeout", "5",
+                      "--tcp-abuse-cooldown", "1")
     proc.start()
     yield proc
     proc.stop()
@@ -279,64 +412,6 @@ def test_cache_flood_stays_bounded_and_keeps_the_hot_entry(dns) -> None:
     assert hot_answer(port) == {"192.0.2.20"}
 
 
-def heavy_flood(port: int, seconds: float, stop: threading.Event) -> int:
-    """One TCP client pipelining the probe's 64 KB messages and smaller ones with records, reading
-    replies on the side; bounded in time."""
-    big = msg(an=5458, records=EMPTY_TXT * 5458)
-    small = msg(ar=2, records=(b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 0, 4) + b"\1\2\3\4") * 2)
-    batch = b"".join(struct.pack("!H", len(m)) + m for m in [big] * 4 + [small] * 400)
-    replies = [0]
-
-    def reader(s: socket.socket) -> None:
-        try:
-            while chunk := s.recv(1 << 16):
-                replies[0] += len(chunk)
-        except OSError:
-            pass
-
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        t = threading.Thread(target=reader, args=(s,), daemon=True)
-        t.start()
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not stop.is_set():
-            try:
-                s.sendall(batch)
-            except TimeoutError:
-                break  # the server stopped reading for 10 s: the assertions below will tell
-        s.shutdown(socket.SHUT_WR)
-        t.join(5)
-    return replies[0]
-
-
-def test_tcp_flood_does_not_stall_udp(dns) -> None:
-    port = dns.port
-    stop = threading.Event()
-    result: list[int] = []
-    flooder = threading.Thread(target=lambda: result.append(heavy_flood(port, 3.0, stop)), daemon=True)
-    flooder.start()
-    time.sleep(0.3)
-    latencies = []
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("127.0.0.1", port))
-            s.settimeout(2.0)
-            for i in range(80):  # cache misses: every name is new
-                start = time.monotonic()
-                s.send(query(f"u{i}.lat.{ZONE}", qid=i))
-                reply = s.recv(65535)
-                latencies.append(time.monotonic() - start)
-                assert struct.unpack("!H", reply[:2])[0] == i
-                time.sleep(0.02)
-    finally:
-        stop.set()
-        flooder.join(10)
-    assert result and result[0] > 0, "the flood got no replies"
-    assert max(latencies) < 0.5, f"UDP max latency {max(latencies) * 1000:.0f} ms during the TCP flood"
-    for records in (dict(an=1), dict(ns=1)):
-        reply = tcp_exchange(port, [msg(records=EMPTY_TXT, **records)])[0]
-        assert RCODE[DNSRecord.parse(reply).header.rcode] == "FORMERR"
-
-
 def connect_from(source: str, port: int) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(3)
@@ -362,6 +437,171 @@ def refused(s: socket.socket) -> bool:
         return s.recv(10) == b""
     except (ConnectionResetError, BrokenPipeError):
         return True
+
+
+
+def abusive(kind: Abuse, qid: int = 0x4321) -> bytes:
+    """A message of each kind no query can be; the probe's 64 KB one for OVERSIZE."""
+    if kind is Abuse.OVERSIZE:
+        return struct.pack("!HHHHHH", qid, 0x0100, 1, 5458, 0, 0) + QUESTION + EMPTY_TXT * 5458
+    counts = {Abuse.RECORDS: (1, 0, 0), Abuse.ADDITIONAL: (0, 0, 3)}[kind]
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, *counts) + QUESTION + EMPTY_TXT * sum(counts)
+
+
+def closed_by_server(s: socket.socket, within: float) -> float:
+    """Seconds until the server closed `s` (EOF or reset); fails after `within` seconds."""
+    start = time.monotonic()
+    s.settimeout(within)
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {within} s")
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("kind, source", [(Abuse.OVERSIZE, "127.0.0.21"), (Abuse.RECORDS, "127.0.0.22"),
+                                          (Abuse.ADDITIONAL, "127.0.0.23")])
+def test_abusive_message_gets_formerr_then_close(dns, kind: Abuse, source: str) -> None:
+    before = scrape(dns)
+    good = query(f"shop.{ZONE}", ecs=HOT_SUBNET, qid=1)
+    after = query(f"shop.{ZONE}", ecs=HOT_SUBNET, qid=3)
+    with connect_from(source, dns.port) as s:
+        s.sendall(frames(good, abusive(kind, qid=2), after))  # pipelined: one before, one after
+        first, second = DNSRecord.parse(read_frame(s)), DNSRecord.parse(read_frame(s))
+        assert (first.header.id, RCODE[first.header.rcode]) == (1, "NOERROR")
+        assert (second.header.id, RCODE[second.header.rcode]) == (2, "FORMERR")
+        # closed at once (the idle timeout is 5 s), the query after it unanswered
+        assert closed_by_server(s, 3.0) < 3.0
+    text = scrape(dns)
+    assert (metric(text, "geodns_tcp_abuse_closed_total", reason=kind.value)
+            - metric(before, "geodns_tcp_abuse_closed_total", reason=kind.value)) == 1
+    assert metric(text, "geodns_tcp_penalty_clients") >= 1
+
+
+def test_penalised_client_is_refused_then_served_again(dns) -> None:
+    port = dns.port
+    before = scrape(dns)
+    with connect_from(ATTACKER, port) as s:
+        s.sendall(frames(abusive(Abuse.RECORDS)))
+        offended = time.monotonic()
+        assert RCODE[DNSRecord.parse(read_frame(s)).header.rcode] == "FORMERR"
+        closed_by_server(s, 3.0)
+    again = connect_from(ATTACKER, port)
+    with again:
+        assert refused(again), "a reconnection during the cool-down was served"
+    with connect_from(VICTIM, port) as other:  # another client is served meanwhile
+        assert ask_tcp(other, 9) == 0
+    assert (metric(scrape(dns), "geodns_tcp_refused_total", reason="penalised")
+            - metric(before, "geodns_tcp_refused_total", reason="penalised")) >= 1
+    # after the reset (ABUSE_LINGER) and the cool-down (--tcp-abuse-cooldown 1) it is served again
+    deadline = offended + 5
+    while True:
+        with connect_from(ATTACKER, port) as late:
+            try:
+                if ask_tcp(late, 10) == 0:
+                    break
+            except (ConnectionError, OSError):
+                pass
+        assert time.monotonic() < deadline, "still refused 5 s after a 1 s cool-down"
+        time.sleep(0.1)
+    assert time.monotonic() - offended >= ABUSE_LINGER + 0.9, "served again before the cool-down was over"
+
+
+def test_well_formed_pipelining_client_is_never_closed(dns) -> None:
+    port = dns.port
+    before = scrape(dns)
+    padded = with_options((12, b"\0" * 1000), qid=0)
+    padded = with_options((12, b"\0" * (1000 - (len(padded) - MAX_QUERY_OCTETS))), qid=0)
+    assert len(padded) == MAX_QUERY_OCTETS  # the largest query answered
+    shapes = [query(f"shop.{ZONE}", ecs=HOT_SUBNET), query(f"nosuch.{ZONE}", edns=False), padded,
+              msg(ar=2, records=OPT + EMPTY_TXT),  # OPT and one more additional record
+              msg(ar=2, records=OPT * 2)]  # two OPTs: FORMERR, but a query's shape: not abuse
+    wires = []
+    for i in range(3000):
+        w = bytearray(shapes[i % len(shapes)])
+        w[:2] = struct.pack("!H", i)
+        wires.append(bytes(w))
+    replies: list[bytes] = []
+    with connect_from(VICTIM, port) as s:
+        s.settimeout(10)
+        reader = threading.Thread(target=lambda: replies.extend(read_frame(s) for _ in wires), daemon=True)
+        reader.start()
+        s.sendall(frames(*wires))
+        reader.join(20)
+        assert len(replies) == len(wires), f"{len(replies)} of {len(wires)} replies before the connection ended"
+        assert [struct.unpack_from("!H", r)[0] for r in replies] == list(range(len(wires)))
+        assert ask_tcp(s, 7777) == 0  # still open
+    with connect_from(VICTIM, port) as s:
+        assert ask_tcp(s, 7778) == 0  # and not penalised
+    text = scrape(dns)
+    for name in ("geodns_tcp_abuse_closed_total", "geodns_tcp_refused_total"):
+        assert metric(text, name) == metric(before, name), name
+
+
+def abusive_flood(port: int, seconds: float, stop: threading.Event) -> tuple[int, int]:
+    """The bench's attacker: pipelines batches of the probe's 64 KB messages, reconnecting when
+    the server ends the connection; bounded in time and connections. (batches sent, connections
+    the server ended)."""
+    batch = frames(*[abusive(Abuse.OVERSIZE)] * 8)
+    sent = ended = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not stop.is_set() and ended < 50_000:
+        try:
+            s = connect_from(FLOODER, port)
+        except OSError:
+            ended += 1
+            time.sleep(0.01)
+            continue
+        with s:
+            s.settimeout(2)
+            try:
+                while time.monotonic() < deadline and not stop.is_set():
+                    s.sendall(batch)
+                    sent += 1
+            except OSError:
+                ended += 1
+    return sent, ended
+
+
+def test_tcp_flood_does_not_stall_udp(dns) -> None:
+    port = dns.port
+    before = scrape(dns)
+    stop = threading.Event()
+    result: list[tuple[int, int]] = []
+    flooder = threading.Thread(target=lambda: result.append(abusive_flood(port, 3.0, stop)), daemon=True)
+    flooder.start()
+    time.sleep(0.3)
+    latencies = []
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("127.0.0.1", port))
+            s.settimeout(2.0)
+            for i in range(80):  # cache misses: every name is new
+                start = time.monotonic()
+                s.send(query(f"u{i}.lat.{ZONE}", qid=i))
+                reply = s.recv(65535)
+                latencies.append(time.monotonic() - start)
+                assert struct.unpack("!H", reply[:2])[0] == i
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        flooder.join(10)
+    assert result, "the flooder did not finish"
+    sent, ended = result[0]
+    assert sent > 0 and ended >= 2, f"{sent} batches sent, {ended} connections ended by the server"
+    assert max(latencies) < 0.5, f"UDP max latency {max(latencies) * 1000:.0f} ms during the TCP flood"
+    text = scrape(dns)
+    closed = (metric(text, "geodns_tcp_abuse_closed_total", reason="oversize")
+              - metric(before, "geodns_tcp_abuse_closed_total", reason="oversize"))
+    penalised = (metric(text, "geodns_tcp_refused_total", reason="penalised")
+                 - metric(before, "geodns_tcp_refused_total", reason="penalised"))
+    # the flooder got its FORMERR and a close, then resets while it cooled down (1, 2, 4 s...)
+    assert 1 <= closed <= 3 and penalised >= 1, (closed, penalised)
+    with connect_from(VICTIM, port) as s:  # other clients are still served over TCP
+        assert ask_tcp(s, 8) == 0
 
 
 def test_tcp_share_per_client(dns) -> None:
@@ -418,6 +658,10 @@ def test_tcp_share_per_client(dns) -> None:
     (["--cache-bytes", "-1"], "--cache-bytes"),
     (["--tcp-max-connections", "10", "--tcp-max-per-client", "11"], "--tcp-max-per-client"),
     (["--tcp-max-per-client", "0"], "--tcp-max-per-client"),
+    (["--tcp-abuse-cooldown", "-1"], "--tcp-abuse-cooldown"),
+    (["--tcp-abuse-cooldown", "0.001"], "--tcp-abuse-cooldown"),
+    (["--tcp-abuse-cooldown", "10", "--tcp-abuse-cooldown-max", "5"], "--tcp-abuse-cooldown-max"),
+    (["--tcp-abuse-clients", "0"], "--tcp-abuse-clients"),
 ])
 def test_bad_protection_flags_name_the_flag(tmp_path: Path, mmdb: Path, args: list[str], message: str) -> None:
     state = tmp_path / "state.toml"
@@ -432,3 +676,6 @@ def test_protection_defaults(tmp_path: Path, mmdb: Path) -> None:
     cfg = Config.from_args(["--state", str(state), "--geoip-db", str(mmdb)])
     assert (cfg.cache_bytes, cfg.tcp_max_connections, cfg.tcp_max_per_client) == (32 << 20, 1000, None)
     assert TcpAdmission(cfg.tcp_max_connections, cfg.tcp_max_per_client).max_per_client == 100
+    assert (cfg.tcp_abuse_cooldown, cfg.tcp_abuse_cooldown_max, cfg.tcp_abuse_clients) == (1.0, 60.0, 10_000)
+    off = Config.from_args(["--state", str(state), "--geoip-db", str(mmdb), "--tcp-abuse-cooldown", "0"])
+    assert not PenaltyBox(off.tcp_abuse_cooldown, off.tcp_abuse_cooldown_max).enabled

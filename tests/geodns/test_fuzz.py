@@ -19,6 +19,7 @@ from .conftest import ZONE
 BATCH = 200
 UDP_EXAMPLES = 110  # x BATCH = 22,000 packets
 SENT = {"udp": 0, "tcp": 0}
+SOURCES = [0]  # TCP source addresses used (127.1.x.y)
 
 SEEDS = [
     query(f"shop.{ZONE}", edns=False),
@@ -81,6 +82,18 @@ def strict_parse(msg: bytes) -> tuple[int, int]:
 def answerable(packet: bytes) -> bool:
     """What the server must reply to: a header's worth of bytes with QR clear (at most 4096)."""
     return 12 <= len(packet) <= 4096 and not packet[2] & 0x80
+
+
+def closes(packet: bytes) -> bool:
+    """What the server answers (FORMERR) and then closes a TCP connection after: a message no
+    query can be -- over 1024 octets, or a query (QR clear, opcode 0) with answer or authority
+    records or more than two additional records."""
+    if len(packet) > 1024:
+        return True
+    if len(packet) < 12:
+        return False
+    flags, _, an, ns, ar = struct.unpack_from("!HHHHH", packet, 2)
+    return not flags & 0xF800 and bool(an or ns or ar > 2)
 
 
 def mutate(seed: bytes, edits: list[tuple[int, int]], cut: int, junk: bytes) -> bytes:
@@ -149,21 +162,32 @@ def test_udp_fuzz(static_dns, batch: list[bytes]) -> None:
 @given(batch=st.lists(packets.filter(lambda p: 0 < len(p)), min_size=100, max_size=100))
 def test_tcp_fuzz(static_dns, batch: list[bytes]) -> None:
     SENT["tcp"] += len(batch)
-    with socket.create_connection(("127.0.0.1", static_dns.port), timeout=5) as s:
-        s.sendall(b"".join(struct.pack("!H", len(p)) + p for p in batch))
-        s.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    got = []
-    pos = 0
-    while pos < len(data):
-        n = struct.unpack_from("!H", data, pos)[0]
-        got.append(data[pos + 2:pos + 2 + n])
-        pos += 2 + n
-    assert pos == len(data)
-    answerable_ids = [struct.unpack_from("!H", p)[0] for p in batch if answerable(p)]
-    assert [strict_parse(r)[0] for r in got] == answerable_ids  # one reply each, in order
+    # the server closes a connection after a message no query can be (its FORMERR first) and
+    # refuses that client's new connections for a while: the batch goes in pieces, each ending
+    # with such a message, each on a connection from its own loopback address
+    pieces: list[list[bytes]] = [[]]
+    for p in batch:
+        pieces[-1].append(p)
+        if closes(p):
+            pieces.append([])
+    for piece in filter(None, pieces):
+        SOURCES[0] += 1
+        source = f"127.1.{SOURCES[0] // 250 % 250}.{SOURCES[0] % 250 + 1}"
+        with socket.create_connection(("127.0.0.1", static_dns.port), timeout=5, source_address=(source, 0)) as s:
+            s.sendall(b"".join(struct.pack("!H", len(p)) + p for p in piece))
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        got = []
+        pos = 0
+        while pos < len(data):
+            n = struct.unpack_from("!H", data, pos)[0]
+            got.append(data[pos + 2:pos + 2 + n])
+            pos += 2 + n
+        assert pos == len(data)
+        answerable_ids = [struct.unpack_from("!H", p)[0] for p in piece if answerable(p)]
+        assert [strict_parse(r)[0] for r in got] == answerable_ids  # one reply each, in order
 
 
 def test_fuzz_volume_and_server_still_serving(static_dns) -> None:
