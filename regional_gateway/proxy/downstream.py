@@ -319,8 +319,7 @@ class ClientConnection(asyncio.Protocol):
         self.cur = None
         ex.keep_alive = False
         if ex is not self.active:
-            ex.error = err  # answered in its turn, after the exchanges before it
-            self.closing = True
+            ex.error = err  # answered in its turn, after the exchanges before it (then the connection ends)
             return True
         up = ex.upstream
         if ex.resp_done or (up is not None and up.got):
@@ -329,6 +328,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.upstream = None
                 up.close()
             self.server.metrics.error(err.cause)
+            self.server.metrics.request(ex.app, ex.backend_label, ex.status or 502)
             self._uncount(ex)
             self.active = None
             self._close_after_write()

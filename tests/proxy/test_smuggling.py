@@ -439,6 +439,18 @@ def test_half_close_mid_body_is_400_at_once_and_frees_the_upstream(rig):
     assert rig.rec.requests == []
 
 
+def test_half_close_mid_body_behind_a_pipelined_request(rig):
+    rig.warm()
+    with Conn(rig.g.http) as c:
+        c.send_raw(f"GET /slow?ms=200 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+                   + f"POST /half HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 100\r\n\r\nabc".encode())
+        c.sock.shutdown(socket.SHUT_WR)
+        assert c.read_response().body == b"r1 GET /slow?ms=200"  # the request before it is answered first
+        r = c.read_response()
+        assert r.status == 400 and r.header("x-geomesh-error") == "incomplete-request"
+    assert [q.target for q in rig.rec.requests] == ["/slow?ms=200"]
+
+
 def test_half_close_inside_a_head_is_400(rig):
     with Conn(rig.g.http) as c:
         c.send_raw(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nX-A".encode())
@@ -571,3 +583,61 @@ def test_refusals_are_counted_by_cause(rig):
     after = rig.g.server.metrics.errors
     assert after.get("connection-protected-header", 0) == before.get("connection-protected-header", 0) + 1
     assert after.get("bad-host", 0) == before.get("bad-host", 0) + 1
+
+
+class DoubleAnswer:
+    """A backend that answers `/double` with two responses in one write (it lost track of the
+    exchange); every other path once, with the path as the body. Counts its connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        with c:
+            while True:
+                try:
+                    data = c.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    path = head.split(b" ")[1]
+                    one = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path)
+                    c.sendall(one + (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nextra" if path == b"/double"
+                                     else b""))
+
+
+def test_a_backend_that_answers_twice_loses_its_pooled_connection(tmp_path):
+    back = DoubleAnswer()
+    g = RunningGateway(routes(f"127.0.0.1:{back.port}"), tmp_path, {})
+    try:
+        assert get(g.http, HOST, "/warm").body == b"/warm"
+        assert back.accepted == 1
+        with Conn(g.http) as c:
+            assert c.request(HOST, "/double").body == b"/double"
+            c.sock.settimeout(2)
+            c.read_until_close()  # the extra bytes, then the gateway closes this client too
+        assert get(g.http, HOST, "/next").body == b"/next"
+        assert back.accepted == 2  # the connection that answered twice was not reused
+        assert g.server.metrics.errors.get("upstream-extra-response") == 1
+    finally:
+        g.stop()
+        back.sock.close()
