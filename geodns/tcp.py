@@ -137,14 +137,11 @@ class Framer:
         size = (buf[pos] << 8) | buf[pos + 1]
         if size == 0:
             return self._finish(ZeroLength())
-        if size > MAX_QUERY_OCTETS:  # the header is enough, whatever it says
-            if have < 2 + HEADER_LEN:
-                return None
-            return self._finish(Abusive(Abuse.OVERSIZE, bytes(buf[pos + 2:pos + 2 + HEADER_LEN])))
         if size >= HEADER_LEN and have >= 2 + HEADER_LEN:
-            abuse = abuse_of(size, memoryview(buf)[pos + 2:pos + 2 + HEADER_LEN])
-            if abuse is not None:
-                return self._finish(Abusive(abuse, bytes(buf[pos + 2:pos + 2 + HEADER_LEN])))
+            head = bytes(buf[pos + 2:pos + 2 + HEADER_LEN])
+            abuse = abuse_of(size, head)
+            if abuse is not None:  # the header is enough: the body is never looked at
+                return self._finish(Abusive(abuse, head))
         if have < 2 + size:
             return None
         with memoryview(buf) as view:
