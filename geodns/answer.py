@@ -366,7 +366,7 @@ class Responder:
             flags |= TC
             an = ns = ar = 0
             body = b""
-        index = self.stats.index(RCODE_NAMES.get(rcode, str(rcode)), lookup.region)
+        index = self.stats.index(RCODE_NAMES.get(rcode, str(rcode)), lookup.region, lookup.fail_open)
         return _Entry(flags, an, ns, ar, body, rcode >> 4, scope, index, reusable, rcode, lookup.region)
 
     def _assemble(self, q: Query, e: _Entry) -> bytes:

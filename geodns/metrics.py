@@ -7,6 +7,8 @@ send it every second. Exported:
 
 - `geodns_queries_total{transport,rcode,region}` queries answered (region: where the answer's
   gateways are, empty for answers without gateways)
+- `geomesh_dns_fail_open_total` app (and `gw.<region>`) answers that named gateways found
+  unreachable because no reachable one was left (fail-open, docs/reachability.md)
 - `geodns_cache_hits_total`, `geodns_cache_misses_total`, `geodns_cache_hit_ratio`
 - `geodns_dropped_total` packets that got no reply; `geodns_rrl_total{action}` slip/drop
 - `geodns_udp_batches_total`, `geodns_udp_datagrams_total` recvmmsg calls and what they read
@@ -39,6 +41,9 @@ class GeoDnsCollector(Collector):
         for (transport, rcode, region), n in sorted(snap["queries"].items()):
             q.add_metric([transport, rcode, region], n)
         yield q
+        yield CounterMetricFamily("geomesh_dns_fail_open", "answers that named gateways found unreachable because "
+                                  "no reachable gateway was left for the name (fail-open)",
+                                  value=snap.get("fail_open", 0))
         hits, misses = snap["cache_hits"], snap["cache_misses"]
         yield CounterMetricFamily("geodns_cache_hits", "answers served from a cache", value=hits)
         yield CounterMetricFamily("geodns_cache_misses", "answers computed from the routing view", value=misses)

@@ -10,7 +10,10 @@ record decodes into large dicts.
 (`geomesh.geo`, ties by name); a place without coordinates stands at the default region, and
 without a default region the order is by name. `choose` walks that order for an app: the nearest
 healthy region hosting it, else the nearest healthy region it may be served from (its pinned
-regions, or any region: that gateway forwards over the mesh).
+regions, or any region: that gateway forwards over the mesh). Healthy means with a reachable
+gateway; when no region qualifies that way, the same walk over regions with any routable gateway
+(reachable or not) picks the fail-open region, so an app that has gateways never gets NODATA
+(`geodns.zone.records` then answers that region's routable addresses and flags the answer).
 """
 
 from __future__ import annotations
@@ -180,12 +183,22 @@ def region_order(regions: Mapping[str, RegionView], place: Place | None, default
 
 
 def choose(app: AppView, order: list[RegionView]) -> RegionView | None:
-    """The region whose gateways answer for `app`, given regions nearest first."""
-    for region in order:
-        if region.name in app.hosting and region.healthy:
-            return region
+    """The region whose gateways answer for `app`, given regions nearest first: by reachable
+    gateways, else (fail-open) by routable ones."""
     allowed = set(app.pinned) if app.pinned else None
-    for region in order:
-        if region.healthy and (allowed is None or region.name in allowed):
-            return region
+    for usable in (_healthy, _routable):
+        for region in order:
+            if region.name in app.hosting and usable(region):
+                return region
+        for region in order:
+            if usable(region) and (allowed is None or region.name in allowed):
+                return region
     return None
+
+
+def _healthy(region: RegionView) -> bool:
+    return region.healthy
+
+
+def _routable(region: RegionView) -> bool:
+    return region.routable

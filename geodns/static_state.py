@@ -20,7 +20,10 @@ an error naming the key, never a silently ignored setting. Format (see docs/geod
     latitude = 50.11
     longitude = 8.68
     gateways = [{ name = "eu-1", ipv4 = "192.0.2.10", ipv6 = "2001:db8::10" },
-                { name = "eu-2", ipv4 = "192.0.2.11", state = "draining" }]
+                { name = "eu-2", ipv4 = "192.0.2.11", state = "draining" },
+                { name = "eu-3", ipv4 = "192.0.2.12", reachable = false }]
+    # state: active | draining; alive (default true); reachable (default true): false = found
+    # unreachable, answered only when no reachable gateway is left for a name (fail-open)
 
     [[apps]]
     name = "shop"
@@ -41,7 +44,7 @@ from geomesh.errors import ValidationError
 
 _ZONE_KEYS = {"name", "nameservers", "soa_rname", "ttl", "negative_ttl", "ns_ttl", "default_region", "serial"}
 _REGION_KEYS = {"name", "latitude", "longitude", "display_name", "gateways"}
-_GATEWAY_KEYS = {"name", "ipv4", "ipv6", "state", "alive"}
+_GATEWAY_KEYS = {"name", "ipv4", "ipv6", "state", "alive", "reachable"}
 _APP_KEYS = {"name", "regions", "pinned_regions"}
 _TOP_KEYS = {"zone", "regions", "apps"}
 
@@ -113,8 +116,10 @@ def view_from(data: Mapping[str, Any], revision: int, overrides: Mapping[str, An
         lat = v.latitude(f"{where}.latitude", reg.get("latitude"))
         lon = v.longitude(f"{where}.longitude", reg.get("longitude"))
         v.text(f"{where}.display_name", reg.get("display_name", ""))
-        v4: list[tuple[str, str]] = []
+        v4: list[tuple[str, str]] = []  # reachable routable gateways
         v6: list[tuple[str, str]] = []
+        all4: list[tuple[str, str]] = []  # every routable gateway
+        all6: list[tuple[str, str]] = []
         for j, gw in enumerate(_list(f"{where}.gateways", reg.get("gateways", []))):
             gwhere = f"{where}.gateways[{j}]"
             _check_keys(gwhere, gw, _GATEWAY_KEYS)
@@ -128,6 +133,9 @@ def view_from(data: Mapping[str, Any], revision: int, overrides: Mapping[str, An
             alive = gw.get("alive", True)
             if not isinstance(alive, bool):
                 raise ValidationError(f"{gwhere}.alive", "must be true or false")
+            reachable = gw.get("reachable", True)
+            if not isinstance(reachable, bool):
+                raise ValidationError(f"{gwhere}.reachable", "must be true or false")
             if "ipv4" not in gw and "ipv6" not in gw:
                 raise ValidationError(gwhere, "needs ipv4, ipv6 or both")
             addrs = []
@@ -139,9 +147,10 @@ def view_from(data: Mapping[str, Any], revision: int, overrides: Mapping[str, An
                     addrs.append((key, text))
             if state == "active" and alive:
                 for key, text in addrs:
-                    (v4 if key == "ipv4" else v6).append((gname, text))
-        regions.append(RegionView(rname, lat, lon, tuple(ip for _, ip in sorted(v4)),
-                                  tuple(ip for _, ip in sorted(v6))))
+                    (all4 if key == "ipv4" else all6).append((gname, text))
+                    if reachable:
+                        (v4 if key == "ipv4" else v6).append((gname, text))
+        regions.append(RegionView(rname, lat, lon, *(tuple(ip for _, ip in sorted(x)) for x in (v4, v6, all4, all6))))
     if zone.default_region and zone.default_region not in names:
         raise ValidationError("zone.default_region", f"{zone.default_region!r} is not one of the regions")
     apps = []

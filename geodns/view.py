@@ -6,8 +6,11 @@ apps with the regions that host them. It is built either from a coordinator-fed
 `geomesh.routing_table.RoutingTable` (`View.from_table`) or from a static state file
 (`geodns.static_state`). Building is pure and happens off the data path; the answer path only
 reads dicts of plain tuples. Health is decided here, once: a region is healthy when it has at
-least one alive, non-draining gateway; an app is hosted where it has a healthy instance (limited
-to its pinned regions, when it has some).
+least one alive, non-draining gateway that the coordinator has not found unreachable
+(`Gateway.reachable_routable`, docs/reachability.md); an app is hosted where it has a healthy
+instance (limited to its pinned regions, when it has some). Each region also keeps the addresses
+of all its routable gateways, reachable or not (`routable_ipv4`/`routable_ipv6`): what the answer
+path falls back to (fail-open) when the reachable ones would leave an app with no answer.
 """
 
 from __future__ import annotations
@@ -80,15 +83,40 @@ class ZoneConfig:
 
 @dataclass(frozen=True, slots=True)
 class RegionView:
+    """A region's gateway addresses, sorted by gateway name: `ipv4`/`ipv6` of the reachable
+    routable gateways (what DNS answers), `routable_ipv4`/`routable_ipv6` of every routable one,
+    reachable or not (the fail-open answer; defaults to the reachable ones)."""
+
     name: str
     latitude: float
     longitude: float
-    ipv4: tuple[str, ...] = ()  # routable gateways' addresses, sorted by gateway name
+    ipv4: tuple[str, ...] = ()
     ipv6: tuple[str, ...] = ()
+    routable_ipv4: tuple[str, ...] = ()
+    routable_ipv6: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.routable_ipv4 and not self.routable_ipv6:
+            object.__setattr__(self, "routable_ipv4", self.ipv4)
+            object.__setattr__(self, "routable_ipv6", self.ipv6)
 
     @property
     def healthy(self) -> bool:
+        """Has a gateway DNS may send clients to (alive, active, reachable)."""
         return bool(self.ipv4 or self.ipv6)
+
+    @property
+    def routable(self) -> bool:
+        """Has an alive, active gateway, reachable or not (a fail-open answer is possible)."""
+        return bool(self.ipv4 or self.ipv6 or self.routable_ipv4 or self.routable_ipv6)
+
+    def addresses(self, version: int) -> tuple[tuple[str, ...], bool]:
+        """The addresses of one family to answer with, and whether they fail open: the reachable
+        gateways' addresses, else (all of this family's gateways found unreachable) the routable ones."""
+        reachable, routable = (self.ipv4, self.routable_ipv4) if version == 4 else (self.ipv6, self.routable_ipv6)
+        if reachable or not routable:
+            return reachable, False
+        return routable, True
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +148,21 @@ class View:
     def from_table(cls, table: RoutingTable, zone: ZoneConfig) -> View:
         """The view of a routing table: the same rules as `RoutingTable.gateways_in` and
         `.hosting_regions`, computed in one pass over gateways and instances."""
-        v4: dict[str, list[tuple[str, str]]] = {}
-        v6: dict[str, list[tuple[str, str]]] = {}
+        # (reachable?, family) -> region -> [(gateway name, address)]
+        found: dict[tuple[bool, int], dict[str, list[tuple[str, str]]]] = {
+            (ok, fam): {} for ok in (True, False) for fam in (4, 6)}
         for gw in table.gateways.values():
             if gw.routable:
-                v4.setdefault(gw.region, []).append((gw.name, gw.public_ip))
-                if gw.public_ipv6:
-                    v6.setdefault(gw.region, []).append((gw.name, gw.public_ipv6))
-        regions = [RegionView(r.name, r.latitude, r.longitude,
-                              tuple(ip for _, ip in sorted(v4.get(r.name, ()))),
-                              tuple(ip for _, ip in sorted(v6.get(r.name, ()))))
+                for ok in {gw.reachable_routable, False}:
+                    found[(ok, 4)].setdefault(gw.region, []).append((gw.name, gw.public_ip))
+                    if gw.public_ipv6:
+                        found[(ok, 6)].setdefault(gw.region, []).append((gw.name, gw.public_ipv6))
+
+        def ips(reachable: bool, family: int, region: str) -> tuple[str, ...]:
+            return tuple(ip for _, ip in sorted(found[(reachable, family)].get(region, ())))
+
+        regions = [RegionView(r.name, r.latitude, r.longitude, ips(True, 4, r.name), ips(True, 6, r.name),
+                              ips(False, 4, r.name), ips(False, 6, r.name))
                    for r in table.regions.values()]
         hosting: dict[str, set[str]] = {}
         for inst in table.instances.values():

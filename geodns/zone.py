@@ -6,7 +6,9 @@ Two pure steps, CoreDNS-style. `classify(view, labels)` says what a name under t
 `records(view, target, qtype, region)` returns a `Lookup`: the rcode, the records of each
 section and the region chosen; only `geodns.answer` turns that into a message. For apps the
 caller passes the region that `geodns.nearest` chose for the client. ANY gets one RRset
-(RFC 8482); negative answers carry the SOA (RFC 2308).
+(RFC 8482); negative answers carry the SOA (RFC 2308). A region's addresses are those of its
+reachable gateways; when every gateway of the asked family is unreachable the routable ones
+answer anyway and the `Lookup` says so (`fail_open`, counted as `geomesh_dns_fail_open_total`).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class Lookup:
     authority: tuple[Record, ...] = ()
     additional: tuple[Record, ...] = ()
     region: str = ""  # the region whose gateways answer ("" when none was involved)
+    fail_open: bool = False  # answered with gateways found unreachable: no reachable one was left
 
 
 def soa(view: View) -> Record:
@@ -159,6 +162,16 @@ def _address_records(owner: str, ttl: int, ipv4: tuple[str, ...], ipv6: tuple[st
     if qtype == TYPE_AAAA:
         return tuple(Record(owner, TYPE_AAAA, ttl, AAAA(ip)) for ip in ipv6)
     return ()
+
+
+def _region_records(ttl: int, region: RegionView, qtype: int) -> tuple[tuple[Record, ...], bool]:
+    """A region's gateway records for `qtype` and whether they fail open (`RegionView.addresses`)."""
+    v4, open4 = region.addresses(4)
+    v6, open6 = region.addresses(6)
+    if qtype == TYPE_ANY:
+        qtype = TYPE_A if v4 else TYPE_AAAA
+    rrs = _address_records(OWNER_QNAME, ttl, v4, v6, qtype)
+    return rrs, bool(rrs) and (open4 if qtype == TYPE_A else open6)
 
 
 def _glue(view: View) -> tuple[Record, ...]:
@@ -190,18 +203,18 @@ def records(view: View, target: Target, qtype: int, region: RegionView | None = 
         return Lookup(RCODE_NOERROR, rrs) if rrs else nodata
     if isinstance(target, RegionGateways):
         r = target.region
-        rrs = _address_records(OWNER_QNAME, z.ttl, r.ipv4, r.ipv6, qtype)
+        rrs, fail_open = _region_records(z.ttl, r, qtype)
         if rrs:
-            return Lookup(RCODE_NOERROR, rrs, region=r.name)
+            return Lookup(RCODE_NOERROR, rrs, region=r.name, fail_open=fail_open)
         return Lookup(RCODE_NOERROR, authority=(soa(view),), region=r.name)
     if isinstance(target, AppName):
         if not view.ready:
             return Lookup(RCODE_SERVFAIL)
         if region is None:
             return nodata  # no healthy gateway anywhere the app may be served from
-        rrs = _address_records(OWNER_QNAME, z.ttl, region.ipv4, region.ipv6, qtype)
+        rrs, fail_open = _region_records(z.ttl, region, qtype)
         if rrs:
-            return Lookup(RCODE_NOERROR, rrs, region=region.name)
+            return Lookup(RCODE_NOERROR, rrs, region=region.name, fail_open=fail_open)
         return Lookup(RCODE_NOERROR, authority=(soa(view),), region=region.name)
     if isinstance(target, EmptyNonTerminal):
         return nodata

@@ -342,3 +342,91 @@ def test_a_parser_failure_gives_formerr_not_an_exception(responder: Responder, m
     monkeypatch.setattr("geodns.answer.parse_query", broken)
     reply = ask(responder, query(f"shop.{ZONE}", qid=77))
     assert RCODE[reply.header.rcode] == "FORMERR" and reply.header.id == 77
+
+
+# -- reachability: unreachable gateways leave the answer; fail-open, never NODATA ---------------
+
+# three placed regions, two gateways each; `down` lists the gateways found unreachable
+REACH_REGIONS = {"eu-central": (50.11, 8.68, ["eu-1", "eu-2"]), "us-east": (39.04, -77.49, ["us-1", "us-2"]),
+                 "ap-southeast": (1.29, 103.85, ["ap-1", "ap-2"])}
+REACH_IPS = {"eu-1": "192.0.2.21", "eu-2": "192.0.2.22", "us-1": "192.0.2.11", "us-2": "192.0.2.12",
+             "ap-1": "192.0.2.31", "ap-2": "192.0.2.32"}
+
+
+def reach_view(down: set[str], dead: set[str] = frozenset(), pinned: tuple[str, ...] = ()) -> View:
+    out = [f'[zone]\nname = "{ZONE}"\ndefault_region = "eu-central"\n']
+    for name, (lat, lon, gws) in REACH_REGIONS.items():
+        items = ", ".join(f'{{ name = "{g}", ipv4 = "{REACH_IPS[g]}", reachable = {str(g not in down).lower()}, '
+                          f'alive = {str(g not in dead).lower()} }}' for g in gws)
+        out.append(f'[[regions]]\nname = "{name}"\nlatitude = {lat}\nlongitude = {lon}\ngateways = [{items}]\n')
+    out.append('[[apps]]\nname = "shop"\nregions = ["eu-central", "us-east"]\n')
+    out.append('[[apps]]\nname = "pin"\nregions = ["eu-central"]\npinned_regions = ["eu-central"]\n')
+    out.append('[[apps]]\nname = "orphan"\nregions = []\n')
+    return static_state.view_from(tomllib.loads("".join(out)), revision=9)
+
+
+EU_ALL, US_ALL, AP_ALL = {"eu-1", "eu-2"}, {"us-1", "us-2"}, {"ap-1", "ap-2"}
+
+
+def served(r: Responder, wire: bytes, client: str = "127.0.0.1", tcp: bool = False) -> DNSRecord:
+    """`ask`, counted the way the transports count an answer they send (`Stats.slow`/`tcp`)."""
+    ans = r.answer(wire, socket.inet_pton(socket.AF_INET, client), tcp=tcp)
+    assert ans.wire is not None and ans.index >= 0
+    (r.stats.tcp if tcp else r.stats.slow)[ans.index] += 1
+    return DNSRecord.parse(ans.wire)
+
+
+@pytest.mark.parametrize("app, down, dead, answer, fail_open", [
+    # one of the nearest hosting region's gateways is unreachable: only the other is answered
+    ("shop", {"eu-2"}, set(), {"eu-1"}, False),
+    # the whole nearest hosting region is unreachable: the next hosting region that users reach
+    ("shop", EU_ALL, set(), US_ALL, False),
+    # no hosting region is reachable: the nearest reachable region (its gateway forwards over the mesh)
+    ("shop", EU_ALL | US_ALL, set(), AP_ALL, False),
+    # an app without instances: the nearest reachable gateway, as before
+    ("orphan", EU_ALL, set(), US_ALL, False),
+    # every gateway unreachable: fail-open, the nearest hosting region's routable gateways
+    ("shop", EU_ALL | US_ALL | AP_ALL, set(), EU_ALL, True),
+    ("orphan", EU_ALL | US_ALL | AP_ALL, set(), EU_ALL, True),
+    # fail-open only among routable gateways: a dead one is never answered
+    ("shop", EU_ALL | US_ALL | AP_ALL, {"eu-1"}, {"eu-2"}, True),
+    ("shop", US_ALL | AP_ALL, EU_ALL, US_ALL, True),
+    # a pinned app never leaves its regions, not even to a reachable one: fail-open inside them
+    ("pin", EU_ALL, set(), EU_ALL, True),
+    ("pin", {"eu-1"}, set(), {"eu-2"}, False),
+])
+def test_unreachable_gateways_are_left_out_and_everything_unreachable_fails_open(
+        locator: Locator, clients, app: str, down: set[str], dead: set[str], answer: set[str],
+        fail_open: bool) -> None:
+    r = Responder(reach_view(down, dead), locator)
+    wire = query(f"{app}.{ZONE}", ecs=clients["eu-central"][0].subnet)
+    for _ in range(2):  # computed, then from the cache: both counted
+        reply = served(r, wire)
+        assert reply.header.rcode == RCODE.NOERROR and addrs(reply) == {REACH_IPS[g] for g in answer}
+    assert r.stats.snapshot()["fail_open"] == (2 if fail_open else 0)
+
+
+def test_fail_open_is_never_nodata_and_is_exported(locator: Locator, clients) -> None:
+    from geodns.metrics import GeoDnsCollector
+    from geodns.stats import merge
+
+    r = Responder(reach_view(EU_ALL | US_ALL | AP_ALL), locator)
+    for client in ("us-east", "ap-southeast", "sa-east"):
+        for qtype in ("A", "ANY"):
+            reply = served(r, query(f"shop.{ZONE}", qtype, ecs=clients[client][0].subnet))
+            assert reply.header.rcode == RCODE.NOERROR and reply.rr, (client, qtype)
+    # gw.<region> fails open too
+    assert addrs(served(r, query(f"gw.ap-southeast.{ZONE}"))) == {REACH_IPS[g] for g in AP_ALL}
+    # over TCP as well
+    assert addrs(served(r, query(f"shop.{ZONE}", ecs=clients["us-east"][0].subnet), tcp=True)) == \
+        {REACH_IPS[g] for g in US_ALL}
+    snap = merge([r.stats.snapshot(), r.stats.snapshot()])
+    assert snap["fail_open"] == 2 * 8
+    families = {m.name: m for m in GeoDnsCollector(lambda: snap).collect()}
+    assert families["geomesh_dns_fail_open"].samples[0].value == 16
+    assert families["geomesh_dns_fail_open"].samples[0].name == "geomesh_dns_fail_open_total"
+    # and nothing is counted once a gateway is reachable again
+    r.set_view(reach_view(EU_ALL | US_ALL | {"ap-1"}))
+    before = r.stats.snapshot()["fail_open"]
+    assert addrs(served(r, query(f"shop.{ZONE}", ecs=clients["us-east"][0].subnet))) == {"192.0.2.32"}
+    assert r.stats.snapshot()["fail_open"] == before

@@ -421,3 +421,35 @@ def test_ecs_source_prefix_zero_gets_scope_zero(static_dns, tool, tcp) -> None:
     res = tool(static_dns.port, f"shop.{ZONE}", "A", tcp=tcp, subnet="0.0.0.0/0")
     assert res.ecs == "0.0.0.0/0/0", res.text
     assert res.addresses() == {"192.0.2.20"}  # placed by the source address 127.0.0.1: the default region
+
+
+def test_everything_unreachable_fails_open_and_is_counted(tmp_path: Path, mmdb: Path) -> None:
+    """A state file whose gateways are all `reachable = false`: the process still answers every
+    app name with the nearest region's routable gateways (never NODATA) and counts each answer in
+    `geomesh_dns_fail_open_total`; a reachable gateway is answered alone and not counted."""
+    text = state_toml().replace('state = "active"', 'state = "active", reachable = false')
+    state = tmp_path / "state.toml"
+    state.write_text(text)
+    proc = DnsProcess(tmp_path, "--state", str(state), "--geoip-db", str(mmdb), "--metrics-port", "0").start()
+    try:
+        for tcp in (False, True):
+            for _ in range(3):
+                res = dig(proc.port, f"shop.{ZONE}", tcp=tcp, subnet="193.0.6.0/24")  # Amsterdam
+                assert res.status == "NOERROR" and res.addresses() == gateway_ip("eu-central"), res
+        deadline = time.monotonic() + 10
+        while metric(scrape(proc), "geomesh_dns_fail_open_total") < 6:
+            assert time.monotonic() < deadline, scrape(proc)
+            time.sleep(0.1)
+        # us-2 reachable again: blog (us-east only) gets it alone, and the counter stays
+        state.write_text(text.replace('"us-2", ipv4 = "192.0.2.11", ipv6 = "2001:db8::11", state = "active", '
+                                      'reachable = false', '"us-2", ipv4 = "192.0.2.11", ipv6 = "2001:db8::11"'))
+        proc.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while dig(proc.port, f"blog.{ZONE}", subnet="193.0.6.0/24").addresses() != {"192.0.2.11"}:
+            assert time.monotonic() < deadline, proc.log()[-2000:]
+            time.sleep(0.1)
+        before = metric(scrape(proc), "geomesh_dns_fail_open_total")
+        dig(proc.port, f"blog.{ZONE}", subnet="193.0.6.0/24")
+        assert metric(scrape(proc), "geomesh_dns_fail_open_total") == before
+    finally:
+        proc.stop()

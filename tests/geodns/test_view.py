@@ -4,6 +4,7 @@ state file (every mistake named by its key)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -53,6 +54,38 @@ def test_view_from_table_follows_the_tables_rules() -> None:
     assert not view.regions["us"].healthy  # its gateway is not alive
     assert view.apps["pin"].hosting == {"us"} and view.apps["pin"].pinned == ("us",)
     assert view.apps["idle"].hosting == frozenset()
+
+
+def test_unreachable_gateways_leave_the_answer_but_stay_the_fail_open_set() -> None:
+    """`reachable_routable` decides what DNS answers; every routable gateway stays the fallback."""
+    t = table()
+    eu_a = dataclasses.replace(t.gateways["eu-a"], unreachable=True)
+    t = RoutingTable.from_resources(43, [*t.regions.values(), *(t.gateways | {"eu-a": eu_a}).values(),
+                                         *t.apps.values(), *t.instances.values()])
+    eu = View.from_table(t, ZONE).regions["eu"]
+    assert eu.ipv4 == ("192.0.2.2",) and eu.ipv6 == () and eu.healthy
+    assert eu.routable_ipv4 == ("192.0.2.1", "192.0.2.2") and eu.routable_ipv6 == ("2001:db8::1",)
+    assert eu.addresses(4) == (("192.0.2.2",), False)
+    assert eu.addresses(6) == (("2001:db8::1",), True)  # the only AAAA gateway is unreachable: fail-open
+    ap_a = dataclasses.replace(t.gateways["ap-a"], unreachable=True)
+    ap = View.from_table(RoutingTable.from_resources(44, [*t.regions.values(), ap_a]), ZONE).regions["ap"]
+    assert not ap.healthy and ap.routable and ap.addresses(4) == (("192.0.2.20",), True)
+    # a dead or draining gateway is not even a fail-open candidate
+    assert not View.from_table(t, ZONE).regions["us"].routable
+
+
+def test_static_state_reachable_flag(tmp_path: Path) -> None:
+    p = tmp_path / "state.toml"
+    p.write_text("[zone]\nname = 'geo.example.com'\n[[regions]]\nname = 'eu'\nlatitude = 1\nlongitude = 0\n"
+                 "gateways = [{ name = 'a', ipv4 = '192.0.2.1', reachable = false },\n"
+                 "            { name = 'b', ipv4 = '192.0.2.2', reachable = true },\n"
+                 "            { name = 'c', ipv4 = '192.0.2.3', reachable = false, state = 'draining' }]\n")
+    eu = static_state.load(p).regions["eu"]
+    assert eu.ipv4 == ("192.0.2.2",) and eu.routable_ipv4 == ("192.0.2.1", "192.0.2.2")
+    p.write_text("[zone]\nname = 'geo.example.com'\n[[regions]]\nname = 'eu'\nlatitude = 1\nlongitude = 0\n"
+                 "gateways = [{ name = 'a', ipv4 = '192.0.2.1', reachable = 'no' }]\n")
+    with pytest.raises(static_state.StateError, match=r"regions\[0\]\.gateways\[0\]\.reachable: must be true or false"):
+        static_state.load(p)
 
 
 def test_empty_view_is_not_ready() -> None:
