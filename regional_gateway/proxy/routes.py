@@ -152,11 +152,14 @@ class DomainRoute:
 
 @dataclass(frozen=True, slots=True)
 class RemoteGateway:
-    """A gateway of another region, reached over the mesh at mesh_ip:proxy_port."""
+    """A gateway of another region, reached over the mesh at mesh_ip:proxy_port. `unreachable`:
+    the coordinator found that clients cannot reach it (docs/reachability.md); forwarding skips it
+    while its region has a reachable one (`cross_region.forwarding_order`)."""
 
     name: str
     mesh_ip: str
     proxy_port: int
+    unreachable: bool = False
 
     def __post_init__(self) -> None:
         v.dns_label("name", self.name)
@@ -379,7 +382,7 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
     Local apps: every app of the table with this region's instances as backends (the gateway's own
     probes decide their health; the table's `healthy` flag only steers other regions). Custom
     domains: every domain of the table. Remote regions: every other region with at least one
-    routable gateway, with the apps it hosts (healthy instances, pinning respected, as
+    routable gateway (each with the coordinator's reachability verdict), with the apps it hosts (healthy instances, pinning respected, as
     `RoutingTable.hosting_regions`) and its instance ids, nearest first from this region.
     Ports: each app's declared `ports` (Admin API `App.ports`); each other region carries the
     ports its instances of each app serve (`RemoteRegion.app_ports`), so a `-<port>` name goes only
@@ -428,7 +431,8 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
     for r in table.regions.values():
         if r.name == region:
             continue
-        gws = tuple(RemoteGateway(g.name, g.mesh_ip if forward_via == "mesh" else g.public_ip, g.proxy_port)
+        gws = tuple(RemoteGateway(g.name, g.mesh_ip if forward_via == "mesh" else g.public_ip, g.proxy_port,
+                                  unreachable=g.unreachable)
                     for g in table.gateways_in(r.name)
                     if g.name != self_name and (g.mesh_ip if forward_via == "mesh" else g.public_ip))
         if not gws:

@@ -5,7 +5,7 @@ listener: given the live `RouteState`, the name match, the client key and what w
 it returns a `Target` or the `ProxyError` to answer. Order: the local backends by the app's
 policy (an `<instance-id>` name: that instance only); if none is available and forwarding is
 allowed (the request was not already forwarded), a routable gateway of the nearest region that
-hosts the app; then, as a last resort, a local backend that is only passively ejected (it may
+hosts the app (one users can reach, unless none of that region's can: `cross_region.forwarding_order`); then, as a last resort, a local backend that is only passively ejected (it may
 be back); else 503 naming the app and region.
 
 Ports: a name with a port (`<app>-<port>`) goes to a local backend only if the app's backends here
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from regional_gateway.proxy.cross_region import candidate_regions
+from regional_gateway.proxy.cross_region import FORWARD_FAIL_OPEN, candidate_regions, forwarding_order
 from regional_gateway.proxy.hostnames import NameMatch
 from regional_gateway.proxy.http_errors import NoHealthyBackend, ProxyError, UnknownHost
 from regional_gateway.proxy.route_state import BackendRuntime, RouteState
@@ -79,9 +79,11 @@ def choose(state: RouteState, match: NameMatch, client: bytes, *, may_forward: b
                 return Target(rt, (rt.host, match.port or rt.port), label)
     if may_forward:
         for region in _regions(routes, match):
-            gws = [state.gateways[g.name] for g in region.gateways if g.name in state.gateways]
-            ready = [g for g in gws if g.available and g.key not in exclude]
+            gws = [(g, state.gateways[g.name]) for g in region.gateways if g.name in state.gateways]
+            ready, fail_open = forwarding_order([(g, rt) for g, rt in gws if rt.available and rt.key not in exclude])
             if ready:
+                if fail_open:
+                    FORWARD_FAIL_OPEN.labels(region.name).inc()
                 state.region_cursor += 1
                 gw = ready[state.region_cursor % len(ready)]
                 return Target(gw, (gw.host, gw.port), label, region)
