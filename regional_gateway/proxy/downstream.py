@@ -77,6 +77,7 @@ from regional_gateway.proxy.route_state import BackendRuntime
 from regional_gateway.proxy.routes import RemoteRegion
 from regional_gateway.proxy.targets import Target, choose
 from regional_gateway.proxy.upstream import UpstreamConnection
+from regional_gateway.reach_prober import HEALTH_PATH, health_response
 
 if TYPE_CHECKING:
     from regional_gateway.proxy.server import ProxyServer
@@ -140,6 +141,7 @@ class Exchange:
 
 
 _VERSION_LINE = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
+_HEALTH_GET = b"GET " + HEALTH_PATH.encode() + b" "  # the reserved health path, answered by the gateway
 
 
 class ClientConnection(asyncio.Protocol):
@@ -700,6 +702,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.error is not None:
             self._local(ex, ex.error)
             return
+        if ex.head.startswith(_HEALTH_GET):  # any Host: the outside-in probes (docs/reachability.md)
+            self._health(ex)
+            return
         server = self.server
         state = server.state
         host = ex.host if ex.host is not None else self.sni
@@ -968,6 +973,25 @@ class ClientConnection(asyncio.Protocol):
             self._finish(ex)
         else:  # the rest of the body is read and dropped, as long as it keeps coming
             self.deadline = server.now + self.body_timeout
+
+    def _health(self, ex: Exchange) -> None:
+        """Answer `GET /.well-known/geomesh/health` from the gateway itself: 200 naming it
+        (`reach_prober.health_response`), in its turn like any local answer."""
+        close = not ex.keep_alive or self.closing
+        answer = health_response(self.server.mark.decode())
+        if close:
+            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+        self.transport.write(answer)
+        ex.status = 200
+        ex.resp_done = True
+        ex.discard = True
+        ex.backend_label = "-"
+        if close:
+            self.closing = True
+        if ex.req_done:
+            self._finish(ex)
+        else:  # a body is read and dropped
+            self.deadline = self.server.now + self.body_timeout
 
     def _uncount(self, ex: Exchange) -> None:
         if ex.counted:
