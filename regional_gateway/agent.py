@@ -8,11 +8,20 @@ delta gives a new immutable RoutingTable handed to the data plane. On any stream
 agent moves to the next coordinator address and resumes from the last revision it applied
 (a replica without that history answers with snapshots). The data path never waits on any of
 this: it reads whatever table it was last given.
+
+Reachability (docs/reachability.md): from the mesh view plus itself the agent computes the probe
+plan (`geomesh.probe_plan.plan`, the same in every process) and gives its `ReachProber` the
+targets the plan assigns it, as clients reach them (public IP of the WireGuard endpoint, proxy and
+TLS ports). Each debounced verdict change wakes the heartbeat loop, so the vote leaves at once
+(heartbeats are spaced at least `MIN_HEARTBEAT_GAP` apart, so a burst of changes goes out as one
+or two messages); the first heartbeat of every session, and the first after the target set
+changed, carries every current verdict with `reach_complete`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -29,9 +38,17 @@ from geomesh.channel import Targets, client_channel, insecure_metadata
 from geomesh.errors import GeomeshError
 from geomesh.logs import event
 from geomesh.pki import Identity
+from geomesh.probe_plan import plan
 from geomesh.routing_table import RoutingTable
 from regional_gateway.agent_config import AgentConfig
-from regional_gateway.mesh_view import MeshPeerInfo, apply_mesh_update, desired_peers
+from regional_gateway.mesh_view import (
+    MeshPeerInfo,
+    apply_mesh_update,
+    desired_peers,
+    probe_regions,
+    probe_targets,
+)
+from regional_gateway.reach_prober import ProbeSettings, ReachProber
 from regional_gateway.wireguard import keys
 
 log = logging.getLogger("geomesh.gateway.agent")
@@ -40,6 +57,11 @@ DELTAS = Counter("geomesh_gateway_deltas_applied_total", "session messages appli
 RECONNECTS = Counter("geomesh_gateway_reconnects_total", "session streams (re)opened after a failure")
 REVISION = Gauge("geomesh_gateway_revision", "etcd revision of the gateway's applied view")
 CONNECTED = Gauge("geomesh_gateway_coordinator_connected", "1 while the session stream is open")
+REACH_TARGETS = Gauge("geomesh_gateway_reach_targets", "gateways the probe plan assigns this gateway to probe")
+REACH_VOTES = Counter("geomesh_gateway_reach_votes_sent_total", "reachability verdicts sent in heartbeats",
+                      ["kind"])  # kind: change | complete
+
+MIN_HEARTBEAT_GAP = 0.1  # seconds between two heartbeats when verdict changes wake the loop
 
 
 class DataPlane(Protocol):
@@ -70,6 +92,14 @@ class Agent:
         self.proxy = None  # the ProxyServer when this process runs the data plane
         self._retry: asyncio.Task | None = None
         self.connected = asyncio.Event()
+        # reachability: the prober (while running), verdict changes not sent yet, and whether the
+        # next heartbeat must carry the whole set (the target set changed)
+        self.prober: ReachProber | None = None
+        self._reach_pending: dict[str, tuple[bool, float]] = {}
+        self._reach_resend = False
+        self._plan_key: frozenset[tuple[str, str]] | None = None
+        self._plan = plan({config.name: config.region}, config.reach_prober_regions)
+        self._wake = asyncio.Event()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -89,7 +119,8 @@ class Agent:
                     resp = await pbg.GatewayControlStub(ch).Register(pb.RegisterRequest(
                         name=self.config.name, region=self.config.region, public_ip=self.config.public_ip,
                         public_ipv6=self.config.public_ipv6, wg_port=self.config.wg_listen_port,
-                        wg_public_key=self.public_key, proxy_port=self.config.proxy_port),
+                        wg_public_key=self.public_key, proxy_port=self.config.proxy_port,
+                        https_port=self.config.https_port),
                         timeout=10, metadata=self._metadata())
                 self.mesh_ip, self.mesh_cidr = resp.gateway.mesh_ip, resp.mesh_cidr
                 event(log, "registered", gateway=self.config.name, coordinator=target, mesh_ip=self.mesh_ip,
@@ -121,14 +152,72 @@ class Agent:
     # -- the session ---------------------------------------------------------------------------
 
     async def _heartbeats(self, call) -> None:
+        complete = True  # the first heartbeat of every session carries every verdict
         while True:
             hb = pb.Heartbeat()
             if self.dataplane is not None:
                 hb.active_connections = self.dataplane.active_connections()
                 for app, instance_id, healthy in self.dataplane.backend_health():
                     hb.backends.append(pb.BackendHealth(app=app, instance_id=instance_id, healthy=healthy))
+            self._wake.clear()
+            self._add_reach(hb, complete or self._reach_resend)
+            complete = False
             await call.write(pb.SessionUp(heartbeat=hb))
-            await asyncio.sleep(self.config.heartbeat_interval)
+            sent = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.heartbeat_interval)
+            gap = MIN_HEARTBEAT_GAP - (time.monotonic() - sent)
+            if gap > 0:
+                await asyncio.sleep(gap)
+
+    def _add_reach(self, hb: pb.Heartbeat, complete: bool) -> None:
+        """Put the verdicts to send into `hb`: the changes since the last heartbeat, or all of them."""
+        if complete:
+            self._reach_pending.clear()
+            self._reach_resend = False
+            hb.reach_complete = True
+            results = self.prober.results() if self.prober is not None else {}
+            for target, (up, rtt_ms) in sorted(results.items()):
+                hb.reach.append(pb.ReachVote(target=target, up=up, rtt_ms=rtt_ms if up else 0.0))
+            REACH_VOTES.labels("complete").inc(len(results))
+            return
+        if self._reach_pending:
+            for target, (up, rtt_ms) in sorted(self._reach_pending.items()):
+                hb.reach.append(pb.ReachVote(target=target, up=up, rtt_ms=rtt_ms))
+            REACH_VOTES.labels("change").inc(len(self._reach_pending))
+            self._reach_pending.clear()
+
+    def _on_reach_change(self, target: str, up: bool, rtt_ms: float) -> None:
+        """A debounced verdict changed: send it with the next heartbeat, now."""
+        self._reach_pending[target] = (up, rtt_ms)
+        self._wake.set()
+
+    def update_probe_targets(self) -> None:
+        """Give the prober the targets the plan assigns to this gateway (recomputed only when the
+        set of gateways or their regions changed; the targets when their addresses changed).
+
+        The plan covers every gateway of the mesh view plus this one, except those the routing
+        table knows are not alive (a crashed gateway neither probes nor needs probing: it is out
+        of DNS already); every gateway holds the same view, so every gateway computes the same plan.
+        """
+        if self.prober is None:
+            return
+        dead = {name for name, g in self.table.gateways.items() if not g.alive}
+        view = {name: info for name, info in self.mesh.items() if name not in dead}
+        regions_of = probe_regions(view, self.config.name, self.config.region)
+        key = frozenset(regions_of.items())
+        if key != self._plan_key:
+            self._plan_key = key
+            self._plan = plan(regions_of, self.config.reach_prober_regions)
+        targets = probe_targets(view, self._plan, self.config.name)
+        if targets != self.prober.targets:
+            # a target left, came or moved (probed afresh): the coordinator replaces this prober's
+            # votes with the new whole set in the next heartbeat, so no vote outlives its probes
+            self._reach_resend = True
+            self._wake.set()
+            self.prober.set_targets(targets)
+            REACH_TARGETS.set(len(targets))
+            event(log, "probe targets", count=len(targets), targets=sorted(targets)[:16])
 
     async def apply(self, msg: pb.SessionDown) -> None:
         if msg.HasField("mesh"):
@@ -140,6 +229,8 @@ class Agent:
             DELTAS.labels("routing_snapshot" if msg.routing.snapshot else "routing_delta").inc()
         if self.dataplane is not None and (msg.HasField("routing") or msg.HasField("mesh")):
             self.dataplane.update_table(self.table, self.mesh)
+        if msg.HasField("routing") or msg.HasField("mesh"):
+            self.update_probe_targets()
         self.revision = max(self.revision, msg.revision)
         REVISION.set(self.revision)
         if self.on_change is not None:
@@ -194,10 +285,24 @@ class Agent:
 
         self.proxy, self.dataplane = await start_dataplane(self.config, self.mesh_ip)
 
+    def start_prober(self) -> None:
+        c = self.config
+        self.prober = ReachProber(ProbeSettings(interval=c.reach_interval, timeout=c.reach_timeout,
+                                                fall=c.reach_fall, rise=c.reach_rise), self._on_reach_change)
+        self._plan_key = None
+        self.update_probe_targets()
+
+    async def stop_prober(self) -> None:
+        if self.prober is not None:
+            prober, self.prober = self.prober, None
+            await prober.close()
+            REACH_TARGETS.set(0)
+
     async def run(self) -> None:
         await self.register()
         await self.setup_mesh()
         await self.start_dataplane()
+        self.start_prober()
         observer = asyncio.create_task(self.applier.run_observer()) if self.applier is not None else None
         backoff = 0.1
         try:
@@ -222,6 +327,7 @@ class Agent:
         finally:
             if observer is not None:
                 observer.cancel()
+            await self.stop_prober()
             if self.applier is not None:
                 await self.applier.close(remove_interface=False)
 

@@ -21,10 +21,17 @@ Example (`deploy/gateway.example.toml` documents every field)::
     listen_port = 51820
     key_file = "/var/lib/geomesh/wg.key"
     backend = "auto"
+    [reach]                          # outside-in probes of other gateways (docs/reachability.md)
+    interval = 0.5
+    timeout = 0.5
+    fall = 3
+    rise = 2
+    prober_regions = 3
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +39,13 @@ from typing import Any
 
 from geomesh import validate
 from geomesh.errors import ValidationError
+from geomesh.probe_plan import DEFAULT_PROBER_REGIONS
 from regional_gateway.proxy.certificates import load as load_certificate
 from regional_gateway.proxy.routes import CertificateSpec
 from regional_gateway.proxy.settings import G_MODES
 
 BACKENDS = ("auto", "userspace", "kernel", "none")
+REACH_KEYS = ("interval", "timeout", "fall", "rise", "prober_regions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,12 @@ class AgentConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = -1
     dataplane: bool = True              # run the HTTP proxy in this process
+    # [reach]: outside-in probes of the gateways the probe plan assigns to this one
+    reach_interval: float = 0.5         # seconds between probes of one target
+    reach_timeout: float = 0.5          # seconds one probe may take (connect + request + answer [+ TLS])
+    reach_fall: int = 3                 # failed probes in a row before a target is voted down
+    reach_rise: int = 2                 # good probes in a row before it is voted up again
+    reach_prober_regions: int = DEFAULT_PROBER_REGIONS  # regions probing each gateway (m of the plan)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +114,25 @@ class AgentConfig:
             raise ValidationError("tls", "ca, cert and key are required unless insecure = true")
         if not 0.1 <= self.heartbeat_interval <= 30:
             raise ValidationError("heartbeat_interval", "must be 0.1..30 seconds")
+        _seconds("reach.interval", self.reach_interval, 0.05, 60.0)
+        _seconds("reach.timeout", self.reach_timeout, 0.01, 30.0)
+        if self.reach_timeout > self.reach_interval:
+            raise ValidationError("reach.timeout", f"{self.reach_timeout!r} is longer than reach.interval "
+                                  f"({self.reach_interval!r}): one probe per target at a time")
+        _count("reach.fall", self.reach_fall, 1, 100)
+        _count("reach.rise", self.reach_rise, 1, 100)
+        _count("reach.prober_regions", self.reach_prober_regions, 1, 64)
+
+
+def _seconds(name: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not low <= value <= high:
+        raise ValidationError(name, f"{value!r} is not a number of seconds in {low}..{high}")
+
+
+def _count(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(name, f"{value!r} is not an integer in {low}..{high}")
 
 
 def load(path: Path) -> AgentConfig:
@@ -118,10 +152,16 @@ def load(path: Path) -> AgentConfig:
     wg = data.get("wireguard", {})
     known = {"name", "region", "coordinators", "public_ip", "public_ipv6", "zone", "proxy_port", "proxy_listen",
              "https_port", "certificates", "g_mode", "insecure", "heartbeat_interval", "metrics_host", "metrics_port",
-             "dataplane", "tls", "wireguard", "routes"}
+             "dataplane", "tls", "wireguard", "reach", "routes"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValidationError(unknown[0], "is not a known setting")
+    reach = data.get("reach", {})
+    if not isinstance(reach, dict):
+        raise ValidationError("reach", "must be a table")
+    unknown = sorted(set(reach) - set(REACH_KEYS))
+    if unknown:
+        raise ValidationError(f"reach.{unknown[0]}", f"is not a known setting (known: {', '.join(REACH_KEYS)})")
     coordinators = data.get("coordinators", [])
     if isinstance(coordinators, str):
         coordinators = [coordinators]
@@ -142,4 +182,7 @@ def load(path: Path) -> AgentConfig:
         wg_keepalive=wg.get("persistent_keepalive", 15), heartbeat_interval=float(data.get("heartbeat_interval", 1.0)),
         metrics_host=data.get("metrics_host", "127.0.0.1"), metrics_port=data.get("metrics_port", -1),
         dataplane=bool(data.get("dataplane", True)), extra={"routes": data.get("routes")},
+        reach_interval=reach.get("interval", 0.5), reach_timeout=reach.get("timeout", 0.5),
+        reach_fall=reach.get("fall", 3), reach_rise=reach.get("rise", 2),
+        reach_prober_regions=reach.get("prober_regions", DEFAULT_PROBER_REGIONS),
     )

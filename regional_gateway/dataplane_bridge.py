@@ -5,7 +5,11 @@ The agent owns registration and the session stream; it hands each new RoutingTab
 swaps them in atomically. The proxy listens for clients on `proxy_listen:proxy_port` and, once
 the WireGuard interface carries the mesh address, for forwarded requests from other gateways on
 `mesh_ip:proxy_port` (the only listener whose X-Forwarded-* / X-Geomesh-Forwarded headers are
-trusted). Backend health measured by the proxy's probes goes up with each heartbeat.
+trusted). Backend health measured by the proxy's probes goes up with each heartbeat. The routing
+table's gateways carry the coordinator's reachability verdict (`Gateway.unreachable`): cross-region
+forwarding skips unreachable gateways while their region has a reachable one
+(`proxy.cross_region.forwarding_order`). The data plane also answers the reserved health path
+that other gateways' outside-in probes ask for (docs/reachability.md).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def config_for(coordinators, pki, tmp_path, name: str, ip: str, **kw) -> AgentCo
     return AgentConfig(name=name, region=kw.pop("region", "eu-central"), coordinators=tuple(c.address for c in coordinators),
                        public_ip=ip, tls_ca=ident.ca, tls_cert=ident.cert, tls_key=ident.key,
                        wg_key_file=tmp_path / f"{name}.key", wg_backend="none", dataplane=kw.pop("dataplane", False),
-                       heartbeat_interval=0.3, **kw)
+                       heartbeat_interval=kw.pop("heartbeat_interval", 0.3), **kw)
 
 
 async def until(predicate, timeout: float = 10.0) -> None:
