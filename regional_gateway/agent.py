@@ -37,6 +37,7 @@ from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import Targets, client_channel, insecure_metadata
 from geomesh.errors import GeomeshError
 from geomesh.logs import event
+from geomesh.model import GatewayState
 from geomesh.pki import Identity
 from geomesh.probe_plan import plan
 from geomesh.routing_table import RoutingTable
@@ -196,14 +197,20 @@ class Agent:
         """Give the prober the targets the plan assigns to this gateway (recomputed only when the
         set of gateways or their regions changed; the targets when their addresses changed).
 
-        The plan covers every gateway of the mesh view plus this one, except those the routing
-        table knows are not alive (a crashed gateway neither probes nor needs probing: it is out
-        of DNS already); every gateway holds the same view, so every gateway computes the same plan.
+        The plan covers the gateways the coordinator judges: every gateway of the mesh view plus
+        this one, except those the routing table knows are not routable (a crashed gateway is out
+        of DNS already, a draining one is not judged and its votes do not count). A timed-out
+        gateway stays: the probes decide whether it leaves DNS. Every gateway holds the same
+        view, so every gateway computes the same plan.
         """
         if self.prober is None:
             return
-        dead = {name for name, g in self.table.gateways.items() if not g.alive}
-        view = {name: info for name, info in self.mesh.items() if name not in dead}
+        out = {name for name, g in self.table.gateways.items() if not g.routable}
+        me = self.table.gateways.get(self.config.name)
+        if me is not None and me.state is GatewayState.DRAINING:
+            view: dict[str, MeshPeerInfo] = {}  # not judged, its votes do not count: no probes
+        else:
+            view = {name: info for name, info in self.mesh.items() if name not in out}
         regions_of = probe_regions(view, self.config.name, self.config.region)
         key = frozenset(regions_of.items())
         if key != self._plan_key:

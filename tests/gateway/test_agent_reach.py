@@ -140,6 +140,38 @@ async def test_heartbeats_carry_the_whole_set_first_then_each_change_at_once(pki
             await asyncio.gather(beats, return_exceptions=True)
 
 
+def test_the_plan_leaves_out_what_the_coordinator_does_not_judge(pki, tmp_path):
+    """Dead and draining gateways are out of the plan (as probers and targets); a timed-out one is
+    in (the probes decide whether it leaves DNS); a draining gateway probes nobody."""
+    import base64
+
+    from geomesh.model import Gateway, GatewayState, SessionState
+    from geomesh.routing_table import RoutingTable
+
+    agent = Agent(config_for([Nowhere()], pki, tmp_path, "gw-a", "127.0.0.2", region="eu"))
+    agent.prober = FakeProber({})  # type: ignore[assignment]
+    regions = {"gw-b": "us", "gw-c": "ap", "gw-d": "sa", "gw-e": "af"}
+    agent.mesh = {n: peer(n, r, f"198.51.100.{i}") for i, (n, r) in enumerate(regions.items(), 1)}
+
+    def gw(name: str, region: str, **kw) -> Gateway:
+        k = base64.b64encode(name.encode().ljust(32, b"\0")).decode()
+        return Gateway(name, region, "198.51.100.1", 51820, k, "10.88.0.1", 80, **kw)
+
+    def table(**me) -> RoutingTable:
+        return RoutingTable.from_resources(1, [
+            gw("gw-a", "eu", alive=True, **me), gw("gw-b", "us", alive=True),
+            gw("gw-c", "ap", alive=False),                                       # dead
+            gw("gw-d", "sa", alive=True, state=GatewayState.DRAINING),           # draining
+            gw("gw-e", "af", alive=True, session=SessionState.TIMED_OUT)])       # timed out
+    agent.table = table()
+    agent.update_probe_targets()
+    assert set(agent.prober.targets) == {"gw-b", "gw-e"}  # type: ignore[union-attr]
+    assert agent._reach_resend  # a new target set: the whole set goes out next
+    agent.table = table(state=GatewayState.DRAINING)
+    agent.update_probe_targets()
+    assert agent.prober.targets == {}  # type: ignore[union-attr]
+
+
 # -- three real agents probing each other on loopback ----------------------------------------------
 
 
