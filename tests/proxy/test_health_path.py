@@ -28,7 +28,7 @@ def routes(ca: TestCA, backend: str) -> dict:
 def test_health_path_is_answered_by_the_gateway_for_any_host(backends, gateway, tmp_path):
     (shop,) = backends(1, prefix="shop")
     ca = TestCA(tmp_path)
-    g = gateway(routes(ca, shop.address), https=("127.0.0.1:0",))
+    g = gateway(routes(ca, shop.address), https=("127.0.0.1:0",), mesh=("127.0.0.1:0",))
     # any Host: the gateway's own name, an unknown name, a local app on the fast path, an IP
     for host in ("gw-x", "nowhere.example", f"shop.{ZONE}", "127.0.0.1"):
         r = get(g.http, host, HEALTH_PATH)
@@ -50,6 +50,9 @@ def test_health_path_is_answered_by_the_gateway_for_any_host(backends, gateway, 
                    .encode())
         r = c.read_response()
         assert r.status == 200 and r.header("connection") == "close" and c.closed_by_peer()
+    # on the mesh listener too (a forwarded request's headers change nothing)
+    r = get(g.mesh, "gw-x", HEALTH_PATH, headers={"X-Geomesh-Forwarded": "gw-y"})
+    assert r.status == 200 and r.header(HEALTH_HEADER) == "gw-x"
     # over TLS (Host = the SNI name)
     with Conn(g.https, tls=ca.client_context(), server_name=f"shop.{ZONE}") as c:
         r = c.request(f"shop.{ZONE}", HEALTH_PATH)
