@@ -283,6 +283,66 @@ class Overview(_message.Message):
     panic_held: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ..., links_total: _Optional[int] = ..., links_up: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayHealth, _Mapping]]] = ..., cut_off_regions: _Optional[_Iterable[str]] = ..., panic_held: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class Enrollment(_message.Message):
+    __slots__ = ("name", "region", "public_ips", "mod_revision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_IPS_FIELD_NUMBER: _ClassVar[int]
+    MOD_REVISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    region: str
+    public_ips: _containers.RepeatedScalarFieldContainer[str]
+    mod_revision: int
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ips: _Optional[_Iterable[str]] = ..., mod_revision: _Optional[int] = ...) -> None: ...
+
+class EnrollGatewayResponse(_message.Message):
+    __slots__ = ("enrollment", "record_removed")
+    ENROLLMENT_FIELD_NUMBER: _ClassVar[int]
+    RECORD_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    enrollment: Enrollment
+    record_removed: bool
+    def __init__(self, enrollment: _Optional[_Union[Enrollment, _Mapping]] = ..., record_removed: _Optional[bool] = ...) -> None: ...
+
+class ListEnrollmentsResponse(_message.Message):
+    __slots__ = ("enrollments",)
+    ENROLLMENTS_FIELD_NUMBER: _ClassVar[int]
+    enrollments: _containers.RepeatedCompositeFieldContainer[Enrollment]
+    def __init__(self, enrollments: _Optional[_Iterable[_Union[Enrollment, _Mapping]]] = ...) -> None: ...
+
+class RevokeIdentityRequest(_message.Message):
+    __slots__ = ("serial", "role", "name", "reason")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    role: str
+    name: str
+    reason: str
+    def __init__(self, serial: _Optional[str] = ..., role: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Revocation(_message.Message):
+    __slots__ = ("serial", "role", "name", "reason", "revoked_by", "revoked_at")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_BY_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    role: str
+    name: str
+    reason: str
+    revoked_by: str
+    revoked_at: float
+    def __init__(self, serial: _Optional[str] = ..., role: _Optional[str] = ..., name: _Optional[str] = ..., reason: _Optional[str] = ..., revoked_by: _Optional[str] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+
+class ListRevocationsResponse(_message.Message):
+    __slots__ = ("revocations",)
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
+    def __init__(self, revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...
+
 class ResourceKey(_message.Message):
     __slots__ = ("kind", "name")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

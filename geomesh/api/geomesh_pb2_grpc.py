@@ -140,6 +140,31 @@ class AdminStub:
                 request_serializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.SerializeToString,
                 response_deserializer=geomesh_dot_v1_dot_geomesh__pb2.Overview.FromString,
                 _registered_method=True)
+        self.EnrollGateway = channel.unary_unary(
+                '/geomesh.v1.Admin/EnrollGateway',
+                request_serializer=geomesh_dot_v1_dot_geomesh__pb2.Enrollment.SerializeToString,
+                response_deserializer=geomesh_dot_v1_dot_geomesh__pb2.EnrollGatewayResponse.FromString,
+                _registered_method=True)
+        self.UnenrollGateway = channel.unary_unary(
+                '/geomesh.v1.Admin/UnenrollGateway',
+                request_serializer=geomesh_dot_v1_dot_geomesh__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListEnrollments = channel.unary_unary(
+                '/geomesh.v1.Admin/ListEnrollments',
+                request_serializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.SerializeToString,
+                response_deserializer=geomesh_dot_v1_dot_geomesh__pb2.ListEnrollmentsResponse.FromString,
+                _registered_method=True)
+        self.RevokeIdentity = channel.unary_unary(
+                '/geomesh.v1.Admin/RevokeIdentity',
+                request_serializer=geomesh_dot_v1_dot_geomesh__pb2.RevokeIdentityRequest.SerializeToString,
+                response_deserializer=geomesh_dot_v1_dot_geomesh__pb2.Revocation.FromString,
+                _registered_method=True)
+        self.ListRevocations = channel.unary_unary(
+                '/geomesh.v1.Admin/ListRevocations',
+                request_serializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.SerializeToString,
+                response_deserializer=geomesh_dot_v1_dot_geomesh__pb2.ListRevocationsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -271,6 +296,38 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollGateway(self, request, context):
+        """Create or change a gateway's enrollment (its region and allowed public addresses).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnenrollGateway(self, request, context):
+        """Remove the enrollment and the gateway's record: it can no longer register.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnrollments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeIdentity(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevocations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -378,6 +435,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetOverview,
                     request_deserializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.FromString,
                     response_serializer=geomesh_dot_v1_dot_geomesh__pb2.Overview.SerializeToString,
+            ),
+            'EnrollGateway': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollGateway,
+                    request_deserializer=geomesh_dot_v1_dot_geomesh__pb2.Enrollment.FromString,
+                    response_serializer=geomesh_dot_v1_dot_geomesh__pb2.EnrollGatewayResponse.SerializeToString,
+            ),
+            'UnenrollGateway': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnenrollGateway,
+                    request_deserializer=geomesh_dot_v1_dot_geomesh__pb2.DeleteRequest.FromString,
+                    response_serializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.SerializeToString,
+            ),
+            'ListEnrollments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollments,
+                    request_deserializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.FromString,
+                    response_serializer=geomesh_dot_v1_dot_geomesh__pb2.ListEnrollmentsResponse.SerializeToString,
+            ),
+            'RevokeIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeIdentity,
+                    request_deserializer=geomesh_dot_v1_dot_geomesh__pb2.RevokeIdentityRequest.FromString,
+                    response_serializer=geomesh_dot_v1_dot_geomesh__pb2.Revocation.SerializeToString,
+            ),
+            'ListRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevocations,
+                    request_deserializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.FromString,
+                    response_serializer=geomesh_dot_v1_dot_geomesh__pb2.ListRevocationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -947,6 +1029,141 @@ class Admin:
             '/geomesh.v1.Admin/GetOverview',
             geomesh_dot_v1_dot_geomesh__pb2.Empty.SerializeToString,
             geomesh_dot_v1_dot_geomesh__pb2.Overview.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollGateway(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/geomesh.v1.Admin/EnrollGateway',
+            geomesh_dot_v1_dot_geomesh__pb2.Enrollment.SerializeToString,
+            geomesh_dot_v1_dot_geomesh__pb2.EnrollGatewayResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnenrollGateway(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/geomesh.v1.Admin/UnenrollGateway',
+            geomesh_dot_v1_dot_geomesh__pb2.DeleteRequest.SerializeToString,
+            geomesh_dot_v1_dot_geomesh__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/geomesh.v1.Admin/ListEnrollments',
+            geomesh_dot_v1_dot_geomesh__pb2.Empty.SerializeToString,
+            geomesh_dot_v1_dot_geomesh__pb2.ListEnrollmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/geomesh.v1.Admin/RevokeIdentity',
+            geomesh_dot_v1_dot_geomesh__pb2.RevokeIdentityRequest.SerializeToString,
+            geomesh_dot_v1_dot_geomesh__pb2.Revocation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/geomesh.v1.Admin/ListRevocations',
+            geomesh_dot_v1_dot_geomesh__pb2.Empty.SerializeToString,
+            geomesh_dot_v1_dot_geomesh__pb2.ListRevocationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
