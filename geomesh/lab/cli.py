@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lab.add_argument("--check", action="store_true",
                      help="run the walkthrough, tear down, exit 1 if a step failed (for CI)")
     lab.add_argument("--no-walkthrough", action="store_true", help="skip the walkthrough")
+    lab.add_argument("--timers", choices=["lab", "default"], default="lab",
+                     help="lab: coordinator --lease-ttl 2 and gateway heartbeat_interval 0.5 for a quick walkthrough; "
+                          "default: every flag at its shipped default (default %(default)s)")
     lab.add_argument("--refresh", type=float, default=2.0, help="live view refresh interval in seconds (default %(default)s)")
     lab.set_defaults(func=run)
 
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"LOOPBACK MODE: {reason}. Gateways run as plain processes on 127.0.1.x; WireGuard mesh links "
               "are computed and shown but not created; cross-region forwarding is not demonstrated.")
     regions = load_dir(args.regions)
-    lab = Lab(state_dir, regions, make_plan(regions, netns=reason is None))
+    lab = Lab(state_dir, regions, make_plan(regions, netns=reason is None), timers=args.timers)
     interrupted = False
 
     def on_signal(signum, frame):  # noqa: ANN001

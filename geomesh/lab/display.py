@@ -1,6 +1,13 @@
-"""The lab's live view: regions and gateways with health, mesh links with their last handshake,
-and the app-to-region map, as rich tables built from the coordinator's Admin API and, in netns
-mode, each gateway's WireGuard interface (read over its UAPI socket).
+"""The lab's live view: regions and gateways with health, the reachability matrix, mesh links
+with their last handshake, and the app-to-region map, as rich tables built from the
+coordinator's Admin API and, in netns mode, each gateway's WireGuard interface (read over its
+UAPI socket).
+
+The reachability matrix comes from `Admin/GetOverview`'s `gateways`: per gateway its session
+state (open, timed out, closed), the coordinator's verdict, the regions whose probers reach it
+and those whose probers do not, the last probe RTT and whether GeoDNS answers it; under it the
+prober regions found cut off (their votes do not count) and the gateways the panic threshold
+holds in DNS.
 """
 
 from __future__ import annotations
@@ -34,12 +41,35 @@ def _handshakes(lab: Lab) -> dict[tuple[str, str], float | None]:
     return out
 
 
+SESSION_TEXT = {pb.SESSION_STATE_OPEN: "[green]open[/green]", pb.SESSION_STATE_TIMED_OUT: "[yellow]timed out[/yellow]",
+                pb.SESSION_STATE_CLOSED: "[red]closed[/red]"}
+
+
+def reachability_table(overview: pb.Overview) -> Table:
+    """The reachability matrix: one row per gateway, cut-off regions and panic-held gateways in the caption."""
+    rt = Table(title="reachability (outside-in probes, decided by quorum of regions)", title_justify="left",
+               caption_justify="left")
+    for col in ("gateway", "region", "session", "verdict", "seen by", "not seen by", "probe rtt", "in dns"):
+        rt.add_column(col)
+    for g in overview.gateways:
+        verdict = "[green]reachable[/green]" if g.reachable else "[red]unreachable[/red]"
+        rtt = f"{g.probe_rtt_ms:.1f} ms" if g.probe_rtt_ms > 0 else "-"
+        rt.add_row(g.name, g.region, SESSION_TEXT.get(g.session, "?"), verdict + (" (draining)" if g.draining else ""),
+                   ", ".join(g.seen_by) or "-", ", ".join(g.down_by) or "-", rtt,
+                   "[green]yes[/green]" if g.in_dns else "[red]no[/red]")
+    cut = ", ".join(overview.cut_off_regions) or "none"
+    held = ", ".join(overview.panic_held) or "none"
+    rt.caption = f"cut-off prober regions: {cut}    held by the panic threshold: {held}"
+    return rt
+
+
 async def snapshot(lab: Lab) -> Group:
     async with client_channel(lab.cp.address, lab.cp.pki.identity("admin", "lab-admin")) as ch:
         admin = pbg.AdminStub(ch)
         gateways = list((await admin.ListGateways(pb.ListGatewaysRequest(), timeout=5)).gateways)
         regions = {r.name: r for r in (await admin.ListRegions(pb.Empty(), timeout=5)).regions}
         instances = list((await admin.ListInstances(pb.ListInstancesRequest(), timeout=5)).instances)
+        overview = await admin.GetOverview(pb.Empty(), timeout=5)
     gt = Table(title="regions and gateways", title_justify="left")
     for col in ("region", "location", "gateway", "public ip", "mesh ip", "state", "alive"):
         gt.add_column(col)
@@ -67,4 +97,4 @@ async def snapshot(lab: Lab) -> Group:
         seen.setdefault((inst.app, inst.region), []).append(inst.healthy)
     for (app, region), health in sorted(seen.items()):
         at.add_row(app, region, f"{sum(health)}/{len(health)}")
-    return Group(gt, mt, at)
+    return Group(gt, reachability_table(overview), mt, at)

@@ -1,9 +1,12 @@
 """What the lab builds, decided before anything starts (pure).
 
-From the region files: one gateway per region (its public address and ports), two instances of
-the app `hello` in every region and two of `solo` in the last region only (so another region
-must reach it over the mesh), instance addresses from each region's instance subnet. In loopback
-mode (no root or no wireguard-go) public and instance addresses move to 127.0.0.0/8 instead.
+From the region files: every gateway a region file lists (one when it lists none: its public
+address and ports), two instances of the app `hello` in every region and two of `solo` in the
+last region only (so another region must reach it over the mesh), instance addresses from each
+region's instance subnet. The instances live beside the region's *first* gateway
+(`instance_host`); a second gateway of a region has no route to them, which is how the
+end-to-end tests make two gateways of one region disagree about an instance's health. In
+loopback mode (no root or no wireguard-go) public and instance addresses move to 127.0.0.0/8.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from geomesh.regions_file import RegionFile
+from geomesh.regions_file import GatewaySpec, RegionFile
 
 ZONE = "lab.geomesh.test"
 APP_PORT = 8000
@@ -45,7 +48,20 @@ class LabPlan:
     solo_region: str
 
     def gateway_of(self, region: str) -> LabGateway:
+        """The region's first gateway: the one its instances live beside."""
         return next(g for g in self.gateways if g.region == region)
+
+    def gateways_of(self, region: str) -> tuple[LabGateway, ...]:
+        return tuple(g for g in self.gateways if g.region == region)
+
+    def instance_host(self, gateway: str) -> bool:
+        """Whether the region's instances live beside this gateway (its region's first)."""
+        spec = next(g for g in self.gateways if g.name == gateway)
+        return self.gateway_of(spec.region).name == gateway
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(g.region for g in self.gateways))
 
 
 def make_plan(regions: list[RegionFile], *, netns: bool) -> LabPlan:
@@ -55,12 +71,11 @@ def make_plan(regions: list[RegionFile], *, netns: bool) -> LabPlan:
     instances: list[LabInstance] = []
     solo_region = regions[-1].region.name
     for i, rf in enumerate(regions):
-        spec = rf.gateways[0] if rf.gateways else None
-        name = spec.name if spec else f"gw-{rf.region.name}-1"
-        public_ip = spec.public_ip if (spec and netns) else f"127.0.1.{11 + i}"
-        proxy_port = spec.proxy_port if spec else 8080
-        gateways.append(LabGateway(name, rf.region.name, public_ip, spec.wg_port if spec else 51820,
-                                   proxy_port, f"g{i}"))
+        specs = rf.gateways or (GatewaySpec(f"gw-{rf.region.name}-1", rf.region.name, ""),)
+        for spec in specs:
+            k = len(gateways)
+            public_ip = spec.public_ip if (netns and spec.public_ip) else f"127.0.1.{11 + k}"
+            gateways.append(LabGateway(spec.name, rf.region.name, public_ip, spec.wg_port, spec.proxy_port, f"g{k}"))
         if netns and rf.region.instance_subnet:
             base = ipaddress.ip_network(rf.region.instance_subnet).network_address
             addrs = [str(base + 11), str(base + 12), str(base + 21), str(base + 22)]

@@ -6,6 +6,15 @@ mode a network namespace joined to an "internet" namespace, with the sample app 
 addresses of its loopback and the gateway agent (wireguard-go mesh + proxy) inside; in loopback mode plain
 processes on 127.0.0.0/8 with the mesh computed but not created. Every PID, namespace and
 interface is recorded before it is made, so `geomesh lab down` cleans up after a crash too.
+
+Timers: `timers="lab"` (the default) runs the coordinator with `--lease-ttl 2` and gateways
+with `heartbeat_interval = 0.5`, so the walkthrough is quick; `timers="default"` keeps every
+flag at its shipped default (what `bench/failover.py` measures). Either way each gateway's
+`[reach]` table spells out the reachability defaults (probe every 0.5 s, timeout 0.5 s, down
+after 3 failures, up after 2 successes, 3 prober regions). The faults (`faults.py`) and the
+health checks the walkthrough, the tests and the bench share live here too: cut or restore a
+gateway's public link, cut a region's probers off from the others, stop/continue a gateway,
+and `problems()`: why the lab is not healthy yet (empty when it is).
 """
 
 from __future__ import annotations
@@ -24,11 +33,17 @@ from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
 from geomesh.etcd_process import free_port
+from geomesh.lab import faults
 from geomesh.lab.control_plane import ControlPlane, LabRecord, stop_pid
 from geomesh.lab.plan import LabGateway, LabPlan
 from geomesh.regions_file import RegionFile
 
 NETNS_STATE_DIR = Path("/run/geomesh-lab-netns")
+TIMERS = ("lab", "default")
+LAB_LEASE_TTL = 2           # --lease-ttl of the lab's coordinator (timers="lab"); the shipped default is 3
+LAB_HEARTBEAT = 0.5         # heartbeat_interval of the lab's gateways (timers="lab"); the shipped default is 1.0
+# the gateways' [reach] table: the shipped defaults (they meet the issue's targets)
+REACH = {"interval": 0.5, "timeout": 0.5, "fall": 3, "rise": 2, "prober_regions": 3}
 
 
 def netns_unavailable_reason() -> str | None:
@@ -50,7 +65,11 @@ class RunningGateway:
 
 
 class Lab:
-    def __init__(self, state_dir: Path, regions: list[RegionFile], plan: LabPlan, *, say=print) -> None:
+    def __init__(self, state_dir: Path, regions: list[RegionFile], plan: LabPlan, *, say=print,
+                 timers: str = "lab") -> None:
+        if timers not in TIMERS:
+            raise ValueError(f"timers: {timers!r} is not one of {', '.join(TIMERS)}")
+        self.timers = timers
         self.dir = state_dir
         self.regions = regions
         self.plan = plan
@@ -71,7 +90,8 @@ class Lab:
     def up(self) -> None:
         steps = 5
         self.say(f"[1/{steps}] control plane: embedded etcd, PKI, coordinator ...")
-        self.cp.start(extra=["--listen-unix", str(self.unix_socket)])
+        self.cp.start(lease_ttl=LAB_LEASE_TTL if self.timers == "lab" else 3,
+                      extra=["--listen-unix", str(self.unix_socket)])
         self.say(f"        coordinator {self.cp.address} (and {self.unix_socket}), etcd {self.cp.etcd.endpoint}")
         self.say(f"[2/{steps}] regions, apps and instances through the Admin API ...")
         asyncio.run(self._apply_state())
@@ -131,12 +151,14 @@ class Lab:
             rg = self.gateways.setdefault(g.name, RunningGateway(g, self.dir / f"{g.name}.toml"))
             rg.host = host
             rg.ifname = self.topology.ifname(g.short)
-            insts = [i for i in self.plan.instances if i.region == g.region]
+            insts = [i for i in self.plan.instances if i.region == g.region and self.plan.instance_host(g.name)]
             for inst in insts:  # instance addresses live on the namespace's loopback
                 host.run(["ip", "addr", "add", f"{inst.address}/32", "dev", "lo"])
         self.client = self.topology.add_host("client", network="198.51.100.0/24")
 
     def _start_apps(self, g: LabGateway) -> None:
+        if not self.plan.instance_host(g.name):
+            return  # a region's instances live beside its first gateway only
         host = self.gateways[g.name].host if g.name in self.gateways else None
         for inst in (i for i in self.plan.instances if i.region == g.region):
             self.apps.append(self._popen(f"app-{inst.id}", [
@@ -148,6 +170,8 @@ class Lab:
         ident = self.cp.pki.identity("gateway", g.name)
         target = f"unix:{self.unix_socket}" if self.plan.netns else self.cp.address
         backend = "userspace" if self.plan.netns else "none"
+        heartbeat = f"heartbeat_interval = {LAB_HEARTBEAT}\n" if self.timers == "lab" else ""
+        reach = "".join(f"{k} = {v}\n" for k, v in REACH.items())
         rg.config.write_text(f"""# written by geomesh lab
 name = "{g.name}"
 region = "{g.region}"
@@ -156,8 +180,7 @@ public_ip = "{g.public_ip}"
 zone = "{self.plan.zone}"
 proxy_port = {g.proxy_port}
 proxy_listen = "{g.public_ip}"
-heartbeat_interval = 0.5
-metrics_port = -1
+{heartbeat}metrics_port = -1
 [tls]
 ca = "{ident.ca}"
 cert = "{ident.cert}"
@@ -168,7 +191,8 @@ listen_port = {g.wg_port}
 key_file = "{self.dir / (g.name + '.wgkey')}"
 backend = "{backend}"
 persistent_keepalive = 5
-""")
+[reach]
+{reach}""")
         return rg.config
 
     def start_gateway(self, name: str) -> None:
@@ -184,6 +208,100 @@ persistent_keepalive = 5
             rg.proc.kill()
             rg.proc.wait(10)
         rg.proc = None
+
+    # -- faults (the commands are returned, so callers can print them) ------------------------
+
+    def namespace(self, name: str) -> str:
+        rg = self.gateways[name]
+        if rg.host is None:
+            raise RuntimeError("faults need the lab's network namespaces (netns mode)")
+        return rg.host.name
+
+    def _run_all(self, commands: list[list[str]], *, check: bool = True) -> list[list[str]]:
+        for argv in commands:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+            if check and out.returncode != 0:
+                raise RuntimeError(f"`{' '.join(argv)}` failed: {out.stderr.strip()}")
+        return commands
+
+    def link_commands(self, name: str, *, up: bool) -> list[list[str]]:
+        rg = self.gateways[name]
+        assert rg.host is not None
+        return faults.link_commands(self.namespace(name), "eth0", up=up, router=rg.host.router)
+
+    def set_public_link(self, name: str, *, up: bool) -> list[list[str]]:
+        """Cut (`up=False`) or restore gateway `name`'s public link; its session stays up (unix socket)."""
+        return self._run_all(self.link_commands(name, up=up))
+
+    def isolation_commands(self, region: str, *, add: bool) -> list[list[str]]:
+        """Blackhole, inside `region`'s gateway namespaces, every other region's gateway address."""
+        others = [g.public_ip for g in self.plan.gateways if g.region != region]
+        return [c for g in self.plan.gateways_of(region)
+                for c in faults.blackhole_commands(self.namespace(g.name), others, add=add)]
+
+    def isolate_region(self, region: str, *, on: bool) -> list[list[str]]:
+        """Cut `region`'s probers off from every other region (on) or undo it."""
+        return self._run_all(self.isolation_commands(region, add=on), check=on)
+
+    def gateway_pid(self, name: str) -> int:
+        rg = self.gateways[name]
+        if rg.proc is None or rg.proc.poll() is not None:
+            raise RuntimeError(f"gateway {name} is not running")
+        return rg.proc.pid
+
+    def signal_gateway(self, name: str, signal_name: str) -> list[str]:
+        """kill -STOP / -CONT / -KILL gateway `name`'s process (the agent and its data plane)."""
+        argv = faults.signal_command(self.gateway_pid(name), signal_name)
+        self._run_all([argv])
+        if signal_name == "KILL":
+            rg = self.gateways[name]
+            assert rg.proc is not None
+            rg.proc.wait(10)
+            rg.proc = None
+        return argv
+
+    # -- health --------------------------------------------------------------------------------
+
+    async def overview(self) -> pb.Overview:
+        async with client_channel(self.cp.address, self.cp.pki.identity("admin", "lab-admin")) as ch:
+            return await pbg.AdminStub(ch).GetOverview(pb.Empty(), timeout=5)
+
+    async def problems(self) -> list[str]:
+        """Why the lab is not healthy (empty: every gateway alive with an open session, reachable
+        and in DNS, no region votes any gateway down, no region cut off, none held by the panic
+        threshold)."""
+        try:
+            ov = await self.overview()
+        except Exception as exc:  # noqa: BLE001 - an unanswered overview is a problem to report
+            return [f"GetOverview failed: {exc}"]
+        out = []
+        seen = {g.name: g for g in ov.gateways}
+        for g in self.plan.gateways:
+            h = seen.get(g.name)
+            if h is None:
+                out.append(f"{g.name}: not registered")
+            elif h.session != pb.SESSION_STATE_OPEN:
+                out.append(f"{g.name}: session {pb.SessionState.Name(h.session)}")
+            elif not h.reachable or not h.in_dns:
+                out.append(f"{g.name}: reachable={h.reachable} in_dns={h.in_dns}")
+            elif h.down_by:
+                out.append(f"{g.name}: down for {', '.join(h.down_by)}")
+        if ov.cut_off_regions:
+            out.append(f"cut-off regions: {', '.join(ov.cut_off_regions)}")
+        if ov.panic_held:
+            out.append(f"held by the panic threshold: {', '.join(ov.panic_held)}")
+        return out
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Wait until `problems()` is empty; TimeoutError naming what is still wrong."""
+        deadline = time.monotonic() + timeout
+        left: list[str] = []
+        while time.monotonic() < deadline:
+            left = asyncio.run(self.problems())
+            if not left:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"the lab is not healthy after {timeout:.0f}s: {'; '.join(left)}")
 
     async def _wait_alive(self, names: list[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout

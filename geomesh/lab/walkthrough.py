@@ -5,7 +5,11 @@ that is what the CI smoke test runs.
 Steps: DNS from three continents (ECS) gets three regions; a request through the chosen gateway
 reaches a local instance; an app living only in one region answers through another region's
 gateway over the mesh; a gateway is killed and DNS stops returning it within a second; it comes
-back and the mesh heals; grpcurl shows the overview.
+back and the mesh heals; gw-eu-central-1's public link is cut (its coordinator session stays up)
+and DNS moves the EU client away once the other regions' probes find it unreachable, then the
+link is restored and DNS sends the client back (both times printed; the step fails past
+`LINK_OUT_LIMIT` / `LINK_BACK_LIMIT`, generous bounds for slow CI machines: `bench/failover.py`
+measures the real figures); grpcurl shows the overview with every gateway's reachability.
 """
 
 from __future__ import annotations
@@ -20,8 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geomesh.lab import dns_answer
+from geomesh.lab.faults import time_until
 from geomesh.lab.runner import Lab
 from geomesh.lab.vantage import Vantage, find
+
+LINK_GATEWAY = "gw-eu-central-1"  # whose public link the walkthrough cuts
+LINK_OUT_LIMIT = 10.0             # seconds: the link-cut step fails if DNS takes longer to move the EU client
+LINK_BACK_LIMIT = 15.0            # seconds: ... or longer to send it back once the link is restored
 
 
 @dataclass
@@ -160,6 +170,52 @@ class Walkthrough:
         async with client_channel(self.lab.cp.address, self.lab.cp.pki.identity("admin", "lab-admin")) as ch:
             return (await pbg.AdminStub(ch).GetGateway(pb.GetRequest(name=name), timeout=5)).mesh_ip
 
+    def step_link_cut(self) -> None:
+        """Cut a gateway's public link (its session stays up): DNS moves the EU client away; restore it: back."""
+        eu = self.vantages["EU"]
+        name = f"hello.{self.lab.plan.zone}"
+        victim = next((g for g in self.lab.plan.gateways if g.name == LINK_GATEWAY), self.lab.plan.gateways[0])
+        kdig = self.kdig_argv(name, eu.subnet)
+        title_out = f"cut {victim.name}'s public link: DNS moves the EU client off {victim.public_ip}"
+        title_back = f"restore {victim.name}'s public link: DNS sends the EU client back"
+        try:
+            self.lab.wait_healthy(30)
+        except TimeoutError as exc:
+            self.record(title_out, False, str(exc), [kdig])
+            return
+
+        def answer() -> dns_answer.DnsAnswer:
+            return dns_answer.query(self.lab.dns_port, name, eu.subnet, timeout=1)
+
+        first = answer()
+        if victim.public_ip not in first.addresses:
+            self.record(title_out, False, f"the EU client is not sent to {victim.public_ip} to begin with: "
+                        f"{first.status} {list(first.addresses)}", [kdig])
+            return
+        last = [first]
+
+        def moved() -> bool:
+            last[0] = answer()
+            return last[0].answered and victim.public_ip not in last[0].addresses
+
+        cut = self.lab.set_public_link(victim.name, up=False)
+        out_s = time_until(moved, LINK_OUT_LIMIT + 5)
+        to = sorted({self.ip_to_region.get(ip, ip) for ip in last[0].addresses})
+        detail = (f"after {out_s:.1f} s the EU client is sent to {'/'.join(to)} (limit {LINK_OUT_LIMIT:.0f} s)"
+                  if out_s is not None else f"still {list(last[0].addresses)} ({last[0].status}) after "
+                  f"{LINK_OUT_LIMIT + 5:.0f} s")
+        self.record(title_out, out_s is not None and out_s <= LINK_OUT_LIMIT, detail, [*cut, kdig])
+
+        def back() -> bool:
+            last[0] = answer()
+            return victim.public_ip in last[0].addresses
+
+        restore = self.lab.set_public_link(victim.name, up=True)
+        back_s = time_until(back, LINK_BACK_LIMIT + 5)
+        detail = (f"after {back_s:.1f} s {victim.public_ip} is answered again (limit {LINK_BACK_LIMIT:.0f} s)"
+                  if back_s is not None else f"not back after {LINK_BACK_LIMIT + 5:.0f} s: {list(last[0].addresses)}")
+        self.record(title_back, back_s is not None and back_s <= LINK_BACK_LIMIT, detail, [*restore, kdig])
+
     def step_grpcurl(self) -> None:
         grpcurl = str(Path(sys.executable).parent / "grpcurl")
         ident = self.lab.cp.pki.identity("admin", "lab-admin")
@@ -172,8 +228,13 @@ class Walkthrough:
             alive = sum(r.get("gatewaysAlive", r.get("gateways_alive", 0)) for r in regions)
             total = overview.get("linksTotal", overview.get("links_total", 0))
             up = overview.get("linksUp", overview.get("links_up", 0))
-            detail = f"{len(regions)} regions, {alive} gateways alive, {up}/{total} mesh links up"
-            ok = out.returncode == 0 and len(regions) == len(self.lab.plan.gateways) and alive == len(regions)
+            gateways = overview.get("gateways", [])
+            reachable = sum(1 for g in gateways if g.get("reachable"))
+            cut_off = overview.get("cutOffRegions", overview.get("cut_off_regions", []))
+            detail = (f"{len(regions)} regions, {alive} gateways alive, {up}/{total} mesh links up, "
+                      f"{reachable}/{len(gateways)} gateways reachable, cut-off regions: {', '.join(cut_off) or 'none'}")
+            ok = (out.returncode == 0 and len(regions) == len(self.lab.plan.regions)
+                  and alive == len(self.lab.plan.gateways) and len(gateways) == alive)
         except ValueError:
             ok, detail = False, (out.stderr or out.stdout)[:200]
         self.record("grpcurl: the mesh/health overview", ok, detail, [argv])
@@ -184,5 +245,7 @@ class Walkthrough:
         if self.lab.plan.netns:
             self.step_cross_region()
         self.step_failover()
+        if self.lab.plan.netns:
+            self.step_link_cut()
         self.step_grpcurl()
         return all(r.ok for r in self.results)

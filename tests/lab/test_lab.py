@@ -29,6 +29,10 @@ def lab_prefix(output: str) -> str:
     raise AssertionError(f"the lab did not say which namespaces it made:\n{output[-3000:]}")
 
 
+def prefix_of(output: str) -> str:
+    return lab_prefix(output).rstrip("-")
+
+
 def wg_sockets() -> set[str]:
     d = Path("/var/run/wireguard")
     return {p.name for p in d.glob("*.sock")} if d.exists() else set()
@@ -73,7 +77,13 @@ def test_lab_in_namespaces_walkthrough_then_nothing_left(tmp_path):
                            "kill gw-eu-central-1: DNS stops returning it",
                            "restart gw-eu-central-1: it comes back",
                            "the mesh heals: gw-ap-northeast-1 reaches gw-eu-central-1 over WireGuard",
+                           "cut gw-eu-central-1's public link: DNS moves the EU client off 192.0.2.21",
+                           "restore gw-eu-central-1's public link: DNS sends the EU client back",
                            "grpcurl: the mesh/health overview"])
+    # the link step prints the commands a person repeats, and how long each move took
+    assert f"ip netns exec {prefix_of(text)}-gw-eu-central-1 ip link set eth0 down" in text
+    assert "ip route replace default via 192.0.2.1 dev eth0" in text
+    assert "the EU client is sent to" in text and "192.0.2.21 is answered again" in text
     assert "hello from solo instance" in text and "in us-east" in text
     prefix = lab_prefix(text)
     assert not namespaces(prefix), "the lab left network namespaces behind"

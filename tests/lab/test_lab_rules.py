@@ -1,0 +1,126 @@
+"""The lab's pure parts, table-tested: reading kdig's answer, the fault commands, the plan with
+two gateways in a region, the reachability matrix of the live view, and the gateway config's
+[reach] table (accepted by the agent's own config loader)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from geomesh.api import geomesh_pb2 as pb
+from geomesh.lab import dns_answer, faults
+from geomesh.lab.display import reachability_table
+from geomesh.lab.plan import make_plan
+from geomesh.lab.runner import REACH
+from geomesh.model import Region
+from geomesh.regions_file import GatewaySpec, RegionFile
+
+HEADER = ";; ->>HEADER<<- opcode: QUERY; status: {status}; id: 4242\n;; Flags: qr aa rd; QUERY: 1; ANSWER: {n}\n"
+QUESTION = ";; QUESTION SECTION:\n;; hello.lab.geomesh.test.\t\tIN\tA\n\n"
+
+
+def kdig_output(status: str, *ips: str) -> str:
+    answer = "".join(f"hello.lab.geomesh.test.\t30\tIN\tA\t{ip}\n" for ip in ips)
+    return HEADER.format(status=status, n=len(ips)) + QUESTION + (";; ANSWER SECTION:\n" + answer if ips else "") \
+        + "\n;; Received 67 B\n"
+
+
+@pytest.mark.parametrize(("output", "status", "addresses", "nodata", "answered"), [
+    (kdig_output("NOERROR", "192.0.2.21"), "NOERROR", ("192.0.2.21",), False, True),
+    (kdig_output("NOERROR", "192.0.2.21", "192.0.2.22"), "NOERROR", ("192.0.2.21", "192.0.2.22"), False, True),
+    (kdig_output("NOERROR"), "NOERROR", (), True, False),                       # NODATA: what fail-open forbids
+    (kdig_output("NXDOMAIN"), "NXDOMAIN", (), False, False),
+    (kdig_output("SERVFAIL"), "SERVFAIL", (), False, False),
+    (";; WARNING: response timeout for 127.0.0.1@53(UDP)\n", "TIMEOUT", (), False, False),
+    ("", "TIMEOUT", (), False, False),
+    # a CNAME or an AAAA line is not an address of the A answer
+    (kdig_output("NOERROR") + "x.test.\t30\tIN\tAAAA\t2001:db8::1\n", "NOERROR", (), True, False),
+])
+def test_kdig_answers(output, status, addresses, nodata, answered):
+    ans = dns_answer.parse(output)
+    assert (ans.status, ans.addresses, ans.nodata, ans.answered) == (status, addresses, nodata, answered)
+
+
+def test_kdig_argv_carries_the_client_subnet():
+    argv = dns_answer.kdig_argv(5353, "hello.lab.geomesh.test", "2.0.1.0/24", short=True)
+    assert argv[:6] == ["kdig", "@127.0.0.1", "-p", "5353", "hello.lab.geomesh.test", "A"]
+    assert "+short" in argv and "+subnet=2.0.1.0/24" in argv
+    assert "+subnet" not in " ".join(dns_answer.kdig_argv(53, "x", None))
+
+
+@pytest.mark.parametrize(("up", "want"), [
+    (False, [["ip", "netns", "exec", "gmab12-gw", "ip", "link", "set", "eth0", "down"]]),
+    (True, [["ip", "netns", "exec", "gmab12-gw", "ip", "link", "set", "eth0", "up"],
+            ["ip", "netns", "exec", "gmab12-gw", "ip", "route", "replace", "default", "via", "192.0.2.1", "dev", "eth0"]]),
+])
+def test_link_commands(up, want):
+    assert faults.link_commands("gmab12-gw", "eth0", up=up, router="192.0.2.1") == want
+
+
+def test_blackhole_commands_sorted_add_and_delete():
+    add = faults.blackhole_commands("ns", ["192.0.2.21", "192.0.2.11"], add=True)
+    assert add == [["ip", "netns", "exec", "ns", "ip", "route", "replace", "blackhole", "192.0.2.11/32"],
+                   ["ip", "netns", "exec", "ns", "ip", "route", "replace", "blackhole", "192.0.2.21/32"]]
+    assert faults.blackhole_commands("ns", ["192.0.2.11"], add=False)[0][6] == "del"
+    assert faults.signal_command(42, "STOP") == ["kill", "-STOP", "42"]
+
+
+def test_time_until_measures_and_gives_up():
+    calls = []
+
+    def third_time() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+    took = faults.time_until(third_time, 5, every=0.01)
+    assert took is not None and 0.015 <= took < 2 and len(calls) == 3
+    assert faults.time_until(lambda: False, 0.05, every=0.01) is None
+
+
+def _region(name: str, lat: float, subnet: str, *gws: tuple[str, str]) -> RegionFile:
+    return RegionFile(Region(name=name, latitude=lat, longitude=0.0, instance_subnet=subnet),
+                      tuple(GatewaySpec(n, name, ip) for n, ip in gws))
+
+
+def test_plan_with_two_gateways_in_a_region_puts_the_instances_beside_the_first():
+    regions = [_region("ap-northeast", 35, "10.90.3.0/24", ("gw-ap-1", "192.0.2.31")),
+               _region("eu-central", 50, "10.90.2.0/24", ("gw-eu-1", "192.0.2.21"), ("gw-eu-2", "192.0.2.22")),
+               _region("us-east", 39, "10.90.1.0/24", ("gw-us-1", "192.0.2.11"))]
+    plan = make_plan(regions, netns=True)
+    assert [g.name for g in plan.gateways] == ["gw-ap-1", "gw-eu-1", "gw-eu-2", "gw-us-1"]
+    assert [g.short for g in plan.gateways] == ["g0", "g1", "g2", "g3"]
+    assert plan.regions == ("ap-northeast", "eu-central", "us-east")
+    assert plan.gateway_of("eu-central").name == "gw-eu-1"
+    assert [g.name for g in plan.gateways_of("eu-central")] == ["gw-eu-1", "gw-eu-2"]
+    assert plan.instance_host("gw-eu-1") and not plan.instance_host("gw-eu-2") and plan.instance_host("gw-us-1")
+    assert {i.address for i in plan.instances if i.region == "eu-central"} == {"10.90.2.11", "10.90.2.12"}
+    loop = make_plan(regions, netns=False)
+    assert [g.public_ip for g in loop.gateways] == ["127.0.1.11", "127.0.1.12", "127.0.1.13", "127.0.1.14"]
+
+
+def test_reachability_matrix_shows_session_verdict_regions_rtt_cut_off_and_panic_held():
+    ov = pb.Overview(cut_off_regions=["ap-northeast"], panic_held=["gw-us-1"], gateways=[
+        pb.GatewayHealth(name="gw-eu-1", region="eu-central", session=pb.SESSION_STATE_OPEN, reachable=False,
+                         seen_by=[], down_by=["ap-northeast", "us-east"], probe_rtt_ms=0, in_dns=False),
+        pb.GatewayHealth(name="gw-us-1", region="us-east", session=pb.SESSION_STATE_TIMED_OUT, reachable=True,
+                         seen_by=["eu-central"], down_by=[], probe_rtt_ms=1.25, in_dns=True)])
+    console = Console(width=200, record=True)
+    console.print(reachability_table(ov))
+    text = console.export_text()
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    eu, us = rows["gw-eu-1"], rows["gw-us-1"]
+    assert "open" in eu and "unreachable" in eu and "ap-northeast, us-east" in eu and " no " in eu
+    assert "timed out" in us and "reachable" in us and "eu-central" in us and "1.2 ms" in us and "yes" in us
+    assert "cut-off prober regions: ap-northeast" in text and "held by the panic threshold: gw-us-1" in text
+
+
+def test_the_labs_reach_table_is_what_the_agent_accepts(tmp_path: Path):
+    from regional_gateway.agent_config import load
+
+    path = tmp_path / "gw.toml"
+    reach = "".join(f"{k} = {v}\n" for k, v in REACH.items())
+    path.write_text(f'name = "gw-1"\nregion = "eu"\ncoordinators = ["127.0.0.1:1"]\npublic_ip = "192.0.2.1"\n'
+                    f'insecure = true\n[reach]\n{reach}')
+    c = load(path)
+    assert (c.reach_interval, c.reach_timeout, c.reach_fall, c.reach_rise, c.reach_prober_regions) == (0.5, 0.5, 3, 2, 3)
