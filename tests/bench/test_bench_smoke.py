@@ -137,3 +137,25 @@ def test_abuse_bench_runs_a_gateway_and_a_dns_scenario(tmp_path: Path) -> None:
         assert r["server"]["alive"] and r["server"]["served_after"], (name, r["server"])
         assert r["server"]["rss_peak_mb"] >= r["server"]["rss_start_mb"] > 0, (name, r["server"])
     assert result["dns-cache"]["attacker"]["unit"] == "unique 4 KB queries"
+
+
+@pytest.mark.netns
+def test_failover_bench_quick_measures_every_case(tmp_path: Path) -> None:
+    """bench/failover.py --quick (2 trials per case, 4 s windows) on the real lab topology: every
+    timed case got a figure in every trial (no miss: DNS did move), the isolated region was named
+    cut off, and with every link cut DNS never answered NODATA. No timing is asserted."""
+    from geomesh.lab.runner import netns_unavailable_reason
+
+    reason = netns_unavailable_reason()
+    if reason:
+        pytest.skip(f"the failover bench needs the lab's namespaces and wireguard-go: {reason}")
+    out = tmp_path / "failover.json"
+    proc = subprocess.run([sys.executable, "bench/failover.py", "--quick", "--window", "4", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"failover.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"link-out", "link-back", "crash-out", "stop-out"}
+    for row, r in result["rows"].items():
+        assert r["misses"] == 0 and len(r["samples"]) == 2 and all(s > 0 for s in r["samples"]), (row, r)
+    assert result["isolate"]["cut_off_named"] == 2 and result["isolate"]["excluded"] == [], result["isolate"]
+    assert result["all_cut"]["answers"] > 0 and result["all_cut"]["nodata"] == 0, result["all_cut"]
