@@ -29,6 +29,7 @@ an error naming the key, never a silently ignored setting. Format (see docs/geod
     name = "shop"
     regions = ["eu-central"]          # where it has healthy instances
     pinned_regions = []               # when set, answers never leave these regions
+    instances = { shop-1 = "eu-central" }  # instance id = its region: <instance-id>.<zone> names
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from geomesh.errors import ValidationError
 _ZONE_KEYS = {"name", "nameservers", "soa_rname", "ttl", "negative_ttl", "ns_ttl", "default_region", "serial"}
 _REGION_KEYS = {"name", "latitude", "longitude", "display_name", "gateways"}
 _GATEWAY_KEYS = {"name", "ipv4", "ipv6", "state", "alive", "reachable"}
-_APP_KEYS = {"name", "regions", "pinned_regions"}
+_APP_KEYS = {"name", "regions", "pinned_regions", "instances"}
 _TOP_KEYS = {"zone", "regions", "apps"}
 
 
@@ -155,6 +156,7 @@ def view_from(data: Mapping[str, Any], revision: int, overrides: Mapping[str, An
         raise ValidationError("zone.default_region", f"{zone.default_region!r} is not one of the regions")
     apps = []
     app_names: set[str] = set()
+    placed: dict[str, set[str]] = {}
     for i, app in enumerate(_list("apps", data.get("apps", []))):
         where = f"apps[{i}]"
         _check_keys(where, app, _APP_KEYS)
@@ -175,7 +177,15 @@ def view_from(data: Mapping[str, Any], revision: int, overrides: Mapping[str, An
                 pinned = tuple(values)
         where_hosted = set(hosting) & set(pinned) if pinned else set(hosting)
         apps.append(AppView(aname, frozenset(where_hosted), pinned))
-    return View.build(zone, serial or revision, regions, apps)
+        instances = app.get("instances", {})
+        if not isinstance(instances, dict):
+            raise ValidationError(f"{where}.instances", "must be a table of instance id = region")
+        for iid, r in instances.items():
+            v.dns_label(f"{where}.instances", iid)
+            if r not in names:
+                raise ValidationError(f"{where}.instances.{iid}", f"{r!r} is not one of the regions")
+            placed.setdefault(iid, set()).add(r)
+    return View.build(zone, serial or revision, regions, apps, instances=placed)
 
 
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> View:

@@ -10,7 +10,10 @@ least one alive, non-draining gateway that the coordinator has not found unreach
 (`Gateway.reachable_routable`, docs/reachability.md); an app is hosted where it has a healthy
 instance (limited to its pinned regions, when it has some). Each region also keeps the addresses
 of all its routable gateways, reachable or not (`routable_ipv4`/`routable_ipv6`): what the answer
-path falls back to (fail-open) when the reachable ones would leave an app with no answer.
+path falls back to (fail-open) when the reachable ones would leave an app with no answer. The
+view also knows where each instance lives (`instances`: instance id -> the regions with an
+instance of that id, whatever its health), so `<instance-id>.<zone>` names answer with that
+region's gateways, as the gateways route them.
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ class View:
     regions: Mapping[str, RegionView] = field(default_factory=lambda: MappingProxyType({}))
     apps: Mapping[str, AppView] = field(default_factory=lambda: MappingProxyType({}))
     ready: bool = True  # False until the first routing snapshot arrived
+    # instance id -> regions with an instance of that id (sorted; ids may repeat across apps)
+    instances: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def serial(self) -> int:
@@ -140,9 +145,11 @@ class View:
 
     @classmethod
     def build(cls, zone: ZoneConfig, revision: int, regions: Iterable[RegionView],
-              apps: Iterable[AppView], ready: bool = True) -> View:
+              apps: Iterable[AppView], ready: bool = True,
+              instances: Mapping[str, Iterable[str]] | None = None) -> View:
+        placed = {i: tuple(sorted(set(where))) for i, where in (instances or {}).items()}
         return cls(zone, revision, MappingProxyType({r.name: r for r in regions}),
-                   MappingProxyType({a.name: a for a in apps}), ready)
+                   MappingProxyType({a.name: a for a in apps}), ready, MappingProxyType(placed))
 
     @classmethod
     def from_table(cls, table: RoutingTable, zone: ZoneConfig) -> View:
@@ -165,7 +172,9 @@ class View:
                               ips(False, 4, r.name), ips(False, 6, r.name))
                    for r in table.regions.values()]
         hosting: dict[str, set[str]] = {}
+        placed: dict[str, set[str]] = {}
         for inst in table.instances.values():
+            placed.setdefault(inst.id, set()).add(inst.region)
             if inst.healthy:
                 hosting.setdefault(inst.app, set()).add(inst.region)
         apps = []
@@ -174,7 +183,7 @@ class View:
             if app.pinned_regions:
                 where &= set(app.pinned_regions)
             apps.append(AppView(app.name, frozenset(where), tuple(app.pinned_regions)))
-        return cls.build(zone, table.revision, regions, apps)
+        return cls.build(zone, table.revision, regions, apps, instances=placed)
 
     @classmethod
     def empty(cls, zone: ZoneConfig) -> View:

@@ -2,10 +2,15 @@
 
 Two pure steps, CoreDNS-style. `classify(view, labels)` says what a name under the zone is
 (the apex, a name server, an app in one of the platform's forms `<app>`, `<app>-<port>`,
-`<app>-<port>s`, `<app>-<port>g`, a region's `gw.<region>`, an empty non-terminal, or nothing).
-`records(view, target, qtype, region)` returns a `Lookup`: the rcode, the records of each
-section and the region chosen; only `geodns.answer` turns that into a message. For apps the
-caller passes the region that `geodns.nearest` chose for the client. ANY gets one RRset
+`<app>-<port>s`, `<app>-<port>g`, an instance in the same forms `<instance-id>[-<port>[s|g]]`,
+a region's `gw.<region>`, an empty non-terminal, or nothing). The name forms are read as the
+gateways read them (`regional_gateway.proxy.hostnames`): a whole label naming an app, then one
+naming an instance, wins over the `-<port>` reading; then the base of the `-<port>` form is
+looked up the same way. `records(view, target, qtype, region)` returns a `Lookup`: the rcode,
+the records of each section and the region chosen; only `geodns.answer` turns that into a
+message. For apps the caller passes the region that `geodns.nearest` chose for the client. An
+instance name answers with the gateways of the region that hosts the instance, wherever the
+client is (`instance_region`). ANY gets one RRset
 (RFC 8482); negative answers carry the SOA (RFC 2308). A region's addresses are those of its
 reachable gateways; when every gateway of the asked family is unreachable the routable ones
 answer anyway and the `Lookup` says so (`fail_open`, counted as `geomesh_dns_fail_open_total`).
@@ -59,6 +64,16 @@ class AppName:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceName:
+    """`<instance-id>[-<port>[s|g]]`: one instance, served through its own region's gateways."""
+
+    instance: str
+    regions: tuple[str, ...]  # the regions with an instance of this id (ids may repeat across apps)
+    port: int = 0
+    mode: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RegionGateways:
     region: RegionView
 
@@ -73,7 +88,7 @@ class NoSuchName:
     pass
 
 
-Target = Apex | NameServerHost | AppName | RegionGateways | EmptyNonTerminal | NoSuchName
+Target = Apex | NameServerHost | AppName | InstanceName | RegionGateways | EmptyNonTerminal | NoSuchName
 
 
 def zone_labels(view: View) -> tuple[bytes, ...]:
@@ -103,16 +118,16 @@ def classify(view: View, rel: tuple[bytes, ...]) -> Target:
         if ns.name == fqdn:
             return NameServerHost(ns)
     if len(rel) == 1:
-        label = rel[0]
-        app = view.apps.get(text)
-        if app is not None:
-            return AppName(app)
-        m = _APP_FORM.match(label)
+        found = _named(view, text, 0, "")
+        if found is not None:
+            return found
+        m = _APP_FORM.match(rel[0])
         if m is not None:
-            app = view.apps.get(m.group(1).decode())
             port = int(m.group(2))
-            if app is not None and 1 <= port <= 65535:
-                return AppName(app, port, m.group(3).decode())
+            if 1 <= port <= 65535:
+                found = _named(view, m.group(1).decode(), port, m.group(3).decode())
+                if found is not None:
+                    return found
     if len(rel) == 2 and rel[0] == b"gw":
         region = view.regions.get(rel[1].decode())
         if region is not None:
@@ -123,6 +138,29 @@ def classify(view: View, rel: tuple[bytes, ...]) -> Target:
         if ns.name.endswith("." + fqdn):
             return EmptyNonTerminal()  # parent of a name server's name
     return NoSuchName()
+
+
+def _named(view: View, label: str, port: int, mode: str) -> AppName | InstanceName | None:
+    """An app called `label`, else an instance with that id (the gateways' order), else None."""
+    app = view.apps.get(label)
+    if app is not None:
+        return AppName(app, port, mode)
+    regions = view.instances.get(label)
+    if regions:
+        return InstanceName(label, regions, port, mode)
+    return None
+
+
+def instance_region(view: View, target: InstanceName) -> RegionView | None:
+    """The region whose gateways answer for an instance: of the regions with an instance of that
+    id (one, unless ids repeat across apps), the first by name with a healthy gateway, else the
+    first with a routable one (fail-open), else None (no gateway can take the name: NODATA)."""
+    regions = [r for r in (view.regions.get(name) for name in target.regions) if r is not None]
+    for ok in (lambda r: r.healthy, lambda r: r.routable):
+        for r in regions:
+            if ok(r):
+                return r
+    return None
 
 
 # -- the records ------------------------------------------------------------------------------
@@ -216,6 +254,16 @@ def records(view: View, target: Target, qtype: int, region: RegionView | None = 
         if rrs:
             return Lookup(RCODE_NOERROR, rrs, region=region.name, fail_open=fail_open)
         return Lookup(RCODE_NOERROR, authority=(soa(view),), region=region.name)
+    if isinstance(target, InstanceName):
+        if not view.ready:
+            return Lookup(RCODE_SERVFAIL)
+        where = instance_region(view, target)
+        if where is None:
+            return nodata
+        rrs, fail_open = _region_records(z.ttl, where, qtype)
+        if rrs:
+            return Lookup(RCODE_NOERROR, rrs, region=where.name, fail_open=fail_open)
+        return Lookup(RCODE_NOERROR, authority=(soa(view),), region=where.name)
     if isinstance(target, EmptyNonTerminal):
         return nodata
     if not view.ready:
