@@ -8,8 +8,9 @@ too. A probe fails on a refused or timed-out connection, a timeout of the whole 
 other status, or an answer naming another gateway (a wrong address in the mesh, or an impostor).
 
 Each target's verdict is debounced (`Debounce`): down after `fall` failed probes in a row, up
-again after `rise` good ones. Only verdict changes are reported (the agent sends them in the
-next heartbeat, at once): the coordinator decides by quorum of regions
+again after `rise` good ones. Only changes are reported (the agent sends them in the next
+heartbeat, at once): a verdict change, the first RTT measured for an up target, and an RTT that
+moved by more than 25 % (at most once per `rtt_refresh`): the coordinator decides by quorum of regions
 (`coordinator.reachability`). The prober never waits on the control plane and runs beside the
 data plane on the same loop; each probe is bounded by `timeout`.
 """
@@ -59,6 +60,7 @@ class ProbeSettings:
     timeout: float = 0.5
     fall: int = 3   # failed probes in a row before a target is reported down
     rise: int = 2   # good probes in a row before it is reported up again
+    rtt_refresh: float = 10.0  # seconds between RTT reports of an up target whose RTT moved by > 25 %
 
 
 class Debounce:
@@ -86,6 +88,15 @@ class Debounce:
                 self.up = False
                 return True
         return False
+
+
+def rtt_report_due(last: tuple[float, float] | None, rtt_ms: float, now: float, refresh: float) -> bool:
+    """Whether an up target's RTT should be reported although its verdict did not change: never
+    reported yet, or moved by more than 25 % and the last report is `refresh` seconds old."""
+    if last is None or last[0] <= 0:
+        return True
+    reported, at = last
+    return now - at >= refresh and abs(rtt_ms - reported) > 0.25 * reported
 
 
 def health_response(name: str) -> bytes:
@@ -160,6 +171,7 @@ class ReachProber:
         self.state: dict[str, Debounce] = {}
         self.rtt_ms: dict[str, float] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._reported: dict[str, tuple[float, float]] = {}  # target -> (RTT last reported, when)
         self._tls = probe_tls_context()
 
     def set_targets(self, targets: Mapping[str, ProbeTarget]) -> None:
@@ -168,6 +180,7 @@ class ReachProber:
                 self._tasks.pop(name).cancel()
                 self.state.pop(name, None)
                 self.rtt_ms.pop(name, None)
+                self._reported.pop(name, None)
         self.targets = dict(targets)
         for name, target in self.targets.items():
             if name not in self._tasks:
@@ -194,7 +207,14 @@ class ReachProber:
             if deb.observe(ok):
                 VERDICTS.labels(target.name, str(deb.up).lower()).inc()
                 event(log, "reachability verdict changed", target=target.name, up=deb.up, why=why or None)
-                self.on_change(target.name, deb.up, self.rtt_ms.get(target.name, 0.0) if deb.up else 0.0)
+                reported = self.rtt_ms.get(target.name, 0.0) if deb.up else 0.0
+                self.on_change(target.name, deb.up, reported)
+                self._reported[target.name] = (reported, time.monotonic())
+            elif ok and deb.up and rtt_report_due(self._reported.get(target.name), self.rtt_ms[target.name],
+                                                  time.monotonic(), s.rtt_refresh):
+                # the verdict stands; its RTT is news (first measured, or moved): report it too
+                self.on_change(target.name, True, self.rtt_ms[target.name])
+                self._reported[target.name] = (self.rtt_ms[target.name], time.monotonic())
             await asyncio.sleep(max(0.0, s.interval - (time.monotonic() - started)))
 
     async def close(self) -> None:

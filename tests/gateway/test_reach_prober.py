@@ -15,6 +15,7 @@ from regional_gateway.reach_prober import (
     check_answer,
     health_response,
     probe_once,
+    rtt_report_due,
 )
 
 
@@ -87,8 +88,10 @@ async def test_prober_reports_only_changes() -> None:
                          lambda name, up, rtt: changes.put_nowait((name, up, rtt)))
     prober.set_targets({"gw-a": ProbeTarget("gw-a", "eu", "127.0.0.1", port)})
     try:
+        name, up, rtt = await asyncio.wait_for(changes.get(), 5)
+        assert (name, up) == ("gw-a", True) and rtt > 0  # up from the start; its first RTT is news
         await asyncio.sleep(0.4)
-        assert changes.empty()  # up from the start: nothing to report
+        assert changes.empty()  # nothing changed since (the RTT refresh is 10 s)
         assert prober.results()["gw-a"][0] is True and prober.results()["gw-a"][1] > 0
         srv.close()
         await srv.wait_closed()
@@ -103,3 +106,14 @@ async def test_prober_reports_only_changes() -> None:
     finally:
         await prober.close()
         srv.close()
+
+
+@pytest.mark.parametrize("last,rtt,now,due", [
+    (None, 5.0, 0.0, True),            # never reported
+    ((0.0, 0.0), 5.0, 1.0, True),      # reported while unknown (0)
+    ((5.0, 0.0), 9.0, 5.0, False),     # moved, but the last report is recent
+    ((5.0, 0.0), 9.0, 10.0, True),     # moved by 80 % and 10 s old
+    ((5.0, 0.0), 6.0, 60.0, False),    # moved by 20 %: not news
+])
+def test_rtt_report_due(last, rtt: float, now: float, due: bool) -> None:
+    assert rtt_report_due(last, rtt, now, 10.0) is due
