@@ -6,7 +6,11 @@ certificate files and, for cross-region forwarding, the other regions (location,
 instances they host, the ports those serve, their routable gateways) sorted nearest first. It is built either from the
 standalone TOML file (`routes_file.load_routes`) or from the coordinator's routing table
 (`routes_from_table`), validated on construction, and handed to the proxy server as a whole
-(`ProxyServer.update_routes`), so the data path always reads one consistent version.
+(`ProxyServer.update_routes`), so the data path always reads one consistent version. From a
+table, an entry the data plane cannot take (an instance id used twice in the region or equal to
+an app name, a bad address) is skipped, logged and counted
+(`geomesh_gateway_table_entries_skipped_total{kind,reason}`) and everything else applies: one
+bad record never freezes a region's routing (issue 13).
 
 Port allow-list (probe finding 15): an `<app>-<port>` name reaches only a port the app exposes,
 its declared `ports`, its backends' own ports and the ports its custom domains name
@@ -18,17 +22,22 @@ rule as one pure function; the proxy applies it when it resolves a name, before 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from prometheus_client import Counter
+
 from geomesh import geo
 from geomesh import validate as v
 from geomesh.errors import ValidationError
 from geomesh.model import LbPolicy, app_ports
 from geomesh.routing_table import RoutingTable
+
+log = logging.getLogger("geomesh.gateway.routes")
 
 HEALTH_CHECKS = ("tcp", "http", "none")
 _EMPTY: Mapping = MappingProxyType({})
@@ -373,11 +382,54 @@ class Routes:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class SkippedEntry:
+    """A table entry the data plane left out of its routes (the rest apply). `kind`: app,
+    instance, domain or gateway; `reason`: duplicate_id (an instance id another local instance
+    of the region has), id_is_app_name (an instance id equal to an app's name), invalid (a value
+    the data plane refuses, e.g. a bad address from an older coordinator)."""
+
+    kind: str
+    name: str
+    reason: str
+    detail: str = ""
+
+
+TABLE_SKIPPED = Counter("geomesh_gateway_table_entries_skipped_total",
+                        "routing table entries left out of the data plane's routes (the rest applied)",
+                        ["kind", "reason"])
+_last_skipped: dict[str, frozenset[SkippedEntry]] = {}  # self_name -> what was logged last
+
+
 def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name: str,
                       health: HealthCheck | None = None,
                       certificates: Iterable[CertificateSpec] = (),
                       proxy_protocol_apps: Iterable[str] = (), forward_via: str = "mesh") -> Routes:
-    """The data plane's view of a coordinator routing table, for the gateway `self_name` in `region`.
+    """`checked_routes_from_table` for the agent: every skipped entry is counted in
+    `geomesh_gateway_table_entries_skipped_total{kind,reason}` and logged when the set of
+    skipped entries changes (not on every update), and the routes of everything else returned."""
+    routes, skipped = checked_routes_from_table(
+        table, region=region, zone=zone, self_name=self_name, health=health, certificates=certificates,
+        proxy_protocol_apps=proxy_protocol_apps, forward_via=forward_via)
+    for entry in skipped:
+        TABLE_SKIPPED.labels(entry.kind, entry.reason).inc()
+    now, before = frozenset(skipped), _last_skipped.get(self_name, frozenset())
+    if now != before:
+        _last_skipped[self_name] = now
+        for entry in sorted(now - before, key=lambda e: (e.kind, e.name)):
+            log.warning("routing table entry skipped by the data plane (the rest applies)",
+                        extra={"fields": {"kind": entry.kind, "name": entry.name, "reason": entry.reason,
+                                          "detail": entry.detail, "revision": table.revision}})
+    return routes
+
+
+def checked_routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name: str,
+                              health: HealthCheck | None = None,
+                              certificates: Iterable[CertificateSpec] = (),
+                              proxy_protocol_apps: Iterable[str] = (),
+                              forward_via: str = "mesh") -> tuple[Routes, tuple[SkippedEntry, ...]]:
+    """The data plane's view of a coordinator routing table, for the gateway `self_name` in `region`,
+    and the entries it had to leave out (pure).
 
     Local apps: every app of the table with this region's instances as backends (the gateway's own
     probes decide their health; the table's `healthy` flag only steers other regions). Custom
@@ -389,18 +441,36 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
     where that port is exposed.
     `forward_via="public"` forwards to the other gateways' public addresses instead of their mesh
     addresses (a lab without WireGuard; pair it with `ProxyServer.trusted_peers`).
+
+    One bad entry never blocks the rest (issue 13): a local instance whose id another local
+    instance already has (the first by "<app>/<id>" is kept), whose id is an app's name, or whose
+    values the data plane refuses is skipped; so is an app, domain or remote gateway the data
+    plane refuses. The coordinator refuses all of these at write time; this is the reader's guard
+    against old records and older coordinators.
     """
     if forward_via not in ("mesh", "public"):
         raise ValidationError("forward_via", f"{forward_via!r} is not mesh or public")
     health = health or HealthCheck()
     pp = set(proxy_protocol_apps)
+    skipped: list[SkippedEntry] = []
     local: dict[str, list] = {}
+    local_ids: dict[str, str] = {}  # instance id -> "<app>/<id>" of the local instance that has it
     hosted: dict[str, set[str]] = {}  # region -> apps with a healthy instance there
     remote_ids: dict[str, set[str]] = {}
     remote_ports: dict[str, dict[str, set[int]]] = {}  # region -> app -> ports its instances there serve
     remote_app_of: dict[str, dict[str, str]] = {}  # region -> instance id -> app
-    for inst in table.instances.values():
+    for name in sorted(table.instances):
+        inst = table.instances[name]
         if inst.region == region:
+            if inst.id in table.apps:
+                skipped.append(SkippedEntry("instance", name, "id_is_app_name",
+                                            f"instance id {inst.id!r} is also an app name"))
+                continue
+            if inst.id in local_ids:
+                skipped.append(SkippedEntry("instance", name, "duplicate_id",
+                                            f"instance id {inst.id!r} is used by {local_ids[inst.id]!r} too"))
+                continue
+            local_ids[inst.id] = name
             local.setdefault(inst.app, []).append(inst)
             continue
         remote_ids.setdefault(inst.region, set()).add(inst.id)
@@ -411,7 +481,7 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
             if spec is None or not spec.pinned_regions or inst.region in spec.pinned_regions:
                 hosted.setdefault(inst.region, set()).add(inst.app)
     apps: dict[str, AppRoute] = {}
-    for name in set(table.apps) | set(local):
+    for name in sorted(set(table.apps) | set(local)):
         spec = table.apps.get(name)
         insts = sorted(local.get(name, ()), key=lambda i: i.id)
         seen: set[tuple[str, int]] = set()
@@ -419,10 +489,18 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
         for i in insts:
             if (i.address, i.port) in seen:
                 continue
+            try:
+                backend = Backend(i.address, i.port, i.id)
+            except ValidationError as exc:
+                skipped.append(SkippedEntry("instance", i.key, "invalid", str(exc)))
+                continue
             seen.add((i.address, i.port))
-            backends.append(Backend(i.address, i.port, i.id))
-        apps[name] = AppRoute(name, spec.lb_policy if spec else LbPolicy.ROUND_ROBIN, tuple(backends),
-                              spec.ports if spec else (), proxy_protocol=name in pp, health=health)
+            backends.append(backend)
+        try:
+            apps[name] = AppRoute(name, spec.lb_policy if spec else LbPolicy.ROUND_ROBIN, tuple(backends),
+                                  spec.ports if spec else (), proxy_protocol=name in pp, health=health)
+        except ValidationError as exc:
+            skipped.append(SkippedEntry("app", name, "invalid", str(exc)))
     domain_ports: dict[str, set[int]] = {}
     for d in table.domains.values():
         if d.port:
@@ -431,10 +509,15 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
     for r in table.regions.values():
         if r.name == region:
             continue
-        gws = tuple(RemoteGateway(g.name, g.mesh_ip if forward_via == "mesh" else g.public_ip, g.proxy_port,
-                                  unreachable=g.unreachable)
-                    for g in table.gateways_in(r.name)
-                    if g.name != self_name and (g.mesh_ip if forward_via == "mesh" else g.public_ip))
+        gws = []
+        for g in table.gateways_in(r.name):
+            address = g.mesh_ip if forward_via == "mesh" else g.public_ip
+            if g.name == self_name or not address:
+                continue
+            try:
+                gws.append(RemoteGateway(g.name, address, g.proxy_port, unreachable=g.unreachable))
+            except ValidationError as exc:
+                skipped.append(SkippedEntry("gateway", g.name, "invalid", str(exc)))
         if not gws:
             continue
         app_ports: dict[str, frozenset[int]] = {}
@@ -445,12 +528,19 @@ def routes_from_table(table: RoutingTable, *, region: str, zone: str, self_name:
         for i, a in remote_app_of.get(r.name, {}).items():
             instance_ports[i] = instance_ports.get(i, frozenset()) | app_ports[a]  # ids may repeat across apps
         regions.append(RemoteRegion(r.name, r.latitude, r.longitude, frozenset(hosted.get(r.name, ())),
-                                    frozenset(remote_ids.get(r.name, ())), gws, app_ports, instance_ports))
+                                    frozenset(remote_ids.get(r.name, ())), tuple(gws), app_ports, instance_ports))
     me = table.regions.get(region)
     known = set(apps) | {a for r in regions for a in r.apps}
-    domains = {d.fqdn: DomainRoute(d.fqdn, d.app, d.port) for d in table.domains.values()
-               if d.app in known and not (d.fqdn == zone or d.fqdn.endswith("." + zone))}
-    return Routes(zone=zone, self_name=self_name, region=region,
-                  latitude=me.latitude if me else None, longitude=me.longitude if me else None,
-                  apps=apps, domains=domains, regions=tuple(regions), certificates=tuple(certificates),
-                  version=f"rev{table.revision}")
+    domains = {}
+    for d in table.domains.values():
+        if d.app not in known or d.fqdn == zone or d.fqdn.endswith("." + zone):
+            continue
+        try:
+            domains[d.fqdn] = DomainRoute(d.fqdn, d.app, d.port)
+        except ValidationError as exc:
+            skipped.append(SkippedEntry("domain", d.fqdn, "invalid", str(exc)))
+    routes = Routes(zone=zone, self_name=self_name, region=region,
+                    latitude=me.latitude if me else None, longitude=me.longitude if me else None,
+                    apps=apps, domains=domains, regions=tuple(regions), certificates=tuple(certificates),
+                    version=f"rev{table.revision}")
+    return routes, tuple(skipped)

@@ -6,18 +6,33 @@ plus, for peers read back from a device, what we observe (last handshake, rx/tx 
 configured part takes part in equality. `plan(desired, actual)` returns the adds, updates and
 removes that make `actual` equal `desired`; equal sets give an empty plan, which is what keeps
 an agent restart from touching (and flapping) links that are already right.
+
+One bad record never freezes the mesh (probe finding 9): when two desired peers claim the same
+allowed IP (two regions given the same instance subnet), WireGuard would give it to whichever was
+configured last and the next diff would flap; `plan` leaves that range out of every claimant,
+keeps everything else of theirs (their mesh /32 with it) and applies the rest of the set. The
+ranges left out are in `Plan.conflicts`, counted in
+`geomesh_mesh_allowed_ips_skipped_total{reason}` and logged when they change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from prometheus_client import Counter
 
 from geomesh.errors import ValidationError
 from regional_gateway.wireguard.keys import canonical_key, decode_key
 
+log = logging.getLogger("geomesh.mesh")
+
+ALLOWED_IPS_SKIPPED = Counter("geomesh_mesh_allowed_ips_skipped_total",
+                              "allowed IPs left out of the desired peers (claimed_twice: two peers claim the "
+                              "range; it is left out of both, the rest applies)", ["reason"])
 MAX_KEEPALIVE = 65535
 CONFIG_FIELDS = ("endpoint", "allowed_ips", "persistent_keepalive")
 
@@ -105,12 +120,22 @@ class PeerUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class Conflict:
+    """An allowed IP that several desired peers claim: left out of all of them."""
+
+    allowed_ip: str
+    public_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """What to do to a device: each tuple sorted by public key."""
+    """What to do to a device: each tuple sorted by public key. `conflicts`: ranges left out of
+    the desired peers because several claim them (see `without_conflicts`)."""
 
     adds: tuple[Peer, ...] = ()
     updates: tuple[PeerUpdate, ...] = ()
     removes: tuple[str, ...] = ()  # public keys
+    conflicts: tuple[Conflict, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -147,20 +172,57 @@ def peer_map(peers: Mapping[str, Peer] | Iterable[Peer], *, field_name: str = "p
 
 def check_disjoint(peers: Mapping[str, Peer]) -> None:
     """Refuse a set where two peers claim the same allowed IP: WireGuard would give it to the last
-    one configured, the next diff would see the other one wrong, and the link would flap forever."""
-    owner: dict[str, str] = {}
+    one configured, the next diff would see the other one wrong, and the link would flap forever.
+    (`plan` does not refuse: it leaves such ranges out, see `without_conflicts`.)"""
+    _peers, conflicts = without_conflicts(peers)
+    if conflicts:
+        c = conflicts[0]
+        raise ValidationError("allowed_ips", f"{c.allowed_ip} is claimed by both {c.public_keys[0]} and {c.public_keys[1]}")
+
+
+def without_conflicts(peers: Mapping[str, Peer]) -> tuple[dict[str, Peer], tuple[Conflict, ...]]:
+    """`peers` with every allowed IP that more than one of them claims left out of all of its
+    claimants (each keeps its other ranges), and those ranges. Pure; equal input, equal output."""
+    owners: dict[str, list[str]] = {}
     for key in sorted(peers):
         for net in peers[key].allowed_ips:
-            if net in owner:
-                raise ValidationError("allowed_ips", f"{net} is claimed by both {owner[net]} and {key}")
-            owner[net] = key
+            owners.setdefault(net, []).append(key)
+    claimed = {net: tuple(keys) for net, keys in owners.items() if len(keys) > 1}
+    if not claimed:
+        return dict(peers), ()
+    out = {}
+    for key, peer in peers.items():
+        keep = tuple(n for n in peer.allowed_ips if n not in claimed)
+        out[key] = peer if keep == peer.allowed_ips else dataclasses.replace(peer, allowed_ips=keep)
+    return out, tuple(Conflict(net, keys) for net, keys in sorted(claimed.items()))
+
+
+_logged_conflicts: frozenset[Conflict] = frozenset()
 
 
 def plan(desired: Mapping[str, Peer], actual: Mapping[str, Peer]) -> Plan:
-    """The changes that turn `actual` into `desired` (both {public_key: Peer})."""
+    """The changes that turn `actual` into `desired` (both {public_key: Peer}). An allowed IP that
+    several desired peers claim is left out of all of them (`Plan.conflicts`), counted, and
+    logged when the set of conflicts changes; it never stops the rest from applying."""
+    global _logged_conflicts
+    todo = plan_pure(desired, actual)
+    for c in todo.conflicts:
+        ALLOWED_IPS_SKIPPED.labels("claimed_twice").inc(len(c.public_keys))
+    now = frozenset(todo.conflicts)
+    if now != _logged_conflicts:
+        for c in sorted(now - _logged_conflicts, key=lambda c: c.allowed_ip):
+            peers = [desired[k].name or k for k in c.public_keys if k in desired]
+            log.warning("allowed IP claimed by several peers: left out of all of them (the rest applies)",
+                        extra={"fields": {"allowed_ip": c.allowed_ip, "peers": peers}})
+        _logged_conflicts = now
+    return todo
+
+
+def plan_pure(desired: Mapping[str, Peer], actual: Mapping[str, Peer]) -> Plan:
+    """`plan` without the counting and logging: the adds, updates and removes, and the conflicts."""
     want = peer_map(desired, field_name="desired")
     have = peer_map(actual, field_name="actual")
-    check_disjoint(want)
+    want, conflicts = without_conflicts(want)
     adds = tuple(want[k] for k in sorted(want.keys() - have.keys()))
     removes = tuple(sorted(have.keys() - want.keys()))
     updates = []
@@ -168,8 +230,7 @@ def plan(desired: Mapping[str, Peer], actual: Mapping[str, Peer]) -> Plan:
         changed = want[k].differences(have[k])
         if changed:
             updates.append(PeerUpdate(want[k], changed))
-    return Plan(adds=adds, updates=tuple(updates), removes=removes)
-
+    return Plan(adds=adds, updates=tuple(updates), removes=removes, conflicts=conflicts)
 
 
 def keepalive_delay(own_public_key: str, peer_public_key: str, settle: float) -> float:
@@ -201,4 +262,4 @@ def hold_keepalives(todo: Plan, held_until: Mapping[str, float], now: float) -> 
                 updates.append(PeerUpdate(u.peer, rest))
         else:
             updates.append(u)
-    return Plan(adds=adds, updates=tuple(updates), removes=todo.removes)
+    return Plan(adds=adds, updates=tuple(updates), removes=todo.removes, conflicts=todo.conflicts)

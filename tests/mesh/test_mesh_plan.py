@@ -7,9 +7,18 @@ import base64
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from geomesh.errors import ValidationError
-from regional_gateway.wireguard.peers import Peer, PeerUpdate, Plan, hold_keepalives, keepalive_delay, plan
+from regional_gateway.wireguard.peers import (
+    Peer,
+    PeerUpdate,
+    Plan,
+    check_disjoint,
+    hold_keepalives,
+    keepalive_delay,
+    plan,
+)
 
 
 def key(n: int) -> str:
@@ -83,9 +92,25 @@ def test_mapping_key_must_be_the_peer_key() -> None:
         plan({key(9): peer(1)}, {})
 
 
-def test_two_peers_claiming_one_allowed_ip_is_refused() -> None:
+def test_two_peers_claiming_one_allowed_ip_lose_only_that_range() -> None:
+    # probe finding 9: two regions on one instance subnet; the plan still applies everything else
+    a = peer(1, allowed_ips=("10.77.0.1/32", "10.50.0.0/16"))
+    b = peer(2, allowed_ips=("10.77.0.2/32", "10.50.0.0/16"))
+    c = peer(3, allowed_ips=("10.77.0.3/32", "10.60.0.0/16"))
+    before = REGISTRY.get_sample_value("geomesh_mesh_allowed_ips_skipped_total", {"reason": "claimed_twice"}) or 0
+    result = plan(by_key(a, b, c), {})
+    assert {p.public_key: p.allowed_ips for p in result.adds} == {
+        key(1): ("10.77.0.1/32",), key(2): ("10.77.0.2/32",), key(3): ("10.60.0.0/16", "10.77.0.3/32")}
+    assert [(x.allowed_ip, x.public_keys) for x in result.conflicts] == [("10.50.0.0/16", (key(1), key(2)))]
+    after = REGISTRY.get_sample_value("geomesh_mesh_allowed_ips_skipped_total", {"reason": "claimed_twice"})
+    assert after == before + 2
+    # applied, the same desired set gives an empty plan (no flapping)
+    assert plan(by_key(a, b, c), {p.public_key: p for p in result.adds}).empty
+    # a peer that claims its neighbour's mesh /32 loses it, the neighbour too; nothing raises
+    result = plan(by_key(peer(1), peer(2, allowed_ips=("10.77.0.1/32", "10.77.0.2/32"))), {})
+    assert {p.public_key: p.allowed_ips for p in result.adds} == {key(1): (), key(2): ("10.77.0.2/32",)}
     with pytest.raises(ValidationError, match="claimed by both"):
-        plan(by_key(peer(1), peer(2, allowed_ips=("10.77.0.1/32",))), {})
+        check_disjoint(by_key(a, b))
 
 
 @pytest.mark.parametrize("kw, field", [
