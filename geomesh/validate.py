@@ -2,6 +2,13 @@
 
 Used by the domain dataclasses in `geomesh.model` on construction, by config loaders and by the
 servicers, so a rule is written once and reads the same everywhere.
+
+Every string is capped before it is parsed (a label 63 characters, a display text 64, a domain
+name 253, an IP address 45, a CIDR 49, a WireGuard key 44), so a megabyte-sized field costs a
+length check, and a message quotes at most 80 characters of it. IP addresses are strict: no IPv6
+zone id (`fe80::1%eth0`: probe finding 7). The rules about *which* addresses an instance or a
+region's subnet may use (`instance_address`, `instance_subnet`) are write-time policy of the
+coordinator, kept apart from the syntax so a reader never refuses a record it was sent.
 """
 
 from __future__ import annotations
@@ -16,12 +23,19 @@ from geomesh.errors import ValidationError
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _FQDN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 MAX_TEXT = 64
+MAX_LABEL = 63
+MAX_FQDN = 253
+MAX_IP = 45     # the longest IPv6 text: ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255
+MAX_CIDR = 49   # an address and /128
+MAX_WG_KEY = 44  # 32 bytes in base64
 
 
 def dns_label(field: str, value: str) -> str:
     """A lowercase RFC 1123 label: a-z, 0-9 and inner '-', 1-63 characters."""
     if not isinstance(value, str) or not value:
         raise ValidationError(field, "is required")
+    if len(value) > MAX_LABEL:
+        raise ValidationError(field, f"is longer than {MAX_LABEL} characters")
     if not _LABEL.match(value):
         raise ValidationError(
             field, f"{value[:80]!r} is not a DNS label (1-63 of a-z, 0-9, '-', not starting or ending with '-')"
@@ -31,11 +45,13 @@ def dns_label(field: str, value: str) -> str:
 
 def fqdn(field: str, value: str) -> str:
     """A lowercase domain name of at least two labels, without a trailing dot, at most 253 chars."""
-    if not value:
+    if not isinstance(value, str) or not value:
         raise ValidationError(field, "is required")
+    if len(value) > MAX_FQDN + 1:  # one trailing dot allowed
+        raise ValidationError(field, f"is longer than {MAX_FQDN} characters")
     name = value.rstrip(".").lower()
-    if len(name) > 253:
-        raise ValidationError(field, "is longer than 253 characters")
+    if len(name) > MAX_FQDN:
+        raise ValidationError(field, f"is longer than {MAX_FQDN} characters")
     labels = name.split(".")
     if len(labels) < 2 or not all(_FQDN_LABEL.match(label) for label in labels):
         raise ValidationError(field, f"{value[:80]!r} is not a valid domain name")
@@ -44,53 +60,109 @@ def fqdn(field: str, value: str) -> str:
 
 def latitude(field: str, value: float) -> float:
     if not isinstance(value, (int, float)) or math.isnan(value) or not -90.0 <= value <= 90.0:
-        raise ValidationError(field, f"{value!r} is outside -90..90")
+        raise ValidationError(field, f"{value!r:.80} is outside -90..90")
     return float(value)
 
 
 def longitude(field: str, value: float) -> float:
     if not isinstance(value, (int, float)) or math.isnan(value) or not -180.0 <= value <= 180.0:
-        raise ValidationError(field, f"{value!r} is outside -180..180")
+        raise ValidationError(field, f"{value!r:.80} is outside -180..180")
     return float(value)
 
 
 def port(field: str, value: int, *, allow_zero: bool = False) -> int:
     low = 0 if allow_zero else 1
     if not isinstance(value, int) or not low <= value <= 65535:
-        raise ValidationError(field, f"{value!r} is not a port ({low}-65535)")
+        raise ValidationError(field, f"{value!r:.80} is not a port ({low}-65535)")
     return value
 
 
 def ip_address(field: str, value: str, *, version: int | None = None, optional: bool = False) -> str:
+    """An IPv4 or IPv6 address in canonical form; no zone id (`%eth0`), at most 45 characters."""
+    if not isinstance(value, str):
+        raise ValidationError(field, f"{value!r:.80} is not an IP address")
     if not value:
         if optional:
             return ""
         raise ValidationError(field, "is required")
+    if len(value) > MAX_IP:
+        raise ValidationError(field, f"is longer than {MAX_IP} characters")
+    if "%" in value:
+        raise ValidationError(field, f"{value!r} has a zone id ('%'): not allowed")
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
-        raise ValidationError(field, f"{value[:80]!r} is not an IP address") from None
+        raise ValidationError(field, f"{value!r} is not an IP address") from None
     if version is not None and addr.version != version:
         raise ValidationError(field, f"{value!r} is not an IPv{version} address")
     return str(addr)
 
 
 def cidr(field: str, value: str, *, optional: bool = False) -> str:
+    """A CIDR network with no host bits set, no zone id, at most 49 characters."""
+    if not isinstance(value, str):
+        raise ValidationError(field, f"{value!r:.80} is not a CIDR network")
     if not value:
         if optional:
             return ""
         raise ValidationError(field, "is required")
+    if len(value) > MAX_CIDR:
+        raise ValidationError(field, f"is longer than {MAX_CIDR} characters")
+    if "%" in value:
+        raise ValidationError(field, f"{value!r} has a zone id ('%'): not allowed")
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
-        raise ValidationError(field, f"{value[:80]!r} is not a CIDR network ({exc})") from None
+        raise ValidationError(field, f"{value!r} is not a CIDR network ({exc})") from None
     return str(net)
+
+
+_SPECIAL_ADDRESS = (("is_unspecified", "unspecified"), ("is_multicast", "multicast"),
+                    ("is_link_local", "link-local"))
+
+
+def instance_address(field: str, value: str, *, allow_loopback: bool = False) -> str:
+    """An address a gateway can send an app's traffic to: a unicast address, not unspecified
+    (0.0.0.0, ::), multicast, link-local, the IPv4 broadcast address, or loopback (a gateway's
+    own host; allowed only when the coordinator runs with --allow-loopback-instances, as the
+    tests and the loopback lab do)."""
+    text = ip_address(field, value)
+    addr = ipaddress.ip_address(text)
+    for attr, what in _SPECIAL_ADDRESS:
+        if getattr(addr, attr):
+            raise ValidationError(field, f"{text} is a {what} address, not an instance's")
+    if addr.version == 4 and addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValidationError(field, f"{text} is the broadcast address, not an instance's")
+    if addr.is_loopback and not allow_loopback:
+        raise ValidationError(field, f"{text} is a loopback address (allowed only with --allow-loopback-instances)")
+    return text
+
+
+def instance_subnet(field: str, value: str, *, mesh: str = "") -> str:
+    """A region's instance subnet: a CIDR that is not /0, not loopback, multicast or link-local,
+    and (given the coordinator's `mesh` CIDR) disjoint from the mesh range."""
+    text = cidr(field, value, optional=True)
+    if not text:
+        return text
+    net = ipaddress.ip_network(text)
+    if net.prefixlen == 0:
+        raise ValidationError(field, f"{text} covers every address: a /0 would take all traffic into the mesh")
+    for attr, what in (("is_loopback", "loopback"), *_SPECIAL_ADDRESS[1:]):
+        if getattr(net, attr):
+            raise ValidationError(field, f"{text} is a {what} range")
+    if mesh:
+        mesh_net = ipaddress.ip_network(mesh)
+        if net.version == mesh_net.version and net.overlaps(mesh_net):  # type: ignore[arg-type]
+            raise ValidationError(field, f"{text} overlaps the mesh range {mesh}")
+    return text
 
 
 def wg_key(field: str, value: str) -> str:
     """A base64 WireGuard key: 32 bytes, 44 characters."""
-    if not value:
+    if not isinstance(value, str) or not value:
         raise ValidationError(field, "is required")
+    if len(value) > MAX_WG_KEY:
+        raise ValidationError(field, f"is longer than {MAX_WG_KEY} characters")
     try:
         raw = base64.b64decode(value, validate=True)
     except (ValueError, TypeError):
@@ -101,6 +173,8 @@ def wg_key(field: str, value: str) -> str:
 
 
 def text(field: str, value: str, *, max_len: int = MAX_TEXT) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(field, f"{value!r:.80} is not text")
     if len(value) > max_len:
         raise ValidationError(field, f"is longer than {max_len} characters")
     if any(ord(c) < 32 for c in value):
