@@ -65,8 +65,21 @@ def down(state_dir: Path, quiet: bool = False) -> int:
     return 0
 
 
+def _raise_interrupt(signum, frame):  # noqa: ANN001
+    raise KeyboardInterrupt
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM both stop the lab cleanly, whatever started it: `geomesh lab &` from a
+    non-interactive shell inherits SIGINT as ignored, so its handler is restored explicitly."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def run(args: argparse.Namespace) -> int:
     from geomesh.lab.runner import Lab, netns_unavailable_reason
+
+    install_signal_handlers()
 
     state_dir: Path = args.state_dir
     if args.action == "down":
@@ -82,16 +95,12 @@ def run(args: argparse.Namespace) -> int:
     regions = load_dir(args.regions)
     lab = Lab(state_dir, regions, make_plan(regions, netns=reason is None), timers=args.timers)
     interrupted = False
-
-    def on_signal(signum, frame):  # noqa: ANN001
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
     ok = True
     try:
         lab.up()
         print(f"\nthe lab is up: coordinator {lab.cp.address}, geodns 127.0.0.1:{lab.dns_port}, "
               f"zone {lab.plan.zone}, state in {state_dir}")
+        print(f"status page: {lab.status_url}")
         if not args.no_walkthrough:
             from geomesh.lab.walkthrough import Walkthrough
 
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nwalkthrough: {'all steps hold' if ok else 'SOME STEPS FAILED'}")
         if args.check:
             return 0 if ok else 1
-        _live(lab, args.refresh)
+        _live(lab, args.refresh, lab.status_url)
         return 0
     except KeyboardInterrupt:
         interrupted = True
@@ -111,14 +120,15 @@ def run(args: argparse.Namespace) -> int:
         down(state_dir, quiet=True)
 
 
-def _live(lab, refresh: float) -> None:
+def _live(lab, refresh: float, status_url: str = "") -> None:
     from rich.console import Console
     from rich.live import Live
 
     from geomesh.lab.display import snapshot
 
     console = Console()
-    console.print("\nlive view (Ctrl-C to stop and remove everything):")
+    console.print("\nlive view (Ctrl-C to stop and remove everything)"
+                  + (f"; the same live in a browser: {status_url}" if status_url else "") + ":")
     with Live(console=console, refresh_per_second=4, transient=False) as live:
         while True:
             try:

@@ -83,6 +83,7 @@ class Lab:
         self.apps: list[subprocess.Popen] = []
         self.dns_port = 0
         self.dns_proc: subprocess.Popen | None = None
+        self.status_url = ""
         self.unix_socket = state_dir / "coordinator.sock"
 
     # -- bring-up --------------------------------------------------------------------------------
@@ -95,8 +96,9 @@ class Lab:
         self.say(f"        coordinator {self.cp.address} (and {self.unix_socket}), etcd {self.cp.etcd.endpoint}")
         self.say(f"[2/{steps}] regions, apps and instances through the Admin API ...")
         asyncio.run(self._apply_state())
-        self.say(f"[3/{steps}] geodns on 127.0.0.1 ...")
+        self.say(f"[3/{steps}] geodns and the status page on 127.0.0.1 ...")
         self._start_dns()
+        self._start_status_page()
         if self.plan.netns:
             self.say(f"[4/{steps}] network namespaces: an internet, {len(self.plan.gateways)} gateway hosts, a client ...")
             self._start_topology()
@@ -140,6 +142,15 @@ class Lab:
             "--coordinator", self.cp.address, "--tls-ca", str(ident.ca), "--tls-cert", str(ident.cert),
             "--tls-key", str(ident.key), "--default-region", self.plan.gateways[0].region,
             "--metrics-port", "0"])
+
+    def _start_status_page(self) -> None:
+        """geomesh-status on 127.0.0.1 over plain HTTP (loopback only), following as an admin."""
+        port = free_port()
+        self._popen("status-page", [
+            sys.executable, "-m", "status_page.main", "--coordinator", self.cp.address, "--pki-dir",
+            str(self.cp.pki.dir), "--name", "lab-status", "--listen", f"127.0.0.1:{port}", "--insecure-http"])
+        self.status_url = f"http://127.0.0.1:{port}/"
+        self.say(f"        status page {self.status_url}")
 
     def _start_topology(self) -> None:
         self.topology = netns.Topology(state_dir=NETNS_STATE_DIR)
