@@ -51,6 +51,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reach-vote-write-rate", type=float, default=5.0,
                    help="at most this many etcd writes of one gateway's probe votes per second, burst twice "
                         "that; a change waits for the next token (default %(default)s)")
+    p.add_argument("--allow-loopback-instances", action="store_true",
+                   help="accept app instances on loopback addresses (127.0.0.0/8, ::1); for tests and the loopback "
+                        "lab, where gateway and instances share one host. Without it such an address is "
+                        "INVALID_ARGUMENT (a gateway would proxy to itself)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
     p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
@@ -68,7 +72,8 @@ async def run(args: argparse.Namespace) -> None:
                                watch_send_timeout=args.watch_send_timeout,
                                health_write_interval=args.health_write_interval, heartbeat_rate=args.heartbeat_rate,
                                reach_max_unreachable_share=args.reach_max_unreachable_share,
-                               reach_vote_write_rate=args.reach_vote_write_rate)
+                               reach_vote_write_rate=args.reach_vote_write_rate,
+                               allow_loopback_instances=args.allow_loopback_instances)
     coordinator = Coordinator(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

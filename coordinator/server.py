@@ -60,6 +60,7 @@ class CoordinatorConfig:
     heartbeat_rate: float = 20.0  # heartbeats per second and gateway looked at (burst: twice that)
     reach_max_unreachable_share: float = DEFAULT_MAX_SHARE  # panic threshold: at most this share unreachable
     reach_vote_write_rate: float = 5.0  # votes/<prober> writes per second and gateway (burst: twice that)
+    allow_loopback_instances: bool = False  # instance addresses on 127.0.0.0/8, ::1 (tests, loopback lab)
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -109,7 +110,7 @@ class Coordinator:
         self.state = State(config.mesh_cidr)
         self.leases = LeaseSet()
         self.lease = ReplicaLease(self.store, self.leases, config.lease_ttl)
-        self.ops = Operations(self.store, self.state)
+        self.ops = Operations(self.store, self.state, allow_loopback_instances=config.allow_loopback_instances)
         self.decider = ReachDecider(self.state, self.ops, max_share=config.reach_max_unreachable_share)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None

@@ -28,6 +28,7 @@ MAX_FQDN = 253
 MAX_IP = 45     # the longest IPv6 text: ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255
 MAX_CIDR = 49   # an address and /128
 MAX_WG_KEY = 44  # 32 bytes in base64
+MAX_V6_SUBNET_PREFIX = 120  # an instance subnet's overlap check costs one etcd compare per prefix bit
 
 
 def dns_label(field: str, value: str) -> str:
@@ -139,14 +140,17 @@ def instance_address(field: str, value: str, *, allow_loopback: bool = False) ->
 
 
 def instance_subnet(field: str, value: str, *, mesh: str = "") -> str:
-    """A region's instance subnet: a CIDR that is not /0, not loopback, multicast or link-local,
-    and (given the coordinator's `mesh` CIDR) disjoint from the mesh range."""
+    """A region's instance subnet: a CIDR that is not /0, not longer than /120 (IPv6), not
+    loopback, multicast or link-local, and (given the coordinator's `mesh` CIDR) disjoint from
+    the mesh range."""
     text = cidr(field, value, optional=True)
     if not text:
         return text
     net = ipaddress.ip_network(text)
     if net.prefixlen == 0:
         raise ValidationError(field, f"{text} covers every address: a /0 would take all traffic into the mesh")
+    if net.version == 6 and net.prefixlen > MAX_V6_SUBNET_PREFIX:
+        raise ValidationError(field, f"{text} is longer than /{MAX_V6_SUBNET_PREFIX}: too small for a region's instances")
     for attr, what in (("is_loopback", "loopback"), *_SPECIAL_ADDRESS[1:]):
         if getattr(net, attr):
             raise ValidationError(field, f"{text} is a {what} range")
