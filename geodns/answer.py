@@ -28,7 +28,6 @@ moves. A query over `wire.MAX_QUERY_OCTETS` is refused with FORMERR before it is
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket
 import time
@@ -40,6 +39,7 @@ from dnslib import RR, DNSBuffer, DNSLabel
 from geodns import zone as zonemod
 from geodns.cache import BoundedCache
 from geodns.nearest import Locator, Place, choose, region_order
+from geodns.region_map import RegionMap
 from geodns.stats import Stats
 from geodns.view import RegionView, View
 from geodns.wire import (
@@ -60,6 +60,8 @@ from geodns.wire import (
     RCODE_SERVFAIL,
     RD,
     TC,
+    TYPE_A,
+    TYPE_AAAA,
     TYPE_AXFR,
     TYPE_IXFR,
     TYPE_OPT,
@@ -110,6 +112,7 @@ class _Entry:
     reusable: bool  # the answer depends on the query bytes only
     rcode: int
     region: str
+    rotate: tuple[bytes, ...] = ()  # the answer's A/AAAA records, rotated per answer (body holds the rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +138,8 @@ class Responder:
 
     def __init__(self, view: View, locator: Locator, stats: Stats | None = None, *,
                  udp_payload: int = DEFAULT_UDP_PAYLOAD, cache_size: int = DEFAULT_CACHE_SIZE,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, log_queries: bool = False) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, log_queries: bool = False,
+                 reply_cache: bool = True, region_map: RegionMap | None = None) -> None:
         if not 512 <= udp_payload <= 65535:
             raise ValueError(f"udp_payload {udp_payload} is outside 512-65535")
         self.locator = locator
@@ -144,12 +148,16 @@ class Responder:
         self.cache_size = max(0, cache_size)
         self.cache_bytes = max(0, cache_bytes)
         self.log_queries = log_queries
+        self.reply_cache = reply_cache
         self.exact: BoundedCache[bytes, tuple[bytes, int]] = BoundedCache(
-            self.cache_bytes // 2, self.cache_size, _exact_size)
+            self.cache_bytes // 2 if reply_cache else 0, self.cache_size if reply_cache else 0, _exact_size)
         self._cache: BoundedCache[object, object] = BoundedCache(
             self.cache_bytes - self.cache_bytes // 2, self.cache_size, _answer_size)
         self._orders: dict[tuple[float, float] | None, list[RegionView]] = {}
+        self._ranked: dict[int, list[RegionView]] = {}
+        self._turn = 0  # round-robin position of rotated answers
         self._last_error_log = 0.0
+        self.region_map = region_map
         self.view = view
         self._zone_len = len(view.zone.name.split("."))
 
@@ -162,6 +170,13 @@ class Responder:
         self.exact.reset()
         self._cache.reset()
         self._orders = {}
+        self._ranked = {}
+
+    def set_map(self, region_map: RegionMap | None) -> None:
+        """Place clients with `region_map` from now on (None: per-query GeoIP look-ups); the
+        caches start empty. The map is swapped whole: no answer comes from a half-built one."""
+        self.region_map = region_map
+        self.set_view(self.view)
 
     def cache_stats(self) -> dict[str, dict[str, int]]:
         """Size and evictions of both caches, for the metrics."""
@@ -201,8 +216,8 @@ class Responder:
             self._log_failure("parsing failed; replying FORMERR")
             return self._error(data, ident, flags, RCODE_FORMERR, client, tcp, f"{type(exc).__name__}: {exc}")
         try:
-            entry, hit = self._entry(query, client, tcp)
-            wire = self._assemble(query, entry)
+            entry, hit, scope = self._entry(query, client, tcp)
+            wire = self._assemble(query, entry, scope)
         except Exception:
             self._log_failure("answering failed; replying SERVFAIL")
             return self._error(data, ident, flags, RCODE_SERVFAIL, client, tcp, query=query)
@@ -250,10 +265,11 @@ class Responder:
 
     # -- stages ----------------------------------------------------------------------------------
 
-    def _entry(self, q: Query, client: bytes, tcp: bool) -> tuple[_Entry, bool]:
+    def _entry(self, q: Query, client: bytes, tcp: bool) -> tuple[_Entry, bool, int]:
+        """The answer's template, whether it came from the cache, and the ECS scope to report."""
         edns = q.edns
         if edns is not None and edns.version > 0:
-            return self._build(q, zonemod.Lookup(RCODE_BADVERS), 0, True), False
+            return self._build(q, zonemod.Lookup(RCODE_BADVERS), 0, True), False, 0
         if tcp:
             limit = TCP_LIMIT
         elif edns is not None:
@@ -271,39 +287,61 @@ class Responder:
                 lookup = self._lookup(q, target)
                 built = self._build(q, lookup, 0, True, limit)
                 self._remember(base, built)
-                return built, False
+                return built, False, 0
             geo = _Geo(target)
             self._remember(base, geo)
         elif isinstance(entry, _Entry):
-            return entry, True
+            return entry, True, entry.scope
         else:
             assert isinstance(entry, _Geo)
             geo = entry
         # the answer depends on where the client is
         if ecs is not None and ecs.source > 0:
-            place = self.locator.locate(ecs.padded(), ecs.source)
-            scope, reusable = place.prefix, True
+            packed, prefix, reusable = ecs.padded(), ecs.source, True
         else:
-            place = self.locator.locate(client)
-            scope, reusable = 0, False
-        key = (base, place.network, place.prefix)
-        entry = cache.get(key)
-        if isinstance(entry, _Entry):
-            return entry, True
-        region = choose(geo.target.app, self._order(place))
-        # networks that end up in the same region share one packed answer (only the scope differs)
+            packed, prefix, reusable = client, None, False
+        rmap = self.region_map
+        if rmap is not None:
+            rank, scope = rmap.locate(packed, prefix)
+            if not reusable:
+                scope = 0
+            key: tuple = (base, rank, reusable)
+            entry = cache.get(key)
+            if isinstance(entry, _Entry):
+                return entry, True, scope
+            order = self._ranked.get(rank)
+            if order is None:
+                order = self._ranked[rank] = self._order_of(rmap.rankings[rank])
+        else:
+            place = self.locator.locate(packed, prefix)
+            scope = place.prefix if reusable else 0
+            key = (base, place.network, place.prefix)
+            entry = cache.get(key)
+            if isinstance(entry, _Entry):
+                return entry, True, scope
+            order = self._order(place)
+        region = choose(geo.target.app, order)
+        # clients that end up in the same region share one packed answer (only the scope differs)
         shared = (base, region.name if region is not None else "", reusable)
         entry = cache.get(shared)
         hit = isinstance(entry, _Entry)
         if not hit:
             lookup = zonemod.records(self.view, geo.target, q.qtype, region)
-            entry = self._build(q, lookup, scope, reusable, limit)
+            entry = self._build(q, lookup, 0, reusable, limit)
             self._remember(shared, entry)
         assert isinstance(entry, _Entry)
-        if entry.scope != scope:
-            entry = dataclasses.replace(entry, scope=scope)
         self._remember(key, entry)
-        return entry, hit
+        return entry, hit, scope
+
+    def _order_of(self, ranking: tuple[str, ...]) -> list[RegionView]:
+        """A map ranking as this view's regions: regions the view no longer has are skipped,
+        regions the map does not know yet (it is being rebuilt) come last, by name."""
+        regions = self.view.regions
+        order = [regions[name] for name in ranking if name in regions]
+        if len(order) < len(regions):
+            known = set(ranking)
+            order += sorted((r for r in regions.values() if r.name not in known), key=lambda r: r.name)
+        return order
 
     def _order(self, place: Place) -> list[RegionView]:
         """Regions nearest first from `place` (memoised per location for this view)."""
@@ -347,6 +385,11 @@ class Responder:
         buf.encode_name(qlabel)
         buf.pack("!HH", q.qtype, q.qclass)
         start = buf.offset
+        # A/AAAA answers owned by the question name carry no name but a pointer to the question:
+        # they can be sent in any order (rotated per answer)
+        rotatable = len(lookup.answer) > 1 and all(
+            rec.owner == zonemod.OWNER_QNAME and rec.rtype in (TYPE_A, TYPE_AAAA) for rec in lookup.answer)
+        cuts = [start]
         for section in (lookup.answer, lookup.authority, lookup.additional):
             for rec in section:
                 if rec.owner == zonemod.OWNER_QNAME:
@@ -356,28 +399,43 @@ class Responder:
                 else:
                     owner = DNSLabel(rec.owner)
                 RR(owner, rec.rtype, CLASS_IN, rec.ttl, rec.rdata).pack(buf)
-        body = bytes(buf.data[start:])
+                if rotatable and len(cuts) <= len(lookup.answer):
+                    cuts.append(buf.offset)
+        data = bytes(buf.data)
+        body = data[start:]
         an, ns, ar = len(lookup.answer), len(lookup.authority), len(lookup.additional)
         opt_len = 0
         if q.edns is not None:
             ecs = q.edns.ecs
             opt_len = 11 + (8 + len(ecs.address) if ecs is not None and rcode != RCODE_BADVERS else 0)
+        rotate: tuple[bytes, ...] = ()
         if HEADER_LEN + len(q.question) + len(body) + opt_len > limit:
             flags |= TC
             an = ns = ar = 0
             body = b""
+        elif rotatable:
+            rotate = tuple(data[a:b] for a, b in zip(cuts, cuts[1:], strict=False))
+            body = data[cuts[-1]:]
         index = self.stats.index(RCODE_NAMES.get(rcode, str(rcode)), lookup.region, lookup.fail_open)
-        return _Entry(flags, an, ns, ar, body, rcode >> 4, scope, index, reusable, rcode, lookup.region)
+        return _Entry(flags, an, ns, ar, body, rcode >> 4, scope, index, reusable, rcode, lookup.region, rotate)
 
-    def _assemble(self, q: Query, e: _Entry) -> bytes:
+    def _assemble(self, q: Query, e: _Entry, scope: int) -> bytes:
+        """The template `e` with the query's ID, RD/CD and question (case kept) spliced in, the
+        answer records rotated one step further than last time, and the OPT with the ECS echo."""
+        body = e.body
+        rot = e.rotate
+        if rot:
+            k = self._turn % len(rot)
+            self._turn += 1
+            body = b"".join(rot[k:]) + b"".join(rot[:k]) + body
         edns = q.edns
         if edns is None:
-            return pack_header(q.id, e.flags | (q.flags & _ECHO), 1, e.an, e.ns, e.ar) + q.question + e.body
+            return pack_header(q.id, e.flags | (q.flags & _ECHO), 1, e.an, e.ns, e.ar) + q.question + body
         ecs = edns.ecs
-        options = ecs.option(e.scope) if ecs is not None and e.ext_rcode == 0 else b""
+        options = ecs.option(scope) if ecs is not None and e.ext_rcode == 0 else b""
         opt = opt_record(self.udp_payload, e.ext_rcode, edns.do, options)
         return (pack_header(q.id, e.flags | (q.flags & _ECHO), 1, e.an, e.ns, e.ar + 1)
-                + q.question + e.body + opt)
+                + q.question + body + opt)
 
     def _error(self, data: bytes, ident: int, flags: int, rcode: int, client: bytes, tcp: bool,
                detail: str = "", query: Query | None = None) -> Answer:

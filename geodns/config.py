@@ -30,6 +30,7 @@ MAX_UDP_PAYLOAD = 4096
 MAX_WORKERS = 64
 MIN_CACHE_BYTES = 64 << 10
 MAX_CACHE_BYTES = 64 << 30
+DEFAULT_GEOIP_POLL = 5.0
 
 
 def parse_listen(field_name: str, value: str) -> tuple[str, int]:
@@ -62,6 +63,9 @@ class Config:
     udp_payload: int = DEFAULT_UDP_PAYLOAD
     cache_size: int = DEFAULT_CACHE_SIZE
     cache_bytes: int = DEFAULT_CACHE_BYTES
+    reply_cache: bool = True  # the exact (query bytes -> reply) cache
+    region_map: bool = True  # compile the GeoIP database against the regions (else a lookup per query)
+    geoip_poll: float = DEFAULT_GEOIP_POLL  # seconds between checks of the database file; 0: never
     tcp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     tcp_max_connections: int = DEFAULT_MAX_CONNECTIONS
     tcp_max_per_client: int | None = None  # None: default_per_client(tcp_max_connections)
@@ -99,6 +103,8 @@ class Config:
         if self.cache_bytes != 0 and not MIN_CACHE_BYTES <= self.cache_bytes <= MAX_CACHE_BYTES:
             raise ValidationError("--cache-bytes", f"{self.cache_bytes} is outside {MIN_CACHE_BYTES}-"
                                   f"{MAX_CACHE_BYTES} (or 0 to disable caching)")
+        if self.geoip_poll != 0 and not 0.1 <= self.geoip_poll <= 86400:
+            raise ValidationError("--geoip-poll", f"{self.geoip_poll} is outside 0.1-86400 seconds (or 0: never)")
         if not 0.1 <= self.tcp_idle_timeout <= 3600:
             raise ValidationError("--tcp-idle-timeout", f"{self.tcp_idle_timeout} is outside 0.1-3600 seconds")
         if not 1 <= self.tcp_max_connections <= 1_000_000:
@@ -143,7 +149,8 @@ class Config:
             listen=listen, state=a.state, coordinators=coordinators, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
             tls_key=a.tls_key, insecure=a.insecure, name=a.name, zone_overrides=overrides,
             geoip_db=a.geoip_db or default_database(), udp_payload=a.edns_payload, cache_size=a.cache_size,
-            cache_bytes=a.cache_bytes, tcp_idle_timeout=a.tcp_idle_timeout,
+            cache_bytes=a.cache_bytes, reply_cache=not a.no_reply_cache, region_map=not a.no_region_map,
+            geoip_poll=a.geoip_poll, tcp_idle_timeout=a.tcp_idle_timeout,
             tcp_max_connections=a.tcp_max_connections, tcp_max_per_client=a.tcp_max_per_client,
             tcp_abuse_cooldown=a.tcp_abuse_cooldown, tcp_abuse_cooldown_max=a.tcp_abuse_cooldown_max,
             tcp_abuse_clients=a.tcp_abuse_clients, rrl=rrl,
@@ -208,6 +215,15 @@ def parser() -> argparse.ArgumentParser:
                      help="bytes both answer caches may hold together per process (accounted: what the "
                           "entries hold plus an estimate of their overhead); 0 disables caching "
                           f"(default %(default)s = {DEFAULT_CACHE_BYTES >> 20} MiB)")
+    dns.add_argument("--no-reply-cache", action="store_true",
+                     help="switch off the reply cache (complete replies kept by the query's bytes, patched with "
+                          "the ID): every answer is assembled from its template, so every answer rotates")
+    dns.add_argument("--no-region-map", action="store_true",
+                     help="do not compile the GeoIP database into the region map; place each client with a "
+                          "City look-up (memoised) instead")
+    dns.add_argument("--geoip-poll", type=float, default=DEFAULT_GEOIP_POLL, metavar="SECONDS",
+                     help="check the GeoIP database file (inode, size, mtime) this often and rebuild the region "
+                          "map from it when it changed; 0 never (default %(default)s)")
     dns.add_argument("--tcp-idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT,
                      help="close a TCP connection after this many seconds without a query (default %(default)s)")
     dns.add_argument("--tcp-max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,

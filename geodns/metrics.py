@@ -17,12 +17,19 @@ send it every second. Exported:
 - `geodns_oversize_queries_total` queries refused with FORMERR for their size
 - `geodns_tcp_connections` open TCP connections, `geodns_tcp_refused_total{reason}` connections
   closed at once (`max_connections`: the process is full; `per_client`: that client's share is)
+- `geodns_region_map_build_seconds{stage}` how long the last build took (`database`: walking the
+  GeoIP file; `regions`: ranking its places against the regions), `geodns_region_map_builds_total{stage}`,
+  `geodns_region_map_failures_total`, `geodns_region_map_bytes`, `geodns_region_map_blocks`,
+  `geodns_region_map_rankings`, `geodns_region_map_ready` (processes answering from a map),
+  `geodns_region_map_rss_bytes` the process's memory after the last build
+- `geodns_geoip_build_timestamp_seconds`, `geodns_geoip_age_seconds` when the loaded database was built
 - `geodns_table_revision`, `geodns_feed_connected`, `geodns_feed_updates_total`,
   `geodns_feed_reconnects_total`, `geodns_workers`
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -80,6 +87,7 @@ class GeoDnsCollector(Collector):
         for action, n in sorted(snap["rrl"].items()):
             rrl.add_metric([action], n)
         yield rrl
+        yield from _region_map(snap.get("region_map"))
         feed = snap.get("feed", {})
         yield GaugeMetricFamily("geodns_table_revision", "revision of the routing view served "
                                 "(the lowest among workers)", value=feed.get("revision", 0))
@@ -89,3 +97,31 @@ class GeoDnsCollector(Collector):
         yield CounterMetricFamily("geodns_feed_reconnects", "RoutingFeed reconnections",
                                   value=feed.get("reconnects", 0))
         yield GaugeMetricFamily("geodns_workers", "serving processes", value=snap.get("workers", 1))
+
+
+def _region_map(m: dict[str, Any] | None) -> Iterator[Metric]:
+    if not m:
+        return
+    secs = GaugeMetricFamily("geodns_region_map_build_seconds", "seconds the last build of the region map took, "
+                             "by stage (database: the GeoIP file walked; regions: places ranked against the "
+                             "regions)", labels=["stage"])
+    builds = CounterMetricFamily("geodns_region_map_builds", "region map builds, by stage", labels=["stage"])
+    for stage in sorted(m["builds"]):
+        secs.add_metric([stage], m["seconds"][stage])
+        builds.add_metric([stage], m["builds"][stage])
+    yield secs
+    yield builds
+    yield CounterMetricFamily("geodns_region_map_failures", "region map builds that failed (the map in "
+                              "service stays)", value=m["failures"])
+    yield GaugeMetricFamily("geodns_region_map_bytes", "bytes of the region map's arrays", value=m["bytes"])
+    yield GaugeMetricFamily("geodns_region_map_blocks", "address blocks in the region map", value=m["blocks"])
+    yield GaugeMetricFamily("geodns_region_map_rankings", "distinct region rankings in the map", value=m["rankings"])
+    yield GaugeMetricFamily("geodns_region_map_ready", "processes answering from a region map",
+                            value=m["ready"])
+    yield GaugeMetricFamily("geodns_region_map_rss_bytes", "resident memory of the process(es) after the last "
+                            "region map build", value=m["rss"])
+    epoch = m["geoip_build_epoch"]
+    yield GaugeMetricFamily("geodns_geoip_build_timestamp_seconds", "when the GeoIP database in use was built "
+                            "(its metadata's build_epoch)", value=epoch)
+    yield GaugeMetricFamily("geodns_geoip_age_seconds", "age of the GeoIP database in use",
+                            value=max(0.0, time.time() - epoch) if epoch else 0.0)

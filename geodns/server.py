@@ -7,6 +7,14 @@ picks one), starts the feed or the SIGHUP reload, and runs until SIGTERM/SIGINT 
 Shutdown order: stop reading UDP and accepting TCP -> close open TCP connections (a grace
 period for replies in flight) -> cancel the feed -> close sockets.
 
+The region map (`geodns.region_map`) is built off the data path by `_maintain_map`: the
+database is walked in a worker thread at start and whenever its file changes (`--geoip-poll`),
+and the map is recompiled in that thread whenever the regions, their coordinates or the default
+region change. Until the first map is ready, and while a new one is built, answers keep coming
+from what is in service (at start: a City look-up per client); the finished map is swapped in
+with one assignment. Each build is logged with its time and the process's memory, and counted
+in the metrics.
+
 With `--workers N` (`run_workers`) a parent process reserves the port, starts N worker
 processes that each bind it with SO_REUSEPORT (the kernel spreads queries across them), serves
 the metrics summed from the snapshots the workers send every second, forwards SIGHUP, and
@@ -26,6 +34,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,7 @@ from geodns.answer import Responder
 from geodns.config import Config
 from geodns.metrics import GeoDnsCollector
 from geodns.nearest import Locator
+from geodns.region_map import Networks, RegionMap, compile_map, read_networks, sites_of
 from geodns.rrl import RateLimiter
 from geodns.stats import Stats, merge
 from geodns.tcp import DnsTcpProtocol, TcpConnections
@@ -107,6 +117,10 @@ class Server:
         self.connections = TcpConnections(config.tcp_max_connections, config.tcp_max_per_client, PenaltyBox(
             config.tcp_abuse_cooldown, config.tcp_abuse_cooldown_max, config.tcp_abuse_clients))
         self._stop: asyncio.Event | None = None
+        self._map_wake: asyncio.Event | None = None
+        self.map_stats: dict[str, Any] = {"builds": {"database": 0, "regions": 0}, "failures": 0,
+                                          "seconds": {"database": 0.0, "regions": 0.0}, "bytes": 0, "blocks": 0,
+                                          "rankings": 0, "rss": 0, "geoip_build_epoch": 0, "ready": 0}
         self._zone_overrides = {k: val for k, val in config.zone_overrides.items() if val is not None}
 
     # -- set-up ------------------------------------------------------------------------------
@@ -122,7 +136,8 @@ class Server:
             view = View.empty(zone)
         self.responder = Responder(view, self.locator, self.stats, udp_payload=cfg.udp_payload,
                                    cache_size=cfg.cache_size, cache_bytes=cfg.cache_bytes,
-                                   log_queries=cfg.query_log)
+                                   log_queries=cfg.query_log, reply_cache=cfg.reply_cache)
+        self.map_stats["geoip_build_epoch"] = self.locator.build_epoch
         event(log, "view loaded", source=str(cfg.state) if cfg.state else "coordinator", zone=view.zone.name,
               revision=view.revision, regions=len(view.regions), apps=len(view.apps), ready=view.ready,
               geoip=self.locator.database_type, geoip_build=self.locator.build_epoch)
@@ -133,6 +148,7 @@ class Server:
         old = self.responder.view
         view = View.from_table(table, old.zone)
         self.responder.set_view(view)
+        self._wake_map()
         healthy = sorted(r.name for r in view.regions.values() if r.healthy)
         event(log, "view updated", logging.DEBUG, revision=view.revision, regions=len(view.regions),
               healthy=healthy, apps=len(view.apps))
@@ -146,6 +162,7 @@ class Server:
             event(log, "state file rejected, keeping the current view", logging.ERROR, error=str(exc))
             return
         self.responder.set_view(view)
+        self._wake_map()
         event(log, "state file reloaded", revision=view.revision, regions=len(view.regions), apps=len(view.apps))
 
     def snapshot(self) -> dict[str, Any]:
@@ -159,6 +176,8 @@ class Server:
         snap["workers"] = 1
         if self.responder is not None:
             snap["cache"] = self.responder.cache_stats()
+        snap["region_map"] = {**self.map_stats, "builds": dict(self.map_stats["builds"]),
+                              "seconds": dict(self.map_stats["seconds"])}
         snap["tcp_connections"] = self.connections.admission.total
         snap["tcp_abuse"] = self.connections.penalty.snapshot()
         return snap
@@ -212,6 +231,9 @@ class Server:
                 loop.add_signal_handler(signal.SIGHUP, self.reload_state)
             if cfg.coordinators:
                 tasks.append(asyncio.create_task(self._run_feed(), name="routing-feed"))
+            if cfg.region_map:
+                self._map_wake = asyncio.Event()
+                tasks.append(asyncio.create_task(self._maintain_map(), name="region-map"))
             if self.stats_pipe is not None:
                 self.stats_pipe.send(("ready", self.worker, self.ports))
                 tasks.append(asyncio.create_task(self._publish_stats(), name="stats"))
@@ -238,6 +260,67 @@ class Server:
                 with contextlib.suppress(Exception):
                     loop.remove_signal_handler(sig)
 
+    def _wake_map(self) -> None:
+        if self._map_wake is not None:
+            self._map_wake.set()
+
+    async def _maintain_map(self) -> None:
+        """Keep the region map in step with the database file and the view's regions (see the
+        module's docstring). Builds run in a worker thread; a failed build keeps what serves."""
+        assert self.responder is not None and self.config.geoip_db is not None and self._map_wake is not None
+        loop = asyncio.get_running_loop()
+        path = self.config.geoip_db
+        networks: Networks | None = None
+        file_id: tuple[int, int, int] | None = None
+        built_for: tuple | None = None
+        poll = self.config.geoip_poll
+        while True:
+            self._map_wake.clear()
+            try:
+                st = os.stat(path)
+                now_id = (st.st_ino, st.st_size, st.st_mtime_ns)
+                if now_id != file_id and (file_id is None or poll > 0):
+                    started = time.monotonic()
+                    networks = await _in_thread(loop, read_networks, path)
+                    seconds = time.monotonic() - started
+                    if file_id is not None:
+                        self.locator = Locator(path)
+                        self.responder.locator = self.locator
+                    file_id, built_for = now_id, None
+                    self._map_built("database", seconds)
+                    self.map_stats["geoip_build_epoch"] = networks.build_epoch
+                    event(log, "geoip database loaded", path=str(path), type=networks.database_type,
+                          build_epoch=networks.build_epoch, age_days=round(_age(networks.build_epoch) / 86400, 1),
+                          networks=networks.leaves, places=len(networks.places), seconds=round(seconds, 3),
+                          rss_mb=round(_rss() / 1e6, 1))
+                view = self.responder.view
+                want = (sites_of(view.regions.values()), view.zone.default_region)
+                if networks is not None and want != built_for:
+                    started = time.monotonic()
+                    rmap: RegionMap = await _in_thread(loop, compile_map, networks, *want)
+                    seconds = time.monotonic() - started
+                    self.responder.set_map(rmap)  # one assignment: the old map served until now
+                    built_for = want
+                    self._map_built("regions", seconds)
+                    self.map_stats.update(bytes=rmap.nbytes(), blocks=rmap.blocks, rankings=len(rmap.rankings),
+                                          ready=1)
+                    event(log, "region map built", regions=len(want[0]), default_region=want[1] or None,
+                          blocks=rmap.blocks, rankings=len(rmap.rankings), map_mb=round(rmap.nbytes() / 1e6, 1),
+                          seconds=round(seconds, 3), rss_mb=round(self.map_stats["rss"] / 1e6, 1))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.map_stats["failures"] += 1
+                event(log, "region map build failed, keeping what serves", logging.ERROR,
+                      error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._map_wake.wait(), poll if poll > 0 else None)
+
+    def _map_built(self, stage: str, seconds: float) -> None:
+        self.map_stats["builds"][stage] += 1
+        self.map_stats["seconds"][stage] = seconds
+        self.map_stats["rss"] = _rss()
+
     async def _run_feed(self) -> None:
         from geodns.feed import RoutingFeedClient
 
@@ -258,6 +341,44 @@ class Server:
             except (BrokenPipeError, OSError):
                 self.stop()  # the parent is gone
                 return
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> asyncio.Future:
+    """`fn(*args)` in a daemon thread (a build in progress never holds up shutdown)."""
+    fut = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if not fut.done():
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name=f"geodns-{fn.__name__}", daemon=True).start()
+    return fut
+
+
+def _rss() -> int:
+    """This process's resident set in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _age(build_epoch: int) -> float:
+    return max(0.0, time.time() - build_epoch)
 
 
 def _write_port_file(path: Path, port: int) -> None:
@@ -326,6 +447,15 @@ class Supervisor:
             out["feed"] = alive["feed"]
         # gauges: only what live workers hold (evictions stay counted from all)
         out["tcp_connections"] = alive["tcp_connections"]
+        maps = [s["region_map"] for s in live if "region_map" in s]
+        if maps:  # every worker builds its own map: report the slowest build and the sum of memory
+            out["region_map"] = {
+                "builds": {k: sum(m["builds"][k] for m in maps) for k in maps[0]["builds"]},
+                "seconds": {k: max(m["seconds"][k] for m in maps) for k in maps[0]["seconds"]},
+                "failures": sum(m["failures"] for m in maps), "bytes": sum(m["bytes"] for m in maps),
+                "blocks": maps[0]["blocks"], "rankings": maps[0]["rankings"], "rss": sum(m["rss"] for m in maps),
+                "geoip_build_epoch": min(m["geoip_build_epoch"] for m in maps),
+                "ready": sum(m["ready"] for m in maps)}
         out["tcp_abuse"] = merge_snapshots([s.get("tcp_abuse", {}) for s in live + self.retired],
                                            [s.get("tcp_abuse", {}) for s in live])
         for name, values in out["cache"].items():

@@ -8,6 +8,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGTERM
@@ -185,6 +186,14 @@ class DnsProcess(ServiceProcess):
     def start(self, timeout: float = 30.0) -> DnsProcess:  # type: ignore[override]
         super().start(timeout)
         return self
+
+    def wait_map(self, builds: int = 1, timeout: float = 120.0) -> None:
+        """Wait until the server logged `builds` region map builds (answers come from the map)."""
+        deadline = time.monotonic() + timeout
+        while self.log().count('"region map built"') < builds:
+            if time.monotonic() > deadline or not self.alive():
+                raise TimeoutError(f"no region map after {timeout}s: {self.log()[-2000:]}")
+            time.sleep(0.2)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

@@ -339,6 +339,7 @@ def dns(tmp_path_factory: pytest.TempPathFactory, mmdb: Path):
                       "--tcp-max-per-client", str(TCP_PER_CLIENT), "--tcp-idle-timeout", "5",
                       "--tcp-abuse-cooldown", "1")
     proc.start()
+    proc.wait_map()  # memory is measured against the server with its region map built
     yield proc
     proc.stop()
 
