@@ -48,6 +48,11 @@ OPEN_CONCURRENCY = 64   # sessions being opened at once per worker
 OPEN_ATTEMPTS = 3       # a session that fails before its gateway is alive is opened again
 
 
+def enroll_request(name: str, region: str, i: int) -> pb.Enrollment:
+    """The enrollment `register_request` needs (an admin call before the gateway registers)."""
+    return pb.Enrollment(name=name, region=region, public_ips=[f"192.0.2.{i % 254 + 1}"])
+
+
 def register_request(name: str, region: str, i: int) -> pb.RegisterRequest:
     """A valid registration for simulated gateway number `i` (addresses are data only: no traffic)."""
     key = base64.b64encode((i + 1).to_bytes(32, "big")).decode()

@@ -52,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository, no
 import grpc  # noqa: E402
 
 from bench import _procs, _stats  # noqa: E402
-from bench._simulated_gateways import SESSION, register_request  # noqa: E402
+from bench._simulated_gateways import SESSION, enroll_request, register_request  # noqa: E402
 from geomesh.api import geomesh_pb2 as pb  # noqa: E402
 from geomesh.api import geomesh_pb2_grpc as pbg  # noqa: E402
 from geomesh.channel import client_channel  # noqa: E402
@@ -261,6 +261,17 @@ async def create_regions(admin: pbg.AdminStub, count: int) -> list[str]:
     return names
 
 
+async def enroll_all(admin: pbg.AdminStub, gateways: list[tuple[str, str, int]]) -> None:
+    """Enroll (name, region, i) gateways as an admin does before they register (32 calls in flight)."""
+    sem = asyncio.Semaphore(32)
+
+    async def one(name: str, region: str, i: int) -> None:
+        async with sem:
+            await admin.EnrollGateway(enroll_request(name, region, i), timeout=30)
+
+    await asyncio.gather(*(one(*g) for g in gateways))
+
+
 async def run_phase(args: argparse.Namespace, workdir: Path, pki: Pki, workers: list[WorkerProc],
                     n: int, strategy: str) -> Phase:
     phase = Phase(n, strategy)
@@ -280,6 +291,8 @@ async def run_phase(args: argparse.Namespace, workdir: Path, pki: Pki, workers: 
         shares: list[list[dict]] = [[] for _ in workers]
         for i in range(n):
             shares[i % len(workers)].append({"name": gateway_name(i), "region": regions[i % len(regions)], "i": i})
+        await enroll_all(pbg.AdminStub(admin_channel),
+                         [(gateway_name(i), regions[i % len(regions)], i) for i in range(n)])
         for w, share in zip(workers, shares, strict=True):
             w.send({"op": "register", "target": coord.address, "pki": str(pki.dir), "gateways": share})
         replies = await asyncio.gather(*(w.recv("registered", args.phase_seconds) for w in workers))
@@ -318,6 +331,7 @@ async def run_phase(args: argparse.Namespace, workdir: Path, pki: Pki, workers: 
             joiner = JoinerSession(coord.address, pki, joiner_name(strategy, k), regions[k % len(regions)],
                                    n + k, hb)
             joiners.append(joiner)
+            await enroll_all(pbg.AdminStub(admin_channel), [(joiner.name, joiner.region, n + k)])  # untimed
             for w in workers:
                 w.send({"op": "arm", "joiner": joiner.name})
             await asyncio.gather(*(w.recv("armed", 30) for w in workers))

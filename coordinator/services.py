@@ -17,6 +17,11 @@ The session also carries the gateway's probe votes (`Heartbeat.reach`): checked
 prober's vote map and written to `votes/<prober>` when it changed, at once but at most
 `vote_write_rate` writes per second (burst twice that). Instance health is taken only from each
 instance's owner (`heartbeats.health_owner`).
+
+A gateway identity is bound to its enrollment (`coordinator.enrollment`): `Register` only as
+enrolled, instances and health only in the enrolled region. Callers are identified and judged by
+`coordinator.access`, which also ends open streams whose caller was revoked or unenrolled.
+Write calls are audit lines (`coordinator.audit`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import grpc
 from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge
 
+from coordinator.access import Access, end_stream
+from coordinator.enrollment import Enrollment, EnrollmentOps, check_region, check_registration, fits
 from coordinator.heartbeats import (
     HealthCoalescer,
     HeartbeatReport,
@@ -40,7 +47,8 @@ from coordinator.heartbeats import (
     merge_votes,
 )
 from coordinator.operations import Operations
-from coordinator.rpc_common import Caller, stream, unary
+from coordinator.revocation import Revocation, already, revoke_txn
+from coordinator.rpc_common import Caller, Malformed, add_service, stream, unary
 from coordinator.state import State
 from coordinator.state import key as state_key
 from coordinator.store import EtcdStore, ReplicaLease
@@ -50,6 +58,7 @@ from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.errors import (
     NotFoundError,
     PermissionDeniedError,
+    PreconditionError,
     StoreUnavailableError,
     UnauthenticatedError,
     ValidationError,
@@ -84,15 +93,16 @@ def _name(field: str, value: str) -> str:
 
 
 class _Base:
-    def __init__(self, state: State, ops: Operations, *, insecure: bool) -> None:
+    def __init__(self, state: State, ops: Operations, access: Access) -> None:
         self.state = state
         self.ops = ops
-        self.insecure = insecure
+        self.access = access
+        self.enrollment_ops = EnrollmentOps(ops)
 
 
 class AdminService(_Base, pbg.AdminServicer):
     # regions
-    @unary("admin")
+    @unary("admin", write=True)
     async def CreateRegion(self, request: pb.Region, context, caller: Caller) -> pb.Region:
         return (await self.ops.create_region(Region.from_proto(request))).to_proto()
 
@@ -107,17 +117,17 @@ class AdminService(_Base, pbg.AdminServicer):
     async def ListRegions(self, request: pb.Empty, context, caller: Caller) -> pb.ListRegionsResponse:
         return pb.ListRegionsResponse(regions=[self.state.regions[n].to_proto() for n in sorted(self.state.regions)])
 
-    @unary("admin")
+    @unary("admin", write=True)
     async def DeleteRegion(self, request: pb.DeleteRequest, context, caller: Caller) -> pb.Empty:
         await self.ops.delete_region(_name("name", request.name))
         return pb.Empty()
 
     # apps
-    @unary("admin")
+    @unary("admin", write=True)
     async def CreateApp(self, request: pb.App, context, caller: Caller) -> pb.App:
         return (await self.ops.create_app(App.from_proto(request))).to_proto()
 
-    @unary("admin")
+    @unary("admin", write=True)
     async def UpdateApp(self, request: pb.UpdateAppRequest, context, caller: Caller) -> pb.App:
         if not request.HasField("app"):
             raise ValidationError("app", "is required")
@@ -140,17 +150,17 @@ class AdminService(_Base, pbg.AdminServicer):
     async def ListApps(self, request: pb.Empty, context, caller: Caller) -> pb.ListAppsResponse:
         return pb.ListAppsResponse(apps=[self.state.apps[n].to_proto() for n in sorted(self.state.apps)])
 
-    @unary("admin")
+    @unary("admin", write=True)
     async def DeleteApp(self, request: pb.DeleteRequest, context, caller: Caller) -> pb.Empty:
         await self.ops.delete_app(_name("name", request.name))
         return pb.Empty()
 
     # instances
-    @unary("admin")
+    @unary("admin", write=True)
     async def AddInstance(self, request: pb.Instance, context, caller: Caller) -> pb.Instance:
         return (await self.ops.add_instance(Instance.from_proto(request))).to_proto()
 
-    @unary("admin")
+    @unary("admin", write=True)
     async def RemoveInstance(self, request: pb.InstanceRef, context, caller: Caller) -> pb.Empty:
         await self.ops.remove_instance(_name("app", request.app), _name("id", request.id))
         return pb.Empty()
@@ -166,11 +176,11 @@ class AdminService(_Base, pbg.AdminServicer):
         return pb.ListInstancesResponse(instances=[i.to_proto() for i in items])
 
     # domains
-    @unary("admin")
+    @unary("admin", write=True)
     async def AddDomain(self, request: pb.Domain, context, caller: Caller) -> pb.Domain:
         return (await self.ops.add_domain(Domain.from_proto(request))).to_proto()
 
-    @unary("admin")
+    @unary("admin", write=True)
     async def RemoveDomain(self, request: pb.DeleteRequest, context, caller: Caller) -> pb.Empty:
         await self.ops.remove_domain(validate.fqdn("name", request.name))
         return pb.Empty()
@@ -195,15 +205,15 @@ class AdminService(_Base, pbg.AdminServicer):
             raise NotFoundError(f"gateway {request.name!r} does not exist")
         return gw.to_proto()
 
-    @unary("admin")
+    @unary("admin", write=True)
     async def DrainGateway(self, request: pb.GetRequest, context, caller: Caller) -> pb.Gateway:
         return (await self.ops.set_gateway_state(_name("name", request.name), GatewayState.DRAINING)).to_proto()
 
-    @unary("admin")
+    @unary("admin", write=True)
     async def ActivateGateway(self, request: pb.GetRequest, context, caller: Caller) -> pb.Gateway:
         return (await self.ops.set_gateway_state(_name("name", request.name), GatewayState.ACTIVE)).to_proto()
 
-    @unary("admin")
+    @unary("admin", write=True)
     async def RemoveGateway(self, request: pb.DeleteRequest, context, caller: Caller) -> pb.Empty:
         await self.ops.remove_gateway(_name("name", request.name))
         return pb.Empty()
@@ -212,10 +222,46 @@ class AdminService(_Base, pbg.AdminServicer):
     async def GetOverview(self, request: pb.Empty, context, caller: Caller) -> pb.Overview:
         return self.state.overview()
 
+    # enrollment
+    @unary("admin", write=True)
+    async def EnrollGateway(self, request: pb.Enrollment, context, caller: Caller) -> pb.EnrollGatewayResponse:
+        enrollment, removed = await self.enrollment_ops.enroll(Enrollment.from_proto(request))
+        if removed:
+            log.warning("gateway record removed: it does not fit its new enrollment",
+                        extra={"fields": {"gateway": enrollment.name, "region": enrollment.region}})
+        return pb.EnrollGatewayResponse(enrollment=enrollment.to_proto(), record_removed=removed)
+
+    @unary("admin", write=True)
+    async def UnenrollGateway(self, request: pb.DeleteRequest, context, caller: Caller) -> pb.Empty:
+        await self.enrollment_ops.unenroll(_name("name", request.name))
+        return pb.Empty()
+
+    @unary("admin")
+    async def ListEnrollments(self, request: pb.Empty, context, caller: Caller) -> pb.ListEnrollmentsResponse:
+        items = self.access.enrollments.all()
+        return pb.ListEnrollmentsResponse(enrollments=[items[n].to_proto() for n in sorted(items)])
+
+    # revocation
+    @unary("admin", write=True)
+    async def RevokeIdentity(self, request: pb.RevokeIdentityRequest, context, caller: Caller) -> pb.Revocation:
+        revocation = Revocation.from_request(request, revoked_by=f"{caller.role}/{caller.name}")
+        if revocation.covers(caller.role, caller.name, caller.serial):
+            raise PreconditionError("that would revoke the calling identity itself: use another admin identity")
+        ok, rev = await self.ops._commit(revoke_txn(revocation))
+        if not ok:
+            raise already(revocation)
+        log.warning("identity revoked", extra={"fields": {"serial": revocation.serial, "role": revocation.role,
+                                                          "name": revocation.name, "by": revocation.revoked_by}})
+        return revocation.to_proto()
+
+    @unary("admin")
+    async def ListRevocations(self, request: pb.Empty, context, caller: Caller) -> pb.ListRevocationsResponse:
+        return pb.ListRevocationsResponse(revocations=[r.to_proto() for r in self.access.revocations.all()])
+
 
 class RoutingFeedService(_Base, pbg.RoutingFeedServicer):
-    def __init__(self, state: State, ops: Operations, *, insecure: bool, send_timeout: float = 30.0) -> None:
-        super().__init__(state, ops, insecure=insecure)
+    def __init__(self, state: State, ops: Operations, access: Access, *, send_timeout: float = 30.0) -> None:
+        super().__init__(state, ops, access)
         self.send_timeout = send_timeout
 
     @stream("dns", "gateway", "admin")
@@ -250,16 +296,16 @@ class RoutingFeedService(_Base, pbg.RoutingFeedServicer):
         SLOW_READERS.labels("routing").inc()
         log.warning("watch stream dropped: the client took no message in time",
                     extra={"fields": {"caller": f"{caller.role}/{caller.name}", "timeout": self.send_timeout}})
-        _end_stalled(handler, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                     f"slow reader: a message was not taken within {self.send_timeout:g} s; "
-                     "reconnect with last_revision")
+        end_stream(handler, context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"slow reader: a message was not taken within {self.send_timeout:g} s; "
+                   "reconnect with last_revision")
 
 
 class GatewayControlService(_Base, pbg.GatewayControlServicer):
-    def __init__(self, state: State, ops: Operations, store: EtcdStore, lease: ReplicaLease, *,
-                 insecure: bool, lease_ttl: int, mesh_cidr: str, health_interval: float = 1.0,
+    def __init__(self, state: State, ops: Operations, store: EtcdStore, lease: ReplicaLease, access: Access, *,
+                 lease_ttl: int, mesh_cidr: str, health_interval: float = 1.0,
                  heartbeat_rate: float = 20.0, vote_write_rate: float = 5.0) -> None:
-        super().__init__(state, ops, insecure=insecure)
+        super().__init__(state, ops, access)
         self.store = store
         self.lease = lease
         self.lease_ttl = lease_ttl
@@ -271,7 +317,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         self._cleanups: set[asyncio.Task] = set()
         self.mesh_cidr = mesh_cidr
 
-    @unary("gateway")
+    @unary("gateway", write=True)
     async def Register(self, request: pb.RegisterRequest, context, caller: Caller) -> pb.RegisterResponse:
         _name("name", request.name)
         caller.require_gateway(request.name)
@@ -279,24 +325,26 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                      public_ipv6=request.public_ipv6, wg_port=request.wg_port,
                      wg_public_key=request.wg_public_key, mesh_ip="", proxy_port=request.proxy_port,
                      https_port=request.https_port)
-        registered = await self.ops.register_gateway(gw)
+        enrollment = await self.enrollment_ops.fetch(gw.name)  # from etcd: its revision guards the write
+        check_registration(enrollment, gw)
+        assert enrollment is not None
+        registered = await self.ops.register_gateway(
+            gw, guard=(state_key("enrollments", gw.name), enrollment.mod_revision))
         log.info("gateway registered", extra={"fields": {"gateway": gw.name, "mesh_ip": registered.mesh_ip}})
         return pb.RegisterResponse(gateway=registered.to_proto(), mesh_cidr=self.mesh_cidr)
 
     def _own_instance(self, caller: Caller, region: str, what: str) -> None:
-        gw = self.state.gateways.get(caller.name)
-        if gw is None:
-            raise PermissionDeniedError(f"gateway {caller.name!r} is not registered")
-        if region != gw.region:
-            raise PermissionDeniedError(f"gateway {caller.name!r} (region {gw.region}) may not change {what} in region {region!r}")
+        """A gateway identity changes instances only in its enrolled region (not the region its
+        record claims: probe finding 2)."""
+        check_region(self.access.enrollments.get(caller.name), caller.name, region, what)
 
-    @unary("gateway")
+    @unary("gateway", write=True)
     async def RegisterInstance(self, request: pb.Instance, context, caller: Caller) -> pb.Instance:
         inst = Instance.from_proto(request)
         self._own_instance(caller, inst.region, f"instance {inst.key!r}")
         return (await self.ops.add_instance(inst)).to_proto()
 
-    @unary("gateway")
+    @unary("gateway", write=True)
     async def DeregisterInstance(self, request: pb.InstanceRef, context, caller: Caller) -> pb.Empty:
         name = f"{_name('app', request.app)}/{_name('id', request.id)}"
         inst = self.state.instances.get(name)
@@ -309,6 +357,8 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
     @stream("gateway")
     async def Session(self, request_iterator, context, caller: Caller):
         first = await _next_or_none(request_iterator, timeout=self.lease_ttl * 2)
+        if isinstance(first, Malformed):
+            raise first.problem("Session")
         if first is None or first.WhichOneof("msg") != "hello":
             raise ValidationError("hello", "the first message of a session must be a hello")
         hello = first.hello
@@ -323,6 +373,13 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                 raise NotFoundError(f"gateway {hello.name!r} is not registered: call Register first")
             await self.state.wait_change(stored.mod_revision - 1, timeout=10)
         name = hello.name
+        enrollment = self.access.enrollments.get(name)
+        if enrollment is None:
+            raise PermissionDeniedError(f"gateway {name!r} is not enrolled")
+        record = self.state.gateways.get(name)
+        if record is None or not fits(enrollment, record):
+            raise NotFoundError(f"gateway {name!r}: its record does not fit its enrollment: register again")
+        self.access.bind_session(name, enrollment.mod_revision)
         await context.send_initial_metadata(())  # headers now: a later status needs no second header op
         live = _Liveness(name, await self._mark_alive(name), _current_task(), context)
         SESSIONS.labels("gateway").inc()
@@ -403,7 +460,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
             "send_timeout": f"a message was not taken within {self.send_timeout:g} s (1.5 x lease TTL)",
             "bad_input": "a bad heartbeat while not reading",
         }.get(reason, reason)
-        _end_stalled(live.handler, live.context, grpc.StatusCode.UNAVAILABLE, f"session ended: {details}")
+        end_stream(live.handler, live.context, grpc.StatusCode.UNAVAILABLE, f"session ended: {details}")
 
     def _end_session(self, live: _Liveness) -> asyncio.Task:
         """The session's one cleanup (idempotent): its task, started on the first call."""
@@ -454,6 +511,8 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                 return "silent"
             except (StopAsyncIteration, grpc.aio.AioRpcError):
                 return "closed"
+            if isinstance(msg, Malformed):
+                raise msg.problem("Session")  # ends the session: INVALID_ARGUMENT
             if msg.WhichOneof("msg") != "heartbeat":
                 continue
             report = HeartbeatReport.from_proto(msg.heartbeat)  # ValidationError ends the session
@@ -463,8 +522,9 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                     VOTES_IGNORED.labels("throttled").inc(len(msg.heartbeat.reach))
                 continue
             gw = self.state.gateways.get(name)
-            if gw is None:
-                continue
+            enrollment = self.access.enrollments.get(name)
+            if gw is None or enrollment is None or gw.region != enrollment.region:
+                continue  # health and votes only while its record is in its enrolled region
             if msg.heartbeat.reach or msg.heartbeat.reach_complete:
                 self._take_votes(name, msg.heartbeat, book)
             cached: dict[str, bool] = {}
@@ -590,38 +650,19 @@ def _send_deadline(timeout: float, expire: Callable[[], object]) -> Iterator[Non
         handle.cancel()
 
 
-def _end_stalled(handler: asyncio.Task, context: grpc.aio.ServicerContext, code: grpc.StatusCode,
-                 details: str) -> None:
-    """End an RPC whose handler is blocked in a send: queue its status and cancel the handler.
-
-    grpc's asyncio server cannot reset one stream: the status goes out behind the blocked message
-    (a client that reads again gets the message, then this status, and reconnects), and grpc's
-    copy of that message stays until then or until the client goes away. What ends here is all
-    of ours: the handler, its tasks, and (for a session) the gateway's liveness."""
-    async def send_status() -> None:
-        with contextlib.suppress(Exception):  # AbortError once queued; ExecuteBatchError if the client left
-            await context.abort(code, details)
-
-    task = asyncio.get_running_loop().create_task(send_status())
-    _STATUS_TASKS.add(task)
-    task.add_done_callback(_STATUS_TASKS.discard)
-    handler.cancel()
-
-
-_STATUS_TASKS: set[asyncio.Task] = set()
-
-
 def wire(message: bytes | Message) -> bytes:
     """Response serializer of streams that yield pre-serialized, shared messages (or messages)."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def add_routing_feed(servicer: RoutingFeedService, server: grpc.aio.Server) -> None:
-    """The generated add_RoutingFeedServicer_to_server, with `wire` as Watch's serializer."""
-    handlers = {"Watch": grpc.unary_stream_rpc_method_handler(
-        servicer.Watch, request_deserializer=pb.WatchRoutingRequest.FromString, response_serializer=wire)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("geomesh.v1.RoutingFeed", handlers),))
-    server.add_registered_method_handlers("geomesh.v1.RoutingFeed", handlers)
+def add_services(server: grpc.aio.Server, admin: AdminService, feed: RoutingFeedService,
+                 control: GatewayControlService) -> None:
+    """The three services, with requests decoded by `rpc_common.add_service` (a malformed body
+    is INVALID_ARGUMENT) and `wire` as Watch's serializer."""
+    services = pb.DESCRIPTOR.services_by_name
+    add_service(server, admin, services["Admin"], pb)
+    add_service(server, feed, services["RoutingFeed"], pb, {"Watch": wire})
+    add_service(server, control, services["GatewayControl"], pb)
 
 
 async def _next_or_none(iterator, timeout: float):

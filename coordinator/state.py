@@ -55,6 +55,7 @@ _KIND_OF_DIR = {"regions": K.KIND_REGION, "gateways": K.KIND_GATEWAY, "alive": K
                 "reach": K.KIND_GATEWAY, "apps": K.KIND_APP, "instances": K.KIND_INSTANCE,
                 "domains": K.KIND_DOMAIN}
 _REACH_INPUTS = frozenset({"gateways", "alive", "votes", "reach"})  # what the reach decider reads
+ACCESS_DIRS = ("enrollments", "revoked")  # kept raw for coordinator.access (not in any feed)
 HISTORY_LIMIT = 50_000
 SNAPSHOT_CACHE = Counter("geomesh_coordinator_snapshot_cache_total",
                          "routing snapshots asked for by streams: hit = the revision's serialized snapshot was shared",
@@ -88,7 +89,8 @@ class State:
         self.mesh_network = ipaddress.ip_network(mesh_cidr)
         self.revision = 0
         self.floor = 0  # we know every change after this revision
-        self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam", "votes")}
+        self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam", "votes", *ACCESS_DIRS)}
+        self.dir_revision: dict[str, int] = {}  # directory -> revision of its last change (or load)
         self.regions: dict[str, Region] = {}
         self.gateways: dict[str, Gateway] = {}  # stored records (alive filled in by resource())
         self.apps: dict[str, App] = {}
@@ -124,6 +126,7 @@ class State:
         for kv in kvs:
             self._set(kv.key, kv.value, kv.mod_revision)
         self.revision = revision
+        self.dir_revision = dict.fromkeys(self.raw, revision)
         self.floor = revision  # history before this point is unknown: older consumers get snapshots
         self.history.clear()
         self._gateway_view.clear()
@@ -229,6 +232,7 @@ class State:
         if parsed is None or parsed[0] not in self.raw:
             return
         directory, name = parsed
+        self.dir_revision[directory] = max(self.dir_revision.get(directory, 0), mod_revision)
         store = self.raw[directory]
         if value is None:
             store.pop(name, None)

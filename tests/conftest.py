@@ -3,7 +3,7 @@
 `etcd`          a real etcd-server on free loopback ports with a temporary data dir (per test)
 `pki`           a geomesh CA in a temporary directory (per session)
 `coordinator_factory(**flags)`  starts a coordinator subprocess on that etcd; all stopped after
-`coordinator`   one coordinator from the factory
+`coordinator`   one coordinator from the factory (`enroll(name, region, *ips)` enrolls a gateway)
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
 from geomesh.etcd_process import EtcdProcess
@@ -39,6 +40,7 @@ def etcd(tmp_path: Path):
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     p = Pki(tmp_path_factory.mktemp("pki"))
     p.init()
+    p.server()  # the coordinator's serving certificate, made offline as `geomesh pki init` does
     return p
 
 
@@ -76,6 +78,11 @@ class CoordinatorProcess(ServiceProcess):
 
     def routing_feed(self, role: str = "dns", name: str = "dns1") -> pbg.RoutingFeedStub:
         return pbg.RoutingFeedStub(self.channel(self.pki.identity(role, name)))
+
+    async def enroll(self, name: str, region: str, *public_ips: str) -> pb.EnrollGatewayResponse:
+        """Enroll gateway `name` in `region` with its public addresses (an admin call): a
+        gateway registers only as enrolled."""
+        return await self.admin().EnrollGateway(pb.Enrollment(name=name, region=region, public_ips=list(public_ips)))
 
 
 @pytest.fixture

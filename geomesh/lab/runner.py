@@ -117,6 +117,9 @@ class Lab:
             admin = pbg.AdminStub(ch)
             for rf in self.regions:
                 await admin.CreateRegion(rf.region.to_proto(), timeout=10)
+            for g in self.plan.gateways:  # a gateway registers only as enrolled: its region and address
+                await admin.EnrollGateway(pb.Enrollment(name=g.name, region=g.region, public_ips=[g.public_ip]),
+                                          timeout=10)
             await admin.CreateApp(pb.App(name="hello", lb_policy=pb.LB_POLICY_ROUND_ROBIN), timeout=10)
             await admin.CreateApp(pb.App(name="solo", lb_policy=pb.LB_POLICY_LEAST_CONNECTIONS), timeout=10)
             for inst in self.plan.instances:

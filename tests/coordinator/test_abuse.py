@@ -233,6 +233,7 @@ async def test_stalled_silent_session_times_out_within_one_and_a_half_ttl(coordi
     admin = coordinator.admin()
     await seed(admin)
     await wait_revision(admin, await fill_instances(etcd.endpoint, "web", 2000))
+    await coordinator.enroll("gw-stall", "eu-central", "192.0.2.21")
     await coordinator.gateway_control("gw-stall").Register(pb.RegisterRequest(name="gw-stall", **REG))
     attack = StalledH2(coordinator.port, coordinator.pki.identity("gateway", "gw-stall"), connections=1)
     try:
@@ -270,6 +271,7 @@ async def test_heartbeat_flood_is_coalesced_and_the_last_health_wins(coordinator
     admin = coordinator.admin()
     await seed(admin)
     await wait_revision(admin, await fill_instances(etcd.endpoint, "web", 50))
+    await coordinator.enroll("gw-hb", "eu-central", "192.0.2.21")
     gc = coordinator.gateway_control("gw-hb")
     await gc.Register(pb.RegisterRequest(name="gw-hb", **REG))
     call = gc.Session()
@@ -323,6 +325,7 @@ async def test_heartbeat_flood_is_coalesced_and_the_last_health_wins(coordinator
 async def test_negative_heartbeat_counts_end_the_session_naming_the_field(coordinator):
     admin = coordinator.admin()
     await seed(admin)
+    await coordinator.enroll("gw-neg", "eu-central", "192.0.2.21")
     gc = coordinator.gateway_control("gw-neg")
     await gc.Register(pb.RegisterRequest(name="gw-neg", **REG))
     call = gc.Session()

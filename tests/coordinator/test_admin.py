@@ -149,6 +149,7 @@ async def test_domains_and_errors(admin):
 async def test_gateways_list_drain_remove_overview(coordinator):
     admin = coordinator.admin()
     await seed(admin)
+    await coordinator.enroll("gw-eu-1", "eu-central", "192.0.2.21")
     gc = coordinator.gateway_control("gw-eu-1")
     reg = await gc.Register(pb.RegisterRequest(name="gw-eu-1", region="eu-central", public_ip="192.0.2.21",
                                                wg_port=51820, wg_public_key=KEY, proxy_port=8080))
@@ -179,7 +180,9 @@ async def test_register_validation(coordinator):
                           ({"wg_public_key": "AAAA"}, "wg_public_key"), ({"proxy_port": 99999}, "proxy_port"),
                           ({"public_ipv6": "10.0.0.1"}, "public_ipv6")]:
         await expect(grpc.StatusCode.INVALID_ARGUMENT, gc.Register(pb.RegisterRequest(**(good | change))), field)
-    await expect(grpc.StatusCode.NOT_FOUND, gc.Register(pb.RegisterRequest(**(good | {"region": "mars"}))), "region")
+    await expect(grpc.StatusCode.PERMISSION_DENIED, gc.Register(pb.RegisterRequest(**good)), "name")  # not enrolled
+    await coordinator.enroll("gw-eu-1", "eu-central", "192.0.2.21", "192.0.2.22")
+    await expect(grpc.StatusCode.PERMISSION_DENIED, gc.Register(pb.RegisterRequest(**(good | {"region": "mars"}))), "region")
     first = await gc.Register(pb.RegisterRequest(**good))
     # re-registering (restart, new endpoint) keeps the mesh IP
     again = await gc.Register(pb.RegisterRequest(**(good | {"public_ip": "192.0.2.22"})))

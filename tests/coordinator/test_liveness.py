@@ -28,6 +28,7 @@ async def test_50_concurrent_registrations_on_two_replicas_get_distinct_mesh_ips
     await seed(c1.admin())
     await asyncio.sleep(0)  # c2 learns the region through its own watch
     names = [f"gw-{i:02d}" for i in range(50)]
+    await asyncio.gather(*(c1.enroll(n, "eu-central", "192.0.2.21") for n in names))
     stubs = [(c1 if i % 2 else c2).gateway_control(n) for i, n in enumerate(names)]
 
     async def register(i: int, stub) -> pb.RegisterResponse:
@@ -84,6 +85,7 @@ async def next_gateway_state(feed, name: str, want_alive: bool, table: dict) -> 
 async def test_cut_session_leaves_alive_set_in_under_a_second(coordinator):
     admin = coordinator.admin()
     await seed(admin)
+    await coordinator.enroll("gw-1", "eu-central", "192.0.2.21")
     gc = coordinator.gateway_control("gw-1")
     await gc.Register(pb.RegisterRequest(name="gw-1", **REG))
     feed = coordinator.routing_feed().Watch(pb.WatchRoutingRequest())
@@ -107,6 +109,8 @@ async def test_session_sends_snapshot_then_one_peer_per_join_and_resumes(coordin
     admin = coordinator.admin()
     await seed(admin)
     gcs = {n: coordinator.gateway_control(n) for n in ("gw-a", "gw-b", "gw-c")}
+    for n in gcs:
+        await coordinator.enroll(n, "us-east" if n == "gw-a" else "eu-central", "192.0.2.21")
     for i, (n, gc) in enumerate(gcs.items()):
         if n != "gw-c":  # gw-a in us-east, gw-b in eu-central
             region = {"region": "us-east"} if n == "gw-a" else {}

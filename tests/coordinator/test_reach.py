@@ -36,6 +36,7 @@ TIMEOUT = 8.0  # generous: a decision takes a vote write, a 50 ms debounce and a
 class SimGateway:
     def __init__(self, coordinator, name: str, region: str, index: int) -> None:
         self.name, self.region, self.index = name, region, index
+        self.coordinator = coordinator
         self.gc = coordinator.gateway_control(name)
         self.peers: dict[str, pb.MeshPeer] = {}
         self.call = None
@@ -45,6 +46,7 @@ class SimGateway:
         self.beater: asyncio.Task | None = None
 
     async def start(self) -> SimGateway:
+        await self.coordinator.enroll(self.name, self.region, f"192.0.2.{self.index}")
         await self.gc.Register(pb.RegisterRequest(
             name=self.name, region=self.region, public_ip=f"192.0.2.{self.index}", wg_port=51820,
             wg_public_key=gw_key(self.index), proxy_port=8080, https_port=8443))

@@ -45,6 +45,8 @@ async def test_gateway_may_change_only_itself(coordinator):
     admin = coordinator.admin()
     await seed(admin)
     await admin.CreateRegion(pb.Region(name="ap-northeast", latitude=35.7, longitude=139.7))
+    await coordinator.enroll("gw-1", "eu-central", "192.0.2.21")
+    await coordinator.enroll("gw-2", "eu-central", "192.0.2.21")
     gw1 = coordinator.gateway_control("gw-1")
     await gw1.Register(pb.RegisterRequest(name="gw-1", **REG))
     # registering under another gateway's name

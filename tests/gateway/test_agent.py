@@ -37,6 +37,13 @@ def config_for(coordinators, pki, tmp_path, name: str, ip: str, **kw) -> AgentCo
                        heartbeat_interval=kw.pop("heartbeat_interval", 0.3), **kw)
 
 
+async def enrolled(coordinator, cfg: AgentConfig) -> AgentConfig:
+    """Enroll the agent's gateway (its region and public addresses), as an admin does before
+    the gateway starts: it registers only as enrolled."""
+    await coordinator.enroll(cfg.name, cfg.region, *(ip for ip in (cfg.public_ip, cfg.public_ipv6) if ip))
+    return cfg
+
+
 async def until(predicate, timeout: float = 10.0) -> None:
     async def poll() -> None:
         while not predicate():
@@ -47,8 +54,8 @@ async def until(predicate, timeout: float = 10.0) -> None:
 async def test_agents_register_see_each_other_and_follow_changes(coordinator, pki, tmp_path):
     admin = coordinator.admin()
     await seed(admin)
-    a = Agent(config_for([coordinator], pki, tmp_path, "gw-a", "192.0.2.21"))
-    b = Agent(config_for([coordinator], pki, tmp_path, "gw-b", "192.0.2.22"))
+    a = Agent(await enrolled(coordinator, config_for([coordinator], pki, tmp_path, "gw-a", "192.0.2.21")))
+    b = Agent(await enrolled(coordinator, config_for([coordinator], pki, tmp_path, "gw-b", "192.0.2.22")))
     tasks = [asyncio.create_task(x.run()) for x in (a, b)]
     try:
         await until(lambda: "gw-b" in a.mesh and "gw-a" in b.mesh)
@@ -77,7 +84,7 @@ async def test_agents_register_see_each_other_and_follow_changes(coordinator, pk
 
 async def test_restart_keeps_key_and_mesh_ip(coordinator, pki, tmp_path):
     await seed(coordinator.admin())
-    cfg = config_for([coordinator], pki, tmp_path, "gw-a", "192.0.2.21")
+    cfg = await enrolled(coordinator, config_for([coordinator], pki, tmp_path, "gw-a", "192.0.2.21"))
     first = Agent(cfg)
     await first.register()
     second = Agent(cfg)
@@ -89,8 +96,8 @@ async def test_agent_moves_to_second_replica_and_resumes(coordinator_factory, pk
     c1, c2 = coordinator_factory(), coordinator_factory()
     admin = c1.admin()
     await seed(admin)
-    a = Agent(config_for([c1, c2], pki, tmp_path, "gw-a", "192.0.2.21"))
-    b = Agent(config_for([c2, c1], pki, tmp_path, "gw-b", "192.0.2.22"))
+    a = Agent(await enrolled(c1, config_for([c1, c2], pki, tmp_path, "gw-a", "192.0.2.21")))
+    b = Agent(await enrolled(c1, config_for([c2, c1], pki, tmp_path, "gw-b", "192.0.2.22")))
     tasks = [asyncio.create_task(x.run()) for x in (a, b)]
     try:
         await until(lambda: "gw-b" in a.mesh and "gw-a" in b.mesh)
@@ -160,7 +167,7 @@ async def test_agent_reaches_coordinator_over_unix_socket_with_mtls(coordinator_
     sock = tmp_path / "coordinator.sock"
     c = coordinator_factory("--listen-unix", str(sock))
     await seed(c.admin())
-    cfg = config_for([c], pki, tmp_path, "gw-u", "192.0.2.30")
+    cfg = await enrolled(c, config_for([c], pki, tmp_path, "gw-u", "192.0.2.30"))
     cfg = AgentConfig(**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__} | {"coordinators": (f"unix:{sock}",)})
     agent = Agent(cfg)
     task = asyncio.create_task(agent.run())
@@ -189,6 +196,7 @@ async def test_agent_terminates_tls_with_its_certificates(coordinator, pki, tmp_
     cfg = config_for([coordinator], pki, tmp_path, "gw-tls", "192.0.2.31", region="us-east", zone="apps.test",
                      dataplane=True, proxy_listen="127.0.0.1", proxy_port=http_port, https_port=https_port,
                      certificates=(CertificateSpec(cert=cert, key=key),))
+    await enrolled(coordinator, cfg)
     await admin.AddInstance(pb.Instance(app="shop", id="s1", region="us-east", address="127.0.0.1", port=backend.port))
     agent = Agent(cfg)
     task = asyncio.create_task(agent.run())

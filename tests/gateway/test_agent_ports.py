@@ -14,7 +14,7 @@ from tests.proxy.client import get
 from tests.proxy.test_ports import Listener
 
 from ..coordinator.test_admin import seed
-from .test_agent import config_for, free_port
+from .test_agent import config_for, enrolled, free_port
 
 ZONE = "apps.test"
 
@@ -28,7 +28,7 @@ async def test_coordinator_mode_exposes_only_the_declared_and_instance_ports(coo
     http_port = free_port()
     cfg = config_for([coordinator], pki, tmp_path, "gw-ports", "192.0.2.41", region="us-east", zone=ZONE,
                      dataplane=True, proxy_listen="127.0.0.1", proxy_port=http_port)
-    agent = Agent(cfg)
+    agent = Agent(await enrolled(coordinator, cfg))
     task = asyncio.create_task(agent.run())
     addr = ("127.0.0.1", http_port)
 

@@ -20,7 +20,7 @@ from regional_gateway.mesh_view import MeshPeerInfo, probe_regions, probe_target
 from regional_gateway.reach_prober import ProbeTarget
 
 from ..coordinator.test_admin import seed
-from .test_agent import TLS, config_for, free_port, until, until_async, write_config
+from .test_agent import TLS, config_for, enrolled, free_port, until, until_async, write_config
 
 # -- the [reach] settings ----------------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ async def test_agents_probe_each_others_public_address_and_votes_decide(coordina
     for name, (region, ip, listen) in specs.items():
         cfg = config_for([coordinator], pki, tmp_path, name, ip, region=region, dataplane=True,
                          proxy_port=ports[name], proxy_listen=listen, **fast)
-        agents[name] = Agent(cfg)
+        agents[name] = Agent(await enrolled(coordinator, cfg))
     # gw-b's data plane listens on 127.0.0.1; its public address 127.0.0.3 is a relay the test cuts
     relay = Relay(("127.0.0.3", ports["gw-b"]), ("127.0.0.1", ports["gw-b"]))
     await relay.restore()

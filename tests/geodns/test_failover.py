@@ -113,6 +113,7 @@ async def test_failover_follows_gateway_streams(coordinator, pki, mmdb: Path, tm
     await admin.AddInstance(pb.Instance(app="shop", id="us1", region="us-east", address="10.90.3.7", port=80))
     controls = {name: coordinator.gateway_control(name) for name in GATEWAYS}
     for i, (name, (region, ip)) in enumerate(GATEWAYS.items()):
+        await coordinator.enroll(name, region, ip)
         await controls[name].Register(pb.RegisterRequest(name=name, region=region, public_ip=ip, wg_port=51820,
                                                          wg_public_key=wg_key(i + 1), proxy_port=8080))
     sessions = {name: await open_session(controls[name], name) for name in GATEWAYS}

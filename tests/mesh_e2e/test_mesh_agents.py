@@ -82,11 +82,13 @@ persistent_keepalive = 5
 """)
         return path
 
-    def start(self, name: str) -> None:
+    async def start(self, name: str) -> None:
+        """Enroll the gateway (its region, its namespace's public address), then start it."""
         if name not in self.hosts:
             self.hosts[name] = self.topology.add_host(name)
             self.ifnames[name] = self.topology.ifname("g")
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115
+        await self.coordinators[0].enroll(name, self.regions.get(name, "eu-central"), self.hosts[name].public_ip)
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115, ASYNC230
         self.procs[name] = self.hosts[name].popen(
             [sys.executable, "-m", "regional_gateway.main", "--config", str(self.config(name))],
             stdout=log, stderr=log, cwd=ROOT)
@@ -136,12 +138,12 @@ async def test_full_mesh_join_kill_restart_remove_and_coordinator_failover(topol
 
     # three gateways: everyone pings everyone over the mesh
     for n in ("gw-a", "gw-b", "gw-c"):
-        gws.start(n)
+        await gws.start(n)
     await wait_until(lambda: full_mesh_pings(gws, admin, ["gw-a", "gw-b", "gw-c"]), 60, "a 3-gateway full mesh")
 
     # a fourth joins: all four reach each other, nobody restarted
     pids = {n: p.pid for n, p in gws.procs.items()}
-    gws.start("gw-d")
+    await gws.start("gw-d")
     await wait_until(lambda: full_mesh_pings(gws, admin, ["gw-a", "gw-b", "gw-c", "gw-d"]), 60, "gw-d joining")
     assert all(gws.procs[n].pid == pid and gws.procs[n].poll() is None for n, pid in pids.items())
 
@@ -160,7 +162,7 @@ async def test_full_mesh_join_kill_restart_remove_and_coordinator_failover(topol
     feed.cancel()
 
     # restart it: same key, same mesh IP, links back
-    gws.start("gw-d")
+    await gws.start("gw-d")
     await wait_until(lambda: _alive(admin, "gw-d"), 30, "gw-d alive again")
     after = await gateways_by_name(admin)
     assert (after["gw-d"].wg_public_key, after["gw-d"].mesh_ip) == (before["gw-d"].wg_public_key, before["gw-d"].mesh_ip)
@@ -216,7 +218,7 @@ async def test_app_in_one_region_answers_through_another_regions_gateway(topolog
     await admin.AddInstance(pb.Instance(app="web", id="web-us-1", region="us-east", address="10.90.9.5", port=8000,
                                         healthy=True))
     for n in ("gw-eu", "gw-us"):
-        gws.start(n)
+        await gws.start(n)
     await wait_until(lambda: full_mesh_pings(gws, admin, ["gw-eu", "gw-us"]), 60, "the two-gateway mesh")
     client = topology.add_host("client", network="198.51.100.0/24")
     eu_ip = gws.hosts["gw-eu"].public_ip
