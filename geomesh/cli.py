@@ -2,6 +2,7 @@
 
     geomesh pki init --dir D                      make a CA (idempotent)
     geomesh pki issue --dir D --role R --name N   issue a client certificate (admin|gateway|dns)
+    geomesh apply PATH... --coordinator A         make the coordinator's state what TOML files declare
     geomesh lab [up|down|status]                  the multi-region lab (the main job)
 
 The services have their own commands: geomesh-coordinator, geomesh-gateway, geomesh-dns.
@@ -49,7 +50,10 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("--role", required=True, choices=ROLES, help="what the identity may do")
     issue.add_argument("--name", required=True, help="identity name (DNS label); a gateway's name is its gateway id")
 
+    from geomesh.apply import add_parser as add_apply_parser
     from geomesh.lab.cli import add_parser as add_lab_parser  # the lab has many flags of its own
+
+    add_apply_parser(sub)
 
     add_lab_parser(sub)
     return p
