@@ -11,8 +11,9 @@ real loader, which checks every key and value:
 | `gateway` | `coordinators`, `public_ip`, `[tls]` or `[wireguard]` | `regional_gateway.agent_config.load` |
 | `routes` | a top-level `zone = "..."` string | `regional_gateway.proxy.routes_file.load_routes` |
 | `region` | top-level `name`, `latitude`, `longitude` | `geomesh.regions_file.load` |
+| `apply` | the marker only | `geomesh.apply.load` (`geomesh apply` files) |
 
-A marker comment inside the block (`# geomesh-example: state|gateway|routes|region|fragment`)
+A marker comment inside the block (`# geomesh-example: state|gateway|routes|region|apply|fragment`)
 overrides the guess; `fragment` (a part of a file, shown for one key) is only parsed. A block
 the rules cannot place fails the test: mark it. Certificate files a block names (`[[certificates]]`)
 are issued for the test by a throwaway CA and the block's paths pointed at them, so the loaders
@@ -30,7 +31,7 @@ from typing import Any
 import pytest
 
 from geodns import static_state
-from geomesh import regions_file
+from geomesh import apply, regions_file
 from regional_gateway import agent_config
 from regional_gateway.proxy.routes_file import load_routes
 
@@ -38,7 +39,7 @@ from .proxy.certs import TestCA
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md", ROOT / "deploy" / "README.md"]
-KINDS = ("state", "gateway", "routes", "region", "fragment")
+KINDS = ("state", "gateway", "routes", "region", "apply", "fragment")
 _BLOCK = re.compile(r"^```toml[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 _MARKER = re.compile(r"^\s*#\s*geomesh-example:\s*(\S+)", re.MULTILINE)
 
@@ -106,6 +107,8 @@ def load(kind: str, text: str, data: dict[str, Any], tmp: Path) -> None:
         load_routes(path)
     elif kind == "region":
         regions_file.load(path)
+    elif kind == "apply":
+        apply.load([path])
 
 
 BLOCKS = doc_blocks()
