@@ -1,0 +1,255 @@
+"""The compiled region map against direct database look-ups and the haversine ranking, and the
+answer path on top of it: templates keep the question's case, answers rotate, and a map being
+rebuilt never answers."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import tomllib
+from array import array
+from pathlib import Path
+
+import pytest
+from dnslib import DNSRecord
+
+from geodns import static_state
+from geodns.answer import Responder
+from geodns.nearest import Locator, region_order
+from geodns.region_map import (
+    ALIAS,
+    Networks,
+    RegionMap,
+    RegionSite,
+    _overlay,
+    _scope,
+    compile_map,
+    merge_runs,
+    read_networks,
+    sites_of,
+)
+from geodns.view import View
+
+from .clients import query
+from .conftest import REGIONS, ZONE, gateway_ip, state_toml
+
+SAMPLES = 100_000
+
+
+@pytest.fixture(scope="session")
+def networks(mmdb: Path) -> Networks:
+    """The database walked once per session (several seconds)."""
+    return read_networks(mmdb)
+
+
+@pytest.fixture(scope="module")
+def view() -> View:
+    return static_state.view_from(tomllib.loads(state_toml()), revision=7)
+
+
+@pytest.fixture(scope="module")
+def region_map(networks: Networks, view: View) -> RegionMap:
+    return compile_map(networks, sites_of(view.regions.values()), view.zone.default_region)
+
+
+@pytest.fixture(scope="module")
+def locator(mmdb: Path) -> Locator:
+    return Locator(mmdb, memo_size=1 << 20)
+
+
+def _v6_samples(networks: Networks, rng: random.Random, n: int) -> list[int]:
+    """Addresses inside the database's IPv6 runs (a random run, a random address in it): random
+    128-bit addresses would almost all fall in unallocated space."""
+    starts = networks.v6_starts
+    out = []
+    for _ in range(n):
+        i = rng.randrange(len(starts))
+        end = starts[i + 1] if i + 1 < len(starts) else 1 << 128
+        out.append(starts[i] + rng.randrange(end - starts[i]))
+    return out
+
+
+def test_map_agrees_with_the_database_and_the_haversine(region_map: RegionMap, locator: Locator, view: View,
+                                                        networks: Networks) -> None:
+    """On 100k random IPv4 and IPv6 addresses: the same ranking as a City look-up plus
+    `region_order`, and a scope no narrower than the database network that placed the address.
+    On a sample, the scope is honest: its first and last addresses rank the same."""
+    rng = random.Random(18)
+    v4 = [rng.getrandbits(32).to_bytes(4, "big") for _ in range(SAMPLES // 2)]
+    v6 = [a.to_bytes(16, "big") for a in _v6_samples(networks, rng, SAMPLES // 2)]
+    regions, default = view.regions, view.zone.default_region
+    orders: dict[tuple, tuple[str, ...]] = {}
+
+    def expected(packed: bytes, prefix: int | None = None) -> tuple[tuple[str, ...], int]:
+        place = locator.locate(packed, prefix)
+        where = (place.latitude, place.longitude) if place.known else None
+        order = orders.get(where)  # type: ignore[arg-type]
+        if order is None:
+            order = orders[where] = tuple(r.name for r in region_order(regions, place, default))  # type: ignore[index]
+        return order, place.prefix
+
+    placed = 0
+    for i, packed in enumerate(v4 + v6):
+        ranking, scope = region_map.lookup(packed)
+        want, db_prefix = expected(packed)
+        assert ranking == want, f"{_text(packed)}: map {ranking[:3]}, database {want[:3]}"
+        assert scope <= db_prefix, f"{_text(packed)}: scope /{scope} narrower than the database's /{db_prefix}"
+        placed += want[0] != default
+        if i % 20 == 0:  # honesty: the whole scope network ranks the same
+            bits = len(packed) * 8
+            a = int.from_bytes(packed, "big")
+            first = a >> (bits - scope) << (bits - scope) if scope else 0
+            last = first | ((1 << (bits - scope)) - 1)
+            for edge in (first, last):
+                assert expected(edge.to_bytes(len(packed), "big"))[0] == ranking, (
+                    f"{_text(packed)}/{scope}: {_text(edge.to_bytes(len(packed), 'big'))} ranks differently")
+    assert placed > SAMPLES // 20, "the sample hardly touched placed networks"
+
+
+def test_ecs_prefixes_rank_like_the_masked_address(region_map: RegionMap, locator: Locator, view: View) -> None:
+    rng = random.Random(7)
+    for _ in range(5000):
+        packed = rng.getrandbits(32).to_bytes(4, "big")
+        ranking, scope = region_map.lookup(packed, 24)
+        place = locator.locate(packed, 24)
+        assert ranking == tuple(r.name for r in region_order(view.regions, place, view.zone.default_region))
+        masked = int.from_bytes(packed, "big") >> 8 << 8
+        assert region_map.lookup(masked.to_bytes(4, "big"))[0] == ranking
+
+
+@pytest.mark.parametrize("address, prefix", [
+    ("10.1.2.3", 32), ("192.168.7.0", 24), ("127.0.0.1", None), ("::1", None), ("fd00:1::", 48),
+    ("2001:db8::", 32), ("::ffff:10.0.0.1", None),
+])
+def test_special_purpose_addresses_stand_at_the_default_region(region_map: RegionMap, view: View, address: str,
+                                                               prefix: int | None) -> None:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    ranking, _ = region_map.lookup(socket.inet_pton(family, address), prefix)
+    assert ranking[0] == view.zone.default_region
+
+
+def test_ipv4_mapped_and_6to4_follow_into_the_ipv4_map(region_map: RegionMap, networks: Networks) -> None:
+    assert len(networks.v6_aliases) >= 2
+    v4 = socket.inet_aton("193.0.6.1")
+    ranking, scope = region_map.lookup(v4)
+    for text, depth in (("::ffff:193.0.6.1", 96), ("2002:c100:601::", 16)):
+        mapped, mscope = region_map.lookup(socket.inet_pton(socket.AF_INET6, text))
+        assert mapped == ranking, text
+        assert mscope == depth + scope or text.startswith("::ffff"), text
+
+
+# -- pure pieces, table tests -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a, lo, hi, bits, want", [
+    (0x0A000000, 0x0A000000, 0x0B000000, 32, 8),  # the whole /8 block
+    (0x0A000100, 0x0A000000, 0x0A000300, 32, 23),  # [10.0.0.0, 10.0.3.0): the /23 is inside, the /22 is not
+    (0x0A000000, 0x0A000000, 0x0A000300, 32, 23),
+    (0x0A000200, 0x0A000000, 0x0A000300, 32, 24),
+    (5, 0, 1 << 32, 32, 0),  # one block for everything: scope 0
+    (0x0A000080, 0x0A000080, 0x0A0000C0, 32, 26),
+])
+def test_scope(a: int, lo: int, hi: int, bits: int, want: int) -> None:
+    assert _scope(a, lo, hi, bits) == want
+
+
+def test_overlay_and_merge() -> None:
+    starts, values = array("I", [0, 100, 200]), array("I", [1, 2, 3])
+    s, v = _overlay(starts, values, [(150, 250)], 0, 1000)
+    assert (list(s), list(v)) == ([0, 100, 150, 250], [1, 2, 0, 3])
+    s, v = _overlay(starts, values, [(0, 100)], 0, 1000)
+    assert (list(s), list(v)) == ([0, 100, 200], [0, 2, 3])
+    s, v = _overlay(starts, values, [(900, 1000)], 0, 1000)
+    assert (list(s), list(v)) == ([0, 100, 200, 900], [1, 2, 3, 0])
+    s, v = merge_runs(array("I", [0, 5, 9, 12]), array("I", [4, 4, 7, 4]))
+    assert (list(s), list(v)) == ([0, 9, 12], [4, 7, 4])
+
+
+def test_rankings_ties_and_unplaced() -> None:
+    tiny = Networks((None, (0.0, 0.0), (50.1, 8.7)), array("I", [0, 1 << 24, 2 << 24]), array("I", [0, 1, 2]),
+                    (0,), array("I", [0]), (), 0, "GeoLite2-City", "", 3)
+    sites = [RegionSite("b", 0, 10), RegionSite("a", 0, -10), RegionSite("eu", 50.1, 8.7)]
+    m = compile_map(tiny, sites, "eu")
+    assert m.lookup(bytes([0, 0, 0, 1]))[0][0] == "eu"  # unplaced: stands at the default region
+    assert m.lookup(bytes([1, 0, 0, 1]))[0][:2] == ("a", "b")  # equal distance: by name
+    assert m.lookup(bytes([2, 0, 0, 1]))[0][0] == "eu"
+    assert compile_map(tiny, sites, "").lookup(bytes([0, 0, 0, 1]))[0] == ("a", "b", "eu")  # by name
+    assert not any(r & ALIAS for r in m.v4_ranks)
+
+
+# -- the answer path on the map ---------------------------------------------------------------------
+
+
+def _ask(r: Responder, wire: bytes, client: bytes = b"\x7f\0\0\1", tcp: bool = False) -> DNSRecord:
+    ans = r.answer(wire, client, tcp=tcp)
+    assert ans.wire is not None
+    return DNSRecord.parse(ans.wire)
+
+
+def _addrs(reply: DNSRecord) -> list[str]:
+    return [str(rr.rdata) for rr in reply.rr]
+
+
+def test_map_answers_like_the_lookup_path(region_map: RegionMap, locator: Locator, view: View, clients) -> None:
+    with_map = Responder(view, locator, region_map=region_map)
+    without = Responder(view, locator)
+    for picks in clients.values():
+        for c in picks:
+            wire = query(f"shop.{ZONE}", ecs=c.subnet)
+            assert set(_addrs(_ask(with_map, wire))) == set(_addrs(_ask(without, wire))) == gateway_ip(c.nearest)
+
+
+def test_question_case_is_kept(region_map: RegionMap, locator: Locator, view: View, clients) -> None:
+    r = Responder(view, locator, region_map=region_map, reply_cache=False)
+    subnet = clients["eu-central"][0].subnet
+    for name in ("ShOp.GeO.ExAmPlE.cOm", f"shop.{ZONE}", f"SHOP.{ZONE.upper()}"):
+        reply = _ask(r, query(name, ecs=subnet))
+        assert str(reply.q.qname) == name + "."
+        assert all(str(rr.rname) == name + "." for rr in reply.rr)
+
+
+def test_answers_rotate_across_a_regions_gateways(region_map: RegionMap, locator: Locator, view: View,
+                                                  clients) -> None:
+    """us-east has two healthy gateways: consecutive answers list them in turn."""
+    r = Responder(view, locator, region_map=region_map, reply_cache=False)
+    subnet = clients["sa-east"][0].subnet  # blog is hosted in us-east only
+    firsts = [_addrs(_ask(r, query(f"blog.{ZONE}", ecs=subnet, qid=i)))[0] for i in range(6)]
+    assert set(firsts) == {"192.0.2.10", "192.0.2.11"} and firsts[0] != firsts[1]
+    tcp = [_addrs(_ask(r, query(f"big.{ZONE}", qid=i), tcp=True)) for i in range(3)]
+    assert all(sorted(t) == sorted(tcp[0]) and len(t) == 40 for t in tcp)
+    assert tcp[1] == tcp[0][1:] + tcp[0][:1] and tcp[2] == tcp[0][2:] + tcp[0][:2]
+
+
+def test_a_rebuild_under_load_never_answers_from_a_half_built_map(networks: Networks, locator: Locator,
+                                                                 view: View, clients) -> None:
+    """While a thread compiles a map for moved regions, the answer loop keeps answering from the
+    old map; once swapped, from the new one; never anything else."""
+    old = compile_map(networks, sites_of(view.regions.values()), view.zone.default_region)
+    # move every region but eu-central to the antipodes: the new map sends Europe elsewhere
+    moved = [RegionSite(s.name, s.latitude, s.longitude) if s.name == "eu-central" else
+             RegionSite(s.name, -s.latitude, s.longitude + 180 if s.longitude <= 0 else s.longitude - 180)
+             for s in sites_of(view.regions.values())]
+    new_holder: list[RegionMap] = []
+    builder = threading.Thread(target=lambda: new_holder.append(compile_map(networks, moved, "eu-central")))
+    r = Responder(view, locator, region_map=old, reply_cache=False, cache_size=0)
+    eu = clients["au-east"][0].subnet
+    want_old = gateway_ip("au-east")
+    builder.start()
+    answered = 0
+    while builder.is_alive() and answered < 200_000:
+        got = set(_addrs(_ask(r, query(f"shop.{ZONE}", ecs=eu, qid=answered & 0xFFFF))))
+        assert got == want_old, f"answer {answered} during the build: {got}"
+        answered += 1
+    builder.join(timeout=60)
+    assert new_holder and answered > 0
+    r.set_map(new_holder[0])
+    new = new_holder[0].lookup(socket.inet_aton(eu.split("/")[0]), 24)[0]
+    assert new != old.lookup(socket.inet_aton(eu.split("/")[0]), 24)[0]
+    got = set(_addrs(_ask(r, query(f"shop.{ZONE}", ecs=eu))))
+    first_hosting = next(name for name in new if name in REGIONS and name != "ap-northeast" and name != "us-west")
+    assert got == gateway_ip(first_hosting)
+
+
+def _text(packed: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
