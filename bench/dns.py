@@ -1,23 +1,40 @@
 #!/usr/bin/env python3
-"""GeoDNS benchmark: geomesh-dns against gdnsd (geoip plugin) with dnsperf, side by side.
+"""GeoDNS benchmark: geomesh-dns against gdnsd (geoip plugin) with dnsperf, on real resolver traffic.
 
 Both servers get the same regions (coordinates and one gateway address each), the same apps and
 the same GeoLite2 City database (the one of the `maxminddb-geolite2` package, or --geoip-db).
-gdnsd uses its geoip plugin with `auto_dc_coords` (nearest datacenter by great-circle distance
-from the City location of the ECS subnet); its datacenter list starts with our default region,
-which is what both answer for clients the database cannot place.
+gdnsd uses its geoip plugin with `auto_dc_coords` (it compiles the database against the
+datacenter coordinates at load time); its datacenter list starts with our default region, which
+is what both answer for clients the database cannot place. A third server is geomesh-dns with its
+reply cache switched off (`--no-reply-cache`, or `--cache-size 0` on a geomesh-dns without it).
 
-Load: one dnsperf wire file (`-B`) of --subnets distinct ECS /24 subnets drawn at random from
-the database with a quota per continent, each query for one of --apps app names. Method (as in
-the anchors): servers pinned to --server-cpu, dnsperf to --client-cpu; --rounds interleaved
-rounds, each running every server back to back: a saturating run (dnsperf -c 8 -q 200,
---duration s) for queries/s, then a fixed-rate run (-Q --lat-qps, --lat-duration s, -v) for
-latency percentiles. Afterwards every query of the file is sent to both servers and the region
-each chose is compared (the agreement rate; the differences are listed with their reason).
+Two loads, each one dnsperf wire file (`-B`):
 
-Loopback only, every run bounded. Results (raw dnsperf output, summary) go to --results.
-Run:  .venv/bin/python bench/dns.py            (about 2 minutes)
-      .venv/bin/python bench/dns.py --rounds 1 --duration 5 --lat-duration 3   (quick)
+- **hostile** (the headline): what an authoritative server sees from resolvers. --subnets
+  distinct ECS /24s drawn uniformly at random from the IPv4 space the database knows (so the
+  continent mix is the address space's), one query each, for one of --apps names, every letter
+  of the name in random case (0x20), a random query ID in the file. The saturating run reads the
+  file once (`dnsperf -n 1`), so no query repeats within a run; each round's fixed-rate run has
+  its own file of further distinct /24s. dnsperf itself replaces the IDs with its own sequential
+  slot numbers (the bench checks this each run and says so); the Python client that samples
+  answers sends random IDs.
+- **hot**: the previous headline, --hot-subnets /24s drawn with a quota per continent, names in
+  lower case, the file looped: mostly what a reply cache holds.
+
+Method (as in the anchors): servers pinned to --server-cpu, dnsperf to --client-cpu; --rounds
+interleaved rounds, each running every server back to back on each load: a saturating run
+(dnsperf -c 8 -q 200, --duration s) for queries/s and CPU per query, then a fixed-rate run
+(-Q --lat-qps, --lat-duration s, -v) for p50/p99. Before that, every query of the hostile file
+(or --sample of them) is sent once to each server by a pipelined Python client: geomesh-dns's
+first pass is its cold rate; the answers give the region each server chose (agreement with
+gdnsd, differences listed with their reason) and the ECS scope of each answer (its
+distribution). Also reported: each server's RSS (now and peak), its start-up time (to the first
+answer; geomesh-dns: also until its region map is ready and the map's build time from its
+metrics, when it has one), and geomesh-dns's cache hit ratio in each run (from its metrics).
+
+Loopback only, every run bounded. Results (raw dnsperf output, summary.json) go to --results.
+Run:  .venv/bin/python bench/dns.py            (about 10 minutes)
+      .venv/bin/python bench/dns.py --quick --json out.json   (under a minute; tests/bench runs it)
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
 import os
 import random
 import re
@@ -36,6 +54,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,13 +82,24 @@ REGIONS = [
 ]
 REGION_OF_IP = {ip: name for name, _, _, ip in REGIONS}
 CONTINENT_QUOTA = {"NA": 0.25, "EU": 0.25, "AS": 0.25, "SA": 0.09, "AF": 0.08, "OC": 0.08}
+OURS, NOCACHE, GDNSD = "geomesh-dns", "geomesh-dns/no-cache", "gdnsd"
+LOADS = ("hostile", "hot")
+# special-purpose IPv4 blocks: never a client's ECS subnet
+_SPECIAL = [(int(n.network_address), int(n.broadcast_address)) for n in map(ipaddress.IPv4Network, (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/3"))]
 
 
 # -- data --------------------------------------------------------------------------------------
 
 
+def special(net: int) -> bool:
+    return any(lo <= net <= hi for lo, hi in _SPECIAL)
+
+
 def draw_subnets(db: maxminddb.Reader, n: int, seed: int) -> list[tuple[bytes, str]]:
-    """n distinct IPv4 /24s the database places, with a quota per continent."""
+    """n distinct IPv4 /24s the database places, with a quota per continent (the hot load)."""
     rng = random.Random(seed)
     want = {c: max(1, round(n * share)) for c, share in CONTINENT_QUOTA.items()}
     want["NA"] += n - sum(want.values())
@@ -96,6 +126,35 @@ def draw_subnets(db: maxminddb.Reader, n: int, seed: int) -> list[tuple[bytes, s
     return out
 
 
+def draw_uniform(db: maxminddb.Reader, n: int, seed: int, exclude: set[bytes]) -> list[tuple[bytes, str]]:
+    """n distinct IPv4 /24s drawn uniformly from the space the database has a record for (not in
+    `exclude`), each with its continent code ("" when the record has none)."""
+    rng = random.Random(seed)
+    seen = set(exclude)
+    out: list[tuple[bytes, str]] = []
+    budget = 4 * n + 100_000
+    while len(out) < n:
+        budget -= 1
+        if budget < 0:
+            raise RuntimeError(f"could not draw {n} distinct /24s from the database")
+        value = rng.getrandbits(24) << 8
+        net = value.to_bytes(4, "big")
+        if net in seen or special(value):
+            continue
+        rec = db.get(socket.inet_ntoa(net))
+        if not isinstance(rec, dict):
+            continue
+        seen.add(net)
+        out.append((net, rec.get("continent", {}).get("code", "")))
+    return out
+
+
+def mixed_case(name: str, rng: random.Random) -> str:
+    """0x20: each letter upper or lower case at random."""
+    bits = rng.getrandbits(len(name))
+    return "".join(c.upper() if bits >> i & 1 else c for i, c in enumerate(name))
+
+
 def query_wire(qid: int, qname: str, net: bytes, prefix: int = 24) -> bytes:
     header = struct.pack("!HHHHHH", qid, 0, 1, 0, 0, 1)
     q = b"".join(bytes([len(p)]) + p.encode() for p in qname.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
@@ -105,11 +164,18 @@ def query_wire(qid: int, qname: str, net: bytes, prefix: int = 24) -> bytes:
     return header + q + opt
 
 
-def write_query_file(path: Path, subnets: list[tuple[bytes, str]], apps: int) -> list[bytes]:
+def write_query_file(path: Path, subnets: list[tuple[bytes, str]], apps: int, *, hostile: bool = False,
+                     seed: int = 0) -> list[bytes]:
+    """The dnsperf -B file of one query per subnet; hostile: random IDs and 0x20 names."""
+    rng = random.Random(seed)
     wires = []
     with open(path, "wb") as f:
         for i, (net, _) in enumerate(subnets):
-            w = query_wire(i & 0xFFFF, f"app{i % apps}.{ZONE}", net)
+            name = f"app{i % apps}.{ZONE}"
+            if hostile:
+                w = query_wire(rng.getrandbits(16), mixed_case(name, rng), net)
+            else:
+                w = query_wire(i & 0xFFFF, name, net)
             wires.append(w)
             f.write(struct.pack("!H", len(w)) + w)
     return wires
@@ -172,7 +238,7 @@ def ask(port: int, wire: bytes, timeout: float = 1.0) -> bytes | None:
             return None
 
 
-def wait_ready(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+def wait_ready(port: int, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
     probe = query_wire(1, f"app0.{ZONE}", socket.inet_aton("193.0.6.0"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -180,7 +246,7 @@ def wait_ready(port: int, proc: subprocess.Popen, what: str, timeout: float = 30
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         if ask(port, probe, 0.3):
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise RuntimeError(f"{what} did not answer on port {port}")
 
 
@@ -203,21 +269,54 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(pid: int) -> float:
-    total = cpu_seconds(pid)
+def children(pid: int) -> list[int]:
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
-        children = []
-    return total + sum(tree_cpu(int(c)) for c in children)
+        return []
+
+
+def tree_cpu(pid: int) -> float:
+    return cpu_seconds(pid) + sum(tree_cpu(c) for c in children(pid))
+
+
+def tree_rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes, summed over a process and its child processes (the server, not
+    the `taskset` wrapper: taskset execs, so the pid is the server's)."""
+    rss = hwm = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for c in children(pid):
+        r, h = tree_rss(c)
+        rss, hwm = rss + r, hwm + h
+    return rss, hwm
+
+
+def ours_flags(python: str) -> tuple[str, list[str]]:
+    """How this geomesh-dns switches its reply cache off: `--no-reply-cache` when it has the flag,
+    else `--cache-size 0` (both caches off)."""
+    text = subprocess.run([python, "-m", "geodns.main", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60).stdout
+    if "--no-reply-cache" in text:
+        return "--no-reply-cache", ["--no-reply-cache"]
+    return "--cache-size 0", ["--cache-size", "0"]
 
 
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def dnsperf(args: argparse.Namespace, port: int, qfile: Path, out: Path, rate: int | None, duration: float) -> str:
+def dnsperf(args: argparse.Namespace, port: int, qfile: Path, out: Path, rate: int | None, duration: float,
+            once: bool) -> str:
     cmd = ["taskset", "-c", str(args.client_cpu), "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-B",
            "-d", str(qfile), "-c", str(args.clients), "-q", str(args.outstanding), "-t", "2", "-l", str(duration)]
+    if once:
+        cmd += ["-n", "1"]  # the file once: no query repeats within the run
     if rate:
         cmd += ["-Q", str(rate), "-v"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
@@ -225,10 +324,48 @@ def dnsperf(args: argparse.Namespace, port: int, qfile: Path, out: Path, rate: i
     return res.stdout + res.stderr
 
 
-def parse_tput(text: str) -> tuple[float, float]:
+def dnsperf_ids(workdir: Path) -> dict[str, object]:
+    """Does dnsperf send the IDs of a -B file? Sends 64 queries with random IDs to a local echo
+    socket and compares."""
+    rng = random.Random(7)
+    sent = [rng.getrandbits(16) for _ in range(64)]
+    qfile = workdir / "ids.bin"
+    with open(qfile, "wb") as f:
+        for i, qid in enumerate(sent):
+            w = query_wire(qid, f"app{i}.{ZONE}", socket.inet_aton("193.0.6.0"))
+            f.write(struct.pack("!H", len(w)) + w)
+    got: list[int] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(0.5)
+
+        def echo() -> None:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(got) < len(sent):
+                try:
+                    data, addr = s.recvfrom(4096)
+                except TimeoutError:
+                    continue
+                got.append(struct.unpack_from("!H", data)[0])
+                s.sendto(data[:2] + b"\x80\x00" + data[4:], addr)
+
+        t = threading.Thread(target=echo)
+        t.start()
+        subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(s.getsockname()[1]), "-B", "-d", str(qfile),
+                        "-n", "1", "-c", "1", "-q", "8", "-t", "2"], capture_output=True, timeout=30)
+        t.join()
+    kept = sum(1 for a, b in zip(sent, got, strict=False) if a == b)
+    return {"sent_ids_kept": kept, "of": len(got), "first_ids_seen": got[:8],
+            "randomised": len(set(got)) == len(got) and kept == len(got) and len(got) > 0}
+
+
+def parse_tput(text: str) -> dict[str, float]:
     qps = re.search(r"Queries per second:\s+([\d.]+)", text)
     lost = re.search(r"Queries lost:\s+\d+ \(([\d.]+)%\)", text)
-    return (float(qps.group(1)) if qps else 0.0, float(lost.group(1)) if lost else 100.0)
+    sent = re.search(r"Queries sent:\s+(\d+)", text)
+    run_time = re.search(r"Run time \(s\):\s+([\d.]+)", text)
+    return {"qps": float(qps.group(1)) if qps else 0.0, "lost_pct": float(lost.group(1)) if lost else 100.0,
+            "sent": int(sent.group(1)) if sent else 0, "run_s": float(run_time.group(1)) if run_time else 0.0}
 
 
 def parse_latency(text: str) -> dict[str, float]:
@@ -254,19 +391,20 @@ def parse_latency(text: str) -> dict[str, float]:
     return {"n": n, "timeouts": timeouts, "p50_ms": p(0.5), "p99_ms": p(0.99), "p999_ms": p(0.999)}
 
 
-def regions_answered(port: int, wires: list[bytes], window: int = 100) -> list[str | None]:
-    """The region each query's answer points at (pipelined over one socket, IDs = index)."""
-    out: list[str | None] = [None] * len(wires)
+def sample_answers(port: int, wires: list[bytes], seed: int, window: int = 100) -> list[tuple[str | None, int]]:
+    """(region of the first A record, ECS scope) of each query's answer, pipelined over one socket
+    with random query IDs; (None, -1) for a query that got no answer in three tries."""
+    rng = random.Random(seed)
+    out: list[tuple[str | None, int]] = [(None, -1)] * len(wires)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(2.0)
         s.connect(("127.0.0.1", port))
         for start in range(0, len(wires), window):
             batch = range(start, min(len(wires), start + window))
-            pending = set()
-            for i in batch:
-                s.send(struct.pack("!H", i & 0xFFFF) + wires[i][2:])
-                pending.add(i & 0xFFFF)
-            by_id = {i & 0xFFFF: i for i in batch}
+            by_id = dict(zip(rng.sample(range(65536), len(batch)), batch, strict=True))
+            for qid, i in by_id.items():
+                s.send(struct.pack("!H", qid) + wires[i][2:])
+            pending = set(by_id)
             for attempt in range(3):
                 try:
                     while pending:
@@ -274,7 +412,7 @@ def regions_answered(port: int, wires: list[bytes], window: int = 100) -> list[s
                         qid = struct.unpack_from("!H", reply)[0]
                         if qid in pending:
                             pending.discard(qid)
-                            out[by_id[qid]] = first_a(reply)
+                            out[by_id[qid]] = parse_answer(reply)
                 except TimeoutError:
                     for qid in pending:
                         s.send(struct.pack("!H", qid) + wires[by_id[qid]][2:])
@@ -283,30 +421,43 @@ def regions_answered(port: int, wires: list[bytes], window: int = 100) -> list[s
     return out
 
 
-def first_a(reply: bytes) -> str | None:
-    """The region of the first A record of a reply (a minimal parser for our known shape)."""
-    an = struct.unpack_from("!H", reply, 6)[0]
+def _skip_name(msg: bytes, i: int) -> int:
+    while True:
+        n = msg[i]
+        if n & 0xC0 == 0xC0:
+            return i + 2
+        if n == 0:
+            return i + 1
+        i += 1 + n
+
+
+def parse_answer(reply: bytes) -> tuple[str | None, int]:
+    """The region of the first A record of a reply and the ECS scope of its OPT (-1: none)."""
+    qd, an, ns, ar = struct.unpack_from("!HHHH", reply, 4)
     i = 12
-    while reply[i]:
-        i += 1 + reply[i]
-    i += 5
-    for _ in range(an):
-        if reply[i] & 0xC0 == 0xC0:
-            i += 2
-        else:
-            while reply[i]:
-                i += 1 + reply[i]
-            i += 1
+    for _ in range(qd):
+        i = _skip_name(reply, i) + 4
+    region: str | None = None
+    scope = -1
+    for k in range(an + ns + ar):
+        i = _skip_name(reply, i)
         rtype, _, _, rdlen = struct.unpack_from("!HHIH", reply, i)
         i += 10
-        if rtype == 1 and rdlen == 4:
-            return REGION_OF_IP.get(socket.inet_ntoa(reply[i:i + 4]), "?")
+        if k < an and region is None and rtype == 1 and rdlen == 4:
+            region = REGION_OF_IP.get(socket.inet_ntoa(reply[i:i + 4]), "?")
+        if k >= an + ns and rtype == 41:
+            j = i
+            while j + 4 <= i + rdlen:
+                code, olen = struct.unpack_from("!HH", reply, j)
+                if code == 8 and olen >= 4:
+                    scope = reply[j + 7]
+                j += 4 + olen
         i += rdlen
-    return None
+    return region, scope
 
 
 def scrape_metrics(log: Path) -> dict[str, float]:
-    """geomesh-dns's unlabelled metrics, from the metrics address it logged."""
+    """geomesh-dns's metrics ("name" or "name{labels}" -> value), from the metrics address it logged."""
     # bench/ holds other benchmarks (http.py) that must not shadow the standard library's http
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
@@ -322,11 +473,41 @@ def scrape_metrics(log: Path) -> dict[str, float]:
                 text = resp.read().decode()
             out = {}
             for row in text.splitlines():
-                parts = row.split()
-                if len(parts) == 2 and not row.startswith("#") and "{" not in parts[0]:
-                    out[parts[0]] = float(parts[1])
+                if row.startswith("#") or not row.strip():
+                    continue
+                name, _, value = row.rpartition(" ")
+                try:
+                    out[name] = float(value)
+                except ValueError:
+                    pass
             return out
     return {}
+
+
+def wait_map(log: Path, proc: subprocess.Popen, timeout: float) -> dict[str, float]:
+    """Metrics once geomesh-dns answers from its region map (`geodns_region_map_ready` >= 1), or at
+    once when it has no such metric (a geomesh-dns without the map)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = scrape_metrics(log)
+        if "geodns_region_map_ready" not in metrics or metrics["geodns_region_map_ready"] >= 1:
+            return metrics
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"geomesh-dns's region map not ready after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def map_build(metrics: dict[str, float]) -> dict[str, float]:
+    """The region map's build seconds by stage and size, from geomesh-dns's metrics (empty without)."""
+    out = {}
+    for key, value in metrics.items():
+        m = re.fullmatch(r'geodns_region_map_build_seconds\{stage="(\w+)"\}', key)
+        if m:
+            out[f"build_{m.group(1)}_s"] = value
+    for name in ("bytes", "blocks", "rankings", "rss_bytes"):
+        if f"geodns_region_map_{name}" in metrics:
+            out[name] = metrics[f"geodns_region_map_{name}"]
+    return out
 
 
 def explain(db: maxminddb.Reader, net: bytes, ours: str | None, theirs: str | None) -> str:
@@ -344,27 +525,54 @@ def explain(db: maxminddb.Reader, net: bytes, ours: str | None, theirs: str | No
     return f"location {lat},{lon}"
 
 
+def scope_summary(answers: list[tuple[str | None, int]]) -> dict[str, object]:
+    """The distribution of ECS scopes: share per scope (descending share), the mean and the share
+    of answers broader than /24 (a resolver may reuse them for other clients)."""
+    scopes = [s for _, s in answers if s >= 0]
+    counts: dict[int, int] = {}
+    for s in scopes:
+        counts[s] = counts.get(s, 0) + 1
+    n = len(scopes)
+    return {"answers": n, "counts": {str(k): v for k, v in sorted(counts.items())},
+            "mean": statistics.fmean(scopes) if scopes else math.nan,
+            "broader_than_24": sum(v for k, v in counts.items() if k < 24) / n if n else math.nan,
+            "top": [(k, v / n) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:6]] if n else []}
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each server once per round)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each server once per round and load)")
     ap.add_argument("--duration", type=float, default=10.0, help="saturating run length in s (<= 15)")
     ap.add_argument("--lat-duration", type=float, default=4.0, help="fixed-rate run length in s")
     ap.add_argument("--lat-qps", type=int, default=20000, help="rate of the latency run")
-    ap.add_argument("--subnets", type=int, default=10000, help="distinct ECS /24s in the query file")
+    ap.add_argument("--subnets", type=int, default=1_000_000,
+                    help="distinct ECS /24s of the hostile load's saturating file (one query each)")
+    ap.add_argument("--hot-subnets", type=int, default=10000, help="distinct ECS /24s of the hot (looped) load")
+    ap.add_argument("--sample", type=int, default=0,
+                    help="hostile queries each server answers to the Python client (regions, scopes); 0 = all")
     ap.add_argument("--apps", type=int, default=100, help="app names the queries ask for")
     ap.add_argument("--clients", type=int, default=8, help="dnsperf -c")
     ap.add_argument("--outstanding", type=int, default=200, help="dnsperf -q")
-    ap.add_argument("--server-cpu", type=int, default=1, help="CPU the DNS server under test is pinned to")
+    ap.add_argument("--server-cpu", type=int, default=1, help="CPU the DNS servers under test are pinned to")
     ap.add_argument("--client-cpu", type=int, default=0, help="CPU dnsperf is pinned to")
     ap.add_argument("--seed", type=int, default=20240601,
-                    help="seed of the query file (which subnets and names), so runs are comparable")
+                    help="seed of the query files (which subnets, names and cases), so runs are comparable")
     ap.add_argument("--geoip-db", type=Path, default=None,
                     help="GeoLite2 City .mmdb for both servers (default: the one the maxminddb-geolite2 package ships)")
     ap.add_argument("--ours-args", default="", help="extra geomesh-dns flags, e.g. '--no-batch-io'")
     ap.add_argument("--skip-gdnsd", action="store_true", help="measure geomesh-dns alone (no ratio is printed)")
+    ap.add_argument("--skip-nocache", action="store_true", help="leave out geomesh-dns without its reply cache")
+    ap.add_argument("--map-timeout", type=float, default=300, help="seconds to wait for geomesh-dns's region map")
+    ap.add_argument("--start-together", action="store_true",
+                    help="start the servers at once on any CPU and pin them once they serve (start-up times "
+                         "are then not comparable)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a short run: 20,000 hostile /24s, 2,000 hot, one round of 2 s runs at 5,000 q/s, "
+                         "servers started together")
+    ap.add_argument("--json", type=Path, default=None, help="write the summary there too")
     ap.add_argument("--results", type=Path, default=None, help="directory for raw output (default: a temp dir)")
     return ap
 
@@ -372,8 +580,14 @@ def parser() -> argparse.ArgumentParser:
 def main() -> int:
     ap = parser()
     args = ap.parse_args()
+    if args.quick:
+        args.subnets, args.hot_subnets, args.rounds = min(args.subnets, 20000), min(args.hot_subnets, 2000), 1
+        args.duration, args.lat_duration, args.lat_qps = 2.0, 2.0, min(args.lat_qps, 5000)
+        args.start_together = True
     if args.duration > 15 or args.lat_duration > 15:
         ap.error("runs are bounded to 15 s")
+    if args.subnets < 1 or args.hot_subnets < 1 or args.rounds < 1:
+        ap.error("--subnets, --hot-subnets and --rounds must be at least 1")
     for tool in ("dnsperf", "taskset") + (() if args.skip_gdnsd else ("gdnsd",)):
         if shutil.which(tool) is None:
             print(f"bench/dns.py: {tool} is not installed (scripts/install.sh installs it)", file=sys.stderr)
@@ -388,128 +602,236 @@ def main() -> int:
     db = maxminddb.open_database(str(mmdb))
     print(f"results -> {results}")
     print(f"load average at start: {Path('/proc/loadavg').read_text().split()[0]} on {os.cpu_count()} CPUs "
-          "(other processes on the server's CPU distort the numbers)")
-    print(f"geoip: {mmdb.name} {db.metadata().database_type} build {db.metadata().build_epoch}")
+          "(other processes on the servers' CPU distort the numbers)")
+    meta = db.metadata()
+    print(f"geoip: {mmdb.name} {meta.database_type} build {time.strftime('%Y-%m-%d', time.gmtime(meta.build_epoch))}")
 
+    # -- the query files
     t0 = time.monotonic()
-    subnets = draw_subnets(db, args.subnets, args.seed)
-    qfile = work / "queries.bin"
-    wires = write_query_file(qfile, subnets, args.apps)
-    counts: dict[str, int] = {}
-    for _, c in subnets:
-        counts[c] = counts.get(c, 0) + 1
-    print(f"query file: {len(wires)} queries, {len({n for n, _ in subnets})} distinct ECS /24s, "
-          f"continents {dict(sorted(counts.items()))} ({time.monotonic() - t0:.1f}s)")
+    hot = draw_subnets(db, args.hot_subnets, args.seed)
+    lat_n = max(1, math.ceil(args.lat_qps * args.lat_duration * 1.1))
+    drawn = draw_uniform(db, args.subnets + args.rounds * lat_n, args.seed + 1, {n for n, _ in hot})
+    hostile, lat_sets = drawn[:args.subnets], [drawn[args.subnets + r * lat_n:args.subnets + (r + 1) * lat_n]
+                                               for r in range(args.rounds)]
+    files = {("hostile", "tput"): work / "hostile.bin", ("hot", "tput"): work / "hot.bin"}
+    wires = write_query_file(files[("hostile", "tput")], hostile, args.apps, hostile=True, seed=args.seed + 2)
+    for r, subnets in enumerate(lat_sets, 1):
+        files[("hostile", f"lat{r}")] = work / f"hostile-lat{r}.bin"
+        write_query_file(files[("hostile", f"lat{r}")], subnets, args.apps, hostile=True, seed=args.seed + 10 + r)
+    write_query_file(files[("hot", "tput")], hot, args.apps)
+    mix: dict[str, int] = {}
+    for _, c in hostile:
+        mix[c or "?"] = mix.get(c or "?", 0) + 1
+    distinct = len({n for n, _ in drawn})
+    print(f"hostile load: {len(hostile):,} queries, one per distinct ECS /24, random IDs, 0x20 names, "
+          f"continents {dict(sorted(mix.items(), key=lambda kv: -kv[1]))}; {args.rounds} x {lat_n:,} more for the "
+          f"fixed-rate runs ({distinct:,} distinct /24s in all)")
+    print(f"hot load: {len(hot):,} queries ({len({n for n, _ in hot}):,} distinct /24s, per-continent quota), "
+          f"lower case, looped ({time.monotonic() - t0:.1f}s to draw and write)")
+    ids = dnsperf_ids(work)
+    print("dnsperf query IDs: " + ("sent as in the file (random)" if ids["randomised"] else
+          f"replaced by dnsperf's own sequential slot numbers (first seen {ids['first_ids_seen']}); only the "
+          "Python client below sends random IDs"))
 
+    nocache_text, nocache_flags = ours_flags(sys.executable)
+    servers = [OURS] + ([] if args.skip_nocache else [NOCACHE]) + ([] if args.skip_gdnsd else [GDNSD])
     procs: dict[str, subprocess.Popen] = {}
     ports: dict[str, int] = {}
+    info: dict[str, dict[str, object]] = {s: {} for s in servers}
+    logs = {OURS: results / "geomesh-dns.log", NOCACHE: results / "geomesh-dns-nocache.log", GDNSD: results / "gdnsd.log"}
+    summary: dict[str, object] = {"quick": args.quick, "geoip": {"file": mmdb.name, "type": meta.database_type,
+                                                                 "build_epoch": meta.build_epoch}}
+
+    def ready(name: str) -> None:
+        """Wait for a server's first answer (and geomesh-dns's region map); note the times."""
+        wait_ready(ports[name], procs[name], name)
+        info[name]["first_answer_s"] = time.monotonic() - started[name]
+        if name != GDNSD:
+            metrics = wait_map(logs[name], procs[name], args.map_timeout)
+            info[name]["map_ready_s"] = time.monotonic() - started[name]
+            info[name].update(map_build(metrics))
+        rss, _ = tree_rss(procs[name].pid)
+        info[name]["rss_start_mb"] = rss / 1e6
+        print(f"{name}: serving on 127.0.0.1:{ports[name]}, first answer after {info[name]['first_answer_s']:.2f} s"
+              + (f", region map ready after {info[name]['map_ready_s']:.2f} s" if "map_ready_s" in info[name]
+                 else "") + (" " + json.dumps({k: round(v, 3) for k, v in info[name].items()
+                                                if k.startswith("build_")}) if name != GDNSD else "")
+              + f", RSS {rss / 1e6:.0f} MB" + (" (started together)" if args.start_together else ""))
+
     try:
         state = work / "state.toml"
         write_state(state, args.apps)
-        ports["geomesh-dns"] = free_port()
-        cmd = ["taskset", "-c", str(args.server_cpu), sys.executable, "-m", "geodns.main", "--state", str(state),
-               "--listen", f"127.0.0.1:{ports['geomesh-dns']}", "--geoip-db", str(mmdb), "--metrics-port", "0",
-               *args.ours_args.split()]
-        procs["geomesh-dns"] = subprocess.Popen(cmd, cwd=ROOT, stdout=open(results / "geomesh-dns.log", "w"),
-                                                stderr=subprocess.STDOUT)
-        if not args.skip_gdnsd:
-            ports["gdnsd"] = free_port()
-            write_gdnsd(work / "gdnsd", ports["gdnsd"], mmdb, args.apps)
-            procs["gdnsd"] = subprocess.Popen(["taskset", "-c", str(args.server_cpu), "gdnsd", "-c",
-                                               str(work / "gdnsd"), "start"],
-                                              stdout=open(results / "gdnsd.log", "w"), stderr=subprocess.STDOUT)
-        for name, proc in procs.items():
-            wait_ready(ports[name], proc, name)
-        print("servers: " + ", ".join(f"{n} on 127.0.0.1:{p}" for n, p in ports.items()))
+        # started one after the other on the servers' CPU, so that start-up times do not share it;
+        # --start-together: all at once on any CPU, each pinned once it serves (quicker, start-up
+        # times not comparable)
+        pin = [] if args.start_together else ["taskset", "-c", str(args.server_cpu)]
+        started: dict[str, float] = {}
+        for name in servers:
+            ports[name] = free_port()
+            if name == GDNSD:
+                write_gdnsd(work / "gdnsd", ports[name], mmdb, args.apps)
+                cmd = [*pin, "gdnsd", "-c", str(work / "gdnsd"), "start"]
+                cwd = None
+            else:
+                cmd = [*pin, sys.executable, "-m", "geodns.main", "--state",
+                       str(state), "--listen", f"127.0.0.1:{ports[name]}", "--geoip-db", str(mmdb),
+                       "--metrics-port", "0", *(nocache_flags if name == NOCACHE else []), *args.ours_args.split()]
+                cwd = ROOT
+            started[name] = time.monotonic()
+            procs[name] = subprocess.Popen(cmd, cwd=cwd, stdout=open(logs[name], "w"), stderr=subprocess.STDOUT)
+            if not args.start_together:
+                ready(name)
+        if args.start_together:
+            for name in servers:
+                ready(name)
+                subprocess.run(["taskset", "-a", "-p", "-c", str(args.server_cpu), str(procs[name].pid)],
+                               capture_output=True, check=True, timeout=30)
+                for child in children(procs[name].pid):
+                    subprocess.run(["taskset", "-a", "-p", "-c", str(args.server_cpu), str(child)],
+                                   capture_output=True, check=True, timeout=30)
+        print(f"{NOCACHE}: {nocache_text}" if NOCACHE in servers else "")
 
-        # cold pass: every distinct query once (all cache misses for us)
-        t = time.monotonic()
-        regions_answered(ports["geomesh-dns"], wires)
-        cold = len(wires) / (time.monotonic() - t)
-        print(f"geomesh-dns cold pass (every query a cache miss, one pipelined client): {cold:,.0f} q/s")
+        # every hostile query once through the Python client: cold rate, regions, scopes
+        sample = wires if not args.sample else wires[:args.sample]
+        answers: dict[str, list[tuple[str | None, int]]] = {}
+        for name in servers:
+            t = time.monotonic()
+            answers[name] = sample_answers(ports[name], sample, args.seed + 3)
+            rate = len(sample) / (time.monotonic() - t)
+            info[name]["python_pass_qps"] = rate
+            print(f"{name}: {len(sample):,} hostile queries once from one pipelined Python client: {rate:,.0f} q/s"
+                  + (" (geomesh-dns: every query new to it)" if name == OURS else ""))
+        scopes = {name: scope_summary(a) for name, a in answers.items()}
+        unanswered = {name: sum(1 for r, s in a if r is None and s < 0) for name, a in answers.items()}
 
         rows: list[dict] = []
-        cmd_text = (f"taskset -c {args.client_cpu} dnsperf -s 127.0.0.1 -p PORT -B -d queries.bin -c {args.clients} "
-                    f"-q {args.outstanding} -t 2 -l {args.duration:g}   |   latency: ... -Q {args.lat_qps} "
-                    f"-l {args.lat_duration:g} -v")
+        cmd_text = (f"taskset -c {args.client_cpu} dnsperf -s 127.0.0.1 -p PORT -B -d FILE -c {args.clients} "
+                    f"-q {args.outstanding} -t 2 -l {args.duration:g} [-n 1 on the hostile file]   |   latency: ... "
+                    f"-Q {args.lat_qps} -l {args.lat_duration:g} -v")
         print(f"dnsperf: {cmd_text}")
         for r in range(1, args.rounds + 1):
-            for name in procs:
-                pid = procs[name].pid
-                c0, w0 = tree_cpu(pid), time.monotonic()
-                text = dnsperf(args, ports[name], qfile, results / f"{name}.r{r}.tput.txt", None, args.duration)
-                c1, w1 = tree_cpu(pid), time.monotonic()
-                qps, lost = parse_tput(text)
-                lat_text = dnsperf(args, ports[name], qfile, results / f"{name}.r{r}.lat.txt", args.lat_qps,
-                                   args.lat_duration)
-                lat = parse_latency(lat_text)
-                (results / f"{name}.r{r}.lat.txt").write_text(
-                    "\n".join(line for line in lat_text.splitlines() if not line.startswith("> ")))
-                load1 = float(Path("/proc/loadavg").read_text().split()[0])
-                run_time = re.search(r"Run time \(s\):\s+([\d.]+)", text)
-                answered = qps * float(run_time.group(1)) if run_time else 0.0
-                row = {"server": name, "round": r, "qps": qps, "lost_pct": lost,
-                       "server_cpu_pct": 100 * (c1 - c0) / (w1 - w0), "load1": load1,
-                       "cpu_us_per_query": 1e6 * (c1 - c0) / answered if answered else float("nan"), **lat}
-                rows.append(row)
-                print(f"round {r} {name:12s} qps={qps:>10,.0f} lost={lost:.2f}% srvCPU={row['server_cpu_pct']:.0f}% "
-                      f"({row['cpu_us_per_query']:.2f} us/query) "
-                      f"| @{args.lat_qps}qps p50={lat['p50_ms']:.3f}ms p99={lat['p99_ms']:.3f}ms "
-                      f"timeouts={lat['timeouts']} load={load1:.2f}")
+            for load in LOADS:
+                for name in servers:
+                    pid = procs[name].pid
+                    before = scrape_metrics(logs[name]) if name != GDNSD else {}
+                    c0, w0 = tree_cpu(pid), time.monotonic()
+                    text = dnsperf(args, ports[name], files[(load, "tput")], results / f"{name.replace('/', '-')}."
+                                   f"{load}.r{r}.tput.txt", None, args.duration, once=load == "hostile")
+                    c1, w1 = tree_cpu(pid), time.monotonic()
+                    tput = parse_tput(text)
+                    lat_file = files[(load, f"lat{r}")] if load == "hostile" else files[(load, "tput")]
+                    lat_out = results / f"{name.replace('/', '-')}.{load}.r{r}.lat.txt"
+                    lat_text = dnsperf(args, ports[name], lat_file, lat_out, args.lat_qps, args.lat_duration,
+                                       once=load == "hostile")
+                    after = scrape_metrics(logs[name]) if name != GDNSD else {}
+                    lat = parse_latency(lat_text)
+                    lat_out.write_text("\n".join(line for line in lat_text.splitlines() if not line.startswith("> ")))
+                    answered = tput["qps"] * tput["run_s"]
+                    hits = after.get("geodns_cache_hits_total", 0) - before.get("geodns_cache_hits_total", 0)
+                    misses = after.get("geodns_cache_misses_total", 0) - before.get("geodns_cache_misses_total", 0)
+                    row = {"load": load, "server": name, "round": r, **tput,
+                           "server_cpu_pct": 100 * (c1 - c0) / (w1 - w0),
+                           "cpu_us_per_query": 1e6 * (c1 - c0) / answered if answered else float("nan"),
+                           "cache_hit_ratio": hits / (hits + misses) if hits + misses else float("nan"),
+                           "load1": float(Path("/proc/loadavg").read_text().split()[0]), **lat}
+                    rows.append(row)
+                    print(f"round {r} {load:7s} {name:20s} qps={tput['qps']:>9,.0f} sent={tput['sent']:>9,} "
+                          f"lost={tput['lost_pct']:.2f}% {row['cpu_us_per_query']:.2f} us/query "
+                          f"| @{args.lat_qps} p50={lat['p50_ms']:.3f}ms p99={lat['p99_ms']:.3f}ms "
+                          f"timeouts={lat['timeouts']}" + (f" | cache hits {100 * row['cache_hit_ratio']:.1f}%"
+                                                          if name != GDNSD else "") + f" load={row['load1']:.2f}")
+        for name in servers:
+            rss, hwm = tree_rss(procs[name].pid)
+            info[name]["rss_mb"], info[name]["rss_peak_mb"] = rss / 1e6, hwm / 1e6
+        ours_metrics = scrape_metrics(logs[OURS])
+        batches, grams = ours_metrics.get("geodns_udp_batches_total", 0), ours_metrics.get("geodns_udp_datagrams_total", 0)
 
-        ours_metrics = scrape_metrics(results / "geomesh-dns.log")
-        if ours_metrics:
-            batches, grams = ours_metrics.get("geodns_udp_batches_total", 0), ours_metrics.get("geodns_udp_datagrams_total", 0)
-            if batches:
-                print(f"geomesh-dns: {grams / batches:.1f} datagrams per recvmmsg on average "
-                      f"({2 * batches / grams:.3f} system calls per query), cache hit ratio "
-                      f"{ours_metrics.get('geodns_cache_hit_ratio', 0):.4f}")
-
-        # agreement of the chosen region
+        # agreement of the chosen region, on the hostile sample
         agreement = None
-        if "gdnsd" in procs:
-            ours = regions_answered(ports["geomesh-dns"], wires)
-            theirs = regions_answered(ports["gdnsd"], wires)
-            same = sum(1 for a, b in zip(ours, theirs, strict=True) if a == b)
-            agreement = same / len(wires)
-            diffs = [(subnets[i][0], a, b) for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
+        if GDNSD in answers:
+            ours, theirs = answers[OURS], answers[GDNSD]
+            same = sum(1 for a, b in zip(ours, theirs, strict=True) if a[0] == b[0])
+            agreement = same / len(sample)
             with open(results / "disagreements.txt", "w") as f:
-                for net, a, b in diffs:
-                    f.write(f"{socket.inet_ntoa(net)}/24 ours={a} gdnsd={b} {explain(db, net, a, b)}\n")
+                for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+                    if a[0] != b[0]:
+                        net = hostile[i][0]
+                        f.write(f"{socket.inet_ntoa(net)}/24 ours={a[0]} gdnsd={b[0]} {explain(db, net, a[0], b[0])}\n")
+        nocache_agrees = None
+        if NOCACHE in answers:
+            nocache_agrees = sum(1 for a, b in zip(answers[OURS], answers[NOCACHE], strict=True) if a == b) / len(sample)
 
+        # -- the summary
+        med: dict[str, dict[str, dict[str, float]]] = {}
+        for load in LOADS:
+            med[load] = {}
+            for name in servers:
+                mine = [x for x in rows if x["server"] == name and x["load"] == load]
+                med[load][name] = {k: statistics.median(x[k] for x in mine) for k in
+                                   ("qps", "p50_ms", "p99_ms", "cpu_us_per_query", "lost_pct", "cache_hit_ratio",
+                                    "sent")}
+                med[load][name]["qps_rounds"] = [x["qps"] for x in mine]
         print()
-        print("| server | qps (median) | p99 ms (median) | qps per round | lost % | server CPU % | CPU us/query |")
+        print("| load | server | q/s (median) | q/s per round | p50 / p99 ms at "
+              f"{args.lat_qps:,} q/s | CPU us/query | cache hits* | sent per run (max) |")
+        print("|---|---|---:|---|---|---:|---:|---:|")
+        for load in LOADS:
+            for name in servers:
+                m = med[load][name]
+                mine = [x for x in rows if x["server"] == name and x["load"] == load]
+                print(f"| {load} | {name} | {m['qps']:,.0f} | {', '.join(format(q, ',.0f') for q in m['qps_rounds'])} | "
+                      f"{m['p50_ms']:.3f} / {m['p99_ms']:.3f} | {m['cpu_us_per_query']:.2f} | "
+                      + ("-" if math.isnan(m["cache_hit_ratio"]) else f"{100 * m['cache_hit_ratio']:.1f}%")
+                      + f" | {max(x['sent'] for x in mine):,} |")
+        print("* geomesh-dns's geodns_cache_hits_total / (hits + misses) over the saturating and the fixed-rate "
+              "run: answers it did not compute from the view (any of its caches)")
+        ratios: dict[str, dict[str, float]] = {}
+        if GDNSD in servers:
+            for load in LOADS:
+                ratios[load] = {}
+                for name in servers[:-1]:
+                    ratios[load][name] = (med[load][name]["qps"] / med[load][GDNSD]["qps"]
+                                          if med[load][GDNSD]["qps"] else 0.0)
+                print(f"{load}: q/s ratio to gdnsd " + ", ".join(f"{n} {x:.2f}" for n, x in ratios[load].items()))
+        print()
+        print("| server | RSS after (peak) | first answer | region map ready | map build | Python pass | "
+              "ECS scope: mean, share broader than /24, commonest |")
         print("|---|---|---|---|---|---|---|")
-        med: dict[str, dict[str, float]] = {}
-        for name in procs:
-            mine = [row for row in rows if row["server"] == name]
-            med[name] = {"qps": statistics.median(x["qps"] for x in mine),
-                         "p99": statistics.median(x["p99_ms"] for x in mine)}
-            per_round_qps = ", ".join(format(x["qps"], ",.0f") for x in mine)
-            print(f"| {name} | {med[name]['qps']:,.0f} | {med[name]['p99']:.3f} | {per_round_qps} | "
-                  f"{max(x['lost_pct'] for x in mine):.2f} | "
-                  f"{statistics.median(x['server_cpu_pct'] for x in mine):.0f} | "
-                  f"{statistics.median(x['cpu_us_per_query'] for x in mine):.2f} |")
-        if "gdnsd" in med:
-            per_round = [a["qps"] / b["qps"] for a, b in zip(
-                [x for x in rows if x["server"] == "geomesh-dns"], [x for x in rows if x["server"] == "gdnsd"],
-                strict=True) if b["qps"]]
-            ratio = med["geomesh-dns"]["qps"] / med["gdnsd"]["qps"] if med["gdnsd"]["qps"] else 0.0
-            print(f"\nqps ratio geomesh-dns/gdnsd: {ratio:.2f} (median of medians; per round "
-                  f"{', '.join(f'{x:.2f}' for x in per_round)})")
-            print(f"p99 geomesh-dns {med['geomesh-dns']['p99']:.3f} ms vs gdnsd {med['gdnsd']['p99']:.3f} ms "
-                  f"at {args.lat_qps} q/s")
+        for name in servers:
+            i = info[name]
+            build = ", ".join(f"{k[6:-2]} {v:.2f} s" for k, v in i.items() if k.startswith("build_")) or "-"
+            sc = scopes[name]
+            common = ", ".join(f"/{k} {100 * v:.0f}%" for k, v in sc["top"][:4])
+            print(f"| {name} | {i['rss_mb']:.0f} MB ({i['rss_peak_mb']:.0f} MB) | {i['first_answer_s']:.2f} s | "
+                  f"{i.get('map_ready_s', float('nan')):.2f} s | {build} | {i['python_pass_qps']:,.0f} q/s | "
+                  f"{sc['mean']:.1f}, {100 * sc['broader_than_24']:.1f}%, {common} |")
+        if batches:
+            print(f"\ngeomesh-dns: {grams / batches:.1f} datagrams per recvmmsg on average "
+                  f"({2 * batches / grams:.3f} system calls per query)")
         if agreement is not None:
-            print(f"region agreement with gdnsd: {agreement * 100:.2f}% of {len(wires)} queries "
-                  f"({len(wires) - round(agreement * len(wires))} differ; see {results / 'disagreements.txt'})")
+            print(f"region agreement with gdnsd: {agreement * 100:.3f}% of {len(sample):,} hostile queries "
+                  f"({len(sample) - round(agreement * len(sample))} differ; see {results / 'disagreements.txt'})")
             reasons: dict[str, int] = {}
             for line in (results / "disagreements.txt").read_text().splitlines():
                 why = "near tie" if "near tie" in line else ("no coordinates" if "no coordinates" in line else "other")
                 reasons[why] = reasons.get(why, 0) + 1
             if reasons:
                 print(f"differences by reason: {reasons}")
-        (results / "summary.json").write_text(json.dumps({"rows": rows, "median": med, "agreement": agreement,
-                                                          "command": cmd_text}, indent=1))
+        if nocache_agrees is not None:
+            print(f"{NOCACHE} gives the same region and scope as {OURS} for {100 * nocache_agrees:.3f}% of them")
+        if any(unanswered.values()):
+            print(f"unanswered in the Python pass: {unanswered}")
+        summary.update({"rows": rows, "median": med, "ratios": ratios, "servers": info, "scopes": scopes,
+                        "agreement": agreement, "nocache_agreement": nocache_agrees, "unanswered": unanswered,
+                        "nocache_flag": nocache_text, "dnsperf_ids": ids, "command": cmd_text,
+                        "loads": {"hostile": {"queries": len(hostile), "distinct_24s": len({n for n, _ in hostile}),
+                                              "latency_queries_per_round": lat_n, "continents": mix,
+                                              "distinct_24s_all_files": distinct},
+                                  "hot": {"queries": len(hot), "distinct_24s": len({n for n, _ in hot})}},
+                        "sample": len(sample)})
+        (results / "summary.json").write_text(json.dumps(summary, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=1))
     finally:
         for proc in procs.values():
             stop(proc)
