@@ -38,7 +38,12 @@ SETTING_HELP = {
             "X-Geomesh-Forwarded headers are trusted here only (repeatable)",
     "trusted_peers": "IP of another gateway whose forwarded requests and tunnels (PROXY v2) are trusted on every "
                      "listener, as on the mesh listener (for gateways reached without a mesh; repeatable)",
-    "max_connections": "client connections over all listeners; beyond it new ones get 503 and are closed",
+    "max_connections": "client connections over all listeners, TLS handshakes included; lowered at start to what "
+                       "the file descriptor limit carries ((soft RLIMIT_NOFILE - 64) / 2); beyond it new ones get "
+                       "503 (TLS: closed) at accept",
+    "max_connections_per_client": "connections one client (IPv4 address, IPv6 /64) may hold over all listeners, "
+                                  "TLS handshakes included; beyond, 503 (TLS: closed) at accept; 0 = no share; "
+                                  "the mesh listener and --trusted-peers are exempt",
     "max_header_bytes": "request line + headers limit in bytes (431 beyond)",
     "max_headers": "number of header fields limit (431 beyond)",
     "max_body_bytes": "request body limit in bytes, 0 = none (413 beyond)",
@@ -65,6 +70,12 @@ SETTING_HELP = {
     "h2_max_control_frames": "HTTP/2: PING, SETTINGS, PRIORITY, WINDOW_UPDATE and empty DATA frames a connection may "
                              "send in a burst, refilled over 10 s (DATA sent to it earns some back); beyond, GOAWAY "
                              "ENHANCE_YOUR_CALM (flood guard)",
+    "penalty_cooldown": "seconds a client is refused at accept after a connection of its got HTTP/2 GOAWAY "
+                        "ENHANCE_YOUR_CALM (rapid reset, frame flood, unread replies); doubled per repeat offence; "
+                        "0 = no penalty box",
+    "penalty_cooldown_max": "where the penalty doubling stops; a client clean for this long after its cool-down "
+                            "starts over",
+    "penalty_clients": "clients the penalty box remembers (the least recent offender is forgotten first)",
 }
 
 
@@ -110,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, choices=G_MODES, default=None,
                            help=f"{SETTING_HELP[f.name]} (default {getattr(defaults, f.name)})")
         else:
-            kind = int if f.type == "int" else float
+            kind = int if f.type.startswith("int") else float
+            default = getattr(defaults, f.name)
+            shown = "a quarter of the cap, at least 16" if default is None else default
             p.add_argument(flag, type=kind, default=None, metavar="N" if kind is int else "SECONDS",
-                           help=f"{SETTING_HELP[f.name]} (default {getattr(defaults, f.name)})")
+                           help=f"{SETTING_HELP[f.name]} (default {shown})")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the Prometheus /metrics endpoint")
     p.add_argument("--metrics-port", type=int, default=-1, help="port of /metrics (-1 = off, 0 = any free port)")
     p.add_argument("--log-level", default="info", help="debug, info, warning or error")

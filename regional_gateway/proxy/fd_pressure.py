@@ -3,8 +3,11 @@
 Every client connection holds a descriptor, and a proxied one a second for its backend, so the
 process's `RLIMIT_NOFILE` soft limit (1024 for a service without `LimitNOFILE` on current
 systemd) caps the gateway long before `--max-connections` (10,000) would. At start the soft
-limit is raised to the hard limit (`raise_nofile_limit`), and `fd_warning` says when
-`max_connections` still exceeds what the descriptors allow.
+limit is raised to the hard limit (`raise_nofile_limit`), and the cap the server enforces is
+`connection_cap`: `--max-connections`, lowered to what the descriptors carry (two per connection,
+`RESERVED_FDS` kept for listeners, logs, health probes, metrics and the agent) when they carry
+fewer. Beyond that cap connections are refused at accept, cheaply, instead of failing later for
+lack of a descriptor (a backend connect, a health probe) while the process has none left.
 
 When `accept()` fails for lack of descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM) the listening
 socket stays readable, and a listener that simply tries again spins at 100 % CPU and logs a line
@@ -50,13 +53,12 @@ def connections_allowed(fd_limit: int) -> int:
     return max(0, (fd_limit - RESERVED_FDS) // FDS_PER_CONNECTION)
 
 
-def fd_warning(max_connections: int, fd_limit: int) -> str | None:
-    """Why `max_connections` cannot be reached with `fd_limit` descriptors, or None."""
-    allowed = connections_allowed(fd_limit)
-    if max_connections <= allowed:
-        return None
-    return (f"max_connections {max_connections} exceeds the {allowed} proxied connections that the file "
-            f"descriptor limit {fd_limit} allows; raise LimitNOFILE (or ulimit -n) or lower --max-connections")
+def connection_cap(max_connections: int, fd_limit: int) -> int:
+    """The client connections the server takes: `max_connections`, or fewer when `fd_limit`
+    descriptors cannot carry that many (at least one; an unlimited `fd_limit` is negative)."""
+    if fd_limit < 0:
+        return max_connections
+    return max(1, min(max_connections, connections_allowed(fd_limit)))
 
 
 class AcceptBackoff:

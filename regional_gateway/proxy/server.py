@@ -10,11 +10,19 @@ started with. `shutdown()` follows the house order: stop accepting, close idle c
 let busy ones finish their exchange until `drain_timeout`, then abort the rest, stop the tasks
 and close the pool.
 
-Connection limit: `max_connections` counts the established connections of every listener and
-the TLS connections still on their way (ClientHello awaited, handshake, `pending_tls`). Running
-out of file descriptors first is what `fd_pressure` is about: `start()` warns when the
-descriptor limit cannot carry `max_connections`; the TLS listener backs off on EMFILE itself.
-The plain listeners are the event loop's own. uvloop (libuv) accepts and closes pending
+Admission at accept (`admission`): the cap is `max_connections` lowered to what the file
+descriptor limit carries (`fd_pressure.connection_cap`, logged at start and exported as
+`geomesh_gateway_connection_limit`); it counts the established connections of every listener and
+the TLS connections still on their way (ClientHello awaited, handshake, `pending_tls`). A client
+(IPv4 address, IPv6 /64) may hold `max_connections_per_client` of them, and a client in the
+penalty box (a connection of its closed for abuse: `penalise`) none. The mesh listener and
+`--trusted-peers` are exempt from both. Plain listeners take each connection through `_Gate`,
+which refuses it before any HTTP parsing with a `503` naming the rule and closes it at once (no
+lingering: a refused connection holds no descriptor); the TLS listener closes it before the
+handshake. A head or body that times out (the sweeper) is an offence, as are the HTTP/2 GOAWAYs
+`h2_guard` calls for and the TLS ClientHello that never comes. Running out of file descriptors
+anyway is what `fd_pressure` is about: the TLS listener backs off on EMFILE itself. The plain
+listeners are the event loop's own. uvloop (libuv) accepts and closes pending
 connections with a spare descriptor it keeps for that: no spin, no log. CPython's asyncio pauses
 the listener for 1 s but, in the same callback, retries up to `backlog` times, reporting each
 failure to the loop's exception handler (thousands of error lines a second):
@@ -35,11 +43,13 @@ from typing import Any
 
 from geomesh.logs import event
 from regional_gateway.proxy import client_hello
+from regional_gateway.proxy.admission import Admission, PenaltyBox, Refusal, client_key, per_client_limit
 from regional_gateway.proxy.certificates import CertificateStore
 from regional_gateway.proxy.downstream import ClientConnection
-from regional_gateway.proxy.fd_pressure import AcceptBackoff, fd_warning
+from regional_gateway.proxy.fd_pressure import RESERVED_FDS, AcceptBackoff, connection_cap
 from regional_gateway.proxy.h2proxy import H2Downstream
 from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName
+from regional_gateway.proxy.http_errors import ProxyError, render
 from regional_gateway.proxy.metrics import ProxyMetrics
 from regional_gateway.proxy.prober import Prober
 from regional_gateway.proxy.proxy_protocol import ProxyHeader
@@ -64,6 +74,15 @@ class ProxyServer:
         self.metrics = ProxyMetrics(self)
         self.connections: set[Any] = set()
         self.pending_tls = 0  # TLS connections accepted, not yet served (ClientHello, handshake)
+        # the cap in force: max_connections, lowered by start() to what the descriptors carry
+        self.max_connections = settings.max_connections
+        self.admission = Admission(self.max_connections,
+                                   per_client_limit(settings.max_connections_per_client, self.max_connections),
+                                   PenaltyBox(settings.penalty_cooldown, settings.penalty_cooldown_max,
+                                              settings.penalty_clients))
+        self.admission.clock = lambda: self.now
+        self._client_keys: dict[Any, str] = {}  # established connection -> its client, if not exempt
+        self._handing_over: Any = None  # the protocol a mesh connection is being handed to (exempt)
         self.kind_counts: dict[str, int] = {"http": 0, "https": 0, "mesh": 0, "tunnel": 0, "h2": 0}
         self.now = 0.0
         self.draining = False
@@ -101,7 +120,7 @@ class ProxyServer:
                         self.addresses["mesh"].append((host, port))
                         continue
                     srv = await loop.create_server(
-                        lambda k=kind, t=trusted: ClientConnection(self, k, "http", t), host, port,
+                        lambda k=kind, t=trusted: _Gate(self, k, t), host, port,
                         backlog=self.settings.backlog, reuse_address=True)
                     self._servers.append(srv)
                     self.addresses[kind].append(srv.sockets[0].getsockname()[:2])
@@ -114,13 +133,25 @@ class ProxyServer:
         except OSError:
             await self.shutdown()
             raise
-        warning = fd_warning(self.settings.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        if warning:
-            event(log, warning, logging.WARNING)
+        self._fit_connection_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self._background = [asyncio.create_task(self._sweep(), name="proxy-sweeper"),
                             asyncio.create_task(Prober(self).run(), name="proxy-prober")]
         event(log, "proxy listening", **{k: " ".join(f"{h}:{p}" for h, p in v) for k, v in self.addresses.items()},
               routes=self.state.routes.version, apps=len(self.state.apps))
+
+    def _fit_connection_cap(self, fd_limit: int) -> None:
+        """Lower the connection cap to what `fd_limit` descriptors carry, and log the limits."""
+        settings = self.settings
+        cap = connection_cap(settings.max_connections, fd_limit)
+        per_client = per_client_limit(settings.max_connections_per_client, cap)
+        self.max_connections = self.admission.max_connections = cap
+        self.admission.per_client = per_client
+        if cap < settings.max_connections:
+            event(log, "connection cap lowered to fit the file descriptor limit", logging.WARNING,
+                  max_connections=settings.max_connections, effective=cap, fd_limit=fd_limit,
+                  reserved_fds=RESERVED_FDS, hint="raise LimitNOFILE (or ulimit -n) to allow more")
+        event(log, "connection limits", max_connections=cap, per_client=per_client or "off",
+              penalty_cooldown=settings.penalty_cooldown or "off", penalty_cooldown_max=settings.penalty_cooldown_max)
 
     def _throttle_accept_errors(self, loop: asyncio.AbstractEventLoop) -> None:
         """Count asyncio's accept failures and log them once per interval (see the module doc);
@@ -184,21 +215,63 @@ class ProxyServer:
 
     # ---------------------------------------------------------------- connection bookkeeping
 
+    def admit(self, key: str | None) -> Refusal | None:
+        """Why a new connection of client `key` (None: exempt) is refused at accept, or None.
+        A connection taken is counted by `conn_opened`, or by the TLS listener until then."""
+        return self.admission.check(key, self.now, len(self.connections) + self.pending_tls)
+
+    def client_of(self, ip: str) -> str | None:
+        """The admission key of a public client at `ip`; None for a trusted peer (exempt)."""
+        return None if ip in self.trusted_peers else client_key(ip)
+
+    def penalise(self, key: str | None, reason: str) -> None:
+        """A connection of client `key` was closed for abuse (`reason`, an error cause): into
+        the penalty box (counted; logged when a cool-down starts). None (exempt): nothing."""
+        if key is None:
+            return
+        cooldown = self.admission.penalty.offend(key, self.now, reason)
+        if cooldown is not None:
+            event(log, "client penalised: new connections refused", logging.INFO, client=key, reason=reason,
+                  cooldown=cooldown)
+
+    def penalise_ip(self, ip: str, reason: str) -> None:
+        self.penalise(self.client_of(ip), reason)
+
+    def refusal_message(self, refusal: Refusal, key: str | None) -> str:
+        if refusal is Refusal.PENALISED:
+            left = self.admission.penalty.penalised(key or "", self.now)
+            return f"client {key} is refused for {left:.0f}s more after a connection of its was closed for abuse"
+        if refusal is Refusal.PER_CLIENT:
+            return f"client {key} holds its share of {self.admission.per_client} connections"
+        return f"the gateway has reached its connection limit ({self.max_connections})"
+
     def conn_opened(self, conn: Any) -> bool:
-        if self.draining or len(self.connections) >= self.settings.max_connections:
+        if self.draining or len(self.connections) >= self.max_connections:
             return False
         self.connections.add(conn)
         self.kind_counts[conn.kind] += 1
+        key = self._key_of(conn)
+        if key is not None:
+            self._client_keys[conn] = key
+            self.admission.hold(key)
         return True
 
-    def admit_tls(self) -> bool:
-        """May the TLS listener take one more connection (it counts until it is served)?"""
-        return not self.draining and len(self.connections) + self.pending_tls < self.settings.max_connections
+    def _key_of(self, conn: Any) -> str | None:
+        """The client an established connection counts for; None if exempt (mesh, trusted peers)."""
+        if conn is self._handing_over:  # came over the mesh listener
+            return None
+        if isinstance(conn, ClientConnection):
+            return None if conn.trusted else client_key(conn.client_ip)
+        peer = conn.transport.get_extra_info("peername")
+        return self.client_of(peer[0]) if isinstance(peer, tuple) and peer else None
 
     def conn_closed(self, conn: Any) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
             self.kind_counts[conn.kind] -= 1
+            key = self._client_keys.pop(conn, None)
+            if key is not None:
+                self.admission.release(key)
 
     def connection_counts(self) -> dict[str, int]:
         return dict(self.kind_counts)
@@ -290,7 +363,11 @@ class ProxyServer:
         self.conn_closed(conn)
         conn.closed = True
         transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+        self._handing_over = protocol
+        try:
+            protocol.connection_made(transport)
+        finally:
+            self._handing_over = None
 
     # ---------------------------------------------------------------- timers
 
@@ -314,6 +391,63 @@ class ProxyServer:
                     self.certs.refresh()
             except Exception:  # the sweeper must survive anything a connection does
                 log.exception("sweeper pass failed")
+
+
+class _Refused(ProxyError):
+    """A connection refused at accept (`Refusal`): 503, its cause the refusal."""
+
+    status, closes = 503, True
+
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.cause = refusal.value
+
+
+class _Gate(asyncio.Protocol):
+    """The first protocol of a plain listener's connection: admission (`ProxyServer.admit`)
+    before any HTTP, then the connection goes to a `ClientConnection`. A refused one gets a
+    `503` naming the rule and is closed at once, without reading it (a refused connection must
+    not hold a descriptor, whatever its client does)."""
+
+    __slots__ = ("server", "kind", "trusted")
+
+    def __init__(self, server: ProxyServer, kind: str, trusted: bool) -> None:
+        self.server = server
+        self.kind = kind
+        self.trusted = trusted
+
+    def connection_made(self, transport: Any) -> None:
+        server = self.server
+        key = None if self.trusted else self._client(transport)
+        refusal = None if server.draining else server.admit(key)  # draining: the connection says so
+        if refusal is not None:
+            server.metrics.error(refusal.value)
+            transport.write(render(_Refused(refusal, server.refusal_message(refusal, key)), close=True))
+            transport.close()
+            return
+        conn = ClientConnection(server, self.kind, "http", self.trusted)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+
+    def _client(self, transport: Any) -> str | None:
+        """The client of a public listener's connection; None if exempt, as `ClientConnection`
+        decides: a trusted peer, or our mesh address reached through a wildcard listener."""
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) and peer else ""
+        if ip in server.trusted_peers:
+            return None
+        if server.mesh_local_ips and self.kind == "http":
+            local = transport.get_extra_info("sockname")
+            if isinstance(local, tuple) and local and local[0] in server.mesh_local_ips:
+                return None
+        return client_key(ip)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # refused and closing: what it sent is dropped
+
+    def eof_received(self) -> bool | None:
+        return None
 
 
 def _listen_socket(host: str, port: int, backlog: int) -> socket.socket:

@@ -39,7 +39,10 @@ class ProxySettings:
     https: tuple[str, ...] = ()  # TLS listeners (termination by SNI and passthrough)
     mesh: tuple[str, ...] = ()  # mesh listeners: forwarded requests from other gateways are trusted here
     trusted_peers: tuple[str, ...] = ()  # peer IPs treated like the mesh on any listener (gateways without a mesh)
-    max_connections: int = 10000  # client connections over all listeners
+    max_connections: int = 10000  # client connections over all listeners (lowered to fit RLIMIT_NOFILE at start)
+    # connections one client (IPv4 address, IPv6 /64) may hold, TLS handshakes included; None: a
+    # quarter of the effective max_connections, at least 16; 0: no share (mesh and trusted peers exempt)
+    max_connections_per_client: int | None = None
     max_header_bytes: int = 32768  # request line + headers
     max_headers: int = 100
     max_body_bytes: int = 100 * 1024 * 1024  # request body; 0 = no limit
@@ -64,6 +67,13 @@ class ProxySettings:
     # beyond, GOAWAY (ENHANCE_YOUR_CALM) and close
     h2_max_resets: int = 1000
     h2_max_control_frames: int = 1000
+    # penalty box (admission.PenaltyBox): a client whose connection was closed for abuse (HTTP/2
+    # GOAWAY ENHANCE_YOUR_CALM: rapid reset, frame flood, unread replies) is refused at accept
+    # for penalty_cooldown seconds (0 = off), doubled per repeat offence up to penalty_cooldown_max;
+    # penalty_clients offenders are remembered (the least recent forgotten first)
+    penalty_cooldown: float = 1.0
+    penalty_cooldown_max: float = 60.0
+    penalty_clients: int = 10000
 
     def __post_init__(self) -> None:
         for name in ("http", "https", "mesh"):
@@ -88,9 +98,19 @@ class ProxySettings:
                     raise ValidationError(f.name, f"{value!r} is not a positive integer")
             elif f.type == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-                        or not 0 < value <= 86400 * 7:
+                        or not 0 <= value <= 86400 * 7 or (value == 0 and f.name != "penalty_cooldown"):
                     raise ValidationError(f.name, f"{value!r} is not a positive number of seconds")
                 object.__setattr__(self, f.name, float(value))
+        per_client = self.max_connections_per_client
+        if per_client is not None and (isinstance(per_client, bool) or not isinstance(per_client, int)
+                                       or per_client < 0):
+            raise ValidationError("max_connections_per_client",
+                                  f"{per_client!r} is not a number of connections (0 = no per-client share)")
+        if self.penalty_cooldown > 3600:
+            raise ValidationError("penalty_cooldown", f"{self.penalty_cooldown:g} is over 3600 seconds")
+        if self.penalty_cooldown_max < self.penalty_cooldown or self.penalty_cooldown_max > 86400:
+            raise ValidationError("penalty_cooldown_max", f"{self.penalty_cooldown_max:g} is outside "
+                                  f"{self.penalty_cooldown:g}-86400 seconds (at least penalty_cooldown)")
         if self.g_mode not in G_MODES:
             raise ValidationError("g_mode", f"{self.g_mode!r} is not one of: {', '.join(G_MODES)}")
         if self.max_header_bytes < 1024:

@@ -17,9 +17,11 @@ name. Then the socket is handed to the event loop as one of:
 Plain HTTP sent to this port gets a 400 saying so. A ClientHello that does not arrive within
 `header_timeout` ends the connection.
 
-Limits: a connection counts against `max_connections` from the moment it is accepted (while its
-ClientHello is awaited and during the TLS handshake, `ProxyServer.pending_tls`), so beyond the
-limit a new connection is closed at once (`too-many-connections`). When `accept()` fails for
+Limits: a connection counts against the connection cap and its client's share from the moment
+it is accepted (while its ClientHello is awaited and during the TLS handshake,
+`ProxyServer.pending_tls`), so beyond either, or while its client is in the penalty box, a new
+connection is closed at once, before any TLS (`too-many-connections`, `client-over-share`,
+`client-penalised`; `ProxyServer.admit`). When `accept()` fails for
 lack of file descriptors the listener stops reading its socket for a growing pause and logs at
 most once per interval (`fd_pressure.AcceptBackoff`), counting every failure as
 `accept-<errno>` (e.g. `accept-emfile`) in the error counter.
@@ -86,8 +88,10 @@ class TlsListener:
                 self._failed(exc)  # out of descriptors (or worse): pause, do not spin
                 return
             self.backoff.succeeded()
-            if not server.admit_tls():
-                server.metrics.error("too-many-connections")
+            key = server.client_of(addr[0])
+            refusal = None if server.draining else server.admit(key)
+            if refusal is not None or server.draining:
+                server.metrics.error(refusal.value if refusal is not None else "shutting-down")
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -95,9 +99,9 @@ class TlsListener:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-            s = _Sniffer(self, conn, addr)
+            s = _Sniffer(self, conn, addr, key)
             self.pending.add(s)
-            server.pending_tls += 1
+            self.count(key, 1)
             s.start()
 
     def _failed(self, exc: OSError) -> None:
@@ -118,16 +122,25 @@ class TlsListener:
         if not self.closed:
             self.loop.add_reader(self.sock.fileno(), self._accept)
 
-    def handed_over(self, coro: Coroutine) -> Coroutine:
-        """`coro` (the TLS handshake and protocol start) keeps its connection counted until done."""
+    def count(self, key: str | None, n: int) -> None:
+        """A connection on its way (ClientHello, handshake) of client `key` comes (n=1) or goes (-1)."""
         server = self.server
+        server.pending_tls += n
+        if key is not None:
+            if n > 0:
+                server.admission.hold(key)
+            else:
+                server.admission.release(key)
+
+    def handed_over(self, coro: Coroutine, key: str | None) -> Coroutine:
+        """`coro` (the TLS handshake and protocol start) keeps its connection counted until done."""
+        self.count(key, 1)
 
         async def counted() -> Any:
-            server.pending_tls += 1
             try:
                 return await coro
             finally:
-                server.pending_tls -= 1
+                self.count(key, -1)
         return counted()
 
     def close(self) -> None:
@@ -144,13 +157,14 @@ class TlsListener:
 
 
 class _Sniffer:
-    __slots__ = ("listener", "sock", "fd", "addr", "seen", "timer", "retry", "done")
+    __slots__ = ("listener", "sock", "fd", "addr", "key", "seen", "timer", "retry", "done")
 
-    def __init__(self, listener: TlsListener, sock: socket.socket, addr: tuple) -> None:
+    def __init__(self, listener: TlsListener, sock: socket.socket, addr: tuple, key: str | None) -> None:
         self.listener = listener
         self.sock = sock
         self.fd = sock.fileno()
         self.addr = addr
+        self.key = key  # its client (admission), None if exempt
         self.seen = -1
         self.timer: asyncio.TimerHandle | None = None
         self.retry: asyncio.TimerHandle | None = None
@@ -176,12 +190,13 @@ class _Sniffer:
             if h is not None:
                 h.cancel()
         self.listener.pending.discard(self)
-        self.listener.server.pending_tls -= 1
+        self.listener.count(self.key, -1)
         if not keep_socket:
             self.sock.close()
 
     def _timeout(self) -> None:
-        self.listener.server.metrics.error("tls-hello-timeout")
+        server = self.listener.server
+        server.metrics.error("tls-hello-timeout")
         self.finish()
 
     def _refuse(self, payload: bytes, cause: str) -> None:
@@ -228,12 +243,14 @@ class _Sniffer:
         local = self.sock.getsockname()[:2]
         client = (self.addr[0], self.addr[1])
         sock = self.sock
+        key = self.key
         self.finish(keep_socket=True)
         loop = self.listener.loop
+        listener = self.listener
         if isinstance(match, NameMatch) and match.mode is Mode.PASSTHROUGH:
             plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=True)
-            server.spawn(self.listener.handed_over(loop.connect_accepted_socket(lambda: TunnelClient(server, plan),
-                                                                                 sock)))
+            server.spawn(listener.handed_over(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock),
+                                              key))
             return
         if isinstance(match, NameMatch) and match.mode is Mode.H2 and "h2" in hello.alpn:
             ctx = server.certs.context_for(name, h2=True)
@@ -246,8 +263,8 @@ class _Sniffer:
                 protocol: Any = lambda: TunnelClient(server, plan)  # noqa: E731
             else:
                 protocol = lambda: H2Downstream(server, match, client, local, name, may_forward=True)  # noqa: E731
-            server.spawn(self.listener.handed_over(loop.connect_accepted_socket(
-                protocol, sock, ssl=ctx, ssl_handshake_timeout=server.settings.header_timeout)))
+            server.spawn(listener.handed_over(loop.connect_accepted_socket(
+                protocol, sock, ssl=ctx, ssl_handshake_timeout=server.settings.header_timeout), key))
             return
         # HTTP/1.1 termination; also a `g` name whose client does not offer h2: it gets the 421 that
         # tells it to connect with ALPN h2, instead of a tunnel that would answer it in HTTP/2 frames
@@ -255,9 +272,9 @@ class _Sniffer:
         if ctx is None:
             self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
             return
-        server.spawn(self.listener.handed_over(loop.connect_accepted_socket(
+        server.spawn(listener.handed_over(loop.connect_accepted_socket(
             lambda: ClientConnection(server, "https", "https", trusted=False, sni=name), sock, ssl=ctx,
-            ssl_handshake_timeout=server.settings.header_timeout)))
+            ssl_handshake_timeout=server.settings.header_timeout), key))
 
     def _late_refuse(self, sock: socket.socket, alert: int, cause: str) -> None:
         self.listener.server.metrics.error(cause)
