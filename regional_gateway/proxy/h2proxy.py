@@ -31,8 +31,12 @@ head `h2` accepts but `h2_guard.request_problem` refuses gets a 400 and RST_STRE
 Hostile clients (`h2_guard`): the upstream stream of a request is opened only once the whole
 read that carried its HEADERS has been processed, so a HEADERS+RST_STREAM pair costs a backend
 nothing; client resets and no-op frames are counted per connection, with GOAWAY
-(ENHANCE_YOUR_CALM) past the budgets; reading stops while the client does not read what the
-gateway writes (PING and SETTINGS ACKs cannot pile up).
+(ENHANCE_YOUR_CALM) past the budgets, and the client goes into the penalty box
+(`ProxyServer.penalise`: its reconnections are refused at accept for a while); reading stops
+while the client does not read what the gateway writes (PING and SETTINGS ACKs cannot pile up).
+A read is fed to the `h2` state machine at most `h2_guard.FEED_FRAMES` frames per event-loop
+callback (`FrameCutter`); the rest waits for the next turn with reading paused, so one client's
+256 KiB of tiny frames cannot hold the loop for half a second.
 """
 
 from __future__ import annotations
@@ -55,7 +59,14 @@ import hyperframe.frame
 from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
 from regional_gateway.proxy.client_address import CLIENT_ADDRESS_HEADERS, forwarded_node
-from regional_gateway.proxy.h2_guard import MAX_QUEUED_CONTROL, Calm, RateBudget, data_credit, request_problem
+from regional_gateway.proxy.h2_guard import (
+    MAX_QUEUED_CONTROL,
+    Calm,
+    FrameCutter,
+    RateBudget,
+    data_credit,
+    request_problem,
+)
 from regional_gateway.proxy.hostnames import NameMatch
 from regional_gateway.proxy.http_errors import ProxyError, ShuttingDown, UpstreamFailed, UpstreamTimeout
 from regional_gateway.proxy.route_state import BackendRuntime
@@ -183,6 +194,10 @@ class H2Downstream(asyncio.Protocol):
         self.ended = False  # a GOAWAY was received or sent: nothing can be sent any more
         self.linger_bytes = GOAWAY_LINGER_BYTES
         self.fresh: list[Stream] = []  # streams opened in this read: routed once the read is processed
+        self.cutter = FrameCutter()  # the client preface, then frames
+        self.backlog = b""  # the part of a read not fed to the state machine yet (reading paused)
+        self.backlog_at = 0  # where in `backlog` it starts
+        self.feeding: asyncio.Handle | None = None  # the callback that feeds the backlog
         self.resets = RateBudget(server.settings.h2_max_resets, now=server.now)
         self.noop = RateBudget(server.settings.h2_max_control_frames, now=server.now)
         self.unread_replies = 0  # PING/SETTINGS ACKs produced while the client was not reading
@@ -212,9 +227,44 @@ class H2Downstream(asyncio.Protocol):
             if self.linger_bytes < 0 and not self.closed:
                 self.transport.abort()
             return
+        if self.backlog:  # read before reading paused: after what waits
+            self.backlog = self.backlog[self.backlog_at:] + data
+            self.backlog_at = 0
+            return
+        self._feed(data, 0)
+
+    def _feed(self, data: bytes, start: int) -> None:
+        """Feed `data[start:]` to the state machine, `FEED_FRAMES` frames now and the rest on
+        the next turns of the event loop (reading paused meanwhile)."""
+        end = self.cutter.cut(data, start)
+        if end < len(data):
+            self.backlog, self.backlog_at = data, end
+            self.transport.pause_reading()
+            if self.feeding is None:
+                self.feeding = asyncio.get_running_loop().call_soon(self._feed_backlog)
+            data = data[start:end]
+        elif start:
+            data = data[start:]
+        self._process(data)
+
+    def _feed_backlog(self) -> None:
+        self.feeding = None
+        if self.gone or not self.backlog:
+            self.backlog = b""
+            return
+        # fed even while the client does not read: what it already sent is bounded (one read),
+        # and the replies it causes meanwhile are capped (unread_replies)
+        data, at = self.backlog, self.backlog_at
+        self.backlog, self.backlog_at = b"", 0
+        self._feed(data, at)
+        if not self.backlog and not self.write_paused and not self.gone:
+            self.transport.resume_reading()
+
+    def _process(self, data: bytes) -> None:
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
+            self.backlog = b""
             self._protocol_error(exc)
             return
         try:
@@ -223,17 +273,19 @@ class H2Downstream(asyncio.Protocol):
                     self._event(ev)
                 except h2.exceptions.StreamClosedError:
                     pass  # the stream closed while we acted on it (the client ended or reset it): done
-            if self.fresh:  # open upstream streams only for requests not reset in the same read
+            if self.fresh and not self.backlog:  # open upstream streams only for requests not reset in the same read
                 fresh, self.fresh = self.fresh, []
                 for st in fresh:
                     if self.streams.get(st.sid) is st and not st.finished:
                         self._route(st)
         except _Calmed:
             self.fresh.clear()
+            self.backlog = b""
             return
         except Exception as exc:  # a bug must not take the event loop's callback down silently
             log.error("HTTP/2 connection failed", exc_info=exc)
             self.server.metrics.error("internal")
+            self.backlog = b""
             self._goaway(h2.errors.ErrorCodes.INTERNAL_ERROR)
             self.transport.close()
             return
@@ -268,10 +320,12 @@ class H2Downstream(asyncio.Protocol):
         reads it; meanwhile what it sends is dropped unparsed (up to `GOAWAY_LINGER_BYTES`). A
         client that does not read is cut at once."""
         self.ended = True
+        self.backlog = b""
         self._release()
         if self.write_paused:
             self.transport.abort()
             return
+        self.transport.resume_reading()  # paused if a read was being fed: what comes now is counted
         asyncio.get_running_loop().call_later(GOAWAY_LINGER, self._linger_done)
 
     def _linger_done(self) -> None:
@@ -291,7 +345,7 @@ class H2Downstream(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.unread_replies = 0
-        if not self.closed and not self.ended:
+        if not self.backlog and not self.closed and not self.ended:  # else once the read is fed
             self.transport.resume_reading()
         for st in list(self.streams.values()):
             self._push_down(st)
@@ -380,6 +434,8 @@ class H2Downstream(asyncio.Protocol):
         """Over a budget: GOAWAY (ENHANCE_YOUR_CALM), close, and stop handling this read."""
         self.server.metrics.error(reason.value)
         event(log, "HTTP/2 client over a limit, GOAWAY", logging.INFO, client=self.client[0], reason=reason.value)
+        if self.may_forward:  # a public client (a forwarded connection's client is the other gateway's)
+            self.server.penalise_ip(self.client[0], reason.value)
         self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
         self._close_after_goaway()
         raise _Calmed

@@ -4,11 +4,17 @@ into smuggling. The gateway runs in-process (real TLS listener on 127.0.0.1 port
 `RecordingBackend`, a cleartext HTTP/2 server that records every stream it sees, so each test
 can assert what reached the backend, not only what the attacker got back.
 
-The rules themselves (`h2_guard`) have table tests at the end.
+Attackers connect from 127.0.0.2 and everyone else from 127.0.0.1: an attacker whose
+connection got GOAWAY (ENHANCE_YOUR_CALM) goes into the penalty box, and its reconnections are
+refused at accept for a cool-down while other clients are served.
+
+The rules themselves (`h2_guard`, `admission`) have table tests at the end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import socket
 import ssl
 import threading
@@ -23,11 +29,12 @@ import h2.exceptions
 import pytest
 from hyperframe.frame import DataFrame, PingFrame, PriorityFrame, SettingsFrame, WindowUpdateFrame
 
-from regional_gateway.proxy.h2_guard import RateBudget, data_credit, request_problem
+from regional_gateway.proxy.h2_guard import FEED_FRAMES, FrameCutter, RateBudget, data_credit, request_problem
 from tests.proxy.certs import TestCA
 
 ZONE = "apps.test"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+ATTACKER = "127.0.0.2"
 
 
 @dataclass
@@ -133,12 +140,13 @@ def front(ca, backend, gateway):
     return make
 
 
-def tls(g, ca: TestCA, name: str, rcvbuf: int = 0) -> ssl.SSLSocket:
+def tls(g, ca: TestCA, name: str, rcvbuf: int = 0, source: str = "127.0.0.1") -> ssl.SSLSocket:
     ctx = ssl.create_default_context(cafile=str(ca.path))
     ctx.set_alpn_protocols(["h2"])
     raw = socket.socket()
     if rcvbuf:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    raw.bind((source, 0))
     raw.settimeout(5)
     raw.connect(g.https)
     s = ctx.wrap_socket(raw, server_hostname=name)
@@ -159,11 +167,11 @@ def request_headers(name: str, path: bytes = b"/", method: bytes = b"GET") -> li
     return [(b":method", method), (b":scheme", b"https"), (b":path", path), (b":authority", name.encode())]
 
 
-def fresh_get(g, ca: TestCA, name: str) -> tuple[bytes, float]:
+def fresh_get(g, ca: TestCA, name: str, source: str = "127.0.0.1") -> tuple[bytes, float]:
     """A new connection and one GET: (status, seconds it took)."""
     t0 = time.monotonic()
     c = client()
-    with tls(g, ca, name) as s:
+    with tls(g, ca, name, source=source) as s:
         c.send_headers(1, request_headers(name), end_stream=True)
         s.sendall(c.data_to_send())
         status = b""
@@ -239,7 +247,7 @@ def test_rapid_reset_costs_the_backend_nothing_and_ends_in_goaway(front, backend
     g, name = front(**({} if max_resets is None else {"h2_max_resets": max_resets}))
     c = client()
     goaway, batches, during = None, 0, None
-    with tls(g, ca, name) as s:
+    with tls(g, ca, name, source=ATTACKER) as s:
         sid = 1
         try:
             while goaway is None and batches < (200 if max_resets is None else 50):  # <= 20,000 pairs
@@ -293,6 +301,131 @@ def test_a_client_that_cancels_some_calls_is_not_cut(front, backend, ca):
                 s.sendall(c.data_to_send())
             done += 1
     assert done == 60 and "h2-rapid-reset" not in errors(g)
+    assert g.run(lambda: len(g.server.admission.penalty)) == 0  # never penalised...
+    assert fresh_get(g, ca, name)[0] == b"200"  # ...and welcome back at once
+
+
+def test_a_grpc_like_client_cancelling_calls_on_many_connections_is_never_penalised(front, backend, ca):
+    """Default budgets; a client that cancels a third of its calls (deadlines, hedging), on
+    connection after connection, streams in flight together: no GOAWAY, never in the box."""
+    g, name = front()
+    for _ in range(5):
+        c = client()
+        with tls(g, ca, name) as s:
+            sid = 1
+            for _ in range(20):
+                wanted = []
+                for k in range(30):  # 30 calls at once, every third cancelled right away
+                    c.send_headers(sid, request_headers(name), end_stream=k % 3 != 0)
+                    if k % 3 == 0:
+                        c.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                    else:
+                        wanted.append(sid)
+                    sid += 2
+                s.sendall(c.data_to_send())
+                ended: set[int] = set()
+                while len(ended) < len(wanted):
+                    data = s.recv(65536)
+                    assert data, "connection closed"
+                    for ev in c.receive_data(data):
+                        assert not isinstance(ev, h2.events.ConnectionTerminated), "GOAWAY"
+                        if isinstance(ev, h2.events.StreamEnded):
+                            ended.add(ev.stream_id)
+                    s.sendall(c.data_to_send())
+    got = errors(g)
+    assert not {"h2-rapid-reset", "h2-control-flood", "client-penalised"} & got.keys(), got
+    assert g.run(lambda: len(g.server.admission.penalty)) == 0
+
+
+def test_rapid_reset_puts_its_client_in_the_penalty_box(front, backend, ca):
+    """GOAWAY ENHANCE_YOUR_CALM, then the attacker's reconnections are refused at accept (before
+    TLS) for the cool-down, while another client is served; then it is served again."""
+    cooldown = 2.0
+    g, name = front(h2_max_resets=50, penalty_cooldown=cooldown)
+    c = client()
+    with tls(g, ca, name, source=ATTACKER) as s:
+        sid = 1
+        for _ in range(100):
+            c.send_headers(sid, request_headers(name))
+            c.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            sid += 2
+        s.sendall(c.data_to_send())
+        goaway = goaway_of(c, s)
+    t_goaway = time.monotonic()
+    assert goaway is not None and goaway.code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    with pytest.raises(OSError):  # ssl.SSLError and resets are OSErrors
+        tls(g, ca, name, source=ATTACKER).close()
+    assert time.monotonic() - t_goaway < cooldown  # (it was refused within the cool-down)
+    assert fresh_get(g, ca, name)[0] == b"200"  # another client is served meanwhile
+    refused, served_after = 1, None
+    while served_after is None and time.monotonic() - t_goaway < cooldown + 8:
+        try:
+            assert fresh_get(g, ca, name, source=ATTACKER)[0] == b"200"
+            served_after = time.monotonic() - t_goaway
+        except OSError:
+            refused += 1
+            time.sleep(0.1)
+    assert served_after is not None and served_after >= cooldown - 0.3, (served_after, refused)
+    got = errors(g)
+    assert got["client-penalised"] == refused and got["h2-rapid-reset"] == 1
+    assert g.run(lambda: g.server.admission.penalty.offences) == {"h2-rapid-reset": 1}
+
+
+def test_a_burst_of_tiny_frames_is_fed_in_slices_and_the_loop_stays_responsive(front, backend, ca):
+    """10,000 HEADERS+RST_STREAM pairs in one write (budget out of the way): parsed in one
+    callback that would hold the gateway's loop for about half a second; fed at most FEED_FRAMES
+    frames per turn, the loop keeps turning. The connection works afterwards (the slices cut the
+    stream at frame boundaries) and no backend stream was opened for a reset request."""
+    g, name = front(h2_max_resets=10**7)
+    lags: list[float] = []
+
+    async def probe() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.005)
+            lags.append(loop.time() - t - 0.005)
+
+    watcher = asyncio.run_coroutine_threadsafe(probe(), g.loop)
+    c = client()
+    try:
+        with tls(g, ca, name, source=ATTACKER) as s:
+            c.ping(b"warm-up!")  # the connection is up on the gateway's side before the burst
+            s.sendall(c.data_to_send())
+            assert wait_ping_ack(c, s) is None
+            sid = 1
+            for _ in range(10_000):
+                c.send_headers(sid, request_headers(name))
+                c.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                sid += 2
+            c.ping(b"burst-ok")
+            lags.clear()
+            s.settimeout(30)
+            s.sendall(c.data_to_send())
+            assert wait_ping_ack(c, s) is None  # all of it processed, no GOAWAY
+            worst = max(lags)
+            c.send_headers(sid, request_headers(name), end_stream=True)  # the same connection still works
+            s.sendall(c.data_to_send())
+            assert _answer_on(c, s, sid) == "status 200"
+    finally:
+        watcher.cancel()
+    assert worst < 0.25, f"the gateway's loop stalled {worst * 1000:.0f} ms"
+    assert backend.snapshot()[0] == 1  # only the last request reached the backend
+
+
+def _answer_on(c: h2.connection.H2Connection, s: ssl.SSLSocket, sid: int) -> str:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        data = s.recv(65536)
+        if not data:
+            return "closed"
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                return f"status {dict(ev.headers)[b':status'].decode()}"
+            if isinstance(ev, h2.events.ConnectionTerminated):
+                return f"goaway {ev.error_code}"
+        s.sendall(c.data_to_send())
+    return "nothing"
 
 
 # ------------------------------------------------------------------ floods and unread replies
@@ -315,7 +448,7 @@ def test_noop_frame_flood_from_a_client_that_does_not_read_ends_in_goaway(front,
         c.send_headers(1, [*request_headers(name, method=b"POST"), (b"content-type", b"application/grpc")])
     before = rss_kb()
     sent, stopped = 0, False
-    with tls(g, ca, name, rcvbuf=4096) as s:
+    with tls(g, ca, name, rcvbuf=4096, source=ATTACKER) as s:
         s.settimeout(1.0)
         s.sendall(c.data_to_send())
         blob = FLOODS[kind] * 2000
@@ -340,7 +473,7 @@ def test_a_client_that_does_not_read_is_not_read(front, ca):
     not read its PING ACKs, and cuts it when ACKs pile up: memory stays bounded."""
     g, name = front(h2_max_control_frames=10**7)
     before = rss_kb()
-    with tls(g, ca, name, rcvbuf=4096) as s:
+    with tls(g, ca, name, rcvbuf=4096, source=ATTACKER) as s:
         s.settimeout(1.0)
         s.sendall(client().data_to_send())
         blob = FLOODS["ping"] * 2000
@@ -506,3 +639,66 @@ def test_data_credit():
 def test_request_problem(headers, problem):
     got = request_problem(headers)
     assert (got is None) if problem is None else (got is not None and got.startswith(problem))
+
+
+def _frames() -> bytes:
+    """A client's preface and frames of several sizes (HEADERS, RST_STREAM, DATA, PING, SETTINGS)."""
+    c = client()
+    for i in range(200):
+        sid = 1 + 2 * i
+        c.send_headers(sid, request_headers("a.test", method=b"POST"))
+        if i % 3 == 0:
+            c.send_data(sid, b"x" * (i * 37 % 700), end_stream=True)
+        elif i % 3 == 1:
+            c.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        else:
+            c.ping(i.to_bytes(8, "big"))
+            c.end_stream(sid)
+    return c.data_to_send()
+
+
+def _frame_starts(data: bytes) -> list[int]:
+    starts, pos = [], 24
+    while pos < len(data):
+        starts.append(pos)
+        pos += 9 + int.from_bytes(data[pos:pos + 3], "big")
+    return starts
+
+
+@pytest.mark.parametrize("max_frames", [1, 7, FEED_FRAMES])
+@pytest.mark.parametrize("seed", range(4))
+def test_frame_cutter_feeds_at_most_max_frames_on_frame_boundaries(max_frames, seed):
+    data = _frames()
+    starts = _frame_starts(data)
+    rng = random.Random(seed)
+    reads, i = [], 0
+    while i < len(data):  # what the transport delivers: any split, down to single octets
+        n = rng.choice([1, 2, 5, 9, 10, 100, 4000, 70000])
+        reads.append(data[i:i + n])
+        i += n
+    cutter, offset, feeds = FrameCutter(), 0, []
+    for read in reads:
+        at = 0
+        while at < len(read):
+            end = cutter.cut(read, at, max_frames)
+            assert end > at
+            feeds.append((offset + at, offset + end))
+            at = end
+        offset += len(read)
+    assert feeds[0][0] == 0 and feeds[-1][1] == len(data)
+    assert all(a[1] == b[0] for a, b in zip(feeds, feeds[1:], strict=False))  # contiguous, in order
+    for a, b in feeds:
+        inside = [p for p in starts if a <= p < b]
+        assert len(inside) <= max_frames
+        if b < len(data) and b not in (offset for offset in starts):
+            # a feed ends mid-frame only where the read ended (never cut early inside a frame)
+            assert any(b == sum(len(r) for r in reads[:k]) for k in range(1, len(reads) + 1))
+
+
+def test_frame_cutter_accepts_a_memoryview_and_garbage():
+    data = _frames()
+    cutter = FrameCutter()
+    assert cutter.cut(memoryview(data), 0, 3) == _frame_starts(data)[3]
+    junk = FrameCutter()
+    end = junk.cut(b"\xff" * 100, 0, 2)  # not HTTP/2: cut somewhere, h2 refuses it anyway
+    assert 0 < end <= 100
