@@ -14,8 +14,8 @@ CHILD = """
 import sys, time
 from geomesh.lab.cli import install_signal_handlers
 install_signal_handlers()
-print("ready", flush=True)
 try:
+    print("ready", flush=True)
     time.sleep(30)
 except KeyboardInterrupt:
     print("tearing down", flush=True)
