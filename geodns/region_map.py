@@ -364,10 +364,15 @@ class RegionMap:
         """(ranking index, scope) of `packed` taken as a /`prefix` network (default: the whole
         address)."""
         a = int.from_bytes(packed, "big")
-        if len(packed) == 4:
+        if len(packed) == 4:  # _v4 and _scope inlined: this is the answer path's hot spot
             if prefix is not None and prefix < 32:
                 a = a >> (32 - prefix) << (32 - prefix)
-            return self._v4(a)
+            starts = self.v4_starts
+            i = bisect_right(starts, a) - 1
+            lo = starts[i]
+            hi = starts[i + 1] if i + 1 < len(starts) else 1 << 32
+            k = min((a ^ (lo - 1)).bit_length() - 1 if lo else 32, (a ^ hi).bit_length() - 1, 32)
+            return self.v4_ranks[i], 32 - k
         if prefix is not None and prefix < 128:
             a = a >> (128 - prefix) << (128 - prefix)
         return self._v6(a)

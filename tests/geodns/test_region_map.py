@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import socket
+import struct
 import threading
 import tomllib
 from array import array
@@ -253,3 +254,79 @@ def test_a_rebuild_under_load_never_answers_from_a_half_built_map(networks: Netw
 
 def _text(packed: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+# -- the fast path: the same bytes as the full path, and the same refusals -----------------------
+
+
+def _ecs_query(name: str, family: int, source: int, address: bytes, *, scope: int = 0, qid: int = 7,
+               payload: int = 1232, do: bool = False, version: int = 0) -> bytes:
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    option = struct.pack("!HHHBB", 8, 4 + len(address), family, source, scope) + address
+    opt = b"\0" + struct.pack("!HHBBHH", 41, payload, 0, version, 0x8000 if do else 0, len(option)) + option
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 1) + qname + struct.pack("!HH", 1, 1) + opt
+
+
+@pytest.mark.parametrize("name, family, source, address, payload, do", [
+    ("ShOp.GeO.eXaMpLe.CoM", 1, 24, bytes([193, 0, 6]), 1232, False),
+    ("shop.geo.example.com", 1, 20, bytes([193, 0, 0]), 512, True),
+    ("pinned.geo.example.com", 1, 32, bytes([8, 8, 8, 8]), 4096, False),
+    ("shop.geo.example.com", 2, 48, bytes.fromhex("2a0014500000"), 1232, False),
+    ("shop.geo.example.com", 2, 56, bytes.fromhex("2a001450000000"), 1232, False),
+    ("nope.geo.example.com", 1, 24, bytes([193, 0, 6]), 1232, False),  # NXDOMAIN, scope 0
+    ("geo.example.com", 1, 24, bytes([193, 0, 6]), 1232, False),
+])
+def test_the_fast_path_gives_the_full_paths_bytes(region_map: RegionMap, locator: Locator, view: View, name: str,
+                                                  family: int, source: int, address: bytes, payload: int,
+                                                  do: bool) -> None:
+    r = Responder(view, locator, region_map=region_map, reply_cache=False)
+    wire = _ecs_query(name, family, source, address, payload=payload, do=do)
+    full = r.answer(wire, b"\x7f\0\0\1")
+    assert r._fast(wire, 7, 0x0100) is not None, "the second ask is answered from the template"
+    fast = r.answer(_ecs_query(name, family, source, address, payload=payload, do=do, qid=8), b"\x7f\0\0\1")
+    assert full.wire is not None and fast.wire is not None
+    assert fast.wire[2:] == full.wire[2:] and fast.wire[:2] == b"\0\x08" and fast.index == full.index
+    qend = wire.index(b"\0", 12) + 5
+    assert fast.wire[12:qend] == wire[12:qend]  # the question as asked, case kept
+
+
+@pytest.mark.parametrize("family, source, address, scope", [
+    (2, 129, bytes(17), 0),  # prefix longer than the address
+    (1, 33, bytes(5), 0),
+    (2, 56, bytes(6), 0),  # 6 octets for a /56
+    (2, 56, bytes(7) + b"\1", 0),  # 8 octets for a /56
+    (1, 24, bytes([193, 0, 6]), 24),  # a scope in a query
+    (3, 24, bytes([193, 0, 6]), 0),  # no such family
+    (1, 20, bytes([193, 0, 0x0F]), 0),  # bits past the prefix
+])
+def test_malformed_client_subnet_is_formerr_with_the_map(region_map: RegionMap, locator: Locator, view: View,
+                                                         family: int, source: int, address: bytes,
+                                                         scope: int) -> None:
+    r = Responder(view, locator, region_map=region_map)
+    good = _ecs_query("shop.geo.example.com", 1, 24, bytes([193, 0, 6]))
+    r.answer(good, b"\x7f\0\0\1")  # a template is ready
+    wire = _ecs_query("shop.geo.example.com", family, source, address, scope=scope)
+    reply = DNSRecord.parse(r.answer(wire, b"\x7f\0\0\1").wire)
+    assert reply.header.rcode == 1  # FORMERR
+
+
+@pytest.mark.parametrize("family, source, address", [(2, 0, b""), (1, 0, b""), (2, 56, bytes(7))])
+def test_ecs_zero_and_56_with_the_map(region_map: RegionMap, locator: Locator, view: View, family: int, source: int,
+                                      address: bytes) -> None:
+    r = Responder(view, locator, region_map=region_map)
+    for _ in range(2):  # full path, then from the template
+        reply = DNSRecord.parse(r.answer(_ecs_query("shop.geo.example.com", family, source, address),
+                                         b"\x7f\0\0\1").wire)
+        assert reply.header.rcode == 0 and reply.rr
+        echo = next(o for ar in reply.ar if ar.rtype == 41 for o in ar.rdata if o.code == 8)
+        fam, src, scope = struct.unpack_from("!HBB", echo.data)
+        assert (fam, src) == (family, source) and (scope == 0 if source == 0 else scope <= 128)
+
+
+def test_truncated_opt_is_formerr_with_the_map(region_map: RegionMap, locator: Locator, view: View) -> None:
+    r = Responder(view, locator, region_map=region_map)
+    good = _ecs_query("shop.geo.example.com", 1, 24, bytes([193, 0, 6]))
+    r.answer(good, b"\x7f\0\0\1")
+    for cut in (1, 3, 8):
+        reply = r.answer(good[:-cut], b"\x7f\0\0\1")
+        assert reply.wire is not None and DNSRecord.parse(reply.wire[:12] + b"").header.rcode == 1
