@@ -14,13 +14,23 @@ from coordinator.server import Coordinator, CoordinatorConfig
 from geomesh import logs, metrics
 from geomesh.errors import ValidationError
 
+DEFAULT_ETCD = "127.0.0.1:2379"
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="geomesh-coordinator",
         description="geomesh coordinator: the gRPC control plane (Admin, GatewayControl, RoutingFeed) over etcd. "
                     "Run several replicas against one etcd cluster; they agree through etcd.")
-    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd client endpoint host:port (default %(default)s)")
+    p.add_argument("--etcd", action="append", metavar="ENDPOINT[,ENDPOINT...]",
+                   help="etcd members' client endpoints, host:port or https://host:port; comma-separated "
+                        "and/or repeated, every member of the cluster (the coordinator fails over between "
+                        f"them); default {DEFAULT_ETCD}")
+    p.add_argument("--etcd-ca", type=Path, metavar="PEM",
+                   help="CA certificate that signed the etcd members' server certificates; turns TLS on "
+                        "(without it, https:// endpoints are checked against the system's roots)")
+    p.add_argument("--etcd-cert", type=Path, metavar="PEM", help="client certificate for etcd (with --etcd-key)")
+    p.add_argument("--etcd-key", type=Path, metavar="PEM", help="private key of --etcd-cert")
     p.add_argument("--listen", default="127.0.0.1:7443",
                    help="gRPC listen address host:port; port 0 picks a free port (default %(default)s)")
     p.add_argument("--listen-unix", type=Path, metavar="PATH",
@@ -65,7 +75,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace) -> None:
-    config = CoordinatorConfig(etcd=args.etcd, listen=args.listen, pki_dir=args.pki_dir, insecure=args.insecure,
+    config = CoordinatorConfig(etcd=",".join(args.etcd or [DEFAULT_ETCD]), etcd_ca=args.etcd_ca,
+                               etcd_cert=args.etcd_cert, etcd_key=args.etcd_key, listen=args.listen,
+                               pki_dir=args.pki_dir, insecure=args.insecure,
                                mesh_cidr=args.mesh_cidr, lease_ttl=args.lease_ttl, metrics_host=args.metrics_host,
                                metrics_port=args.metrics_port, server_hosts=tuple(args.server_host),
                                etcd_timeout=args.etcd_timeout, listen_unix=args.listen_unix,

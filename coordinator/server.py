@@ -26,7 +26,7 @@ from coordinator.reach_decider import ReachDecider
 from coordinator.reachability import DEFAULT_MAX_SHARE
 from coordinator.services import AdminService, GatewayControlService, RoutingFeedService, add_routing_feed
 from coordinator.state import PREFIX, State
-from coordinator.store import Compacted, EtcdStore, LeaseSet, ReplicaLease
+from coordinator.store import Compacted, EtcdConfig, EtcdStore, LeaseSet, ReplicaLease
 from geomesh import validate
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
@@ -61,8 +61,17 @@ class CoordinatorConfig:
     reach_max_unreachable_share: float = DEFAULT_MAX_SHARE  # panic threshold: at most this share unreachable
     reach_vote_write_rate: float = 5.0  # votes/<prober> writes per second and gateway (burst: twice that)
     allow_loopback_instances: bool = False  # instance addresses on 127.0.0.0/8, ::1 (tests, loopback lab)
+    etcd_ca: Path | None = None  # etcd: CA that signed the members' certificates (TLS)
+    etcd_cert: Path | None = None  # etcd: our client certificate and key
+    etcd_key: Path | None = None
+
+    @property
+    def etcd_config(self) -> EtcdConfig:
+        """`etcd` (comma-separated endpoints) with the TLS files; raises ValidationError naming the field."""
+        return EtcdConfig.parse(self.etcd, ca=self.etcd_ca, cert=self.etcd_cert, key=self.etcd_key)
 
     def __post_init__(self) -> None:
+        _ = self.etcd_config
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit():
             raise ValidationError("listen", f"{self.listen!r} is not host:port")
@@ -106,7 +115,7 @@ def return_large_blocks_on_free() -> bool:
 class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
-        self.store = EtcdStore(config.etcd, timeout=config.etcd_timeout)
+        self.store = EtcdStore(config.etcd_config, timeout=config.etcd_timeout)
         self.state = State(config.mesh_cidr)
         self.leases = LeaseSet()
         self.lease = ReplicaLease(self.store, self.leases, config.lease_ttl)
