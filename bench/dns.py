@@ -24,11 +24,11 @@ Two loads, each one dnsperf wire file (`-B`):
 Method (as in the anchors): servers pinned to --server-cpu, dnsperf to --client-cpu; --rounds
 interleaved rounds, each running every server back to back on each load: a saturating run
 (dnsperf -c 8 -q 200, --duration s) for queries/s and CPU per query, then a fixed-rate run
-(-Q --lat-qps, --lat-duration s, -v) for p50/p99. Before that, every query of the hostile file
-(or --sample of them) is sent once to each server by a pipelined Python client: geomesh-dns's
-first pass is its cold rate; the answers give the region each server chose (agreement with
-gdnsd, differences listed with their reason) and the ECS scope of each answer (its
-distribution). Also reported: each server's RSS (now and peak), its start-up time (to the first
+(-Q --lat-qps, --lat-duration s, -v) for p50/p99. Before that, --sample further hostile queries
+(distinct /24s in no dnsperf file) are sent once to each server by a pipelined Python client with
+random IDs: its rate is each server's cold rate from one client; the answers give the region each
+server chose (agreement with gdnsd, differences listed with their reason) and the ECS scope of
+each answer (its distribution). Also reported: each server's RSS (now and peak), its start-up time (to the first
 answer; geomesh-dns: also until its region map is ready and the map's build time from its
 metrics, when it has one), and geomesh-dns's cache hit ratio in each run (from its metrics).
 
@@ -551,8 +551,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--subnets", type=int, default=1_000_000,
                     help="distinct ECS /24s of the hostile load's saturating file (one query each)")
     ap.add_argument("--hot-subnets", type=int, default=10000, help="distinct ECS /24s of the hot (looped) load")
-    ap.add_argument("--sample", type=int, default=0,
-                    help="hostile queries each server answers to the Python client (regions, scopes); 0 = all")
+    ap.add_argument("--sample", type=int, default=200_000,
+                    help="further distinct hostile /24s (in no dnsperf file) each server answers once to the "
+                         "Python client: its cold rate, the regions chosen, the ECS scopes")
     ap.add_argument("--apps", type=int, default=100, help="app names the queries ask for")
     ap.add_argument("--clients", type=int, default=8, help="dnsperf -c")
     ap.add_argument("--outstanding", type=int, default=200, help="dnsperf -q")
@@ -582,12 +583,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.subnets, args.hot_subnets, args.rounds = min(args.subnets, 20000), min(args.hot_subnets, 2000), 1
+        args.sample = min(args.sample, 10000)
         args.duration, args.lat_duration, args.lat_qps = 2.0, 2.0, min(args.lat_qps, 5000)
         args.start_together = True
     if args.duration > 15 or args.lat_duration > 15:
         ap.error("runs are bounded to 15 s")
-    if args.subnets < 1 or args.hot_subnets < 1 or args.rounds < 1:
-        ap.error("--subnets, --hot-subnets and --rounds must be at least 1")
+    if args.subnets < 1 or args.hot_subnets < 1 or args.rounds < 1 or args.sample < 1:
+        ap.error("--subnets, --hot-subnets, --sample and --rounds must be at least 1")
     for tool in ("dnsperf", "taskset") + (() if args.skip_gdnsd else ("gdnsd",)):
         if shutil.which(tool) is None:
             print(f"bench/dns.py: {tool} is not installed (scripts/install.sh installs it)", file=sys.stderr)
@@ -610,11 +612,13 @@ def main() -> int:
     t0 = time.monotonic()
     hot = draw_subnets(db, args.hot_subnets, args.seed)
     lat_n = max(1, math.ceil(args.lat_qps * args.lat_duration * 1.1))
-    drawn = draw_uniform(db, args.subnets + args.rounds * lat_n, args.seed + 1, {n for n, _ in hot})
+    drawn = draw_uniform(db, args.subnets + args.rounds * lat_n + args.sample, args.seed + 1, {n for n, _ in hot})
     hostile, lat_sets = drawn[:args.subnets], [drawn[args.subnets + r * lat_n:args.subnets + (r + 1) * lat_n]
                                                for r in range(args.rounds)]
+    sampled = drawn[args.subnets + args.rounds * lat_n:]
     files = {("hostile", "tput"): work / "hostile.bin", ("hot", "tput"): work / "hot.bin"}
-    wires = write_query_file(files[("hostile", "tput")], hostile, args.apps, hostile=True, seed=args.seed + 2)
+    write_query_file(files[("hostile", "tput")], hostile, args.apps, hostile=True, seed=args.seed + 2)
+    sample = write_query_file(work / "sample.bin", sampled, args.apps, hostile=True, seed=args.seed + 3)
     for r, subnets in enumerate(lat_sets, 1):
         files[("hostile", f"lat{r}")] = work / f"hostile-lat{r}.bin"
         write_query_file(files[("hostile", f"lat{r}")], subnets, args.apps, hostile=True, seed=args.seed + 10 + r)
@@ -625,7 +629,7 @@ def main() -> int:
     distinct = len({n for n, _ in drawn})
     print(f"hostile load: {len(hostile):,} queries, one per distinct ECS /24, random IDs, 0x20 names, "
           f"continents {dict(sorted(mix.items(), key=lambda kv: -kv[1]))}; {args.rounds} x {lat_n:,} more for the "
-          f"fixed-rate runs ({distinct:,} distinct /24s in all)")
+          f"fixed-rate runs, {len(sample):,} more for the Python client ({distinct:,} distinct /24s in all)")
     print(f"hot load: {len(hot):,} queries ({len({n for n, _ in hot}):,} distinct /24s, per-continent quota), "
           f"lower case, looped ({time.monotonic() - t0:.1f}s to draw and write)")
     ids = dnsperf_ids(work)
@@ -691,8 +695,8 @@ def main() -> int:
                                    capture_output=True, check=True, timeout=30)
         print(f"{NOCACHE}: {nocache_text}" if NOCACHE in servers else "")
 
-        # every hostile query once through the Python client: cold rate, regions, scopes
-        sample = wires if not args.sample else wires[:args.sample]
+        # the sample of hostile queries (/24s in no dnsperf file) once through the Python client:
+        # cold rate, regions, scopes
         answers: dict[str, list[tuple[str | None, int]]] = {}
         for name in servers:
             t = time.monotonic()
@@ -700,7 +704,7 @@ def main() -> int:
             rate = len(sample) / (time.monotonic() - t)
             info[name]["python_pass_qps"] = rate
             print(f"{name}: {len(sample):,} hostile queries once from one pipelined Python client: {rate:,.0f} q/s"
-                  + (" (geomesh-dns: every query new to it)" if name == OURS else ""))
+                  " (every query new to it)")
         scopes = {name: scope_summary(a) for name, a in answers.items()}
         unanswered = {name: sum(1 for r, s in a if r is None and s < 0) for name, a in answers.items()}
 
@@ -755,7 +759,7 @@ def main() -> int:
             with open(results / "disagreements.txt", "w") as f:
                 for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
                     if a[0] != b[0]:
-                        net = hostile[i][0]
+                        net = sampled[i][0]
                         f.write(f"{socket.inet_ntoa(net)}/24 ours={a[0]} gdnsd={b[0]} {explain(db, net, a[0], b[0])}\n")
         nocache_agrees = None
         if NOCACHE in answers:
@@ -784,7 +788,8 @@ def main() -> int:
                       + ("-" if math.isnan(m["cache_hit_ratio"]) else f"{100 * m['cache_hit_ratio']:.1f}%")
                       + f" | {max(x['sent'] for x in mine):,} |")
         print("* geomesh-dns's geodns_cache_hits_total / (hits + misses) over the saturating and the fixed-rate "
-              "run: answers it did not compute from the view (any of its caches)")
+              "run: answers it did not compute from the view (reply-cache hits and answers assembled from a "
+              "template)")
         ratios: dict[str, dict[str, float]] = {}
         if GDNSD in servers:
             for load in LOADS:
@@ -826,7 +831,7 @@ def main() -> int:
                         "nocache_flag": nocache_text, "dnsperf_ids": ids, "command": cmd_text,
                         "loads": {"hostile": {"queries": len(hostile), "distinct_24s": len({n for n, _ in hostile}),
                                               "latency_queries_per_round": lat_n, "continents": mix,
-                                              "distinct_24s_all_files": distinct},
+                                              "sample": len(sample), "distinct_24s_all_files": distinct},
                                   "hot": {"queries": len(hot), "distinct_24s": len({n for n, _ in hot})}},
                         "sample": len(sample)})
         (results / "summary.json").write_text(json.dumps(summary, indent=1))

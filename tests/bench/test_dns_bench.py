@@ -3,8 +3,8 @@
 The smoke test runs `--quick` (20,000 hostile /24s, one short round) against the real servers
 (geomesh-dns and gdnsd under dnsperf) and checks what does not depend on speed: the hostile file
 holds one query per distinct /24 and no run sent more than the file (no query repeated), every
-run and server has its row, both servers' answers were sampled (scopes, regions) and agree on the
-region. The table tests check the answer parser, the 0x20 names and the draws on their own.
+run and server has its row, both servers' answers were sampled on /24s of their own (scopes,
+regions) and agree on the region. The table tests check the answer parser, the 0x20 names and the draws on their own.
 """
 
 from __future__ import annotations
@@ -52,17 +52,17 @@ def test_dns_bench_quick(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     hostile = result["loads"]["hostile"]
     assert hostile["queries"] == hostile["distinct_24s"] == 20000
-    assert hostile["distinct_24s_all_files"] == 20000 + hostile["latency_queries_per_round"]
+    assert hostile["distinct_24s_all_files"] == 20000 + hostile["latency_queries_per_round"] + 10000
     rows = {(r["load"], r["server"]): r for r in result["rows"]}
     assert set(rows) == {(load, s) for load in ("hostile", "hot") for s in ("geomesh-dns", "gdnsd")}
     for (load, server), r in rows.items():
         assert r["qps"] > 0 and r["n"] > 0 and not math.isnan(r["p99_ms"]), (load, server, r)
         if load == "hostile":
             assert 0 < r["sent"] <= hostile["queries"], (server, r)  # the file once: nothing repeated
-    assert result["sample"] == 20000
+    assert result["sample"] == hostile["sample"] == 10000
     for server in ("geomesh-dns", "gdnsd"):
         scopes = result["scopes"][server]
-        assert scopes["answers"] == 20000 - result["unanswered"][server] > 19000, (server, scopes)
+        assert scopes["answers"] == 10000 - result["unanswered"][server] > 9500, (server, scopes)
         assert 0 <= scopes["mean"] <= 24, (server, scopes)
         info = result["servers"][server]
         assert info["rss_peak_mb"] >= info["rss_mb"] > 0 and info["first_answer_s"] > 0, (server, info)
