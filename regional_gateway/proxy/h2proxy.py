@@ -235,17 +235,24 @@ class H2Downstream(asyncio.Protocol):
 
     def _feed(self, data: bytes, start: int) -> None:
         """Feed `data[start:]` to the state machine, `FEED_FRAMES` frames now and the rest on
-        the next turns of the event loop (reading paused meanwhile)."""
+        later turns of the event loop, each after a pause as long as the feed before it took
+        (reading paused meanwhile)."""
         end = self.cutter.cut(data, start)
         if end < len(data):
             self.backlog, self.backlog_at = data, end
             self.transport.pause_reading()
-            if self.feeding is None:
-                self.feeding = asyncio.get_running_loop().call_soon(self._feed_backlog)
             data = data[start:end]
         elif start:
             data = data[start:]
+        if not self.backlog:
+            self._process(data)
+            return
+        t0 = monotonic()
         self._process(data)
+        if self.backlog and self.feeding is None:  # (gone if the feed ended the connection)
+            # the rest after a pause as long as this feed took: a connection that floods the
+            # gateway gets about half of the event loop, the other connections the rest
+            self.feeding = asyncio.get_running_loop().call_later(monotonic() - t0, self._feed_backlog)
 
     def _feed_backlog(self) -> None:
         self.feeding = None

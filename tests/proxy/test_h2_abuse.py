@@ -365,7 +365,8 @@ def test_rapid_reset_puts_its_client_in_the_penalty_box(front, backend, ca):
         except OSError:
             refused += 1
             time.sleep(0.1)
-    assert served_after is not None and served_after >= cooldown - 0.3, (served_after, refused)
+    # (the box runs on the gateway's coarse clock, ticked every 0.25 s)
+    assert served_after is not None and served_after >= cooldown - 0.5, (served_after, refused)
     got = errors(g)
     assert got["client-penalised"] == refused and got["h2-rapid-reset"] == 1
     assert g.run(lambda: g.server.admission.penalty.offences) == {"h2-rapid-reset": 1}
