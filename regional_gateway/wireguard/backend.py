@@ -7,7 +7,8 @@ handshake times and counters, `apply(plan)` makes exactly the changes a `Plan` l
 `close()` releases the backend (leaving the interface up unless asked to remove it). Calls block;
 the asyncio side runs them in a thread (`MeshApplier`). Two implementations: userspace
 wireguard-go over its UAPI socket (`userspace.py`) and kernel WireGuard over generic netlink
-(`kernel.py`); `select_backend` picks the kernel one when the module is present.
+(`kernel.py`); `selection.select_backend` picks the kernel one when the module is present (it
+lives there so that this interface never imports its implementations).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import abc
 import ipaddress
 import re
-import shutil
-from pathlib import Path
 from typing import Literal
 
 from geomesh.errors import GeomeshError, ValidationError
@@ -90,24 +89,11 @@ class WireGuardBackend(abc.ABC):
         return self._public_key
 
 
-def kernel_available(sys_module: Path = Path("/sys/module/wireguard")) -> bool:
-    """Whether the WireGuard kernel module is loaded (or built in)."""
-    return sys_module.exists()
+def __getattr__(name: str) -> object:
+    """`select_backend` moved to `selection`; the old name resolves lazily for callers not yet
+    updated (`regional_gateway/agent.py`). Remove once nothing imports it from here."""
+    if name == "select_backend":
+        from regional_gateway.wireguard.selection import select_backend
 
-
-def select_backend(kind: BackendKind = "auto", *, netns: str | None = None,
-                   wireguard_go: str | None = None) -> WireGuardBackend:
-    """The kernel backend when asked for or (auto) when the module is there, else wireguard-go."""
-    from regional_gateway.wireguard.kernel import KernelBackend
-    from regional_gateway.wireguard.userspace import UserspaceBackend
-
-    if kind not in ("auto", "kernel", "userspace"):
-        raise ValidationError("wg_backend", f"{kind!r} is not one of auto, kernel, userspace")
-    if kind == "kernel" or (kind == "auto" and kernel_available()):
-        if kind == "kernel" and not kernel_available():
-            raise WireGuardError("kernel WireGuard requested but the wireguard module is not loaded")
-        return KernelBackend(netns=netns)
-    binary = wireguard_go or shutil.which("wireguard-go")
-    if binary is None:
-        raise WireGuardError("no WireGuard kernel module and no wireguard-go on PATH: install wireguard-go")
-    return UserspaceBackend(binary=binary, netns=netns)
+        return select_backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ import pytest
 from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, WG_CMD_SET_DEVICE, AsyncWireGuard, wgmsg
 
 from regional_gateway.wireguard import backend as backend_mod
+from regional_gateway.wireguard import selection
 from regional_gateway.wireguard.kernel import device_from_netlink, device_request, netlink_requests
 from regional_gateway.wireguard.keys import PrivateKey
 from regional_gateway.wireguard.peers import Peer, PeerUpdate, Plan
@@ -145,13 +146,13 @@ def test_select_backend_auto_and_override(tmp_path: Any, monkeypatch: pytest.Mon
     from regional_gateway.wireguard.kernel import KernelBackend
     from regional_gateway.wireguard.userspace import UserspaceBackend
 
-    assert backend_mod.kernel_available(tmp_path / "absent") is False
-    monkeypatch.setattr(backend_mod, "kernel_available", lambda: True)
-    assert isinstance(backend_mod.select_backend("auto"), KernelBackend)
-    assert isinstance(backend_mod.select_backend("userspace", wireguard_go="/bin/true"), UserspaceBackend)
-    monkeypatch.setattr(backend_mod, "kernel_available", lambda: False)
-    assert isinstance(backend_mod.select_backend("auto", wireguard_go="/bin/true"), UserspaceBackend)
+    assert selection.kernel_available(tmp_path / "absent") is False
+    monkeypatch.setattr(selection, "kernel_available", lambda: True)
+    assert isinstance(selection.select_backend("auto"), KernelBackend)
+    assert isinstance(selection.select_backend("userspace", wireguard_go="/bin/true"), UserspaceBackend)
+    monkeypatch.setattr(selection, "kernel_available", lambda: False)
+    assert isinstance(selection.select_backend("auto", wireguard_go="/bin/true"), UserspaceBackend)
     with pytest.raises(backend_mod.WireGuardError, match="module is not loaded"):
-        backend_mod.select_backend("kernel")
+        selection.select_backend("kernel")
     with pytest.raises(backend_mod.ValidationError):
-        backend_mod.select_backend("bogus")  # type: ignore[arg-type]
+        selection.select_backend("bogus")  # type: ignore[arg-type]
