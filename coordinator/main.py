@@ -36,13 +36,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-unix", type=Path, metavar="PATH",
                    help="also serve on this unix socket (same TLS rules); lets processes in other network "
                         "namespaces on this host reach the coordinator without any route")
-    p.add_argument("--pki-dir", type=Path, help="PKI directory made by `geomesh pki init` (CA + serving cert); "
-                   "required unless --insecure")
+    p.add_argument("--pki-dir", type=Path, help="PKI directory made by `geomesh pki init`: ca.pem and "
+                   "server/ (the coordinator's certificate and key); ca.key is not needed. Required unless --insecure")
     p.add_argument("--insecure", action="store_true",
                    help="serve plaintext without client certificates; only allowed on a loopback address, "
                         "for demos. Callers name themselves with the x-geomesh-identity header (default admin)")
     p.add_argument("--server-host", action="append", default=[], metavar="HOST",
-                   help="extra DNS name or IP for the serving certificate (repeatable)")
+                   help="a DNS name or IP the serving certificate must cover; checked at start, never issued here "
+                        "(reissue it with `geomesh pki server --server-host`) (repeatable)")
     p.add_argument("--mesh-cidr", default="10.88.0.0/16", help="range the gateways' mesh IPs come from (default %(default)s)")
     p.add_argument("--lease-ttl", type=int, default=3,
                    help="seconds a gateway stays alive after its coordinator loses contact (default %(default)s)")
@@ -65,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
                    help="accept app instances on loopback addresses (127.0.0.0/8, ::1); for tests and the loopback "
                         "lab, where gateway and instances share one host. Without it such an address is "
                         "INVALID_ARGUMENT (a gateway would proxy to itself)")
+    p.add_argument("--audit-log", type=Path, metavar="PATH",
+                   help="also append every write call's audit line (JSON: caller role, name, certificate serial, "
+                        "method, key fields, code) to this file; they are always in the process log too")
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
     p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
@@ -84,7 +88,7 @@ async def run(args: argparse.Namespace) -> None:
                                watch_send_timeout=args.watch_send_timeout,
                                health_write_interval=args.health_write_interval, heartbeat_rate=args.heartbeat_rate,
                                reach_max_unreachable_share=args.reach_max_unreachable_share,
-                               reach_vote_write_rate=args.reach_vote_write_rate,
+                               reach_vote_write_rate=args.reach_vote_write_rate, audit_log=args.audit_log,
                                allow_loopback_instances=args.allow_loopback_instances)
     coordinator = Coordinator(config)
     stop = asyncio.Event()

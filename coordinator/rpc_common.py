@@ -10,7 +10,9 @@ method is a write: each call is an audit line (`coordinator.audit`).
 Requests are decoded by `add_service`'s handlers, whose deserializer never raises: a body that is
 not the method's protobuf becomes a `Malformed` value the wrappers (and the session's reader)
 answer with INVALID_ARGUMENT, instead of grpc's UNKNOWN "Unexpected DecodeError" (probe finding
-22). etcd refusing a request as too large is INVALID_ARGUMENT naming etcd's limit.
+22). etcd refusing a request as too large is INVALID_ARGUMENT naming etcd's limit. grpc's own
+error-level traceback for a client that left a stream while a message was being sent
+(ExecuteBatchError) is a normal end of a stream: `ClientGoneFilter` logs it at debug and counts it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ CODE_OF: dict[type[GeomeshError], grpc.StatusCode] = {
 
 ETCD_TOO_LARGE = ("request: the write is larger than etcd accepts (etcd's --max-request-bytes, "
                   "1.5 MiB by default)")
+CLIENT_GONE = Counter("geomesh_coordinator_streams_client_gone_total",
+                      "streams whose client left while a message was being sent (grpc's ExecuteBatchError)")
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
 MALFORMED = Counter("geomesh_coordinator_malformed_requests_total",
                     "request messages that were not the method's protobuf (INVALID_ARGUMENT)", ["method"])
 
@@ -100,6 +105,31 @@ def _caller_of_pem(pem: bytes, ca: x509.Certificate) -> Caller:
     (a refused one is checked again on every call)."""
     cert = check_client_cert(pem, ca)
     return Caller(cert.role, cert.name, cert.serial)
+
+
+class ClientGoneFilter(logging.Filter):
+    """On grpc's core logger: an ExecuteBatchError (the client went away during a send) becomes a
+    debug line without traceback, and is counted; everything else passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "ExecuteBatchError" not in record.getMessage() and not (
+                record.exc_info and record.exc_info[0] is not None and record.exc_info[0].__name__ == "ExecuteBatchError"):
+            return True
+        CLIENT_GONE.inc()
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def quiet_client_gone() -> ClientGoneFilter:
+    """Install `ClientGoneFilter` on grpc's core logger (idempotent)."""
+    core = logging.getLogger(GRPC_CORE_LOGGER)
+    for f in core.filters:
+        if isinstance(f, ClientGoneFilter):
+            return f
+    f = ClientGoneFilter()
+    core.addFilter(f)
+    return f
 
 
 class Malformed:

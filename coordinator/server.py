@@ -3,7 +3,11 @@
 `CoordinatorConfig` has no side effects; `Coordinator.start()` connects to etcd, loads the cache
 (waiting for etcd if it is not up yet), starts the single watch, the lease keepalive stream and
 the reachability decider (`coordinator.reach_decider`), then serves Admin, GatewayControl, RoutingFeed, reflection and grpc.health.v1 with mTLS (or
-plaintext on loopback when --insecure was asked for). `stop()` follows the house shutdown order:
+plaintext on loopback when --insecure was asked for). With mTLS it reads the CA certificate and
+its own serving certificate and key from --pki-dir and never issues one (a coordinator host needs
+no ca.key; `geomesh pki init` makes the serving certificate offline). `coordinator.access` judges
+every caller and ends the streams of revoked or unenrolled ones; writes are audit lines
+(`coordinator.audit`, also appended to --audit-log). `stop()` follows the house shutdown order:
 health NOT_SERVING, stop accepting, drain streams with a deadline, cancel the rest, release leases.
 """
 
@@ -17,19 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge
 
+from coordinator import audit
+from coordinator.access import Access
 from coordinator.operations import Operations
 from coordinator.reach_decider import ReachDecider
 from coordinator.reachability import DEFAULT_MAX_SHARE
-from coordinator.services import AdminService, GatewayControlService, RoutingFeedService, add_routing_feed
+from coordinator.rpc_common import quiet_client_gone
+from coordinator.services import AdminService, GatewayControlService, RoutingFeedService, add_services
 from coordinator.state import PREFIX, State
 from coordinator.store import Compacted, EtcdConfig, EtcdStore, LeaseSet, ReplicaLease
 from geomesh import validate
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.errors import StoreUnavailableError, ValidationError
 from geomesh.pki import Pki
 
@@ -61,6 +68,7 @@ class CoordinatorConfig:
     reach_max_unreachable_share: float = DEFAULT_MAX_SHARE  # panic threshold: at most this share unreachable
     reach_vote_write_rate: float = 5.0  # votes/<prober> writes per second and gateway (burst: twice that)
     allow_loopback_instances: bool = False  # instance addresses on 127.0.0.0/8, ::1 (tests, loopback lab)
+    audit_log: Path | None = None  # also append the audit lines (JSON) to this file
     etcd_ca: Path | None = None  # etcd: CA that signed the members' certificates (TLS)
     etcd_cert: Path | None = None  # etcd: our client certificate and key
     etcd_key: Path | None = None
@@ -122,6 +130,8 @@ class Coordinator:
         self.ops = Operations(self.store, self.state, allow_loopback_instances=config.allow_loopback_instances)
         self.decider = ReachDecider(self.state, self.ops, max_share=config.reach_max_unreachable_share)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.access: Access | None = None  # made in start(), over the final state and with the CA
+        self._audit_handler: logging.Handler | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
@@ -129,6 +139,19 @@ class Coordinator:
 
     async def start(self) -> int:
         cfg = self.config
+        # the PKI first: a missing certificate is a configuration error, not a wait for etcd
+        identity, ca_cert = None, None
+        if not cfg.insecure:
+            assert cfg.pki_dir is not None
+            pki = Pki(cfg.pki_dir)
+            try:
+                identity = pki.serving(cfg.server_hosts)
+                ca_cert = x509.load_pem_x509_certificate(pki.ca_cert_path.read_bytes())
+            except (FileNotFoundError, ValueError) as exc:
+                raise ValidationError("pki_dir", str(exc)) from None
+            if pki.ca_key_path.exists():
+                log.warning("the CA key is on this host: a coordinator needs only ca.pem and server/; keep "
+                            "ca.key where certificates are issued", extra={"fields": {"path": str(pki.ca_key_path)}})
         return_large_blocks_on_free()
         self._tasks.append(asyncio.create_task(self._watch_loop(), name="etcd-watch"))
         self._tasks.append(asyncio.create_task(
@@ -142,21 +165,25 @@ class Coordinator:
             ("grpc.http2.min_ping_interval_without_data_ms", 1000),
             ("grpc.keepalive_permit_without_calls", 1),
         ])
-        pbg.add_AdminServicer_to_server(AdminService(self.state, self.ops, insecure=cfg.insecure), server)
-        add_routing_feed(RoutingFeedService(self.state, self.ops, insecure=cfg.insecure,
-                                            send_timeout=cfg.watch_send_timeout), server)
-        pbg.add_GatewayControlServicer_to_server(GatewayControlService(
-            self.state, self.ops, self.store, self.lease, insecure=cfg.insecure,
-            lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr, health_interval=cfg.health_write_interval,
-            heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate), server)
+        self.access = Access(self.state, insecure=cfg.insecure, ca=ca_cert)
+        quiet_client_gone()
+        if cfg.audit_log is not None:
+            self._audit_handler = audit.add_file(cfg.audit_log)
+        self._tasks.append(asyncio.create_task(self.access.run(), name="access"))
+        add_services(server, AdminService(self.state, self.ops, self.access),
+                     RoutingFeedService(self.state, self.ops, self.access, send_timeout=cfg.watch_send_timeout),
+                     GatewayControlService(
+                         self.state, self.ops, self.store, self.lease, self.access,
+                         lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr,
+                         health_interval=cfg.health_write_interval,
+                         heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         if cfg.insecure:
             self.port = server.add_insecure_port(cfg.listen)
         else:
-            assert cfg.pki_dir is not None
-            ident = Pki(cfg.pki_dir).server(list(cfg.server_hosts))
-            ca, cert, key = ident.read()
+            assert identity is not None
+            ca, cert, key = identity.read()
             creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
             self.port = server.add_secure_port(cfg.listen, creds)
         if self.port == 0:
@@ -219,3 +246,6 @@ class Coordinator:
         except Exception:  # noqa: BLE001 - best effort: the lease expires on its own
             pass
         await self.store.close()
+        if self._audit_handler is not None:
+            audit.log.removeHandler(self._audit_handler)
+            self._audit_handler.close()
