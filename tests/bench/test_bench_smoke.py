@@ -159,3 +159,17 @@ def test_failover_bench_quick_measures_every_case(tmp_path: Path) -> None:
         assert r["misses"] == 0 and len(r["samples"]) == 2 and all(s > 0 for s in r["samples"]), (row, r)
     assert result["isolate"]["cut_off_named"] == 2 and result["isolate"]["excluded"] == [], result["isolate"]
     assert result["all_cut"]["answers"] > 0 and result["all_cut"]["nodata"] == 0, result["all_cut"]
+
+
+def test_faults_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
+    """bench/faults.py --quick on a real 3-member TLS etcd cluster: every scenario made its row,
+    the faults happened, and what does not depend on speed holds (no acknowledged write lost, no
+    alive key deleted, no linearizability violation). No timing is asserted."""
+    result = run_bench("faults.py", tmp_path / "faults.json", timeout=120)
+    rows = {r["scenario"]: r for r in result["rows"]}
+    assert set(rows) == {"leader-kill", "own-member", "linearizability"}
+    kill, own, lin = rows["leader-kill"], rows["own-member"], rows["linearizability"]
+    assert kill["writes"] > 0 and kill["raw_writes"] > 0 and kill["lost"] == 0 and kill["raw_lost"] == 0, kill
+    assert own["writes"] > 0 and own["alive_deleted"] == 0 and own["lost"] == 0, own
+    assert math.isfinite(own["failover_s"]), own
+    assert lin["ops"] >= 2000 and len(lin["faults"]) == 3 and lin["violations"] == 0, lin
