@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import multiprocessing
+import multiprocessing.connection
 import socket
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain, compress
+from itertools import compress
 from operator import ne
 from pathlib import Path
 
@@ -49,7 +51,8 @@ from geomesh.geo import great_circle_km
 UNPLACED = 0  # place index of networks without coordinates
 _MASK64 = (1 << 64) - 1
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
-_DOT_TIE = 1e-9  # dot products closer than this are ranked with the haversine itself
+_DOT_TIE = 1e-9
+CHUNK = 1 << 15  # runs per C-level step of a build: the GIL can change hands between steps  # dot products closer than this are ranked with the haversine itself
 
 # special-purpose blocks no GeoIP database places (as geodns.nearest)
 SPECIAL_V4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
@@ -63,11 +66,13 @@ SPECIAL_V6 = ("::/127", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/3
 class Networks:
     """Stage 1: the database as runs of adjacent networks with one place each."""
 
-    places: tuple[tuple[float, float] | None, ...]  # index -> (lat, lon); index 0 is UNPLACED
+    latitudes: array  # 'd', place index -> latitude; index 0 (UNPLACED) holds NaN
+    longitudes: array  # 'd'
     v4_starts: array  # 'I', sorted, first entry 0
     v4_places: array  # 'I', place index per run
-    v6_starts: tuple[int, ...]  # sorted, first entry 0; a run marked ALIAS follows into IPv4
-    v6_places: array  # 'I', place index per run, or alias marker
+    v6_hi: array  # 'Q', upper halves of the run starts (sorted, first entry 0)
+    v6_lo: array  # 'Q', lower halves
+    v6_places: array  # 'I', place index per run, or alias_base + i: follows into IPv4 (v6_aliases[i])
     v6_aliases: tuple[int, ...]  # index -> prefix length where the IPv4 address starts
     build_epoch: int
     database_type: str
@@ -76,7 +81,20 @@ class Networks:
 
     @property
     def alias_base(self) -> int:
-        return len(self.places)
+        return len(self.latitudes)
+
+    @property
+    def places(self) -> list[tuple[float, float] | None]:
+        """index -> (latitude, longitude), None for UNPLACED."""
+        return [None] + list(zip(self.latitudes[1:], self.longitudes[1:], strict=True))
+
+    @property
+    def v6_starts(self) -> list[int]:
+        return [hi << 64 | lo for hi, lo in zip(self.v6_hi, self.v6_lo, strict=True)]
+
+    def nbytes(self) -> int:
+        return sum(a.itemsize * len(a) for a in (self.latitudes, self.longitudes, self.v4_starts, self.v4_places,
+                                                  self.v6_hi, self.v6_lo, self.v6_places))
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +247,50 @@ def read_networks(path: str | Path) -> Networks:
         aliases = [0] * len(alias_of)
         for depth, i in alias_of.items():
             aliases[i] = depth
-        return Networks(tuple(places), starts4, p4, tuple(starts6), p6,
+        lats = array("d", [math.nan] + [w[0] for w in places[1:]])  # type: ignore[index]
+        lons = array("d", [math.nan] + [w[1] for w in places[1:]])  # type: ignore[index]
+        return Networks(lats, lons, starts4, p4, array("Q", (x >> 64 for x in starts6)),
+                        array("Q", (x & _MASK64 for x in starts6)), p6,
                         tuple(aliases), meta.build_epoch, meta.database_type, path, leaves)
     finally:
         reader.close()
+
+
+def read_networks_apart(path: str | Path, timeout: float = 600.0) -> Networks:
+    """`read_networks` in a child process (spawned, so nothing of the caller's threads or
+    sockets is inherited): the walk's temporaries (a few hundred MB at peak) live and die
+    there, and only the compact arrays come back. Blocks the calling thread until done; the
+    child is a daemon, so the caller's exit ends it."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_networks_child, args=(str(path), send), name="geodns-geoip-walk", daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout):
+            raise TimeoutError(f"walking {path} took longer than {timeout:.0f} s")
+        kind, payload = recv.recv()
+    except EOFError:
+        proc.join(5)
+        raise RuntimeError(f"the GeoIP walk exited with status {proc.exitcode}") from None
+    finally:
+        recv.close()
+        if proc.is_alive():
+            proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+    if kind == "error":
+        raise ValueError(payload)
+    return payload
+
+
+def _networks_child(path: str, conn: multiprocessing.connection.Connection) -> None:
+    try:
+        result: tuple[str, object] = ("ok", read_networks(path))
+    except Exception as exc:
+        result = ("error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+    conn.send(result)
+    conn.close()
 
 
 def _location(record: object) -> tuple[float, float] | None:
@@ -274,13 +332,31 @@ def _overlay(starts: Sequence[int], values: array, ranges: list[tuple[int, int]]
 
 
 def merge_runs(starts: Sequence[int], values: array) -> tuple[Sequence[int], array]:
-    """Adjacent runs with the same value merged (C-speed iteration, no per-run list)."""
-    if len(values) < 2:
+    """Adjacent runs with the same value merged (C-speed iteration, no per-run list); the same
+    `values` merge any other column of the runs alike (IPv6 starts' two halves). Worked in
+    chunks of `CHUNK` runs, so that a build in a thread lets the event loop run in between."""
+    n = len(values)
+    if n < 2:
         return starts, values
-    changed = list(chain((True,), map(ne, values[1:], values[:-1])))
-    kept_starts = (array(starts.typecode, compress(starts, changed)) if isinstance(starts, array)
-                   else list(compress(starts, changed)))
-    return kept_starts, array(values.typecode, compress(values, changed))
+    changed = bytearray(b"\1")  # one octet per run: starts a new block
+    for i in range(1, n, CHUNK):
+        j = min(n, i + CHUNK)
+        changed += bytes(map(ne, values[i:j], values[i - 1:j - 1]))
+    kept_starts: Sequence[int] = array(starts.typecode) if isinstance(starts, array) else []
+    kept_values = array(values.typecode)
+    for i in range(0, n, CHUNK):
+        kept_starts.extend(compress(starts[i:i + CHUNK], changed[i:i + CHUNK]))  # type: ignore[attr-defined]
+        kept_values.extend(compress(values[i:i + CHUNK], changed[i:i + CHUNK]))
+    return kept_starts, kept_values
+
+
+def mapped(table: Sequence[int], keys: array) -> array:
+    """array('I') of table[k] for each k of `keys`, in chunks (see `merge_runs`)."""
+    out = array("I")
+    get = table.__getitem__
+    for i in range(0, len(keys), CHUNK):
+        out.extend(map(get, keys[i:i + CHUNK]))
+    return out
 
 
 # -- stage 2: the regions ---------------------------------------------------------------------
@@ -418,12 +494,11 @@ def compile_map(networks: Networks, sites: Iterable[RegionSite], default_region:
     rankings, rank_of_place = rank_places(networks.places, sites, default_region)
     base = networks.alias_base
     rank_of_place.extend(ALIAS | i for i in range(len(networks.v6_aliases)))
-    get = rank_of_place.__getitem__
-    v4_starts, v4_ranks = merge_runs(networks.v4_starts, array("I", map(get, networks.v4_places)))
+    v4_starts, v4_ranks = merge_runs(networks.v4_starts, mapped(rank_of_place, networks.v4_places))
     assert len(rank_of_place) == base + len(networks.v6_aliases)
-    v6_starts, v6_ranks = merge_runs(networks.v6_starts, array("I", map(get, networks.v6_places)))
-    v6_hi = array("Q", (s >> 64 for s in v6_starts))
-    v6_lo = array("Q", (s & _MASK64 for s in v6_starts))
+    v6_values = mapped(rank_of_place, networks.v6_places)
+    v6_hi, v6_ranks = merge_runs(networks.v6_hi, v6_values)
+    v6_lo, _ = merge_runs(networks.v6_lo, v6_values)
     return RegionMap(tuple(rankings), v4_starts, v4_ranks, v6_hi, v6_lo, v6_ranks, networks.v6_aliases, sites,
                      default_region, networks.build_epoch, networks.database_type)
 

@@ -8,7 +8,7 @@ Shutdown order: stop reading UDP and accepting TCP -> close open TCP connections
 period for replies in flight) -> cancel the feed -> close sockets.
 
 The region map (`geodns.region_map`) is built off the data path by `_maintain_map`: the
-database is walked in a worker thread at start and whenever its file changes (`--geoip-poll`),
+database is walked in a child process (its temporaries never weigh on the server) at start and whenever its file changes (`--geoip-poll`),
 and the map is recompiled in that thread whenever the regions, their coordinates or the default
 region change. Until the first map is ready, and while a new one is built, answers keep coming
 from what is in service (at start: a City look-up per client); the finished map is swapped in
@@ -46,7 +46,7 @@ from geodns.answer import Responder
 from geodns.config import Config
 from geodns.metrics import GeoDnsCollector
 from geodns.nearest import Locator
-from geodns.region_map import Networks, RegionMap, compile_map, read_networks, sites_of
+from geodns.region_map import Networks, RegionMap, compile_map, read_networks_apart, sites_of
 from geodns.rrl import RateLimiter
 from geodns.stats import Stats, merge
 from geodns.tcp import DnsTcpProtocol, TcpConnections
@@ -281,7 +281,7 @@ class Server:
                 now_id = (st.st_ino, st.st_size, st.st_mtime_ns)
                 if now_id != file_id and (file_id is None or poll > 0):
                     started = time.monotonic()
-                    networks = await _in_thread(loop, read_networks, path)
+                    networks = await _in_thread(loop, read_networks_apart, path)
                     seconds = time.monotonic() - started
                     if file_id is not None:
                         self.locator = Locator(path)
@@ -291,7 +291,8 @@ class Server:
                     self.map_stats["geoip_build_epoch"] = networks.build_epoch
                     event(log, "geoip database loaded", path=str(path), type=networks.database_type,
                           build_epoch=networks.build_epoch, age_days=round(_age(networks.build_epoch) / 86400, 1),
-                          networks=networks.leaves, places=len(networks.places), seconds=round(seconds, 3),
+                          networks=networks.leaves, places=len(networks.latitudes) - 1,
+                          arrays_mb=round(networks.nbytes() / 1e6, 1), seconds=round(seconds, 3),
                           rss_mb=round(_rss() / 1e6, 1))
                 view = self.responder.view
                 want = (sites_of(view.regions.values()), view.zone.default_region)

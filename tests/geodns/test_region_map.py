@@ -4,6 +4,7 @@ rebuilt never answers."""
 
 from __future__ import annotations
 
+import math
 import random
 import socket
 import struct
@@ -168,8 +169,9 @@ def test_overlay_and_merge() -> None:
 
 
 def test_rankings_ties_and_unplaced() -> None:
-    tiny = Networks((None, (0.0, 0.0), (50.1, 8.7)), array("I", [0, 1 << 24, 2 << 24]), array("I", [0, 1, 2]),
-                    (0,), array("I", [0]), (), 0, "GeoLite2-City", "", 3)
+    tiny = Networks(array("d", [math.nan, 0.0, 50.1]), array("d", [math.nan, 0.0, 8.7]),
+                    array("I", [0, 1 << 24, 2 << 24]), array("I", [0, 1, 2]), array("Q", [0]), array("Q", [0]),
+                    array("I", [0]), (), 0, "GeoLite2-City", "", 3)
     sites = [RegionSite("b", 0, 10), RegionSite("a", 0, -10), RegionSite("eu", 50.1, 8.7)]
     m = compile_map(tiny, sites, "eu")
     assert m.lookup(bytes([0, 0, 0, 1]))[0][0] == "eu"  # unplaced: stands at the default region
