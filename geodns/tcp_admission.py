@@ -20,13 +20,13 @@ Pure: no sockets; the time is passed in. `TcpAbuseCollector` exports what the bo
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from geomesh.cooldown import CooldownTable
 
 CLIENT_IPV6_PREFIX_OCTETS = 7  # /56
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
@@ -64,64 +64,39 @@ def client_key(client: bytes) -> bytes:
     return client
 
 
-@dataclass(slots=True)
-class _Penalty:
-    until: float  # refused before this time
-    cooldown: float  # the cool-down that ends at `until`; the next offence doubles it
-
-
 class PenaltyBox:
-    """Clients refused for a while after a connection of theirs was closed for abuse."""
+    """Clients refused for a while after a connection of theirs was closed for abuse (the cool-down
+    rules are `geomesh.cooldown`'s; here a client is `client_key` and offences are counted by
+    `Abuse`). Offences during a cool-down double it: each is another connection closed for abuse."""
 
     def __init__(self, cooldown: float = DEFAULT_ABUSE_COOLDOWN, cooldown_max: float = DEFAULT_ABUSE_COOLDOWN_MAX,
                  max_clients: int = DEFAULT_PENALTY_CLIENTS) -> None:
-        if cooldown < 0:
-            raise ValueError("cooldown must be >= 0 (0 disables the penalty box)")
-        if cooldown and cooldown_max < cooldown:
-            raise ValueError(f"cooldown_max {cooldown_max} is below cooldown {cooldown}")
-        if max_clients < 1:
-            raise ValueError("max_clients must be >= 1")
-        self.cooldown = cooldown
-        self.cooldown_max = cooldown_max
-        self.max_clients = max_clients
-        self.evictions = 0
+        self._table: CooldownTable[bytes] = CooldownTable(cooldown, cooldown_max, max_clients, same_incident=False)
         self.closed = dict.fromkeys(Abuse, 0)  # connections closed for abuse, by reason
-        self._clients: OrderedDict[bytes, _Penalty] = OrderedDict()  # least recent offender first
 
     @property
     def enabled(self) -> bool:
-        return self.cooldown > 0
+        return self._table.enabled
+
+    @property
+    def evictions(self) -> int:
+        return self._table.evictions
 
     def offend(self, client: bytes, now: float, abuse: Abuse) -> float:
         """A connection of `client` was closed for `abuse` at `now`: the cool-down it now serves."""
         self.closed[abuse] += 1
-        if not self.enabled:
-            return 0.0
-        key = client_key(client)
-        last = self._clients.pop(key, None)
-        if last is not None and now < last.until + self.cooldown_max:
-            cooldown = min(max(last.cooldown * 2, self.cooldown), self.cooldown_max)
-        else:
-            cooldown = self.cooldown
-        self._clients[key] = _Penalty(now + cooldown, cooldown)
-        while len(self._clients) > self.max_clients:
-            self._clients.popitem(last=False)
-            self.evictions += 1
-        return cooldown
+        return self._table.offend(client_key(client), now) or 0.0
 
     def penalised(self, client: bytes, now: float) -> bool:
         """Whether `client` is serving a cool-down at `now`."""
-        if not self._clients:
-            return False
-        entry = self._clients.get(client_key(client))
-        return entry is not None and now < entry.until
+        return self._table.remaining(client_key(client), now) > 0
 
     def __len__(self) -> int:
-        return len(self._clients)
+        return len(self._table)
 
     def snapshot(self) -> dict[str, Any]:
         """Plain, picklable totals for the metrics (summed across workers by `merge_snapshots`)."""
-        return {"closed": {abuse.value: n for abuse, n in self.closed.items()}, "clients": len(self._clients),
+        return {"closed": {abuse.value: n for abuse, n in self.closed.items()}, "clients": len(self._table),
                 "evictions": self.evictions}
 
 

@@ -30,13 +30,13 @@ from __future__ import annotations
 import enum
 import socket
 import weakref
-from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from geomesh.cooldown import CooldownTable
 
 PER_CLIENT_SHARE = 4  # by default a client may hold a quarter of the cap...
 PER_CLIENT_FLOOR = 16  # ...but at least this many connections (browsers open 6 per host, NATs share)
@@ -79,70 +79,42 @@ def per_client_limit(configured: int | None, cap: int) -> int:
     return min(cap, max(PER_CLIENT_FLOOR, cap // PER_CLIENT_SHARE))
 
 
-@dataclass(slots=True)
-class _Penalty:
-    until: float  # refused before this time
-    cooldown: float  # the cool-down that ends at `until`; the next offence after it doubles it
-
-
 class PenaltyBox:
-    """Clients refused for a while after a connection of theirs was closed for abuse."""
+    """Clients refused for a while after a connection of theirs was closed for abuse (the cool-down
+    rules are `geomesh.cooldown`'s; here a client is `client_key` and offences are counted by
+    reason). An offence during a cool-down is the same incident and does not double it."""
 
     def __init__(self, cooldown: float = DEFAULT_PENALTY, cooldown_max: float = DEFAULT_PENALTY_MAX,
                  max_clients: int = DEFAULT_PENALTY_CLIENTS) -> None:
-        if cooldown < 0:
-            raise ValueError("cooldown must be >= 0 (0 disables the penalty box)")
-        if cooldown and cooldown_max < cooldown:
-            raise ValueError(f"cooldown_max {cooldown_max} is below cooldown {cooldown}")
-        if max_clients < 1:
-            raise ValueError("max_clients must be >= 1")
-        self.cooldown = cooldown
-        self.cooldown_max = cooldown_max
-        self.max_clients = max_clients
-        self.evictions = 0
+        self._table: CooldownTable[str] = CooldownTable(cooldown, cooldown_max, max_clients, same_incident=True)
+        self.cooldown, self.cooldown_max, self.max_clients = cooldown, cooldown_max, max_clients
         self.offences: dict[str, int] = {}  # by reason
-        self._clients: OrderedDict[str, _Penalty] = OrderedDict()  # least recent offender first
 
     @property
     def enabled(self) -> bool:
-        return self.cooldown > 0
+        return self._table.enabled
+
+    @property
+    def evictions(self) -> int:
+        return self._table.evictions
 
     def offend(self, key: str, now: float, reason: str) -> float | None:
         """A connection of client `key` was closed for `reason` at `now`. Returns the cool-down
         that starts now, or None when none does (the box is off, or the client is cooling down
         already: the same incident)."""
         self.offences[reason] = self.offences.get(reason, 0) + 1
-        if not self.enabled:
-            return None
-        last = self._clients.pop(key, None)
-        if last is not None and now < last.until:
-            self._clients[key] = last
-            return None
-        if last is not None and now < last.until + self.cooldown_max:
-            cooldown = min(last.cooldown * 2, self.cooldown_max)
-        else:
-            cooldown = self.cooldown
-        self._clients[key] = _Penalty(now + cooldown, cooldown)
-        while len(self._clients) > self.max_clients:
-            self._clients.popitem(last=False)
-            self.evictions += 1
-        return cooldown
+        return self._table.offend(key, now)
 
     def penalised(self, key: str, now: float) -> float:
         """Seconds `key` still has to cool down at `now` (0.0: not in the box)."""
-        if not self._clients:
-            return 0.0
-        entry = self._clients.get(key)
-        if entry is None or now >= entry.until:
-            return 0.0
-        return entry.until - now
+        return self._table.remaining(key, now)
 
     def cooling(self, now: float) -> int:
         """Clients serving a cool-down at `now` (a scan: for the metrics, not the data path)."""
-        return sum(1 for p in list(self._clients.values()) if now < p.until)
+        return self._table.cooling(now)
 
     def __len__(self) -> int:
-        return len(self._clients)
+        return len(self._table)
 
 
 class Admission:

@@ -374,8 +374,8 @@ def test_rapid_reset_puts_its_client_in_the_penalty_box(front, backend, ca):
 
 def test_a_burst_of_tiny_frames_is_fed_in_slices_and_the_loop_stays_responsive(front, backend, ca):
     """10,000 HEADERS+RST_STREAM pairs in one write (budget out of the way): parsed in one
-    callback that would hold the gateway's loop for about half a second; fed at most FEED_FRAMES
-    frames per turn, the loop keeps turning. The connection works afterwards (the slices cut the
+    callback that would hold the gateway's loop for the whole burst; fed at most FEED_FRAMES
+    frames per turn, the loop keeps turning (its longest stall is a small part of the burst). The connection works afterwards (the slices cut the
     stream at frame boundaries) and no backend stream was opened for a reset request."""
     g, name = front(h2_max_resets=10**7)
     lags: list[float] = []
@@ -402,15 +402,20 @@ def test_a_burst_of_tiny_frames_is_fed_in_slices_and_the_loop_stays_responsive(f
             c.ping(b"burst-ok")
             lags.clear()
             s.settimeout(30)
+            sent = time.monotonic()
             s.sendall(c.data_to_send())
             assert wait_ping_ack(c, s) is None  # all of it processed, no GOAWAY
+            took = time.monotonic() - sent
             worst = max(lags)
             c.send_headers(sid, request_headers(name), end_stream=True)  # the same connection still works
             s.sendall(c.data_to_send())
             assert _answer_on(c, s, sid) == "status 200"
     finally:
         watcher.cancel()
-    assert worst < 0.25, f"the gateway's loop stalled {worst * 1000:.0f} ms"
+    # relative, not a timing threshold: fed in one callback, the longest stall is the whole burst;
+    # fed in slices, the loop turns many times while the burst is processed
+    assert took < 0.05 or worst < took / 2, (
+        f"the gateway's loop stalled {worst * 1000:.0f} ms of the burst's {took * 1000:.0f} ms")
     assert backend.snapshot()[0] == 1  # only the last request reached the backend
 
 
