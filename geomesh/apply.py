@@ -71,6 +71,14 @@ class Declared:
     domains: dict[str, Domain] = field(default_factory=dict)
     source: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, key) -> "file: table[i]"
 
+    def declare(self, kind: str, key: str, value: Any, source: str) -> None:
+        """Add an object (`kind`: regions, enrollments, apps, instances, domains); twice is an error."""
+        table = getattr(self, kind)
+        if key in table:
+            raise ValidationError(source, f"{kind[:-1]} {key!r} is declared twice (also in {self.source[(kind, key)]})")
+        table[key] = value
+        self.source[(kind, key)] = source
+
 
 def _table(data: dict, name: str, where: str) -> list[dict]:
     items = data.get(name, [])
@@ -86,11 +94,7 @@ def _unknown(item: dict, allowed: set[str], where: str) -> None:
 
 
 def _add(declared: Declared, kind: str, key: str, value: Any, where: str) -> None:
-    table = getattr(declared, kind)
-    if key in table:
-        raise ValidationError(where, f"{kind[:-1]} {key!r} is declared twice (also in {declared.source[(kind, key)]})")
-    table[key] = value
-    declared.source[(kind, key)] = where
+    declared.declare(kind, key, value, where)
 
 
 def _parse_file(path: Path, declared: Declared) -> None:

@@ -1,7 +1,7 @@
 """The lab's orchestration: start every piece in order, show it, walk through it, tear it down.
 
 `Lab.up()` starts the control plane (embedded etcd, PKI, coordinator), creates regions, apps and
-instances through the Admin API, starts geodns on loopback, then per region a gateway: in netns
+instances with `geomesh apply` (`declared_state`), starts geodns on loopback, then per region a gateway: in netns
 mode a network namespace joined to an "internet" namespace, with the sample app instances on
 addresses of its loopback and the gateway agent (wireguard-go mesh + proxy) inside; in loopback mode plain
 processes on 127.0.0.0/8 with the mesh computed but not created. Every PID, namespace and
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from geomesh import netns
+from geomesh import apply, netns
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
@@ -36,6 +36,7 @@ from geomesh.etcd_process import free_port
 from geomesh.lab import faults
 from geomesh.lab.control_plane import ControlPlane, LabRecord, stop_pid
 from geomesh.lab.plan import LabGateway, LabPlan
+from geomesh.model import App, Instance, LbPolicy
 from geomesh.regions_file import RegionFile
 
 NETNS_STATE_DIR = Path("/run/geomesh-lab-netns")
@@ -92,9 +93,9 @@ class Lab:
         steps = 5
         self.say(f"[1/{steps}] control plane: embedded etcd, PKI, coordinator ...")
         self.cp.start(lease_ttl=LAB_LEASE_TTL if self.timers == "lab" else 3,
-                      extra=["--listen-unix", str(self.unix_socket)])
+                      extra=["--listen-unix", str(self.unix_socket), "--allow-loopback-instances"])
         self.say(f"        coordinator {self.cp.address} (and {self.unix_socket}), etcd {self.cp.etcd.endpoint}")
-        self.say(f"[2/{steps}] regions, apps and instances through the Admin API ...")
+        self.say(f"[2/{steps}] regions, enrollments, apps and instances: geomesh apply ...")
         asyncio.run(self._apply_state())
         self.say(f"[3/{steps}] geodns and the status page on 127.0.0.1 ...")
         self._start_dns()
@@ -112,19 +113,31 @@ class Lab:
             self.start_gateway(g.name)
         asyncio.run(self._wait_alive([g.name for g in self.plan.gateways], timeout=60))
 
+    def declared_state(self) -> apply.Declared:
+        """What the lab declares, as `geomesh apply` files would: the regions, each gateway enrolled
+        at its public address, the apps `hello` and `solo`, and the plan's instances."""
+        want = apply.Declared()
+        for rf in self.regions:
+            want.declare("regions", rf.region.name, rf.region, f"lab: {rf.region.name}")
+        for g in self.plan.gateways:  # a gateway registers only as enrolled: its region and address
+            want.declare("enrollments", g.name, apply.Enrollment(g.name, g.region, (g.public_ip,)), f"lab: {g.name}")
+        for app in (App("hello", LbPolicy.ROUND_ROBIN), App("solo", LbPolicy.LEAST_CONNECTIONS)):
+            want.declare("apps", app.name, app, f"lab: {app.name}")
+        for i in self.plan.instances:
+            inst = Instance(i.app, i.id, i.region, i.address, i.port)
+            want.declare("instances", inst.key, inst, f"lab: {inst.key}")
+        return want
+
     async def _apply_state(self) -> None:
+        """`geomesh apply` of `declared_state()` (the instances may be on loopback addresses: the
+        lab's coordinator runs with --allow-loopback-instances)."""
         async with client_channel(self.cp.address, self.cp.pki.identity("admin", "lab-admin")) as ch:
             admin = pbg.AdminStub(ch)
-            for rf in self.regions:
-                await admin.CreateRegion(rf.region.to_proto(), timeout=10)
-            for g in self.plan.gateways:  # a gateway registers only as enrolled: its region and address
-                await admin.EnrollGateway(pb.Enrollment(name=g.name, region=g.region, public_ips=[g.public_ip]),
-                                          timeout=10)
-            await admin.CreateApp(pb.App(name="hello", lb_policy=pb.LB_POLICY_ROUND_ROBIN), timeout=10)
-            await admin.CreateApp(pb.App(name="solo", lb_policy=pb.LB_POLICY_LEAST_CONNECTIONS), timeout=10)
-            for inst in self.plan.instances:
-                await admin.AddInstance(pb.Instance(app=inst.app, id=inst.id, region=inst.region, address=inst.address,
-                                                    port=inst.port, healthy=True), timeout=10)
+            have = await apply.fetch(admin)
+            plan = apply.diff(self.declared_state(), have)
+            if plan.conflicts:
+                raise apply.ApplyError("; ".join(plan.conflicts))
+            await apply.execute(admin, plan, have, say=lambda _line: None)
 
     def _popen(self, name: str, argv: list[str], host: netns.Host | None = None) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
