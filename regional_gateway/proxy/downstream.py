@@ -37,11 +37,11 @@ import logging
 from bisect import bisect_left
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from regional_gateway.proxy import client_hello, proxy_protocol, request_head
+from regional_gateway.proxy import client_hello, mesh_intake, proxy_protocol, request_head
 from regional_gateway.proxy.client_address import (
     CLIENT_ADDRESS_HEADERS,
     FORWARDED_MARK,
@@ -49,6 +49,8 @@ from regional_gateway.proxy.client_address import (
     mesh_headers,
     public_headers,
 )
+from regional_gateway.proxy.exchange import LINGER, MAX_ATTEMPTS, Exchange
+from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.hostnames import Authority, Mode, NameMatch, UnknownName, parse_authority
 from regional_gateway.proxy.http_errors import (
     BadFraming,
@@ -79,9 +81,6 @@ from regional_gateway.proxy.targets import Target, choose
 from regional_gateway.proxy.upstream import UpstreamConnection
 from regional_gateway.reach_prober import HEALTH_PATH, health_response
 
-if TYPE_CHECKING:
-    from regional_gateway.proxy.server import ProxyServer
-
 log = logging.getLogger("geomesh.gateway.proxy")
 
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
@@ -93,51 +92,9 @@ _CONN_SIMPLE = frozenset((b"keep-alive", b"close", b"upgrade"))  # a Connection 
 _REFUSALS = {"protected-header": ProtectedHeader, "framing": BadFraming, "host": BadHost,
              "version": VersionNotSupported}
 MAX_PENDING = 256 * 1024  # body bytes held for a request whose upstream is not connected yet
-MAX_ATTEMPTS = 3
-LINGER = 2.0
 
 # pause_reading reasons (bits)
 _PAUSE_PIPELINE, _PAUSE_PENDING, _PAUSE_CONNECT = 1, 4, 8  # 2 is upstream.PAUSE_BACKPRESSURE
-
-
-class Exchange:
-    """One request/response pair on a client connection.
-
-    Plain attributes with class-level defaults: an exchange on the fast path sets only the few it
-    needs, which is measurably cheaper than initialising thirty slots per request.
-    """
-
-    method = b""
-    host: bytes | None = None
-    head = b""
-    keep_alive = True
-    upgrade = False
-    head_only = False
-    chunked = False
-    has_body = False
-    error: ProxyError | None = None
-    upstream: UpstreamConnection | None = None
-    pending: list[bytes] | None = None
-    pending_len = 0
-    req_done = False
-    resp_done = False
-    status = 0
-    backend: BackendRuntime | None = None  # counted in its `inflight` while `counted`
-    addr: tuple[str, int] | None = None
-    region: RemoteRegion | None = None  # set when forwarded to another region's gateway
-    app = "-"
-    backend_label = "-"
-    t_sent = 0.0
-    t_head = 0.0
-    attempts = 0
-    tried: tuple[str, ...] = ()
-    discard = False
-    body_len = 0
-    final_head = b""
-    counted = False
-    marked = False  # arrived with a trusted X-Geomesh-Forwarded: never forwarded again
-    held: list[bytes] | None = None  # bytes after an upgrade request's head, until the backend's 101
-    held_len = 0
 
 
 _VERSION_LINE = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
@@ -147,7 +104,7 @@ _HEALTH_GET = b"GET " + HEALTH_PATH.encode() + b" "  # the reserved health path,
 class ClientConnection(asyncio.Protocol):
     """A client connection on an HTTP listener (plain, TLS-terminated, or mesh)."""
 
-    def __init__(self, server: ProxyServer, kind: str, scheme: str, trusted: bool, sni: str = "") -> None:
+    def __init__(self, server: ConnectionHost, kind: str, scheme: str, trusted: bool, sni: str = "") -> None:
         self.server = server
         settings = server.settings
         self.header_timeout = settings.header_timeout
@@ -1331,11 +1288,23 @@ class ClientConnection(asyncio.Protocol):
             return b""
         self.sniffing = None
         self.dead_parser = True
-        if hello is None:
-            self.server.h2_from_mesh(self, header, rest)
-        else:
-            self.server.passthrough_from_mesh(self, header, hello, rest)
+        mesh_intake.from_mesh(self.server, self, header, hello, rest)  # type: ignore[arg-type]
         return b""
+
+    def handed_over(self) -> None:
+        """The transport went to the protocol that serves the forwarded connection (`mesh_intake`)."""
+        self.closed = True
+
+    def response_progress(self) -> None:
+        """Part of the active exchange's response went out: the client is reading, wait on."""
+        self.deadline = self.server.now + self.idle_timeout
+
+    def response_overrun(self, count: bool = True) -> None:
+        """The backend sent more after the complete response (a second one: counted; junk): the
+        client got those bytes too, so its connection ends after this exchange."""
+        self.closing = True
+        if count:
+            self.server.metrics.error("upstream-extra-response")
 
 
 def _with_host(head: bytes, host: bytes, replace: bool) -> bytes:

@@ -45,7 +45,7 @@ import asyncio
 import logging
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import h2.config
@@ -59,6 +59,7 @@ import hyperframe.frame
 from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
 from regional_gateway.proxy.client_address import CLIENT_ADDRESS_HEADERS, forwarded_node
+from regional_gateway.proxy.exchange import MAX_ATTEMPTS
 from regional_gateway.proxy.h2_guard import (
     MAX_QUEUED_CONTROL,
     Calm,
@@ -67,16 +68,13 @@ from regional_gateway.proxy.h2_guard import (
     data_credit,
     request_problem,
 )
+from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.hostnames import NameMatch
 from regional_gateway.proxy.http_errors import ProxyError, ShuttingDown, UpstreamFailed, UpstreamTimeout
 from regional_gateway.proxy.route_state import BackendRuntime
 from regional_gateway.proxy.targets import Target, choose
 
-if TYPE_CHECKING:
-    from regional_gateway.proxy.server import ProxyServer
-
 log = logging.getLogger("geomesh.gateway.h2")
-MAX_ATTEMPTS = 3
 GRPC_UNAVAILABLE = 14
 GRPC_DEADLINE_EXCEEDED = 4
 # connection-specific headers have no place in HTTP/2 (RFC 9113 8.2.2); h2 refuses them anyway
@@ -171,7 +169,7 @@ class H2Downstream(asyncio.Protocol):
 
     kind = "h2"
 
-    def __init__(self, server: ProxyServer, match: NameMatch, client: tuple[str, int], local: tuple[str, int],
+    def __init__(self, server: ConnectionHost, match: NameMatch, client: tuple[str, int], local: tuple[str, int],
                  authority: str, *, may_forward: bool, preread: bytes = b"") -> None:
         self.server = server
         self.match = match

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
+from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.route_state import BackendRuntime
 from regional_gateway.proxy.routes import HealthCheck
-
-if TYPE_CHECKING:
-    from regional_gateway.proxy.server import ProxyServer
 
 log = logging.getLogger("geomesh.gateway.health")
 TICK = 0.1
@@ -48,7 +45,7 @@ async def probe_once(host: str, port: int, check: HealthCheck, host_header: str)
 
 
 class Prober:
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ConnectionHost) -> None:
         self.server = server
 
     async def run(self) -> None:

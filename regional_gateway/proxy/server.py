@@ -42,22 +42,18 @@ from collections.abc import Coroutine
 from typing import Any
 
 from geomesh.logs import event
-from regional_gateway.proxy import client_hello
 from regional_gateway.proxy.admission import Admission, PenaltyBox, Refusal, client_key, per_client_limit
 from regional_gateway.proxy.certificates import CertificateStore
 from regional_gateway.proxy.downstream import ClientConnection
 from regional_gateway.proxy.fd_pressure import RESERVED_FDS, AcceptBackoff, connection_cap
-from regional_gateway.proxy.h2proxy import H2Downstream
-from regional_gateway.proxy.hostnames import Mode, NameMatch, UnknownName
+from regional_gateway.proxy.host import ServedConnection
 from regional_gateway.proxy.http_errors import ProxyError, render
 from regional_gateway.proxy.metrics import ProxyMetrics
 from regional_gateway.proxy.prober import Prober
-from regional_gateway.proxy.proxy_protocol import ProxyHeader
 from regional_gateway.proxy.route_state import BackendRuntime, RouteState
 from regional_gateway.proxy.routes import Routes
 from regional_gateway.proxy.settings import ProxySettings, parse_listen
 from regional_gateway.proxy.tls_listener import TlsListener
-from regional_gateway.proxy.tunnel import ALERT_UNRECOGNIZED_NAME, TunnelClient, TunnelPlan, tls_alert
 from regional_gateway.proxy.upstream import Pool
 
 log = logging.getLogger("geomesh.gateway")
@@ -72,7 +68,7 @@ class ProxyServer:
         self.certs = certificates if certificates is not None else CertificateStore.from_specs(routes.certificates)
         self.pool = Pool(settings.pool_max_idle, settings.pool_idle_timeout)
         self.metrics = ProxyMetrics(self)
-        self.connections: set[Any] = set()
+        self.connections: set[ServedConnection] = set()
         self.pending_tls = 0  # TLS connections accepted, not yet served (ClientHello, handshake)
         # the cap in force: max_connections, lowered by start() to what the descriptors carry
         self.max_connections = settings.max_connections
@@ -81,7 +77,7 @@ class ProxyServer:
                                    PenaltyBox(settings.penalty_cooldown, settings.penalty_cooldown_max,
                                               settings.penalty_clients))
         self.admission.clock = lambda: self.now
-        self._client_keys: dict[Any, str] = {}  # established connection -> its client, if not exempt
+        self._client_keys: dict[ServedConnection, str] = {}  # established connection -> its client, if not exempt
         self._handing_over: Any = None  # the protocol a mesh connection is being handed to (exempt)
         self.kind_counts: dict[str, int] = {"http": 0, "https": 0, "mesh": 0, "tunnel": 0, "h2": 0}
         self.now = 0.0
@@ -245,7 +241,7 @@ class ProxyServer:
             return f"client {key} holds its share of {self.admission.per_client} connections"
         return f"the gateway has reached its connection limit ({self.max_connections})"
 
-    def conn_opened(self, conn: Any) -> bool:
+    def conn_opened(self, conn: ServedConnection) -> bool:
         if self.draining or len(self.connections) >= self.max_connections:
             return False
         self.connections.add(conn)
@@ -265,7 +261,7 @@ class ProxyServer:
         peer = conn.transport.get_extra_info("peername")
         return self.client_of(peer[0]) if isinstance(peer, tuple) and peer else None
 
-    def conn_closed(self, conn: Any) -> None:
+    def conn_closed(self, conn: ServedConnection) -> None:
         if conn in self.connections:
             self.connections.discard(conn)
             self.kind_counts[conn.kind] -= 1
@@ -305,63 +301,10 @@ class ProxyServer:
                   logging.INFO if rt.available else logging.WARNING,
                   app=rt.app.spec.name if rt.app else "-", backend=rt.label, state=h.state.value, reason=h.reason)
 
-    # ---------------------------------------------------------------- mesh: forwarded tunnels
-
-    def passthrough_from_mesh(self, conn: ClientConnection, header: ProxyHeader,
-                              hello: client_hello.ClientHello | client_hello.NotTls, data: bytes) -> None:
-        """A forwarded TLS passthrough arrived on the mesh listener: tunnel it to a local backend."""
-        transport = conn.transport
-        match = self.state.lookup(hello.server_name.encode()) \
-            if isinstance(hello, client_hello.ClientHello) and hello.server_name else None
-        if not isinstance(match, NameMatch) or match.mode is not Mode.PASSTHROUGH:
-            self.metrics.error("bad-forwarded-passthrough")
-            transport.write(tls_alert(ALERT_UNRECOGNIZED_NAME))
-            transport.close()
-            return
-        self._tunnel_forwarded(conn, header, match, data, raw_tls=True)
-
-    def h2_from_mesh(self, conn: ClientConnection, header: ProxyHeader, data: bytes) -> None:
-        """A forwarded `g` connection arrived on the mesh listener: its clear HTTP/2 streams go to
-        local backends (h2c), each by the app's policy, never forwarded again.
-
-        The sending gateway terminated the TLS, so the host name comes from the PROXY header's
-        authority TLV. One that is not a `g` name here is refused by closing: the peer is a gateway,
-        not a client mid-handshake, so there is nobody to send a TLS alert to; the log and the
-        `bad-forwarded-h2` error count say why.
-        """
-        authority = header.authority or ""
-        match = self.state.lookup(authority.encode())
-        if not isinstance(match, NameMatch) or match.mode is not Mode.H2:
-            why = match.reason if isinstance(match, UnknownName) else f"{authority!r} is not a `g` name"
-            self.metrics.error("bad-forwarded-h2")
-            event(log, "forwarded h2 refused", logging.WARNING, peer=conn.client_ip, authority=authority, reason=why)
-            conn.transport.close()
-            return
-        if self.settings.g_mode == "tunnel":
-            self._tunnel_forwarded(conn, header, match, data, raw_tls=False)
-            return
-        client = (header.source or conn.client_ip, header.source_port or conn.client_port)
-        local = (header.destination or "0.0.0.0", header.destination_port)
-        self._hand_over(conn, H2Downstream(self, match, client, local, authority, may_forward=False, preread=data))
-
-    def _tunnel_forwarded(self, conn: ClientConnection, header: ProxyHeader, match: NameMatch, data: bytes, *,
-                          raw_tls: bool) -> None:
-        """Hand a forwarded mesh connection to a `TunnelClient` for a local backend of `match`.
-
-        The client address is the one the PROXY header carries (the forwarding gateway's own is
-        useless to the app), and `may_forward` is off: a forwarded connection never takes a second
-        hop. `data` (what followed the header) is replayed to the backend first.
-        """
-        client = (header.source or conn.client_ip, header.source_port or conn.client_port)
-        local = (header.destination or "0.0.0.0", header.destination_port)
-        plan = TunnelPlan(match, client, local, may_forward=False, raw_tls=raw_tls)
-        self._hand_over(conn, TunnelClient(self, plan, preread=data))
-
-    def _hand_over(self, conn: ClientConnection, protocol: Any) -> None:
-        """Move a mesh connection from the HTTP protocol that sniffed it to the one that serves it."""
-        transport = conn.transport
+    def hand_over(self, conn: ServedConnection, transport: Any, protocol: Any) -> None:
+        """Move a mesh connection from the HTTP protocol that sniffed it to the one that serves it
+        (`mesh_intake.from_mesh`); it counts as the mesh listener's (exempt from admission)."""
         self.conn_closed(conn)
-        conn.closed = True
         transport.set_protocol(protocol)
         self._handing_over = protocol
         try:

@@ -34,15 +34,16 @@ import errno
 import logging
 import socket
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from geomesh.logs import event
 from regional_gateway.proxy import client_hello
 from regional_gateway.proxy.downstream import ClientConnection
 from regional_gateway.proxy.fd_pressure import NO_FD_ERRNOS, TRANSIENT_ERRNOS, AcceptBackoff
 from regional_gateway.proxy.h2proxy import H2Downstream
-from regional_gateway.proxy.hostnames import Mode, NameMatch
+from regional_gateway.proxy.host import ListenerHost
 from regional_gateway.proxy.http_errors import BadRequest, render
+from regional_gateway.proxy.mesh_intake import AsH2, AsHttp1, AsTunnel, Origin, plan_connection
 from regional_gateway.proxy.tunnel import (
     ALERT_INTERNAL_ERROR,
     ALERT_UNRECOGNIZED_NAME,
@@ -51,16 +52,13 @@ from regional_gateway.proxy.tunnel import (
     tls_alert,
 )
 
-if TYPE_CHECKING:
-    from regional_gateway.proxy.server import ProxyServer
-
 log = logging.getLogger("geomesh.gateway.tls")
 ACCEPT_BATCH = 64
 REPEEK_DELAY = 0.005
 
 
 class TlsListener:
-    def __init__(self, server: ProxyServer, sock: socket.socket) -> None:
+    def __init__(self, server: ListenerHost, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.loop = asyncio.get_running_loop()
@@ -247,34 +245,27 @@ class _Sniffer:
         self.finish(keep_socket=True)
         loop = self.listener.loop
         listener = self.listener
-        if isinstance(match, NameMatch) and match.mode is Mode.PASSTHROUGH:
-            plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=True)
-            server.spawn(listener.handed_over(loop.connect_accepted_socket(lambda: TunnelClient(server, plan), sock),
-                                              key))
-            return
-        if isinstance(match, NameMatch) and match.mode is Mode.H2 and "h2" in hello.alpn:
-            ctx = server.certs.context_for(name, h2=True)
-            if ctx is None:
-                self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
+        plan = plan_connection(match, hello.alpn, server.settings.g_mode, Origin.TLS, name)
+        if type(plan) is AsTunnel:
+            if plan.raw_tls:  # TLS passthrough: the bytes as they came, ClientHello first
+                tunnel = TunnelPlan(match, client, local, may_forward=True, raw_tls=True)  # type: ignore[arg-type]
+                server.spawn(listener.handed_over(loop.connect_accepted_socket(
+                    lambda: TunnelClient(server, tunnel), sock), key))
                 return
-            # the name is lower-cased already (client_hello.parse): a far gateway resolves it as is
-            if server.settings.g_mode == "tunnel":
-                plan = TunnelPlan(match, client, local, may_forward=True, raw_tls=False, authority=name)
-                protocol: Any = lambda: TunnelClient(server, plan)  # noqa: E731
-            else:
-                protocol = lambda: H2Downstream(server, match, client, local, name, may_forward=True)  # noqa: E731
-            server.spawn(listener.handed_over(loop.connect_accepted_socket(
-                protocol, sock, ssl=ctx, ssl_handshake_timeout=server.settings.header_timeout), key))
-            return
-        # HTTP/1.1 termination; also a `g` name whose client does not offer h2: it gets the 421 that
-        # tells it to connect with ALPN h2, instead of a tunnel that would answer it in HTTP/2 frames
-        ctx = server.certs.context_for(name)
+            protocol: Any = lambda: TunnelClient(server, TunnelPlan(  # noqa: E731
+                match, client, local, may_forward=True, raw_tls=False, authority=plan.authority))  # type: ignore
+        elif type(plan) is AsH2:
+            protocol = lambda: H2Downstream(server, match, client, local, name, may_forward=True)  # noqa: E731
+        else:
+            protocol = lambda: ClientConnection(server, "https", "https", trusted=False, sni=name)  # noqa: E731
+        # TLS terminated here (the name is lower-cased already, client_hello.parse: a far gateway
+        # resolves it as is); a `g` name gets the certificate with h2 in its ALPN
+        ctx = server.certs.context_for(name, h2=type(plan) is not AsHttp1)
         if ctx is None:
             self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
             return
         server.spawn(listener.handed_over(loop.connect_accepted_socket(
-            lambda: ClientConnection(server, "https", "https", trusted=False, sni=name), sock, ssl=ctx,
-            ssl_handshake_timeout=server.settings.header_timeout), key))
+            protocol, sock, ssl=ctx, ssl_handshake_timeout=server.settings.header_timeout), key))
 
     def _late_refuse(self, sock: socket.socket, alert: int, cause: str) -> None:
         self.listener.server.metrics.error(cause)

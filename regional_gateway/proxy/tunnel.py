@@ -17,23 +17,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
+from regional_gateway.proxy.exchange import LINGER, MAX_ATTEMPTS
+from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.hostnames import NameMatch
 from regional_gateway.proxy.http_errors import ProxyError, UnknownHost
 from regional_gateway.proxy.targets import Target, choose
 
-if TYPE_CHECKING:
-    from regional_gateway.proxy.server import ProxyServer
-
 log = logging.getLogger("geomesh.gateway.tunnel")
-MAX_ATTEMPTS = 3
 ALERT_INTERNAL_ERROR = 80
 ALERT_UNRECOGNIZED_NAME = 112
 ALERT_HANDSHAKE_FAILURE = 40
-LINGER = 2.0
 
 
 def tls_alert(description: int) -> bytes:
@@ -90,7 +87,7 @@ class TunnelUpstream(asyncio.Protocol):
 class TunnelClient(asyncio.Protocol):
     kind = "tunnel"
 
-    def __init__(self, server: ProxyServer, plan: TunnelPlan, preread: bytes = b"") -> None:
+    def __init__(self, server: ConnectionHost, plan: TunnelPlan, preread: bytes = b"") -> None:
         self.server = server
         self.plan = plan
         self.preread = preread
@@ -234,7 +231,7 @@ class TunnelClient(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.transport.resume_reading()
 
-    # server hooks shared with ClientConnection
+    # ServedConnection (host.py)
     def timed_out(self) -> None:
         self.transport.close()
 

@@ -19,15 +19,46 @@ from __future__ import annotations
 
 import asyncio
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-if TYPE_CHECKING:
-    from regional_gateway.proxy.downstream import ClientConnection, Exchange
-
 Address = tuple[str, int]
 PAUSE_BACKPRESSURE = 2  # the client connection's pause reason "upstream write buffer full"
+
+
+class ResponseRecord(Protocol):
+    """What an upstream connection writes of the exchange it carries (`exchange.Exchange`)."""
+
+    status: int
+    t_head: float
+    head_only: bool
+
+
+class ExchangeOwner(Protocol):
+    """The client connection an upstream connection answers (`downstream.ClientConnection`):
+    the response bytes go to its transport, the end of the response and failures to its methods."""
+
+    transport: Any
+
+    def response_done(self, up: UpstreamConnection) -> None: ...
+    def response_progress(self) -> None: ...
+    def response_overrun(self, count: bool = True) -> None: ...
+    def upstream_lost(self, up: UpstreamConnection, exc: Exception | None) -> None: ...
+    def upstream_broken(self, up: UpstreamConnection, why: str) -> None: ...
+    def upstream_upgraded(self, up: UpstreamConnection, data: bytes) -> None: ...
+    def pause_reading(self, reason: int) -> None: ...
+    def resume_reading(self, reason: int) -> None: ...
+
+
+class TunnelEnd(Protocol):
+    """The client side of an upgraded (101) connection: bytes and half-close go to it as they come."""
+
+    def tunnel_data(self, data: bytes) -> None: ...
+    def tunnel_eof(self) -> bool: ...
+    def tunnel_closed(self) -> None: ...
+    def pause_reading(self, reason: int) -> None: ...
+    def resume_reading(self, reason: int) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -39,14 +70,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.addr = addr
         self.transport: Any = None
         self.parser = HttpResponseParser(self)
-        self.client: ClientConnection | None = None
-        self.ex: Exchange | None = None
+        self.client: ExchangeOwner | None = None
+        self.ex: ResponseRecord | None = None
         self.idle_since = 0.0
         self.closed = False
         self.done = False
         self.got = 0
         self.reused = False
-        self.tunnel: Any = None
+        self.tunnel: TunnelEnd | None = None
         self.fresh_parser = False
         self.keep = False
 
@@ -74,7 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.done = False
                 self.keep = False
                 client.transport.write(data)
-                client.closing = True
+                client.response_overrun(count=False)
                 client.response_done(self)
                 return
             client.upstream_broken(self, f"malformed response from the backend: {exc}")
@@ -85,7 +116,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.done = False
             client.response_done(self)
         else:
-            client.deadline = client.server.now + client.idle_timeout
+            client.response_progress()
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -123,9 +154,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep = False
             self.ex = None  # the callbacks of the extra response touch no exchange
             client = self.client
-            if client is not None:
-                client.closing = True  # the client got the extra bytes too: its connection ends after this
-                client.server.metrics.error("upstream-extra-response")
+            if client is not None:  # the client got the extra bytes too: its connection ends after this
+                client.response_overrun()
 
     def on_headers_complete(self) -> None:
         ex = self.ex
