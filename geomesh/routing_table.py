@@ -9,11 +9,16 @@ every consumer needs; consumers add their own indexes on top.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from prometheus_client import Counter
+
 from geomesh.api import geomesh_pb2 as pb
+from geomesh.errors import GeomeshError
+from geomesh.logs import event
 from geomesh.model import (
     KIND_OF,
     App,
@@ -35,6 +40,21 @@ _ATTR_OF_KIND = {
     pb.ResourceKey.KIND_INSTANCE: "instances",
     pb.ResourceKey.KIND_DOMAIN: "domains",
 }
+
+
+SKIPPED = Counter("geomesh_routing_resources_skipped_total",
+                  "routing resources received that failed validation and were left out of the table", ["kind"])
+log = logging.getLogger("geomesh.routing_table")
+
+
+def _valid(upserts: Iterable[pb.Resource]) -> Iterator[Resource]:
+    for res in upserts:
+        try:
+            yield resource_from_proto(res)
+        except (GeomeshError, ValueError, TypeError) as exc:
+            kind = res.WhichOneof("kind") or "unknown"
+            SKIPPED.labels(kind).inc()
+            event(log, "routing resource skipped", logging.WARNING, kind=kind, error=str(exc)[:200])
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +80,12 @@ class RoutingTable:
             yield from getattr(self, attr).values()
 
     def apply(self, update: pb.RoutingUpdate) -> RoutingTable:
-        """The table after `update` (a snapshot replaces everything, a delta patches)."""
+        """The table after `update` (a snapshot replaces everything, a delta patches). A resource
+        this process refuses (it fails the model's validation: a record written by another version,
+        say) is skipped, logged and counted, and the rest applies: one bad record never blocks
+        everyone's routing."""
         if update.snapshot:
-            return RoutingTable.from_resources(update.revision,
-                                               (resource_from_proto(r) for r in update.upserts))
+            return RoutingTable.from_resources(update.revision, _valid(update.upserts))
         changed: dict[str, dict] = {}
 
         def table(attr: str) -> dict:
@@ -75,8 +97,7 @@ class RoutingTable:
             attr = _ATTR_OF_KIND.get(key.kind)
             if attr is not None:
                 table(attr).pop(key.name, None)
-        for res in update.upserts:
-            obj = resource_from_proto(res)
+        for obj in _valid(update.upserts):
             table(_ATTR_OF_KIND[KIND_OF[type(obj)]])[resource_name(obj)] = obj
         fields = {a: MappingProxyType(d) for a, d in changed.items()}
         return RoutingTable(
