@@ -79,6 +79,9 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = -1
     port_file: Path | None = None
+    state_dir: Path | None = None  # with --coordinator: the last view is saved here and served at start
+    state_max_age: float = 0.0  # seconds; a saved view older than this is not served at start (0: any age)
+    resync_hold: float = 15.0  # seconds a snapshot's emptied region keeps its previous gateways (0: off)
     log_level: str = "info"
     log_format: str = "json"
 
@@ -125,6 +128,12 @@ class Config:
         if self.workers > 1 and any(port == 0 for _, port in self.listen) and len(self.listen) > 1:
             raise ValidationError("--listen", "with --workers > 1 and several addresses, give explicit ports")
         v.dns_label("--name", self.name)
+        if self.state_dir is not None and not self.coordinators:
+            raise ValidationError("--state-dir", "is for --coordinator (a --state file is already on disk)")
+        if self.state_max_age < 0 or self.state_max_age > 10 * 365 * 86400:
+            raise ValidationError("--state-max-age", f"{self.state_max_age} is outside 0 (any age)-315360000 seconds")
+        if not 0 <= self.resync_hold <= 3600:
+            raise ValidationError("--resync-hold", f"{self.resync_hold} is outside 0-3600 seconds")
         if self.zone_overrides.get("default_region"):
             v.dns_label("--default-region", self.zone_overrides["default_region"])
 
@@ -156,6 +165,7 @@ class Config:
             tcp_abuse_clients=a.tcp_abuse_clients, rrl=rrl,
             workers=a.workers, batch_io=not a.no_batch_io, query_log=a.query_log,
             metrics_host=a.metrics_host, metrics_port=a.metrics_port, port_file=a.port_file,
+            state_dir=a.state_dir, state_max_age=a.state_max_age, resync_hold=a.resync_hold,
             log_level=a.log_level, log_format=a.log_format,
         )
 
@@ -181,6 +191,15 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--insecure", action="store_true",
                      help="plaintext to an --insecure coordinator (loopback demos only)")
     src.add_argument("--name", default="dns", help="this server's name as a dns identity (default %(default)s)")
+    src.add_argument("--state-dir", type=Path, metavar="DIR",
+                     help="with --coordinator: save the last routing view here (geodns.state, atomic, checksummed) "
+                          "and answer from it at start while no coordinator answers (docs/static-stability.md)")
+    src.add_argument("--state-max-age", type=float, default=0.0, metavar="SECONDS",
+                     help="a saved view older than this is not served at start; 0 = any age (default %(default)s)")
+    src.add_argument("--resync-hold", type=float, default=15.0, metavar="SECONDS",
+                     help="when a snapshot leaves a region with no routable gateway while it had some (a "
+                          "restarted coordinator before the gateways reconnected), keep answering its previous "
+                          "gateways this long or until one is back; 0 = off (default %(default)s)")
 
     zone = p.add_argument_group("zone")
     zone.add_argument("--zone", help="the zone served, e.g. geo.example.com (required with --coordinator)")

@@ -8,6 +8,15 @@ coordinator replicas, and resumes from the last revision it applied, so it recei
 missed (or a fresh snapshot when that history is gone). Meanwhile nothing is handed over: the
 server keeps answering from the last table it had (static stability). The data path never
 waits on this loop.
+
+Static stability across restarts (docs/static-stability.md): with a state file (`--state-dir`)
+every applied table is saved (debounced, atomically, `geomesh.state_file`, kind "geodns", owner
+the zone) and `load_saved` reads it back at start, so a restarted server answers from its last
+view at once and the feed resumes from that revision. A snapshot that arrives before the
+gateways reconnected (a restarted coordinator whose etcd lease expired during the outage) must
+not empty a region: `hold_dropped` (pure) keeps, for `hold` seconds, the gateways a region had
+routable when a snapshot leaves it none, until one of its own gateways is routable again. A
+delta that drops them is a real change and is served as it comes.
 """
 
 from __future__ import annotations
@@ -16,11 +25,15 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
 
 import grpc
+from prometheus_client import Gauge
 
+from geomesh import state_file
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import Targets, client_channel, insecure_metadata
@@ -32,6 +45,62 @@ log = logging.getLogger("geodns.feed")
 
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 5.0
+DEFAULT_HOLD = 15.0  # seconds a snapshot's dropped region keeps its previous gateways
+STATE_KIND = "geodns"
+
+STATE_AGE = Gauge("geomesh_dns_state_age_seconds", "seconds since the view served was last known current "
+                  "(0 while the feed is connected; -1 before any view)")
+
+
+def load_saved(path: Path, zone: str, max_age: float = 0.0) -> tuple[RoutingTable, float] | None:
+    """The routing table saved at `path` for `zone` and when it was written, or None (none, or
+    refused: logged)."""
+    saved = state_file.load(path, kind=STATE_KIND, owner=zone, max_age=max_age)
+    if saved is None:
+        return None
+    try:
+        update = pb.RoutingUpdate.FromString(saved.payload)
+        if not update.snapshot:
+            raise ValueError("not a snapshot")
+        return RoutingTable().apply(update), saved.written_at
+    except Exception as exc:  # a checksummed payload we cannot parse: refuse it, never crash
+        state_file.REFUSED.labels(STATE_KIND, "corrupt").inc()
+        event(log, "saved state refused, starting without it", logging.ERROR, path=str(path),
+              reason="corrupt", error=f"payload: {type(exc).__name__}: {exc}")
+        return None
+
+
+def saved_of(table: RoutingTable, zone: str) -> state_file.Saved:
+    return state_file.Saved(STATE_KIND, zone, table.revision, time.time(), table.to_snapshot().SerializeToString())
+
+
+def hold_dropped(served: RoutingTable, new: RoutingTable, *, snapshot: bool, held: Mapping[str, float],
+                 now: float, hold: float) -> tuple[RoutingTable, dict[str, float]]:
+    """The table to serve after `new` arrived, and the gateways held (name -> until when).
+
+    For each region that has no routable gateway in `new` while `served` had some: when `new`
+    came as a snapshot, or those gateways were already held, keep the served records of those
+    gateways until their hold ends (`hold` seconds after the snapshot). A region with a routable
+    gateway of its own in `new` holds nothing."""
+    if hold <= 0:
+        return new, {}
+    routable_in: dict[str, bool] = {}
+    for g in new.gateways.values():
+        routable_in[g.region] = routable_in.get(g.region, False) or g.routable
+    keep: dict[str, float] = {}
+    for name, g in served.gateways.items():
+        if not g.routable or routable_in.get(g.region, False):
+            continue
+        until = held.get(name, now + hold if snapshot else 0.0)
+        if until > now:
+            keep[name] = until
+    if not keep:
+        return new, {}
+    gateways = dict(new.gateways)
+    for name in keep:
+        gateways[name] = served.gateways[name]
+    return RoutingTable(new.revision, new.regions, MappingProxyType(gateways), new.apps, new.instances,
+                        new.domains), keep
 
 
 @dataclass
@@ -47,7 +116,9 @@ class FeedStatus:
 class RoutingFeedClient:
     def __init__(self, targets: list[str], identity: Identity | None, on_table: Callable[[RoutingTable], None],
                  *, insecure: bool = False, name: str = "dns", backoff_initial: float = BACKOFF_INITIAL,
-                 backoff_max: float = BACKOFF_MAX) -> None:
+                 backoff_max: float = BACKOFF_MAX, saved: RoutingTable | None = None,
+                 writer: state_file.DebouncedWriter | None = None, zone: str = "",
+                 hold: float = DEFAULT_HOLD, saved_at: float = 0.0) -> None:
         self.targets = Targets(targets)
         self.identity = identity
         self.insecure = insecure
@@ -55,9 +126,18 @@ class RoutingFeedClient:
         self.on_table = on_table
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self.table = RoutingTable()
-        self.have_snapshot = False
-        self.status = FeedStatus()
+        self.table = saved if saved is not None else RoutingTable()
+        self.have_snapshot = saved is not None  # resume from the saved revision
+        self.served = self.table  # what on_table last got (the table, or it with held gateways)
+        self.held: dict[str, float] = {}
+        self.hold = hold
+        self.writer = writer
+        self.zone = zone
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self.status = FeedStatus(revision=self.table.revision)
+        # wall-clock time the served table was last known current (the saved file's time at start)
+        self.current_at = saved_at if saved is not None else 0.0
+        STATE_AGE.set_function(self.state_age)
 
     def _metadata(self) -> tuple:
         return insecure_metadata(self.identity, "dns", self.name) if self.insecure else ()
@@ -119,4 +199,37 @@ class RoutingFeedClient:
         self.status.revision = self.table.revision
         self.status.updates += 1
         self.status.last_update_monotonic = time.monotonic()
-        self.on_table(self.table)
+        self.current_at = time.time()
+        self._serve(snapshot=update.snapshot)
+
+    def state_age(self) -> float:
+        if self.status.connected:
+            self.current_at = time.time()
+            return 0.0
+        return time.time() - self.current_at if self.current_at else -1.0
+
+    def _serve(self, *, snapshot: bool) -> None:
+        """Hand the table (with any held gateways) to the server; save it when nothing is held
+        (a held table is not what etcd says: after a restart the feed resumes from the last
+        table that was)."""
+        before = set(self.held)
+        self.served, self.held = hold_dropped(self.served, self.table, snapshot=snapshot, held=self.held,
+                                              now=time.monotonic(), hold=self.hold)
+        if set(self.held) != before:
+            event(log, "gateways held after a snapshot dropped their region" if self.held
+                  else "gateway hold over", logging.WARNING if self.held else logging.INFO,
+                  held=sorted(self.held), hold_s=self.hold, revision=self.table.revision)
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self.held:
+            delay = max(0.0, min(self.held.values()) - time.monotonic()) + 0.01
+            self._hold_timer = asyncio.get_running_loop().call_later(delay, self._serve_after_hold)
+        self.on_table(self.served)
+        if self.writer is not None and not self.held:
+            table, zone = self.table, self.zone
+            self.writer.changed(lambda: saved_of(table, zone))
+
+    def _serve_after_hold(self) -> None:
+        self._hold_timer = None
+        self._serve(snapshot=False)

@@ -129,16 +129,26 @@ class Server:
         cfg = self.config
         assert cfg.geoip_db is not None
         self.locator = Locator(cfg.geoip_db)
+        self.saved_table: RoutingTable | None = None
+        self.saved_at = 0.0
         if cfg.state is not None:
             view = static_state.load(cfg.state, self._zone_overrides)
         else:
             zone, _ = static_state.zone_from({}, self._zone_overrides)
             view = View.empty(zone)
+            if cfg.state_dir is not None:  # static stability: answer from the last view at once
+                from geodns.feed import load_saved
+
+                saved = load_saved(cfg.state_dir / "geodns.state", zone.name, cfg.state_max_age)
+                if saved is not None:
+                    self.saved_table, self.saved_at = saved
+                    view = View.from_table(self.saved_table, zone)
         self.responder = Responder(view, self.locator, self.stats, udp_payload=cfg.udp_payload,
                                    cache_size=cfg.cache_size, cache_bytes=cfg.cache_bytes,
                                    log_queries=cfg.query_log, reply_cache=cfg.reply_cache)
         self.map_stats["geoip_build_epoch"] = self.locator.build_epoch
-        event(log, "view loaded", source=str(cfg.state) if cfg.state else "coordinator", zone=view.zone.name,
+        source = str(cfg.state) if cfg.state else "saved state" if self.saved_table is not None else "coordinator"
+        event(log, "view loaded", source=source, zone=view.zone.name,
               revision=view.revision, regions=len(view.regions), apps=len(view.apps), ready=view.ready,
               geoip=self.locator.database_type, geoip_build=self.locator.build_epoch)
 
@@ -329,9 +339,21 @@ class Server:
         identity = None
         if cfg.tls_ca and cfg.tls_cert and cfg.tls_key:
             identity = Identity("dns", cfg.name, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+        writer = None
+        if cfg.state_dir is not None and self.worker == 0:  # one writer when workers share the directory
+            from geomesh.state_file import DebouncedWriter
+
+            writer = DebouncedWriter(cfg.state_dir / "geodns.state")
+        assert self.responder is not None
         self.feed = RoutingFeedClient(list(cfg.coordinators), identity, self.set_table,
-                                      insecure=cfg.insecure, name=cfg.name)
-        await self.feed.run()
+                                      insecure=cfg.insecure, name=cfg.name, saved=self.saved_table,
+                                      writer=writer, zone=self.responder.view.zone.name, hold=cfg.resync_hold,
+                                      saved_at=self.saved_at)
+        try:
+            await self.feed.run()
+        finally:
+            if writer is not None:
+                await writer.flush()
 
     async def _publish_stats(self) -> None:
         assert self.stats_pipe is not None
