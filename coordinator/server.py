@@ -133,6 +133,7 @@ class Coordinator:
         self.access: Access | None = None  # made in start(), over the final state and with the CA
         self._audit_handler: logging.Handler | None = None
         self.server: grpc.aio.Server | None = None
+        self.gateway_control: GatewayControlService | None = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
         self._loaded = asyncio.Event()
@@ -170,13 +171,14 @@ class Coordinator:
         if cfg.audit_log is not None:
             self._audit_handler = audit.add_file(cfg.audit_log)
         self._tasks.append(asyncio.create_task(self.access.run(), name="access"))
+        self.gateway_control = GatewayControlService(
+            self.state, self.ops, self.store, self.lease, self.access,
+            lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr,
+            health_interval=cfg.health_write_interval,
+            heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate)
         add_services(server, AdminService(self.state, self.ops, self.access),
                      RoutingFeedService(self.state, self.ops, self.access, send_timeout=cfg.watch_send_timeout),
-                     GatewayControlService(
-                         self.state, self.ops, self.store, self.lease, self.access,
-                         lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr,
-                         health_interval=cfg.health_write_interval,
-                         heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate))
+                     self.gateway_control)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         if cfg.insecure:
@@ -236,15 +238,18 @@ class Coordinator:
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.gateway_control is not None:
+            # a planned stop empties nothing: the sessions end without deleting alive/<g>, and the
+            # lease is not revoked but left to expire (lease_ttl), so each gateway reconnects to
+            # another replica (or this one restarted) and rewrites its alive key before then
+            self.gateway_control.planned_stop = True
         if self.server is not None:
             await self.server.stop(grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            await self.lease.revoke()  # every gateway still marked alive by this replica goes
-        except Exception:  # noqa: BLE001 - best effort: the lease expires on its own
-            pass
+        if self.lease.id is not None:
+            log.info("stopping: replica lease left to expire", extra={"fields": {"ttl_s": self.config.lease_ttl}})
         await self.store.close()
         if self._audit_handler is not None:
             audit.log.removeHandler(self._audit_handler)

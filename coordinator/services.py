@@ -316,6 +316,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         self.vote_write_rate = vote_write_rate
         self._cleanups: set[asyncio.Task] = set()
         self.mesh_cidr = mesh_cidr
+        self.planned_stop = False  # set by Coordinator.stop: sessions end, alive keys stay to their lease
 
     @unary("gateway", write=True)
     async def Register(self, request: pb.RegisterRequest, context, caller: Caller) -> pb.RegisterResponse:
@@ -476,7 +477,13 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
 
     async def _clear_alive(self, name: str, alive_rev: int, *, timed_out: bool) -> None:
         """The session is over: alive/<g> deleted (reset, close, bad input), or rewritten
-        timed_out (heartbeat silence, a send not taken) so the probes decide."""
+        timed_out (heartbeat silence, a send not taken) so the probes decide. In a planned stop
+        of this replica neither: the key stays until the lease expires or the gateway, reconnected
+        elsewhere, rewrites it (issue 14: a planned stop never empties DNS)."""
+        if self.planned_stop:
+            log.info("gateway session ended by a planned stop: alive left to the lease",
+                     extra={"fields": {"gateway": name}})
+            return
         try:
             if timed_out:
                 await self.ops.mark_timed_out(name, alive_rev, await self.lease.ensure())
