@@ -11,7 +11,9 @@ after parsing SERVFAIL -- nothing escapes. The stages, in order:
    looks in its current generation first and only patches the ID (`answer` looks in both).
    Only queries of at most `EXACT_QUERY_MAX` octets whose EDNS options are Client Subnet,
    cookie or padding are kept, so a key holds nothing but what decides the answer and the few
-   octets a resolver repeats; any other query is answered through the answer cache;
+   octets a resolver repeats; any other query is answered through the answer cache. A reply is
+   kept on the second sight of its query bytes (the hashes of the last `SEEN_MAX` distinct
+   queries are remembered), so resolver traffic that never repeats does not churn it;
 3. answer cache: packed answers keyed by what they depend on -- lowercased name, type, class,
    RD/CD, the size limit, the EDNS shape (DO, ECS family and source prefix) and, for app
    names only, the GeoIP network of the ECS subnet or of the client. A hit copies the
@@ -82,6 +84,7 @@ DEFAULT_UDP_PAYLOAD = 1232  # DNS Flag Day 2020
 DEFAULT_CACHE_SIZE = 200_000  # entries per cache
 DEFAULT_CACHE_BYTES = 32 << 20  # both caches together
 EXACT_QUERY_MAX = 512  # longer queries are answered but not kept in the exact cache
+SEEN_MAX = 65536  # query hashes the reply cache's doorkeeper remembers (emptied when full)
 # accounted per entry on top of the octets it holds: object headers, the tuple, the dict slot
 EXACT_OVERHEAD = 176
 ANSWER_OVERHEAD = 560
@@ -157,6 +160,7 @@ class Responder:
         self._orders: dict[tuple[float, float] | None, list[RegionView]] = {}
         self._ranked: dict[int, list[RegionView]] = {}
         self._turn = 0  # round-robin position of rotated answers
+        self._seen: set[int] = set()  # hashes of query bytes answered once (the reply cache's doorkeeper)
         self._last_error_log = 0.0
         self.region_map = region_map
         self.view = view
@@ -170,6 +174,7 @@ class Responder:
         self._zone_len = len(view.zone.name.split("."))
         self.exact.reset()
         self._cache.reset()
+        self._seen = set()
         self._orders = {}
         self._ranked = {}
 
@@ -233,7 +238,7 @@ class Responder:
             self.stats.cache_misses += 1
         if (entry.reusable and not tcp and len(data) <= EXACT_QUERY_MAX
                 and (query.edns is None or not query.edns.other_options)):
-            exact.put(data[2:], (wire[2:], entry.index))
+            self._keep(data, wire, entry.index)
         if self.log_queries:
             self._log(query, client, tcp, entry.rcode, entry.region, hit)
         return Answer(wire, entry.index)
@@ -315,8 +320,22 @@ class Responder:
                 + opt_record(self.udp_payload, 0, do, data[o:o + 7] + bytes((scope,)) + data[o + 8:end]))
         self.stats.cache_hits += 1
         if entry.reusable and self.reply_cache:
-            self.exact.put(data[2:], (wire[2:], entry.index))
+            self._keep(data, wire, entry.index)
         return Answer(wire, entry.index)
+
+    def _keep(self, data: bytes, wire: bytes, index: int) -> None:
+        """Put a reply in the reply cache on the second sight of its query bytes (a doorkeeper:
+        traffic that never repeats costs a hash and a set entry, not a cache entry, and does not
+        turn the cache's generations over)."""
+        key = data[2:]
+        seen = self._seen
+        h = hash(key)
+        if h in seen:
+            self.exact.put(key, (wire[2:], index))
+        else:
+            if len(seen) >= SEEN_MAX:
+                seen.clear()
+            seen.add(h)
 
     def oversize(self, data: bytes, client: bytes) -> Answer:
         """FORMERR (header only) for a datagram the transport cut at `MAX_QUERY_OCTETS`: what

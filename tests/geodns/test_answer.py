@@ -224,6 +224,8 @@ def test_case_is_preserved_even_from_the_cache(responder: Responder, clients) ->
 
 def test_exact_cache_hit_only_patches_the_id(responder: Responder, clients) -> None:
     wire = query(f"shop.{ZONE}", ecs=clients["sa-east"][1].subnet, qid=1)
+    responder.answer(wire, b"\x7f\0\0\1")
+    assert wire[2:] not in responder.exact, "kept on the second sight only"
     first = responder.answer(wire, b"\x7f\0\0\1")
     cached = responder.exact[wire[2:]]
     assert cached == (first.wire[2:], first.index)
