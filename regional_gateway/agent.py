@@ -32,6 +32,7 @@ from typing import Protocol
 import grpc
 from prometheus_client import Counter, Gauge
 
+from geomesh import state_file
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import Targets, client_channel, insecure_metadata
@@ -41,6 +42,7 @@ from geomesh.model import GatewayState
 from geomesh.pki import Identity
 from geomesh.probe_plan import plan
 from geomesh.routing_table import RoutingTable
+from regional_gateway import saved_state
 from regional_gateway.agent_config import AgentConfig
 from regional_gateway.mesh_view import (
     MeshPeerInfo,
@@ -62,7 +64,13 @@ REACH_TARGETS = Gauge("geomesh_gateway_reach_targets", "gateways the probe plan 
 REACH_VOTES = Counter("geomesh_gateway_reach_votes_sent_total", "reachability verdicts sent in heartbeats",
                       ["kind"])  # kind: change | complete
 
+STATE_AGE = Gauge("geomesh_gateway_state_age_seconds", "seconds since the state in service was last known "
+                  "current (0 while the session is open; -1 before any state)")
+SERVING_SAVED = Gauge("geomesh_gateway_serving_saved_state", "1 while serving saved state with no coordinator yet")
+
 MIN_HEARTBEAT_GAP = 0.1  # seconds between two heartbeats when verdict changes wake the loop
+NOT_SERVING_LOG_INTERVAL = 10.0  # seconds between "no saved state and no coordinator" lines
+SAVE_DELAY = 0.5  # seconds: changes within this are saved as one write
 
 
 class DataPlane(Protocol):
@@ -101,6 +109,13 @@ class Agent:
         self._plan_key: frozenset[tuple[str, str]] | None = None
         self._plan = plan({config.name: config.region}, config.reach_prober_regions)
         self._wake = asyncio.Event()
+        # static stability: the saved state, whether registration succeeded in this process
+        self.registered = False
+        self.saved: saved_state.GatewaySaved | None = None
+        self.current_at = 0.0  # wall-clock time the state in service was last known current
+        self.writer = state_file.DebouncedWriter(config.state_file, SAVE_DELAY)
+        self._not_serving_logged = 0.0
+        STATE_AGE.set_function(self.state_age)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -110,11 +125,52 @@ class Agent:
     def _channel(self) -> grpc.aio.Channel:
         return client_channel(self.targets.current, self.identity, insecure=self.config.insecure)
 
-    async def register(self) -> None:
-        """Register (idempotent: a known gateway keeps its mesh IP), trying each coordinator."""
+    def state_age(self) -> float:
+        if self.connected.is_set():
+            self.current_at = time.time()
+            return 0.0
+        return time.time() - self.current_at if self.current_at else -1.0
+
+    def load_saved(self) -> saved_state.GatewaySaved | None:
+        """The saved state, if there is one this gateway may serve (else None, logged)."""
+        path = self.config.state_file
+        raw = state_file.load(path, kind=saved_state.KIND, owner=self.config.name,
+                              max_age=self.config.state_max_age)
+        if raw is None:
+            return None
+        try:
+            saved = saved_state.decode(raw.payload, name=self.config.name, public_key=self.public_key)
+        except state_file.StateFileError as exc:
+            state_file.REFUSED.labels(saved_state.KIND, exc.reason).inc()
+            event(log, "saved state refused, starting without it", logging.ERROR, path=str(path),
+                  reason=exc.reason, error=str(exc))
+            return None
+        self.current_at = raw.written_at
+        in_use = {str(spec.cert): saved_state.fingerprint(spec.cert) for spec in self.config.certificates}
+        if dict(saved.certificates) != in_use:
+            event(log, "certificate files changed since the state was saved: serving the files as they are now",
+                  logging.WARNING)
+        return saved
+
+    def _saved_now(self) -> state_file.Saved:
+        payload = saved_state.encode(saved_state.GatewaySaved(
+            self.mesh_ip, self.mesh_cidr, self.public_key, self.revision, self.table, dict(self.mesh),
+            tuple((str(spec.cert), saved_state.fingerprint(spec.cert)) for spec in self.config.certificates)))
+        return state_file.Saved(saved_state.KIND, self.config.name, self.revision, time.time(), payload)
+
+    def save_soon(self) -> None:
+        """Save the state in service (debounced; only once a coordinator gave us a mesh address)."""
+        if self.mesh_ip:
+            self.writer.changed(self._saved_now)
+
+    async def register(self, *, serving: bool = True) -> None:
+        """Register (idempotent: a known gateway keeps its mesh IP), trying each coordinator.
+        `serving` False: nothing is served meanwhile (no saved state), said plainly and often."""
         backoff = 0.2
+        attempts = 0
         while True:
             target = self.targets.current
+            attempts += 1
             try:
                 async with self._channel() as ch:
                     resp = await pbg.GatewayControlStub(ch).Register(pb.RegisterRequest(
@@ -123,15 +179,28 @@ class Agent:
                         wg_public_key=self.public_key, proxy_port=self.config.proxy_port,
                         https_port=self.config.https_port),
                         timeout=10, metadata=self._metadata())
-                self.mesh_ip, self.mesh_cidr = resp.gateway.mesh_ip, resp.mesh_cidr
+                if self.mesh_ip and resp.gateway.mesh_ip != self.mesh_ip:
+                    event(log, "the coordinator gave another mesh address than the one in service: restart the "
+                          "gateway to move to it", logging.ERROR, in_service=self.mesh_ip, given=resp.gateway.mesh_ip)
+                else:
+                    self.mesh_ip, self.mesh_cidr = resp.gateway.mesh_ip, resp.mesh_cidr
+                self.registered = True
+                SERVING_SAVED.set(0)
                 event(log, "registered", gateway=self.config.name, coordinator=target, mesh_ip=self.mesh_ip,
                       public_key=self.public_key)
+                self.save_soon()
                 return
             except grpc.aio.AioRpcError as exc:
                 level = logging.ERROR if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
                                                         grpc.StatusCode.PERMISSION_DENIED) else logging.WARNING
                 event(log, "register failed", level, coordinator=target, code=exc.code().name, error=exc.details())
                 self.targets.advance()
+            now = time.monotonic()
+            if not serving and now - self._not_serving_logged >= NOT_SERVING_LOG_INTERVAL:
+                self._not_serving_logged = now
+                event(log, "not serving: no saved state and no coordinator answers; retrying", logging.ERROR,
+                      state_file=str(self.config.state_file), coordinators=list(self.config.coordinators),
+                      attempts=attempts)
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 
@@ -240,6 +309,9 @@ class Agent:
             self.update_probe_targets()
         self.revision = max(self.revision, msg.revision)
         REVISION.set(self.revision)
+        self.current_at = time.time()
+        if msg.HasField("routing") or msg.HasField("mesh"):
+            self.save_soon()
         if self.on_change is not None:
             self.on_change(self)
 
@@ -305,10 +377,33 @@ class Agent:
             await prober.close()
             REACH_TARGETS.set(0)
 
+    async def come_up(self) -> None:
+        """Registration, or the saved state when no coordinator answers in time (see the module)."""
+        self.saved = self.load_saved()
+        if self.saved is None:
+            await self.register(serving=False)
+        else:
+            try:
+                await asyncio.wait_for(self.register(), self.config.coordinator_deadline)
+            except TimeoutError:
+                self.mesh_ip, self.mesh_cidr = self.saved.mesh_ip, self.saved.mesh_cidr
+                SERVING_SAVED.set(1)
+                event(log, "no coordinator answered: serving the saved state, registering in the background",
+                      logging.WARNING, deadline_s=self.config.coordinator_deadline, revision=self.saved.revision,
+                      age_s=round(time.time() - self.current_at, 1), mesh_ip=self.mesh_ip,
+                      gateways=len(self.saved.table.gateways), peers=len(self.saved.mesh))
+            if self.saved.mesh_ip == self.mesh_ip:  # the same registration: resume from its revision
+                self.table, self.mesh, self.revision = self.saved.table, dict(self.saved.mesh), self.saved.revision
+                REVISION.set(self.revision)
+
     async def run(self) -> None:
-        await self.register()
+        await self.come_up()
         await self.setup_mesh()
         await self.start_dataplane()
+        if self.saved is not None and self.revision:
+            if self.dataplane is not None:
+                self.dataplane.update_table(self.table, self.mesh)
+            await self.apply_mesh()
         self.start_prober()
         observer = asyncio.create_task(self.applier.run_observer()) if self.applier is not None else None
         backoff = 0.1
@@ -316,6 +411,8 @@ class Agent:
             while True:
                 started = time.monotonic()
                 try:
+                    if not self.registered:
+                        await self.register()
                     await self.session_once()
                 except grpc.aio.AioRpcError as exc:
                     event(log, "session failed", logging.WARNING, coordinator=self.targets.current,
@@ -334,6 +431,8 @@ class Agent:
         finally:
             if observer is not None:
                 observer.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.writer.flush())
             await self.stop_prober()
             if self.applier is not None:
                 await self.applier.close(remove_interface=False)

@@ -27,6 +27,10 @@ Example (`deploy/gateway.example.toml` documents every field)::
     fall = 3
     rise = 2
     prober_regions = 3
+    [state]                          # static stability (docs/static-stability.md)
+    dir = "/var/lib/geomesh/state"   # default: "state" beside the WireGuard key file
+    max_age = 0                      # seconds; a saved state older than this is not served (0 = any age)
+    coordinator_deadline = 2.0       # seconds to wait for a coordinator at start before serving saved state
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from regional_gateway.proxy.settings import G_MODES
 
 BACKENDS = ("auto", "userspace", "kernel", "none")
 REACH_KEYS = ("interval", "timeout", "fall", "rise", "prober_regions")
+STATE_KEYS = ("dir", "max_age", "coordinator_deadline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +85,16 @@ class AgentConfig:
     reach_fall: int = 3                 # failed probes in a row before a target is voted down
     reach_rise: int = 2                 # good probes in a row before it is voted up again
     reach_prober_regions: int = DEFAULT_PROBER_REGIONS  # regions probing each gateway (m of the plan)
+    # [state]: the last applied state, served at start while no coordinator answers
+    state_dir: Path | None = None       # None: "state" beside the WireGuard key file
+    state_max_age: float = 0.0          # seconds; an older saved state is not served at start (0 = any age)
+    coordinator_deadline: float = 2.0   # seconds to wait for a coordinator at start before serving saved state
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state_file(self) -> Path:
+        """Where this gateway saves its last applied state."""
+        return (self.state_dir or self.wg_key_file.parent / "state") / f"gateway-{self.name}.state"
 
     def __post_init__(self) -> None:
         validate.dns_label("name", self.name)
@@ -122,6 +136,9 @@ class AgentConfig:
         _count("reach.fall", self.reach_fall, 1, 100)
         _count("reach.rise", self.reach_rise, 1, 100)
         _count("reach.prober_regions", self.reach_prober_regions, 1, 64)
+        if self.state_max_age != 0:
+            _seconds("state.max_age", self.state_max_age, 1.0, 10 * 365 * 86400.0)
+        _seconds("state.coordinator_deadline", self.coordinator_deadline, 0.1, 60.0)
 
 
 def _seconds(name: str, value: object, low: float, high: float) -> None:
@@ -152,7 +169,7 @@ def load(path: Path) -> AgentConfig:
     wg = data.get("wireguard", {})
     known = {"name", "region", "coordinators", "public_ip", "public_ipv6", "zone", "proxy_port", "proxy_listen",
              "https_port", "certificates", "g_mode", "insecure", "heartbeat_interval", "metrics_host", "metrics_port",
-             "dataplane", "tls", "wireguard", "reach", "routes"}
+             "dataplane", "tls", "wireguard", "reach", "routes", "state"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValidationError(unknown[0], "is not a known setting")
@@ -162,6 +179,12 @@ def load(path: Path) -> AgentConfig:
     unknown = sorted(set(reach) - set(REACH_KEYS))
     if unknown:
         raise ValidationError(f"reach.{unknown[0]}", f"is not a known setting (known: {', '.join(REACH_KEYS)})")
+    state = data.get("state", {})
+    if not isinstance(state, dict):
+        raise ValidationError("state", "must be a table")
+    unknown = sorted(set(state) - set(STATE_KEYS))
+    if unknown:
+        raise ValidationError(f"state.{unknown[0]}", f"is not a known setting (known: {', '.join(STATE_KEYS)})")
     coordinators = data.get("coordinators", [])
     if isinstance(coordinators, str):
         coordinators = [coordinators]
@@ -185,4 +208,6 @@ def load(path: Path) -> AgentConfig:
         reach_interval=reach.get("interval", 0.5), reach_timeout=reach.get("timeout", 0.5),
         reach_fall=reach.get("fall", 3), reach_rise=reach.get("rise", 2),
         reach_prober_regions=reach.get("prober_regions", DEFAULT_PROBER_REGIONS),
+        state_dir=rel(state.get("dir")), state_max_age=state.get("max_age", 0.0),
+        coordinator_deadline=state.get("coordinator_deadline", 2.0),
     )
