@@ -41,40 +41,33 @@ from typing import Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from regional_gateway.proxy import client_hello, mesh_intake, proxy_protocol, request_head
+from regional_gateway.proxy import client_hello, mesh_intake, proxy_protocol
 from regional_gateway.proxy.client_address import (
-    CLIENT_ADDRESS_HEADERS,
     FORWARDED_MARK,
-    LOOKALIKE_HEADERS,
-    mesh_headers,
     public_headers,
 )
 from regional_gateway.proxy.exchange import LINGER, MAX_ATTEMPTS, Exchange
 from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.hostnames import Authority, Mode, NameMatch, UnknownName, parse_authority
 from regional_gateway.proxy.http_errors import (
-    BadFraming,
     BadHost,
     BadRequest,
     BodyTimeout,
     BodyTooLarge,
     HeadersTooLarge,
     IncompleteRequest,
-    MethodNotAllowed,
     MisdirectedRequest,
     Overloaded,
-    ProtectedHeader,
     ProxyError,
     RequestTimeout,
     ShuttingDown,
-    SniMismatch,
     UnknownHost,
     UpstreamFailed,
     UpstreamTimeout,
-    VersionNotSupported,
     render,
 )
 from regional_gateway.proxy.metrics import BUCKETS
+from regional_gateway.proxy.request_head import HeadBuilder, with_host
 from regional_gateway.proxy.route_state import BackendRuntime
 from regional_gateway.proxy.routes import RemoteRegion
 from regional_gateway.proxy.targets import Target, choose
@@ -83,21 +76,13 @@ from regional_gateway.reach_prober import HEALTH_PATH, health_response
 
 log = logging.getLogger("geomesh.gateway.proxy")
 
-_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
-_ADDR = CLIENT_ADDRESS_HEADERS
-_SPECIAL = _HOP | _ADDR | LOOKALIKE_HEADERS | frozenset((b"host", b"transfer-encoding", b"content-length"))
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-_ODD_METHODS = frozenset((b"CONNECT", b"TRACE"))  # refused (405); checked with the other odd-request signs
-_CONN_SIMPLE = frozenset((b"keep-alive", b"close", b"upgrade"))  # a Connection value that names no header
-_REFUSALS = {"protected-header": ProtectedHeader, "framing": BadFraming, "host": BadHost,
-             "version": VersionNotSupported}
 MAX_PENDING = 256 * 1024  # body bytes held for a request whose upstream is not connected yet
 
 # pause_reading reasons (bits)
 _PAUSE_PIPELINE, _PAUSE_PENDING, _PAUSE_CONNECT = 1, 4, 8  # 2 is upstream.PAUSE_BACKPRESSURE
 
 
-_VERSION_LINE = {"1.1": b" HTTP/1.1\r\n", "1.0": b" HTTP/1.0\r\n"}
 _HEALTH_GET = b"GET " + HEALTH_PATH.encode() + b" "  # the reserved health path, answered by the gateway
 
 
@@ -148,24 +133,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_client_eof = False
         self.tunnel_upstream_eof = False
         self.sniffing: bytearray | None = bytearray() if kind == "mesh" else None
-        # request head under construction; the rarely used fields are reset only when `h_special`
-        self.h_parts: list[bytes] = []
-        self.h_url = b""
-        self.h_host: bytes | None = None
-        self.h_dropped = 0  # header fields not forwarded as they came (only ever set with h_special)
-        self.h_dropped_size = 0
-        self.feed_len = 0  # bytes of the read being parsed (bounds the size of a head it completes)
-        self.h_special = False
-        self.h_te = False
-        self.h_te_val = b""
-        self.h_cl = -1
-        self.h_err: ProxyError | None = None
-        self.h_xff: bytes | None = None
-        self.h_fwd: bytes | None = None
-        self.h_proto: bytes | None = None
-        self.h_mark: bytes | None = None
-        self.h_upgrade: bytes | None = None
-        self.h_conn: bytes | None = None
+        self.head: HeadBuilder | None = None  # the request head in progress (`request_head`)
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -198,8 +166,12 @@ class ClientConnection(asyncio.Protocol):
             transport.write(render(err, close=True))
             self._linger()
             return
-        self.parser = HttpRequestParser(self)
-        self.deadline = server.now + server.settings.header_timeout
+        settings = server.settings
+        self.head = HeadBuilder(trusted=self.trusted, sni=self.sni, client_ip=self.client_ip, scheme=self.scheme,
+                                addr_headers=self.addr_headers, max_headers=settings.max_headers,
+                                max_header_bytes=settings.max_header_bytes, max_body_bytes=settings.max_body_bytes)
+        self.parser = HttpRequestParser(_ParserCallbacks(self, self.head))
+        self.deadline = server.now + settings.header_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -237,9 +209,9 @@ class ClientConnection(asyncio.Protocol):
         """A lower bound of the bytes of the head in progress that `data` (the read it began in) holds.
 
         Not the whole read: it may carry complete requests before it. The fields parsed so far are
-        counted (`_head_size`); so is the line in progress (after the read's last CRLF) unless a
+        counted (`HeadBuilder.size`); so is the line in progress (after the read's last CRLF) unless a
         Content-Length body ended in this read, whose last bytes may come after that CRLF."""
-        low = self._head_size()
+        low = self.head.size()  # type: ignore[union-attr]
         if not self.cl_ended:
             i = data.rfind(b"\r\n")
             low = max(low, len(data) - i - 2 if i >= 0 else len(data))
@@ -339,104 +311,13 @@ class ClientConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- httptools callbacks
 
     def on_message_begin(self) -> None:
-        # the head fields were reset when the previous head completed (`_reset_head`)
+        # the head fields were reset when the previous head completed (`HeadBuilder.complete`)
         self.in_head = True
         if self.active is None:
             self.deadline = self.server.now + self.header_timeout
 
-    def _reset_head(self) -> None:
-        self.h_parts = []
-        self.h_url = b""
-        self.h_host = None
-        if self.h_special:
-            self.h_special = False
-            self.h_dropped = 0
-            self.h_dropped_size = 0
-            self.h_te = False
-            self.h_te_val = b""
-            self.h_cl = -1
-            self.h_err = None
-            self.h_xff = self.h_fwd = self.h_proto = self.h_mark = self.h_upgrade = self.h_conn = None
-
-    def on_url(self, url: bytes) -> None:
-        self.h_url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # the common header costs a lower(), a set lookup and an append; how many fields and bytes
-        # the head holds is derived when it completes (`_head_size`), not counted per field here
-        lname = name.lower()
-        if lname not in _SPECIAL:
-            self.h_parts += (name, b": ", value, b"\r\n")
-            return
-        if lname == b"host" and self.h_host is None:
-            self.h_host = value
-            self.h_parts += (name, b": ", value, b"\r\n")
-            return
-        self.h_special = True
-        if not self._special_header(lname, name, value):  # not forwarded as is: count it here
-            self.h_dropped += 1
-            self.h_dropped_size += len(name) + len(value) + 4
-
-    def _special_header(self, lname: bytes, name: bytes, value: bytes) -> bool:
-        """A header the gateway interprets; True if it is forwarded as it came (into `h_parts`).
-
-        Content-Length and Transfer-Encoding are never forwarded as they came: `_head_slow` writes
-        the framing of the body the gateway forwards (llhttp has already refused the ambiguous
-        combinations: both, two lengths, a length that is not digits)."""
-        if lname == b"host":
-            self._head_error(BadHost("more than one Host header"))
-        elif lname == b"content-length":
-            digits = value.strip(b" \t")
-            if self.h_cl >= 0:
-                self._head_error(BadFraming("more than one Content-Length"))
-            elif not digits.isdigit():
-                self._head_error(BadFraming(f"Content-Length {value[:40]!r} is not a decimal number"))
-            else:
-                self.h_cl = int(digits)
-            return False
-        elif lname == b"transfer-encoding":
-            self.h_te = True
-            self.h_te_val = value if not self.h_te_val else self.h_te_val + b"," + value
-            return False
-        elif lname == b"connection":
-            self.h_conn = value if self.h_conn is None else self.h_conn + b"," + value
-            return False
-        elif lname == b"upgrade":
-            self.h_upgrade = value
-            return False
-        elif lname in _ADDR:
-            if not self.trusted:
-                return False
-            if lname == b"x-forwarded-for":
-                self.h_xff = value if self.h_xff is None else self.h_xff + b", " + value
-                return False
-            if lname == b"forwarded":
-                self.h_fwd = value if self.h_fwd is None else self.h_fwd + b", " + value
-                return False
-            if lname == b"x-forwarded-proto":
-                self.h_proto = value
-                return False
-            if lname == b"x-geomesh-forwarded":
-                self.h_mark = value  # and the app sees which gateway forwarded it
-        elif lname in LOOKALIKE_HEADERS:  # X_Forwarded_For, True-Client-IP, ...: believed from a peer only
-            if not self.trusted:
-                return False
-        else:  # other hop-by-hop headers (keep-alive, te, trailer, proxy-connection) are dropped
-            return False
-        self.h_parts += (name, b": ", value, b"\r\n")
-        return True
-
-    def _head_error(self, err: ProxyError) -> None:
-        if self.h_err is None:  # the first problem found is the one answered
-            self.h_err = err
-
-    def _head_size(self) -> int:
-        """Header fields + URL in bytes, as received (name, ': ', value, CRLF per field)."""
-        return sum(map(len, self.h_parts)) + self.h_dropped_size + len(self.h_url)
-
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.head_bytes = 0
         parser = self.parser
         ex = Exchange()
         method = parser.get_method()  # type: ignore[union-attr]
@@ -444,34 +325,11 @@ class ClientConnection(asyncio.Protocol):
         keep = ex.keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
         if method == b"HEAD":
             ex.head_only = True
-        host = ex.host = self.h_host
-        count = (len(self.h_parts) >> 2) + self.h_dropped
-        # the head is inside the bytes read since it began: only a head that may be too large is measured
-        too_big = self.head_bytes + self.feed_len > self.max_header_bytes and \
-            self._head_size() > self.max_header_bytes
-        # the odd requests: a special header, an odd method, no Host, too many fields, a target that
-        # is not a path (absolute-form, `*`), a Host other than the TLS SNI
-        if self.h_special or method in _ODD_METHODS or host is None or count > self.max_headers \
-                or self.h_url[:1] != b"/" or (self.sni is not None and host != self.sni):
-            self._head_checks(ex, method, count, too_big)
-        elif too_big:
-            ex.error = HeadersTooLarge(f"request head over {self.max_header_bytes} bytes")
-        if ex.error is None:
-            if keep and not self.h_special and not self.trusted:  # plain HTTP/1.1 (1.0 keep-alive needs a header)
-                ex.head = b"".join((method, b" ", self.h_url, b" HTTP/1.1\r\n", *self.h_parts, self.addr_headers,
-                                    b"\r\n"))
-            else:
-                ex.head = self._head_slow(ex, method, parser.get_http_version())  # type: ignore[union-attr]
-                if ex.error is not None:
-                    keep = False
-        elif ex.error.closes:
-            keep = False
-        if self.h_special:
-            self._reset_head()
-        else:  # inlined _reset_head, the common case
-            self.h_parts = []
-            self.h_url = b""
-            self.h_host = None
+        # the head is inside the bytes read since it began: an upper bound of its size
+        keep = self.head.complete(ex, keep, self.head_bytes + self.feed_len, parser)  # type: ignore[union-attr,arg-type]
+        self.head_bytes = 0
+        if ex.upgrade:
+            self.up_ex = ex  # the exchange whose upgrade request ends the parsing
         self.cur = ex
         if not keep or not ex.keep_alive or (ex.error is not None and ex.error.closes):
             if ex.has_body and ex.error is None:
@@ -484,121 +342,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.queue.append(ex)
             self.pause_reading(_PAUSE_PIPELINE)
-
-    def _head_checks(self, ex: Exchange, method: bytes, count: int, too_big: bool) -> None:
-        """The checks a plain request does not need (a special header, or an odd request)."""
-        settings = self.server.settings
-        ex.chunked = self.h_te
-        ex.has_body = self.h_te or self.h_cl > 0
-        if self.h_err is not None:
-            ex.error = self.h_err
-        elif count > settings.max_headers:
-            ex.error = HeadersTooLarge(f"{count} header fields, at most {settings.max_headers}")
-        elif too_big:
-            ex.error = HeadersTooLarge(f"request head over {settings.max_header_bytes} bytes")
-        elif method in _ODD_METHODS:
-            ex.error = MethodNotAllowed(f"{method.decode('latin-1')} is not supported by this gateway")
-        elif self.h_host is None and self.sni is None:
-            ex.error = BadRequest("no Host header: the gateway routes by host name")
-        elif settings.max_body_bytes and self.h_cl > settings.max_body_bytes:
-            ex.error = BodyTooLarge(f"Content-Length {self.h_cl} is over the limit of {settings.max_body_bytes} bytes")
-        elif self.h_te:  # before anything is sent: llhttp itself objects only after the head went out
-            coding = request_head.transfer_coding(self.h_te_val, self.parser.get_http_version())  # type: ignore
-            if type(coding) is request_head.Refusal:
-                ex.error = _REFUSALS[coding.kind](coding.message)
-            else:
-                self.h_te_val = coding  # type: ignore[assignment]
-        if ex.error is None and self.h_url[:1] != b"/":
-            ex.error = self._absolute_target(ex, method)
-        if ex.error is None and self.sni is not None and ex.host is not None and ex.host != self.sni:
-            ex.error = self._check_sni(ex.host)
-        if ex.error is None and self.h_upgrade is not None:
-            ex.upgrade = self.parser.should_upgrade()  # type: ignore[union-attr]
-            if ex.upgrade:
-                self.up_ex = ex
-
-    def _absolute_target(self, ex: Exchange, method: bytes) -> ProxyError | None:
-        """An absolute-form target (RFC 9112 section 3.2.2): routed by its authority, which must
-        agree with Host; the backend gets the origin-form and a Host naming the same server."""
-        url = self.h_url
-        if url == b"*":
-            return None if method == b"OPTIONS" else BadRequest("the '*' target is only for OPTIONS")
-        split = request_head.split_target(url)
-        if type(split) is request_head.Refusal:
-            return BadHost(split.message)
-        authority, origin = split  # type: ignore[misc]
-        auth = parse_authority(authority.decode("latin-1"))
-        if type(auth) is not Authority:
-            return BadHost(f"bad host in the request target: {auth.reason}")  # type: ignore[union-attr]
-        canon = auth.render().encode()
-        if self.h_host is not None:
-            host = parse_authority(self.h_host.decode("latin-1"))
-            if type(host) is not Authority or host.host != auth.host or \
-                    (host.port is not None and auth.port is not None and host.port != auth.port):
-                return BadHost(f"the request target names {auth.render()!r} but Host is "
-                               f"{self.h_host[:100].decode('latin-1')!r}")
-            parts = self.h_parts
-            for i in range(0, len(parts), 4):  # forward Host as the target names it
-                if parts[i].lower() == b"host":
-                    parts[i + 2] = canon
-                    break
-        else:
-            self.h_parts += (b"Host", b": ", canon, b"\r\n")
-        ex.host = canon
-        self.h_url = origin
-        return None
-
-    def _check_sni(self, host: bytes) -> ProxyError | None:
-        """Over TLS, Host must name the server the client asked for in SNI (RFC 9110 section 7.4:
-        otherwise a certificate for one name would front for every app: 421)."""
-        sni = self.sni
-        assert sni is not None
-        got = parse_authority(host.decode("latin-1"))
-        if type(got) is not Authority:
-            return BadHost(f"bad Host {host[:100].decode('latin-1')!r}: {got.reason}")  # type: ignore[union-attr]
-        want = parse_authority(sni.decode("latin-1"))
-        if type(want) is Authority and want.host == got.host:
-            return None
-        return SniMismatch(f"Host {got.host!r} is not the name this TLS connection was opened for "
-                           f"({sni.decode('latin-1')!r}): open a connection for {got.host!r}")
-
-    def _head_slow(self, ex: Exchange, method: bytes, version: str) -> bytes:
-        """The upstream head when the request had special headers, came from the mesh, or is not 1.1.
-
-        May refuse the request instead (sets `ex.error`): a Connection header naming a protected
-        header, an HTTP version other than 1.0/1.1."""
-        refused = request_head.version_refusal(version)
-        if refused is not None:
-            ex.error = _REFUSALS[refused.kind](refused.message)
-            return b""
-        parts = self.h_parts
-        conn = self.h_conn
-        if conn is not None and conn.lower() not in _CONN_SIMPLE:
-            drops = request_head.connection_drops(conn)
-            if type(drops) is request_head.Refusal:
-                ex.error = _REFUSALS[drops.kind](drops.message)
-                return b""
-            if drops:  # headers the client named hop-by-hop in Connection are not forwarded
-                parts = _drop_named(parts, drops)  # type: ignore[arg-type]
-        addr = self.addr_headers
-        if self.trusted:
-            addr = mesh_headers(self.client_ip, self.scheme, self.h_xff, self.h_fwd, self.h_proto)
-            ex.marked = self.h_mark is not None
-        # the framing of the body as the gateway forwards it, never the client's header as it came
-        if self.h_te:
-            frame = b"Transfer-Encoding: " + self.h_te_val + b"\r\n"
-        elif self.h_cl >= 0:
-            frame = b"Content-Length: %d\r\n" % self.h_cl
-        else:
-            frame = b""
-        extra = b""
-        if ex.upgrade and self.h_upgrade is not None:
-            extra = b"Connection: upgrade\r\nUpgrade: " + self.h_upgrade + b"\r\n"
-            ex.keep_alive = False  # after an upgrade attempt the client's stream is no longer HTTP
-        elif version != "1.1":
-            extra = b"Connection: keep-alive\r\n"
-        line = _VERSION_LINE[version]
-        return b"".join((method, b" ", self.h_url, line, *parts, frame, addr, extra, b"\r\n"))
 
     def on_body(self, data: bytes) -> None:
         ex = self.cur
@@ -686,10 +429,10 @@ class ClientConnection(asyncio.Protocol):
             return
         canon = auth.render().encode()
         if canon != host:
-            ex.head = _with_host(ex.head, canon, ex.host is not None)
+            ex.head = with_host(ex.head, canon, ex.host is not None)
             ex.host = canon
         elif ex.host is None:  # routed by SNI: the backend gets it as Host
-            ex.head = _with_host(ex.head, canon, False)
+            ex.head = with_host(ex.head, canon, False)
             ex.host = canon
         self._route(ex, self.server.state.lookup(canon))
 
@@ -1102,7 +845,7 @@ class ClientConnection(asyncio.Protocol):
         if exc.__context__ is not None:
             detail = f"{detail} ({exc.__context__})"
             log.error("request callback failed", exc_info=exc.__context__)
-        if self.cur is None and self.h_url == b"*" and self.parser.get_method() == b"PRI":  # type: ignore
+        if self.cur is None and self.head.h_url == b"*" and self.parser.get_method() == b"PRI":  # type: ignore
             err: ProxyError = BadRequest(
                 "HTTP/2 with prior knowledge (h2c) is not served on this port: use HTTP/1.1, or HTTP/2 over "
                 "TLS with ALPN h2")
@@ -1307,21 +1050,18 @@ class ClientConnection(asyncio.Protocol):
             self.server.metrics.error("upstream-extra-response")
 
 
-def _with_host(head: bytes, host: bytes, replace: bool) -> bytes:
-    """`head` with its Host value replaced by `host` (or a Host line added after the request line)."""
-    if replace:
-        i = head.lower().find(b"\r\nhost:")
-        if i >= 0:
-            start = i + 7
-            end = head.index(b"\r\n", start)
-            return head[:start] + b" " + host + head[end:]
-    line_end = head.index(b"\r\n") + 2
-    return head[:line_end] + b"Host: " + host + b"\r\n" + head[line_end:]
+class _ParserCallbacks:
+    """What httptools calls: the head callbacks go to the `HeadBuilder`, the rest to the connection.
 
+    httptools looks each callback up once, when the parser is made, so routing them through this
+    object costs nothing per call."""
 
-def _drop_named(parts: list[bytes], names: set[bytes] | frozenset[bytes]) -> list[bytes]:
-    out: list[bytes] = []
-    for i in range(0, len(parts), 4):
-        if parts[i].lower() not in names:
-            out += parts[i:i + 4]
-    return out
+    __slots__ = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+
+    def __init__(self, conn: ClientConnection, head: HeadBuilder) -> None:
+        self.on_message_begin = conn.on_message_begin
+        self.on_url = head.on_url
+        self.on_header = head.on_header
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete

@@ -286,3 +286,16 @@ def test_header_limit_counts_the_head_not_the_read(backends, gateway):
             c.send_raw(big[i:i + 100])
             time.sleep(0.005)
         check(c.read_response(), 431, "request head over 1024 bytes")
+
+
+def test_a_head_over_the_limit_is_431_when_its_last_read_is_small(backends, gateway):
+    """A head that ends in a small read after a large one is measured over all its reads: the
+    first read alone is under the limit, the whole head is not (the last read alone never is)."""
+    (b,) = backends(1)
+    g = gateway(routes([("shop", [b.address])]), max_header_bytes=1024)
+    big = f"GET / HTTP/1.1\r\nHost: shop.{ZONE}\r\nX-Pad: {'p' * 1200}\r\n\r\n".encode()
+    with Conn(g.http) as c:
+        c.send_raw(big[:1000])
+        time.sleep(0.1)  # two reads on the gateway's side
+        c.send_raw(big[1000:])
+        check(c.read_response(), 431, "request head over 1024 bytes")
