@@ -19,10 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def run_bench(script: str, out: Path, timeout: float) -> dict:
+def run_bench(script: str, out: Path, timeout: float, *extra: str) -> dict:
     if shutil.which("etcd") is None:
         pytest.fail("etcd is not installed: run scripts/install.sh (./run test does)")
-    proc = subprocess.run([sys.executable, f"bench/{script}", "--quick", "--json", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--quick", "--json", str(out), *extra], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
@@ -165,7 +165,8 @@ def test_faults_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     """bench/faults.py --quick on a real 3-member TLS etcd cluster: every scenario made its row,
     the faults happened, and what does not depend on speed holds (no acknowledged write lost, no
     alive key deleted, no linearizability violation). No timing is asserted."""
-    result = run_bench("faults.py", tmp_path / "faults.json", timeout=120)
+    result = run_bench("faults.py", tmp_path / "faults.json", 120,  # static-*: tests/bench/test_faults_static.py
+                       "--scenarios", "leader-kill,own-member,linearizability")
     rows = {r["scenario"]: r for r in result["rows"]}
     assert set(rows) == {"leader-kill", "own-member", "linearizability"}
     kill, own, lin = rows["leader-kill"], rows["own-member"], rows["linearizability"]
