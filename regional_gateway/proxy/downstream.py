@@ -41,12 +41,13 @@ from typing import Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from regional_gateway.proxy import client_hello, mesh_intake, proxy_protocol
+from regional_gateway.proxy import client_hello, flow_control, mesh_intake, proxy_protocol
 from regional_gateway.proxy.client_address import (
     FORWARDED_MARK,
     public_headers,
 )
 from regional_gateway.proxy.exchange import LINGER, MAX_ATTEMPTS, Exchange
+from regional_gateway.proxy.flow_control import FlowControl
 from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.hostnames import Authority, Mode, NameMatch, UnknownName, parse_authority
 from regional_gateway.proxy.http_errors import (
@@ -79,8 +80,6 @@ log = logging.getLogger("geomesh.gateway.proxy")
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 MAX_PENDING = 256 * 1024  # body bytes held for a request whose upstream is not connected yet
 
-# pause_reading reasons (bits)
-_PAUSE_PIPELINE, _PAUSE_PENDING, _PAUSE_CONNECT = 1, 4, 8  # 2 is upstream.PAUSE_BACKPRESSURE
 
 
 _HEALTH_GET = b"GET " + HEALTH_PATH.encode() + b" "  # the reserved health path, answered by the gateway
@@ -117,8 +116,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0  # bytes of the reads a head in progress spans (an upper bound of its size)
         self.head_low = 0  # bytes it holds for sure (`_partial_head`)
         self.cl_ended = False  # a Content-Length body ended (in the current read, or since the last look)
-        self.paused = 0
-        self.paused_win = False  # reading was paused during the current body-rate window
+        self.flow = FlowControl()  # why reading is paused (`flow_control`)
         self.body_last = 0.0  # when the active exchange's body last made progress
         self.body_win_start = 0.0  # the body-rate window: since when, and bytes received in it
         self.body_win_bytes = 0
@@ -138,7 +136,7 @@ class ClientConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- asyncio.Protocol
 
     def connection_made(self, transport: Any) -> None:
-        self.transport = transport
+        self.transport = self.flow.transport = transport
         server = self.server
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
@@ -271,6 +269,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.flow.stop()
         self.server.conn_closed(self)
         if self.tunnel is not None:
             self.tunnel.tunnel = None
@@ -297,16 +296,11 @@ class ClientConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- reading control
 
     def pause_reading(self, reason: int) -> None:
-        if not self.paused and not self.closed:
-            self.transport.pause_reading()
-            self.paused_win = True  # the body-rate window cannot blame the client for this pause
-        self.paused |= reason
+        """Stop reading from the client for `reason` (a `flow_control` bit; the upstream's back-pressure)."""
+        self.flow.pause(reason)
 
     def resume_reading(self, reason: int) -> None:
-        if self.paused & reason:
-            self.paused &= ~reason
-            if not self.paused and not self.closed:
-                self.transport.resume_reading()
+        self.flow.resume(reason)
 
     # ---------------------------------------------------------------- httptools callbacks
 
@@ -341,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
             self._dispatch(ex)
         else:
             self.queue.append(ex)
-            self.pause_reading(_PAUSE_PIPELINE)
+            self.flow.pause(flow_control.PIPELINE)
 
     def on_body(self, data: bytes) -> None:
         ex = self.cur
@@ -357,7 +351,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._forward(ex, data) and ex.pending_len > MAX_PENDING:
-            self.pause_reading(_PAUSE_PENDING)
+            self.flow.pause(flow_control.PENDING)
         if ex is self.active:  # body progress: the next check is at the end of the rate window at the latest
             now = self.server.now
             self.body_last = now
@@ -487,7 +481,7 @@ class ClientConnection(asyncio.Protocol):
                 if ex.pending:
                     self._flush_pending(ex, up)
                 return
-        self.pause_reading(_PAUSE_CONNECT)
+        self.flow.pause(flow_control.CONNECT)
         server.spawn(self._connect(ex, rt, addr))
 
     async def _connect(self, ex: Exchange, rt: BackendRuntime, addr: tuple[str, int]) -> None:
@@ -509,7 +503,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or ex is not self.active or ex.resp_done:
             server.pool.put(up)  # type: ignore[arg-type]
             return
-        self.resume_reading(_PAUSE_CONNECT)
+        self.flow.resume(flow_control.CONNECT)
         self._attach(ex, up)  # type: ignore[arg-type]
 
     def _attach(self, ex: Exchange, up: UpstreamConnection) -> None:
@@ -529,7 +523,7 @@ class ClientConnection(asyncio.Protocol):
             w(chunk)
         ex.pending = None
         ex.pending_len = 0
-        self.resume_reading(_PAUSE_PENDING)
+        self.flow.resume(flow_control.PENDING)
 
     def _connect_failed(self, ex: Exchange, rt: BackendRuntime, why: str, *, timeout: bool = False) -> None:
         server = self.server
@@ -537,7 +531,7 @@ class ClientConnection(asyncio.Protocol):
         if rt.health.connect_failed(server.now, why):
             server.health_changed(rt)
         self._uncount(ex)
-        self.resume_reading(_PAUSE_CONNECT)
+        self.flow.resume(flow_control.CONNECT)
         if self.closed or ex is not self.active:
             return
         ex.tried += (rt.key,)
@@ -562,7 +556,7 @@ class ClientConnection(asyncio.Protocol):
             rt.inflight += 1
             ex.counted = True
             ex.attempts += 1
-            self.pause_reading(_PAUSE_CONNECT)
+            self.flow.pause(flow_control.CONNECT)
             self.server.spawn(self._connect(ex, rt, nxt.addr))
         else:
             self._send(ex, nxt.backend, nxt.addr, nxt.region)
@@ -643,7 +637,7 @@ class ClientConnection(asyncio.Protocol):
             nxt = self.queue.popleft()
             self.active = nxt
             if not self.queue:
-                self.resume_reading(_PAUSE_PIPELINE)
+                self.flow.resume(flow_control.PIPELINE)
             self._dispatch(nxt)
             return
         self.deadline = self.server.now + (self.header_timeout if self.in_head else self.idle_timeout)
@@ -777,7 +771,7 @@ class ClientConnection(asyncio.Protocol):
         ex.held.append(data)
         ex.held_len += len(data)
         if ex.held_len > MAX_PENDING:
-            self.pause_reading(_PAUSE_PENDING)
+            self.flow.pause(flow_control.PENDING)
 
     def upstream_upgraded(self, up: UpstreamConnection, data: bytes) -> None:
         """The backend's response to the active exchange ends with an upgrade (101)."""
@@ -807,7 +801,7 @@ class ClientConnection(asyncio.Protocol):
         for chunk in ex.held or ():
             up.transport.write(chunk)
         ex.held = None
-        self.resume_reading(0xFF)
+        self.flow.resume(flow_control.ALL)
         self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
 
     def _drop_held(self, ex: Exchange) -> None:
@@ -897,7 +891,7 @@ class ClientConnection(asyncio.Protocol):
         """Start a body-rate window (and the body idle timer) at `now`."""
         self.body_last = self.body_win_start = now
         self.body_win_bytes = 0
-        self.paused_win = bool(self.paused)
+        self.flow.new_window()
         self.deadline = now + self.body_timeout
 
     def _body_stalled(self, ex: Exchange) -> None:
@@ -906,7 +900,7 @@ class ClientConnection(asyncio.Protocol):
         (backend not reading, connecting) are not held against it, up to `upstream_timeout`."""
         now = self.server.now
         last = self.body_last
-        if self.paused or self.paused_win:
+        if self.flow.reasons or self.flow.paused_in_window:
             if now - last < self.upstream_timeout:
                 self._body_window(now)
                 self.body_last = last  # the time of the last progress stays
@@ -966,7 +960,7 @@ class ClientConnection(asyncio.Protocol):
         self.lingering = True
         self.dead_parser = True
         self.closing = True
-        self.resume_reading(0xFF)
+        self.flow.resume(flow_control.ALL)
         self.deadline = self.server.now + LINGER
         transport = self.transport
         if transport.can_write_eof():
@@ -1037,6 +1031,7 @@ class ClientConnection(asyncio.Protocol):
     def handed_over(self) -> None:
         """The transport went to the protocol that serves the forwarded connection (`mesh_intake`)."""
         self.closed = True
+        self.flow.stop()
 
     def response_progress(self) -> None:
         """Part of the active exchange's response went out: the client is reading, wait on."""

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from regional_gateway.proxy.flow_control import BACKPRESSURE
+
 Address = tuple[str, int]
-PAUSE_BACKPRESSURE = 2  # the client connection's pause reason "upstream write buffer full"
 
 
 class ResponseRecord(Protocol):
@@ -137,15 +138,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.client is not None:
-            self.client.pause_reading(PAUSE_BACKPRESSURE)
+            self.client.pause_reading(BACKPRESSURE)
         elif self.tunnel is not None:
-            self.tunnel.pause_reading(PAUSE_BACKPRESSURE)
+            self.tunnel.pause_reading(BACKPRESSURE)
 
     def resume_writing(self) -> None:
         if self.client is not None:
-            self.client.resume_reading(PAUSE_BACKPRESSURE)
+            self.client.resume_reading(BACKPRESSURE)
         elif self.tunnel is not None:
-            self.tunnel.resume_reading(PAUSE_BACKPRESSURE)
+            self.tunnel.resume_reading(BACKPRESSURE)
 
     # -- httptools callbacks ------------------------------------------------------------
 
