@@ -88,6 +88,7 @@ class GeoDnsCollector(Collector):
             rrl.add_metric([action], n)
         yield rrl
         yield from _region_map(snap.get("region_map"))
+        yield from _geoip(snap.get("geoip_build_epoch", 0))
         feed = snap.get("feed", {})
         yield GaugeMetricFamily("geodns_table_revision", "revision of the routing view served "
                                 "(the lowest among workers)", value=feed.get("revision", 0))
@@ -100,6 +101,7 @@ class GeoDnsCollector(Collector):
 
 
 def _region_map(m: dict[str, Any] | None) -> Iterator[Metric]:
+    """The region map's metrics and the database's age (none with --no-region-map)."""
     if not m:
         return
     secs = GaugeMetricFamily("geodns_region_map_build_seconds", "seconds the last build of the region map took, "
@@ -120,7 +122,10 @@ def _region_map(m: dict[str, Any] | None) -> Iterator[Metric]:
                             value=m["ready"])
     yield GaugeMetricFamily("geodns_region_map_rss_bytes", "resident memory of the process(es) after the last "
                             "region map build", value=m["rss"])
-    epoch = m["geoip_build_epoch"]
+
+
+def _geoip(epoch: int) -> Iterator[Metric]:
+    """How old the GeoIP database in service is (the oldest among workers)."""
     yield GaugeMetricFamily("geodns_geoip_build_timestamp_seconds", "when the GeoIP database in use was built "
                             "(its metadata's build_epoch)", value=epoch)
     yield GaugeMetricFamily("geodns_geoip_age_seconds", "age of the GeoIP database in use",

@@ -186,8 +186,10 @@ class Server:
         snap["workers"] = 1
         if self.responder is not None:
             snap["cache"] = self.responder.cache_stats()
-        snap["region_map"] = {**self.map_stats, "builds": dict(self.map_stats["builds"]),
-                              "seconds": dict(self.map_stats["seconds"])}
+        snap["geoip_build_epoch"] = self.map_stats["geoip_build_epoch"]
+        if self.config.region_map:  # without a map (--no-region-map) its metrics are left out
+            snap["region_map"] = {**self.map_stats, "builds": dict(self.map_stats["builds"]),
+                                  "seconds": dict(self.map_stats["seconds"])}
         snap["tcp_connections"] = self.connections.admission.total
         snap["tcp_abuse"] = self.connections.penalty.snapshot()
         return snap
@@ -470,6 +472,8 @@ class Supervisor:
             out["feed"] = alive["feed"]
         # gauges: only what live workers hold (evictions stay counted from all)
         out["tcp_connections"] = alive["tcp_connections"]
+        epochs = [s["geoip_build_epoch"] for s in live if s.get("geoip_build_epoch")]
+        out["geoip_build_epoch"] = min(epochs) if epochs else 0
         maps = [s["region_map"] for s in live if "region_map" in s]
         if maps:  # every worker builds its own map: report the slowest build and the sum of memory
             out["region_map"] = {
