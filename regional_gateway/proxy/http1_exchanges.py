@@ -1,0 +1,515 @@
+"""The exchanges of one HTTP/1.1 client connection: routing, the backend, the answer, in order.
+
+`Http1Exchanges` is the half of `downstream.ClientConnection` that drives each request's
+`Exchange` once its head is parsed: `_dispatch` answers it locally (an error, the health path)
+or routes it (the fast path of `route_state`, else `targets.choose`); `_send` takes a pooled
+upstream connection or opens one, writes the head and the body bytes held meanwhile; the
+upstream connection calls back (`response_done`, `upstream_lost`, `upstream_broken`, and the
+`upstream.ExchangeOwner` rest) and `_finish` moves to the next pipelined exchange. Retries
+(`_retry`, at most `exchange.MAX_ATTEMPTS` tries) avoid the backends that failed; the health of a
+backend is told by its connect failures and 5xx answers; in-flight counts and metrics are kept
+here. Answers the gateway writes itself (`http_errors`) take their turn like any other; one that
+ends the connection lingers (`_linger`) so the client reads it. The reading side (parsing,
+pipelining, body and head timeouts, upgrades, the mesh hand-over) is `downstream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from bisect import bisect_left
+from collections import deque
+from time import monotonic
+from typing import Any
+
+from regional_gateway.proxy import flow_control
+from regional_gateway.proxy.client_address import FORWARDED_MARK
+from regional_gateway.proxy.exchange import LINGER, MAX_ATTEMPTS, Exchange
+from regional_gateway.proxy.flow_control import FlowControl
+from regional_gateway.proxy.host import ConnectionHost
+from regional_gateway.proxy.hostnames import Authority, Mode, NameMatch, UnknownName, parse_authority
+from regional_gateway.proxy.http_errors import (
+    BadHost,
+    MisdirectedRequest,
+    ProxyError,
+    UnknownHost,
+    UpstreamFailed,
+    UpstreamTimeout,
+    render,
+)
+from regional_gateway.proxy.metrics import BUCKETS
+from regional_gateway.proxy.request_head import with_host
+from regional_gateway.proxy.route_state import BackendRuntime
+from regional_gateway.proxy.routes import RemoteRegion
+from regional_gateway.proxy.targets import Target, choose
+from regional_gateway.proxy.upstream import UpstreamConnection
+from regional_gateway.reach_prober import HEALTH_PATH, health_response
+
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+_HEALTH_GET = b"GET " + HEALTH_PATH.encode() + b" "  # the reserved health path, answered by the gateway
+
+
+class Http1Exchanges(asyncio.Protocol):
+    """The exchanges of a client connection, from a parsed head to the end of the answer."""
+
+    def __init__(self, server: ConnectionHost, sni: bytes | None) -> None:
+        self.server = server
+        settings = server.settings
+        self.header_timeout = settings.header_timeout
+        self.idle_timeout = settings.idle_timeout
+        self.upstream_timeout = settings.upstream_timeout
+        self.body_timeout = settings.body_timeout
+        self.body_min_rate = settings.body_min_rate
+        self.sni = sni  # the TLS server name: routes a request without Host
+        self.transport: Any = None
+        self.client_key = b""  # the client's address, for the balancers
+        self.deadline = 0.0
+        self.active: Exchange | None = None  # the exchange being answered
+        self.cur: Exchange | None = None  # the exchange whose request is being read
+        self.queue: deque[Exchange] = deque()  # pipelined exchanges waiting for their turn
+        self.in_head = False  # a request head is being read
+        self.flow = FlowControl()  # why reading is paused (`flow_control`)
+        self.body_last = 0.0  # when the active exchange's body last made progress
+        self.body_win_start = 0.0  # the body-rate window: since when, and bytes received in it
+        self.body_win_bytes = 0
+        self.closed = False
+        self.closing = False  # close once the current exchange is done
+        self.dead_parser = False  # stop reading requests (after an error or Connection: close)
+        self.lingering = False
+        self.upgrading = False
+        self.up_ex: Exchange | None = None  # the exchange whose upgrade request ended the parsing
+        self.tunnel: UpstreamConnection | None = None  # after a 101: the backend end of the byte tunnel
+
+    # ---------------------------------------------------------------- reading control
+
+    def pause_reading(self, reason: int) -> None:
+        """Stop reading from the client for `reason` (a `flow_control` bit; the upstream's back-pressure)."""
+        self.flow.pause(reason)
+
+    def resume_reading(self, reason: int) -> None:
+        self.flow.resume(reason)
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _dispatch(self, ex: Exchange) -> None:
+        """Route the active exchange and send its head upstream (or answer it locally)."""
+        if ex.error is not None:
+            self._local(ex, ex.error)
+            return
+        if ex.head.startswith(_HEALTH_GET):  # any Host: the outside-in probes (docs/reachability.md)
+            self._health(ex)
+            return
+        server = self.server
+        state = server.state
+        host = ex.host if ex.host is not None else self.sni
+        fast = state.fast.get(host)  # type: ignore[arg-type]
+        if fast is not None:  # the fast path: a local app by name, a backend by its policy
+            app, port = fast
+            if app.ready:
+                rt = app.balancer.pick(app.ready, self.client_key)
+                if rt is not None:
+                    ex.app = app.name
+                    self._send(ex, rt, rt.addr if not port else (rt.host, port), None)
+                    return
+        self._route_checked(ex, host)  # type: ignore[arg-type]
+
+    def _route_checked(self, ex: Exchange, host: bytes) -> None:
+        """Route a host that is not on the fast path: its syntax is checked (400 when it is not a
+        host name) and the head carries its canonical form (`hostnames.parse_authority`). The
+        fast path needs neither: it holds only names that resolved, looked up in canonical form."""
+        auth = parse_authority(host.decode("latin-1"))
+        if type(auth) is not Authority:
+            self._local(ex, BadHost(f"bad Host {host[:100].decode('latin-1')!r}: {auth.reason}"))  # type: ignore
+            return
+        canon = auth.render().encode()
+        if canon != host:
+            ex.head = with_host(ex.head, canon, ex.host is not None)
+            ex.host = canon
+        elif ex.host is None:  # routed by SNI: the backend gets it as Host
+            ex.head = with_host(ex.head, canon, False)
+            ex.host = canon
+        self._route(ex, self.server.state.lookup(canon))
+
+    def _route(self, ex: Exchange, match: NameMatch | UnknownName) -> None:
+        if type(match) is not NameMatch:
+            self._local(ex, UnknownHost(f"unknown host: {match.reason}"))  # type: ignore[union-attr]
+            return
+        host = ex.host if ex.host is not None else self.sni
+        if match.mode is not Mode.HTTP:
+            how = "TLS passthrough (connect with TLS to the gateway's TLS port)" if match.mode is Mode.PASSTHROUGH \
+                else "HTTP/2 over TLS (connect with TLS and ALPN h2 to the gateway's TLS port)"
+            self._local(ex, MisdirectedRequest(f"{host.decode('latin-1')} is a {how} name"))  # type: ignore[union-attr]
+            return
+        target = choose(self.server.state, match, self.client_key, may_forward=not ex.marked, exclude=ex.tried)
+        if not isinstance(target, Target):
+            self._local(ex, target)
+            return
+        ex.app = target.app
+        self._send(ex, target.backend, target.addr, target.region)
+
+    def _send(self, ex: Exchange, rt: BackendRuntime, addr: tuple[str, int], region: RemoteRegion | None) -> None:
+        ex.backend = rt
+        ex.addr = addr
+        rt.inflight += 1
+        ex.counted = True
+        ex.attempts += 1
+        server = self.server
+        if region is not None:
+            ex.region = region
+            ex.backend_label = rt.label
+            ex.final_head = ex.head[:-2] + FORWARDED_MARK + b": " + server.mark + b"\r\n\r\n"
+            server.metrics.forward(ex.app, region.name)
+        else:
+            if ex.region is not None:  # a retry after a forward went local
+                ex.region = None
+            ex.backend_label = rt.key
+            ex.final_head = ex.head
+        if ex.has_body and not ex.req_done:  # the body is still coming: body_timeout / body_min_rate apply
+            self._body_window(server.now)
+        else:
+            self.deadline = server.now + self.upstream_timeout
+        conns = server.pool.idle.get(addr)
+        while conns:
+            up = conns.pop()
+            if not up.closed:
+                ex.upstream = up
+                up.ex = ex
+                up.client = self
+                up.got = 0
+                ex.t_sent = monotonic()
+                up.transport.write(ex.final_head)
+                if ex.pending:
+                    self._flush_pending(ex, up)
+                return
+        self.flow.pause(flow_control.CONNECT)
+        server.spawn(self._connect(ex, rt, addr))
+
+    async def _connect(self, ex: Exchange, rt: BackendRuntime, addr: tuple[str, int]) -> None:
+        server = self.server
+        loop = asyncio.get_running_loop()
+        try:
+            _, up = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(server.pool, addr), addr[0], addr[1]),
+                server.settings.connect_timeout)
+        except TimeoutError:
+            self._connect_failed(ex, rt, f"connect to {rt.label} timed out after "
+                                         f"{server.settings.connect_timeout:g}s", timeout=True)
+            return
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+            self._connect_failed(ex, rt, f"cannot connect to {rt.label}: {why}")
+            return
+        rt.health.connected()
+        if self.closed or ex is not self.active or ex.resp_done:
+            server.pool.put(up)  # type: ignore[arg-type]
+            return
+        self.flow.resume(flow_control.CONNECT)
+        self._attach(ex, up)  # type: ignore[arg-type]
+
+    def _attach(self, ex: Exchange, up: UpstreamConnection) -> None:
+        ex.upstream = up
+        up.ex = ex
+        up.client = self
+        up.got = 0
+        up.done = False
+        ex.t_sent = monotonic()
+        up.transport.write(ex.final_head)
+        if ex.pending:
+            self._flush_pending(ex, up)
+
+    def _forward(self, ex: Exchange, data: bytes) -> bool:
+        """Request bytes for `ex`'s backend: written now, or queued (True) until its upstream
+        connection is up (`_flush_pending` sends them)."""
+        up = ex.upstream
+        if up is not None and not up.closed:
+            up.transport.write(data)
+            return False
+        if ex.pending is None:
+            ex.pending = []
+        ex.pending.append(data)
+        ex.pending_len += len(data)
+        return True
+
+    def _flush_pending(self, ex: Exchange, up: UpstreamConnection) -> None:
+        w = up.transport.write
+        for chunk in ex.pending:  # type: ignore[union-attr]
+            w(chunk)
+        ex.pending = None
+        ex.pending_len = 0
+        self.flow.resume(flow_control.PENDING)
+
+    def _connect_failed(self, ex: Exchange, rt: BackendRuntime, why: str, *, timeout: bool = False) -> None:
+        server = self.server
+        server.metrics.error("upstream-connect")
+        if rt.health.connect_failed(server.now, why):
+            server.health_changed(rt)
+        self._uncount(ex)
+        self.flow.resume(flow_control.CONNECT)
+        if self.closed or ex is not self.active:
+            return
+        ex.tried += (rt.key,)
+        if ex.attempts < MAX_ATTEMPTS and not (ex.pending_len and not ex.req_done):
+            if self._retry(ex, ex.tried):
+                return
+        self._local(ex, UpstreamTimeout(why) if timeout else UpstreamFailed(why))
+
+    def _retry(self, ex: Exchange, exclude: tuple[str, ...], *, fresh_to: tuple[str, int] | None = None) -> bool:
+        """Send the exchange again, avoiding `exclude`; False if there is nowhere to send it."""
+        state = self.server.state
+        match = state.lookup(ex.host if ex.host is not None else self.sni)  # type: ignore[arg-type]
+        if type(match) is not NameMatch:
+            return False
+        nxt = choose(state, match, self.client_key, may_forward=not ex.marked, exclude=exclude)
+        if not isinstance(nxt, Target):
+            return False
+        ex.app = nxt.app
+        if fresh_to is not None and nxt.addr == fresh_to:  # a stale pooled connection: retry on a new one
+            rt = nxt.backend
+            ex.backend, ex.addr, ex.region = rt, nxt.addr, nxt.region
+            rt.inflight += 1
+            ex.counted = True
+            ex.attempts += 1
+            self.flow.pause(flow_control.CONNECT)
+            self.server.spawn(self._connect(ex, rt, nxt.addr))
+        else:
+            self._send(ex, nxt.backend, nxt.addr, nxt.region)
+        return True
+
+    # ---------------------------------------------------------------- responses
+
+    def response_done(self, up: UpstreamConnection) -> None:
+        """The upstream delivered a complete response to the active exchange."""
+        ex = self.active
+        if ex is None or ex.upstream is not up:
+            up.close()
+            return
+        server = self.server
+        status = ex.status
+        rt = ex.backend
+        if rt is not None and (status >= 500 or rt.health.errors_5xx):
+            if rt.health.response(status, server.now):
+                server.health_changed(rt)
+        if ex.t_head:
+            h = server.metrics.latency.get(ex.app)
+            if h is None:
+                server.metrics.observe(ex.app, ex.t_head - ex.t_sent)
+            else:  # inlined ProxyMetrics.observe
+                took = ex.t_head - ex.t_sent
+                h[bisect_left(BUCKETS, took)] += 1
+                h[-1] += took
+        ex.upstream = None
+        ex.resp_done = True
+        up.client = None
+        up.ex = None
+        if ex.req_done and up.keep and not up.fresh_parser and not ex.upgrade and not up.closed:
+            up.keep = False  # back to the pool (the common case, inlined)
+            pool = server.pool
+            conns = pool.idle.get(up.addr)
+            if conns is None:
+                conns = pool.idle[up.addr] = []
+            if len(conns) < pool.max_idle and not pool.closing:
+                up.idle_since = server.now
+                up.reused = True  # from now on it is a pooled connection
+                conns.append(up)
+            else:
+                up.close()
+        else:
+            if ex.upgrade:
+                self._drop_held(ex)
+            up.detach(ex.req_done and not ex.upgrade)
+        if not ex.req_done:  # the backend answered before the whole body arrived: drain the rest, then go on
+            ex.discard = True
+            return
+        if self.queue or self.closing or not ex.keep_alive or self.closed:
+            self._finish(ex)
+            return
+        # inlined _finish for the common case (keep-alive, nothing queued)
+        self.active = None
+        counts = server.metrics.requests
+        key = (ex.app, ex.backend_label, status)
+        counts[key] = counts.get(key, 0) + 1
+        if ex.counted:
+            ex.counted = False
+            rt.inflight -= 1  # type: ignore[union-attr]
+        self.deadline = server.now + (self.header_timeout if self.in_head else self.idle_timeout)
+
+    def response_progress(self) -> None:
+        """Part of the active exchange's response went out: the client is reading, wait on."""
+        self.deadline = self.server.now + self.idle_timeout
+
+    def response_overrun(self, count: bool = True) -> None:
+        """The backend sent more after the complete response (a second one: counted; junk): the
+        client got those bytes too, so its connection ends after this exchange."""
+        self.closing = True
+        if count:
+            self.server.metrics.error("upstream-extra-response")
+
+    def _finish(self, ex: Exchange) -> None:
+        self.active = None
+        counts = self.server.metrics.requests  # inlined ProxyMetrics.request
+        key = (ex.app, ex.backend_label, ex.status)
+        counts[key] = counts.get(key, 0) + 1
+        if ex.counted:
+            ex.counted = False
+            ex.backend.inflight -= 1  # type: ignore[union-attr]
+        if self.closed:
+            return
+        if self.closing or not ex.keep_alive:
+            self._close_after_write()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.active = nxt
+            if not self.queue:
+                self.flow.resume(flow_control.PIPELINE)
+            self._dispatch(nxt)
+            return
+        self.deadline = self.server.now + (self.header_timeout if self.in_head else self.idle_timeout)
+
+    def _local(self, ex: Exchange, err: ProxyError) -> None:
+        """Answer the active exchange from the gateway itself."""
+        server = self.server
+        server.metrics.error(err.cause)
+        ex.status = err.status
+        close = err.closes or not ex.keep_alive or self.closing
+        if ex.upstream is not None:
+            up, ex.upstream = ex.upstream, None
+            up.close()
+        self.transport.write(render(err, close=close, head_only=ex.head_only))
+        ex.resp_done = True
+        ex.discard = True
+        if err.closes:
+            self.server.metrics.request(ex.app, "-", ex.status)
+            self._uncount(ex)
+            self.active = None
+            self._linger()
+            return
+        if close:
+            self.closing = True
+        if ex.req_done:
+            ex.backend_label = "-"
+            self._finish(ex)
+        else:  # the rest of the body is read and dropped, as long as it keeps coming
+            self.deadline = server.now + self.body_timeout
+
+    def _health(self, ex: Exchange) -> None:
+        """Answer `GET /.well-known/geomesh/health` from the gateway itself: 200 naming it
+        (`reach_prober.health_response`), in its turn like any local answer."""
+        close = not ex.keep_alive or self.closing
+        answer = health_response(self.server.mark.decode())
+        if close:
+            answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+        self.transport.write(answer)
+        ex.status = 200
+        ex.resp_done = True
+        ex.discard = True
+        ex.backend_label = "-"
+        if close:
+            self.closing = True
+        if ex.req_done:
+            self._finish(ex)
+        else:  # a body is read and dropped
+            self.deadline = self.server.now + self.body_timeout
+
+    def _uncount(self, ex: Exchange) -> None:
+        if ex.counted:
+            ex.counted = False
+            ex.backend.inflight -= 1  # type: ignore[union-attr]
+
+    def upstream_lost(self, up: UpstreamConnection, exc: Exception | None) -> None:
+        """The upstream connection closed while carrying the active exchange."""
+        ex = self.active
+        up.client = None
+        up.ex = None
+        if ex is None or ex.upstream is not up:
+            return
+        ex.upstream = None
+        server = self.server
+        rt = ex.backend
+        label = rt.label if rt is not None else "the backend"
+        if up.got == 0:
+            why = f"{label} reset the connection: {exc}" if exc is not None else \
+                f"{label} closed the connection before answering"
+            if rt is not None and not up.reused:
+                if rt.health.connect_failed(server.now, why):
+                    server.health_changed(rt)
+            retry = (not ex.has_body and ex.attempts < MAX_ATTEMPTS
+                     and (up.reused or ex.method in _IDEMPOTENT))
+            self._uncount(ex)
+            if retry and rt is not None:
+                if not up.reused:  # a fresh connection failed: avoid that backend; a stale pooled one: retry it
+                    ex.tried += (rt.key,)
+                if self._retry(ex, ex.tried, fresh_to=up.addr if up.reused else None):
+                    return
+            server.metrics.error("upstream-reset")
+            self._local(ex, UpstreamFailed(why))
+            return
+        # the response had started: it cannot be replaced, only cut short
+        server.metrics.error("upstream-reset")
+        if ex.status == 0:
+            ex.status = 502
+        server.metrics.request(ex.app, ex.backend_label, ex.status)
+        self._uncount(ex)
+        self.active = None
+        self._close_after_write()
+
+    def upstream_broken(self, up: UpstreamConnection, why: str) -> None:
+        """The backend sent something that is not an HTTP response."""
+        ex = self.active
+        up.close()
+        if ex is None or ex.upstream is not up:
+            return
+        ex.upstream = None
+        if up.got == 0:
+            self._local(ex, UpstreamFailed(why))
+        else:
+            self.server.metrics.error("upstream-malformed")
+            self._uncount(ex)
+            self.active = None
+            self._close_after_write()
+
+
+    def _drop_held(self, ex: Exchange) -> None:
+        """The backend did not switch protocols: what the client sent after its upgrade request is dropped."""
+        if ex.held:
+            self.server.metrics.error("upgrade-data-dropped")
+        ex.held = None
+        self.up_ex = None
+        self.upgrading = False
+
+    # ---------------------------------------------------------------- body deadlines and the end of a connection
+
+    def _body_window(self, now: float) -> None:
+        """Start a body-rate window (and the body idle timer) at `now`."""
+        self.body_last = self.body_win_start = now
+        self.body_win_bytes = 0
+        self.flow.new_window()
+        self.deadline = now + self.body_timeout
+
+
+    def _linger(self) -> None:
+        """After a closing error: stop sending, discard input for a moment, then close."""
+        self.lingering = True
+        self.dead_parser = True
+        self.closing = True
+        self.flow.resume(flow_control.ALL)
+        self.deadline = self.server.now + LINGER
+        transport = self.transport
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                transport.close()
+        else:
+            transport.close()
+
+    def _close_after_write(self) -> None:
+        self.closing = True
+        if not self.closed:
+            self.transport.close()
+
+    def _abandon(self, ex: Exchange) -> None:
+        up = ex.upstream
+        ex.upstream = None
+        if up is not None:
+            up.close()
+        self._uncount(ex)
