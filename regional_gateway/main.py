@@ -7,6 +7,9 @@ Two modes:
   invalid file is refused, naming the field, and the routes in service stay);
 - coordinator mode, `geomesh-gateway --config FILE`: the gateway agent (registration, mesh,
   routing feed) runs the data plane itself; this module hands over to `regional_gateway.agent.run`.
+  With a saved state and no coordinator answering within `[state] coordinator_deadline`, the
+  agent brings WireGuard and the proxy up from that state before it registers
+  (docs/static-stability.md).
 
 `Config` is the one settings value of a standalone process: defaults, then the `[server]` table of
 the routes file, then flags, validated before anything starts. SIGTERM/SIGINT drain: stop
