@@ -61,6 +61,9 @@ from pathlib import Path
 import maxminddb
 
 ROOT = Path(__file__).resolve().parent.parent
+# bench/ (first on the path when this runs as a script) holds other benchmarks, e.g. http.py, which
+# must not shadow the standard library's modules that prometheus_client and urllib import
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 from geodns.nearest import default_database  # noqa: E402
@@ -458,9 +461,6 @@ def parse_answer(reply: bytes) -> tuple[str | None, int]:
 
 def scrape_metrics(log: Path) -> dict[str, float]:
     """geomesh-dns's metrics ("name" or "name{labels}" -> value), from the metrics address it logged."""
-    # bench/ holds other benchmarks (http.py) that must not shadow the standard library's http
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     import urllib.request
 
     for line in log.read_text(errors="replace").splitlines():
