@@ -6,15 +6,17 @@ FORMERR, an unknown opcode NOTIMP, EDNS version > 0 BADVERS, and any exception i
 after parsing SERVFAIL -- nothing escapes. The stages, in order:
 
 1. parse (`geodns.wire`: a direct decoder for the common shape, dnslib for the rest);
-2. exact cache: replies to UDP queries whose answer depends on the query bytes alone (no
-   client address involved) are kept by the bytes after the ID in `exact`; the UDP transport
-   looks in its current generation first and only patches the ID (`answer` looks in both).
+2. reply cache (`answer_cache.ReplyCache`, exact reply bytes): replies to UDP queries whose
+   answer depends on the query bytes alone (no client address involved) are kept by the bytes
+   after the ID in `exact`; the UDP pipeline (`geodns.pipeline`) looks in its current generation
+   first and only patches the ID (`answer` looks in both).
    Only queries of at most `EXACT_QUERY_MAX` octets whose EDNS options are Client Subnet,
    cookie or padding are kept, so a key holds nothing but what decides the answer and the few
    octets a resolver repeats; any other query is answered through the answer cache. A reply is
    kept on the second sight of its query bytes (the hashes of the last `SEEN_MAX` distinct
    queries are remembered), so resolver traffic that never repeats does not churn it;
-3. answer cache: packed answers keyed by what they depend on -- lowercased name, type, class,
+3. template cache (`answer_cache.TemplateCache`, packed answer templates, with the region order
+   memo `RegionOrders` beside it): keyed by what they depend on -- lowercased name, type, class,
    RD/CD, the size limit, the EDNS shape (DO, ECS family and source prefix) and, for app
    names only, the GeoIP network of the ECS subnet or of the client. A hit copies the
    question from the query (so the name keeps its case) and appends the cached sections and a
@@ -22,9 +24,9 @@ after parsing SERVFAIL -- nothing escapes. The stages, in order:
 4. lookup (`geodns.zone`, `geodns.nearest`) and packing with dnslib, truncation to the UDP
    limit (TC set, answer sections dropped).
 
-Both caches are `geodns.cache.BoundedCache`s sharing `cache_bytes` (half each) and holding at
-most `cache_size` entries each: full, they evict a generation of entries, never everything.
-Both are emptied whenever the view changes (`set_view`), i.e. when the routing table's revision
+Both caches are byte-bounded (`geodns.cache.BoundedCache`): they share `cache_bytes` (half
+each) and hold at most `cache_size` entries each; full, they evict a generation of entries,
+never everything. Both are emptied whenever the view changes (`set_view`), i.e. when the routing table's revision
 moves. A query over `wire.MAX_QUERY_OCTETS` is refused with FORMERR before it is decoded.
 """
 
@@ -33,17 +35,16 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from dnslib import RR, DNSBuffer, DNSLabel
 
 from geodns import zone as zonemod
-from geodns.cache import BoundedCache
-from geodns.nearest import Locator, Place, choose, region_order
+from geodns.answer_cache import GeoMarker, Question, RegionOrders, ReplyCache, Template, TemplateCache
+from geodns.nearest import Locator, Place, choose
 from geodns.region_map import RegionMap
 from geodns.stats import Stats
-from geodns.view import RegionView, View
+from geodns.view import View
 from geodns.wire import (
     AA,
     CD,
@@ -84,10 +85,6 @@ DEFAULT_UDP_PAYLOAD = 1232  # DNS Flag Day 2020
 DEFAULT_CACHE_SIZE = 200_000  # entries per cache
 DEFAULT_CACHE_BYTES = 32 << 20  # both caches together
 EXACT_QUERY_MAX = 512  # longer queries are answered but not kept in the exact cache
-SEEN_MAX = 65536  # query hashes the reply cache's doorkeeper remembers (emptied when full)
-# accounted per entry on top of the octets it holds: object headers, the tuple, the dict slot
-EXACT_OVERHEAD = 176
-ANSWER_OVERHEAD = 560
 TCP_LIMIT = 65535
 _ECHO = RD | CD
 _ONE_Q_ONE_AR = b"\0\1\0\0\0\0\0\1"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0, ARCOUNT 1
@@ -99,42 +96,6 @@ class Answer(NamedTuple):
 
 
 DROPPED = Answer(None, -1)
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """A packed answer minus what each query brings (ID, RD/CD, question, OPT)."""
-
-    flags: int
-    an: int
-    ns: int
-    ar: int  # without the OPT
-    body: bytes
-    ext_rcode: int
-    scope: int  # ECS scope prefix to report
-    index: int
-    reusable: bool  # the answer depends on the query bytes only
-    rcode: int
-    region: str
-    rotate: tuple[bytes, ...] = ()  # the answer's A/AAAA records, rotated per answer (body holds the rest)
-
-
-@dataclass(frozen=True, slots=True)
-class _Geo:
-    """Answer-cache marker: this name's answer depends on where the client is."""
-
-    target: zonemod.AppName
-
-
-def _exact_size(key: bytes, value: tuple[bytes, int]) -> int:
-    return len(key) + len(value[0]) + EXACT_OVERHEAD
-
-
-def _answer_size(key: object, value: object) -> int:
-    """The answer cache's keys start with the base tuple, whose first item is the name."""
-    base = key[0] if isinstance(key, tuple) and isinstance(key[0], tuple) else key
-    name = base[0] if isinstance(base, tuple) else b""
-    return len(name) + (len(value.body) if isinstance(value, _Entry) else 0) + ANSWER_OVERHEAD
 
 
 class Responder:
@@ -153,14 +114,10 @@ class Responder:
         self.cache_bytes = max(0, cache_bytes)
         self.log_queries = log_queries
         self.reply_cache = reply_cache
-        self.exact: BoundedCache[bytes, tuple[bytes, int]] = BoundedCache(
-            self.cache_bytes // 2 if reply_cache else 0, self.cache_size if reply_cache else 0, _exact_size)
-        self._cache: BoundedCache[object, object] = BoundedCache(
-            self.cache_bytes - self.cache_bytes // 2, self.cache_size, _answer_size)
-        self._orders: dict[tuple[float, float] | None, list[RegionView]] = {}
-        self._ranked: dict[int, list[RegionView]] = {}
+        self.exact = ReplyCache(self.cache_bytes // 2 if reply_cache else 0, self.cache_size if reply_cache else 0)
+        self.templates = TemplateCache(self.cache_bytes - self.cache_bytes // 2, self.cache_size)
+        self.orders = RegionOrders(view)
         self._turn = 0  # round-robin position of rotated answers
-        self._seen: set[int] = set()  # hashes of query bytes answered once (the reply cache's doorkeeper)
         self._last_error_log = 0.0
         self.region_map = region_map
         self.view = view
@@ -173,10 +130,8 @@ class Responder:
         self.view = view
         self._zone_len = len(view.zone.name.split("."))
         self.exact.reset()
-        self._cache.reset()
-        self._seen = set()
-        self._orders = {}
-        self._ranked = {}
+        self.templates.reset()
+        self.orders.reset(view)
 
     def set_map(self, region_map: RegionMap | None) -> None:
         """Place clients with `region_map` from now on (None: per-query GeoIP look-ups); the
@@ -187,7 +142,7 @@ class Responder:
     def cache_stats(self) -> dict[str, dict[str, int]]:
         """Size and evictions of both caches, for the metrics."""
         return {name: {"bytes": c.bytes, "entries": len(c), "evictions": c.evictions}
-                for name, c in (("exact", self.exact), ("answer", self._cache))}
+                for name, c in (("exact", self.exact), ("answer", self.templates))}
 
     # -- the choke point -----------------------------------------------------------------------
 
@@ -238,7 +193,7 @@ class Responder:
             self.stats.cache_misses += 1
         if (entry.reusable and not tcp and len(data) <= EXACT_QUERY_MAX
                 and (query.edns is None or not query.edns.other_options)):
-            self._keep(data, wire, entry.index)
+            self.exact.keep(data, wire, entry.index)
         if self.log_queries:
             self._log(query, client, tcp, entry.rcode, entry.region, hit)
         return Answer(wire, entry.index)
@@ -294,9 +249,9 @@ class Responder:
         qtype = data[i] << 8 | data[i + 1]
         qclass = data[i + 2] << 8 | data[i + 3]
         base = (data[HEADER_LEN:i].lower(), qtype, qclass, flags & _ECHO, limit, (do, family, source))
-        current = self._cache.current
+        current = self.templates.store.current  # the current generation: no promotion on this path
         entry = current.get(base)
-        if isinstance(entry, _Geo):
+        if isinstance(entry, GeoMarker):
             rmap = self.region_map
             assert rmap is not None
             rank, scope = rmap.locate(data[o + 8:end].ljust(width, b"\0"), source)
@@ -320,22 +275,8 @@ class Responder:
                 + opt_record(self.udp_payload, 0, do, data[o:o + 7] + bytes((scope,)) + data[o + 8:end]))
         self.stats.cache_hits += 1
         if entry.reusable and self.reply_cache:
-            self._keep(data, wire, entry.index)
+            self.exact.keep(data, wire, entry.index)
         return Answer(wire, entry.index)
-
-    def _keep(self, data: bytes, wire: bytes, index: int) -> None:
-        """Put a reply in the reply cache on the second sight of its query bytes (a doorkeeper:
-        traffic that never repeats costs a hash and a set entry, not a cache entry, and does not
-        turn the cache's generations over)."""
-        key = data[2:]
-        seen = self._seen
-        h = hash(key)
-        if h in seen:
-            self.exact.put(key, (wire[2:], index))
-        else:
-            if len(seen) >= SEEN_MAX:
-                seen.clear()
-            seen.add(h)
 
     def oversize(self, data: bytes, client: bytes) -> Answer:
         """FORMERR (header only) for a datagram the transport cut at `MAX_QUERY_OCTETS`: what
@@ -370,7 +311,7 @@ class Responder:
 
     # -- stages ----------------------------------------------------------------------------------
 
-    def _entry(self, q: Query, client: bytes, tcp: bool) -> tuple[_Entry, bool, int]:
+    def _entry(self, q: Query, client: bytes, tcp: bool) -> tuple[Template, bool, int]:
         """The answer's template, whether it came from the cache, and the ECS scope to report."""
         edns = q.edns
         if edns is not None and edns.version > 0:
@@ -383,23 +324,21 @@ class Responder:
             limit = 512
         ecs = edns.ecs if edns is not None else None
         shape = None if edns is None else (edns.do, ecs.family if ecs else 0, ecs.source if ecs else -1)
-        base = (q.qname_lower, q.qtype, q.qclass, q.flags & _ECHO, limit, shape)
-        cache = self._cache
-        entry = cache.get(base)
-        if entry is None:
+        base: Question = (q.qname_lower, q.qtype, q.qclass, q.flags & _ECHO, limit, shape)
+        templates = self.templates
+        found = templates.for_question(base)
+        if found is None:
             target = self._target(q)
             if not isinstance(target, zonemod.AppName) or not self.view.ready:
-                lookup = self._lookup(q, target)
-                built = self._build(q, lookup, 0, True, limit)
-                self._remember(base, built)
+                built = self._build(q, self._lookup(q, target), 0, True, limit)
+                templates.put_question(base, built)
                 return built, False, 0
-            geo = _Geo(target)
-            self._remember(base, geo)
-        elif isinstance(entry, _Entry):
-            return entry, True, entry.scope
+            geo = GeoMarker(target)
+            templates.put_question(base, geo)
+        elif isinstance(found, Template):
+            return found, True, found.scope
         else:
-            assert isinstance(entry, _Geo)
-            geo = entry
+            geo = found
         # the answer depends on where the client is
         if ecs is not None and ecs.source > 0:
             packed, prefix, reusable = ecs.padded(), ecs.source, True
@@ -410,56 +349,30 @@ class Responder:
             rank, scope = rmap.locate(packed, prefix)
             if not reusable:
                 scope = 0
-            key: tuple = (base, rank, reusable)
-            entry = cache.get(key)
-            if isinstance(entry, _Entry):
+            where: tuple[object, object] = (rank, reusable)
+            entry = templates.for_place(base, *where)
+            if entry is not None:
                 return entry, True, scope
-            order = self._ranked.get(rank)
-            if order is None:
-                order = self._ranked[rank] = self._order_of(rmap.rankings[rank])
+            order = self.orders.for_rank(rank, rmap.rankings[rank])
         else:
             place = self.locator.locate(packed, prefix)
             scope = place.prefix if reusable else 0
-            key = (base, place.network, place.prefix)
-            entry = cache.get(key)
-            if isinstance(entry, _Entry):
+            where = (place.network, place.prefix)
+            entry = templates.for_place(base, *where)
+            if entry is not None:
                 return entry, True, scope
-            order = self._order(place)
+            order = self.orders.for_place(place)
         region = choose(geo.target.app, order)
         # clients that end up in the same region share one packed answer (only the scope differs)
-        shared = (base, region.name if region is not None else "", reusable)
-        entry = cache.get(shared)
-        hit = isinstance(entry, _Entry)
-        if not hit:
+        name = region.name if region is not None else ""
+        entry = templates.for_region(base, name, reusable)
+        hit = entry is not None
+        if entry is None:
             lookup = zonemod.records(self.view, geo.target, q.qtype, region)
             entry = self._build(q, lookup, 0, reusable, limit)
-            self._remember(shared, entry)
-        assert isinstance(entry, _Entry)
-        self._remember(key, entry)
+            templates.put_region(base, name, reusable, entry)
+        templates.put_place(base, *where, entry)
         return entry, hit, scope
-
-    def _order_of(self, ranking: tuple[str, ...]) -> list[RegionView]:
-        """A map ranking as this view's regions: regions the view no longer has are skipped,
-        regions the map does not know yet (it is being rebuilt) come last, by name."""
-        regions = self.view.regions
-        order = [regions[name] for name in ranking if name in regions]
-        if len(order) < len(regions):
-            known = set(ranking)
-            order += sorted((r for r in regions.values() if r.name not in known), key=lambda r: r.name)
-        return order
-
-    def _order(self, place: Place) -> list[RegionView]:
-        """Regions nearest first from `place` (memoised per location for this view)."""
-        where = (place.latitude, place.longitude) if place.known else None
-        order = self._orders.get(where)  # type: ignore[arg-type]
-        if order is None:
-            if len(self._orders) >= 65536:
-                self._orders.clear()
-            order = self._orders[where] = region_order(self.view.regions, place, self.view.zone.default_region)  # type: ignore[index]
-        return order
-
-    def _remember(self, key: object, value: object) -> None:
-        self._cache.put(key, value)
 
     def _target(self, q: Query) -> zonemod.Target | None:
         """What the question asks for; None when it is not ours to answer (REFUSED)."""
@@ -478,7 +391,7 @@ class Responder:
         return zonemod.records(self.view, target, q.qtype)
 
     def _build(self, q: Query, lookup: zonemod.Lookup, scope: int, reusable: bool,
-               limit: int = TCP_LIMIT) -> _Entry:
+               limit: int = TCP_LIMIT) -> Template:
         rcode = lookup.rcode
         authoritative = rcode not in (RCODE_REFUSED, RCODE_FORMERR, RCODE_BADVERS)
         flags = QR | (AA if authoritative else 0) | (rcode & 0xF)
@@ -522,9 +435,9 @@ class Responder:
             rotate = tuple(data[a:b] for a, b in zip(cuts, cuts[1:], strict=False))
             body = data[cuts[-1]:]
         index = self.stats.index(RCODE_NAMES.get(rcode, str(rcode)), lookup.region, lookup.fail_open)
-        return _Entry(flags, an, ns, ar, body, rcode >> 4, scope, index, reusable, rcode, lookup.region, rotate)
+        return Template(flags, an, ns, ar, body, rcode >> 4, scope, index, reusable, rcode, lookup.region, rotate)
 
-    def _assemble(self, q: Query, e: _Entry, scope: int) -> bytes:
+    def _assemble(self, q: Query, e: Template, scope: int) -> bytes:
         """The template `e` with the query's ID, RD/CD and question (case kept) spliced in, the
         answer records rotated one step further than last time, and the OPT with the ECS echo."""
         body = e.body

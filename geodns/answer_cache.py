@@ -1,0 +1,190 @@
+"""The answer path's cache tiers, one class each, named for what they hold. No I/O.
+
+A query meets them in this order (`geodns.answer.Responder` drives them; `geodns.pipeline` asks
+the first one before `Responder.answer` runs):
+
+1. `ReplyCache` -- *exact reply bytes*: the whole reply minus its ID, keyed by the query's bytes
+   after the ID. Only replies that depend on those bytes alone (no client address involved) are
+   kept, on the second sight of the query (a doorkeeper of `SEEN_MAX` hashes). A hit only
+   patches the ID.
+2. `TemplateCache` -- *packed answer templates* (`Template`): a reply minus what each query
+   brings (ID, RD/CD, the question with its case, the OPT), keyed by what the answer depends on.
+   Three key spaces share its byte bound:
+   - `for_question`: by the parsed question (lowercased name, type, class, RD/CD, size limit,
+     EDNS shape). Holds the template itself when the answer is the same for every client, or a
+     `GeoMarker` when it depends on where the client is;
+   - `for_place`: by question and client place (the region map's ranking, or the GeoIP network);
+   - `for_region`: by question and chosen region: places that end up in the same region share
+     one packed answer (only the ECS scope differs).
+3. `RegionOrders` -- a memo, not bytes: the view's regions nearest first, per client location
+   (GeoIP look-up) or per region-map ranking.
+
+The two byte-holding tiers are `geodns.cache.BoundedCache`s (the byte and entry bounds live
+there); all three start empty when the view or the region map changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from geodns import zone as zonemod
+from geodns.cache import BoundedCache
+from geodns.nearest import Place, region_order
+from geodns.view import RegionView, View
+
+SEEN_MAX = 65536  # query hashes the reply cache's doorkeeper remembers (emptied when full)
+# accounted per entry on top of the octets it holds: object headers, the tuple, the dict slot
+EXACT_OVERHEAD = 176
+ANSWER_OVERHEAD = 560
+ORDERS_MAX = 65536  # region orders memoised per location before the memo starts over
+
+Question = tuple  # (name lowercased, qtype, qclass, RD|CD, size limit, EDNS shape)
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A packed answer minus what each query brings (ID, RD/CD, question, OPT)."""
+
+    flags: int
+    an: int
+    ns: int
+    ar: int  # without the OPT
+    body: bytes
+    ext_rcode: int
+    scope: int  # ECS scope prefix to report
+    index: int
+    reusable: bool  # the answer depends on the query bytes only
+    rcode: int
+    region: str
+    rotate: tuple[bytes, ...] = ()  # the answer's A/AAAA records, rotated per answer (body holds the rest)
+
+
+@dataclass(frozen=True, slots=True)
+class GeoMarker:
+    """`for_question` marker: this name's answer depends on where the client is."""
+
+    target: zonemod.AppName
+
+
+def _reply_size(key: bytes, value: tuple[bytes, int]) -> int:
+    return len(key) + len(value[0]) + EXACT_OVERHEAD
+
+
+def _template_size(key: object, value: object) -> int:
+    """Every key starts with the question tuple, whose first item is the name."""
+    base = key[0] if isinstance(key, tuple) and isinstance(key[0], tuple) else key
+    name = base[0] if isinstance(base, tuple) else b""
+    return len(name) + (len(value.body) if isinstance(value, Template) else 0) + ANSWER_OVERHEAD
+
+
+class ReplyCache(BoundedCache[bytes, tuple[bytes, int]]):
+    """Tier 1, exact reply bytes: query bytes after the ID -> (reply bytes after the ID, stats
+    index). `current.get(key)` is the cheapest look-up (the UDP pipeline's first stage); `get`
+    also finds and promotes the previous generation. `keep` stores on the second sight."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self, max_bytes: int, max_entries: int) -> None:
+        super().__init__(max_bytes, max_entries, _reply_size)
+        self._seen: set[int] = set()
+
+    def keep(self, data: bytes, wire: bytes, index: int) -> None:
+        """Keep the reply `wire` to the query `data` on the second sight of the query bytes (a
+        doorkeeper: traffic that never repeats costs a hash and a set entry, not a cache entry,
+        and does not turn the generations over)."""
+        key = data[2:]
+        seen = self._seen
+        h = hash(key)
+        if h in seen:
+            self.put(key, (wire[2:], index))
+        else:
+            if len(seen) >= SEEN_MAX:
+                seen.clear()
+            seen.add(h)
+
+    def reset(self) -> None:
+        super().reset()
+        self._seen = set()
+
+
+class TemplateCache:
+    """Tier 2, packed answer templates, in three key spaces under one byte bound (see the
+    module's docstring). `store.current` is read directly by the template fast path."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, max_bytes: int, max_entries: int) -> None:
+        self.store: BoundedCache[object, object] = BoundedCache(max_bytes, max_entries, _template_size)
+
+    def for_question(self, q: Question) -> Template | GeoMarker | None:
+        return self.store.get(q)  # type: ignore[return-value]
+
+    def put_question(self, q: Question, value: Template | GeoMarker) -> None:
+        self.store.put(q, value)
+
+    def for_place(self, q: Question, where: object, detail: object) -> Template | None:
+        """`where, detail`: (map ranking, reusable) or (GeoIP network, its prefix)."""
+        entry = self.store.get((q, where, detail))
+        return entry if isinstance(entry, Template) else None
+
+    def put_place(self, q: Question, where: object, detail: object, entry: Template) -> None:
+        self.store.put((q, where, detail), entry)
+
+    def for_region(self, q: Question, region: str, reusable: bool) -> Template | None:
+        entry = self.store.get((q, region, reusable))
+        return entry if isinstance(entry, Template) else None
+
+    def put_region(self, q: Question, region: str, reusable: bool, entry: Template) -> None:
+        self.store.put((q, region, reusable), entry)
+
+    def reset(self) -> None:
+        self.store.reset()
+
+    @property
+    def bytes(self) -> int:
+        return self.store.bytes
+
+    @property
+    def evictions(self) -> int:
+        return self.store.evictions
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+class RegionOrders:
+    """Tier 3, a memo: the view's regions nearest first, per GeoIP location (`for_place`) or per
+    region-map ranking (`for_rank`). Bound to one view; `reset(view)` starts over."""
+
+    __slots__ = ("view", "_by_place", "_by_rank")
+
+    def __init__(self, view: View) -> None:
+        self.reset(view)
+
+    def reset(self, view: View) -> None:
+        self.view = view
+        self._by_place: dict[tuple[float, float] | None, list[RegionView]] = {}
+        self._by_rank: dict[int, list[RegionView]] = {}
+
+    def for_place(self, place: Place) -> list[RegionView]:
+        where = (place.latitude, place.longitude) if place.known else None
+        order = self._by_place.get(where)  # type: ignore[arg-type]
+        if order is None:
+            if len(self._by_place) >= ORDERS_MAX:
+                self._by_place.clear()
+            view = self.view
+            order = self._by_place[where] = region_order(view.regions, place, view.zone.default_region)  # type: ignore[index]
+        return order
+
+    def for_rank(self, rank: int, ranking: tuple[str, ...]) -> list[RegionView]:
+        """A map ranking as this view's regions: regions the view no longer has are skipped,
+        regions the map does not know yet (it is being rebuilt) come last, by name."""
+        order = self._by_rank.get(rank)
+        if order is None:
+            regions = self.view.regions
+            order = [regions[name] for name in ranking if name in regions]
+            if len(order) < len(regions):
+                known = set(ranking)
+                order += sorted((r for r in regions.values() if r.name not in known), key=lambda r: r.name)
+            self._by_rank[rank] = order
+        return order
