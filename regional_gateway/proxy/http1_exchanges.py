@@ -16,7 +16,6 @@ pipelining, body and head timeouts, upgrades, the mesh hand-over) is `downstream
 from __future__ import annotations
 
 import asyncio
-from bisect import bisect_left
 from collections import deque
 from time import monotonic
 from typing import Any
@@ -36,7 +35,6 @@ from regional_gateway.proxy.http_errors import (
     UpstreamTimeout,
     render,
 )
-from regional_gateway.proxy.metrics import BUCKETS
 from regional_gateway.proxy.request_head import with_host
 from regional_gateway.proxy.route_state import BackendRuntime
 from regional_gateway.proxy.routes import RemoteRegion
@@ -167,19 +165,17 @@ class Http1Exchanges(asyncio.Protocol):
             self._body_window(server.now)
         else:
             self.deadline = server.now + self.upstream_timeout
-        conns = server.pool.idle.get(addr)
-        while conns:
-            up = conns.pop()
-            if not up.closed:
-                ex.upstream = up
-                up.ex = ex
-                up.client = self
-                up.got = 0
-                ex.t_sent = monotonic()
-                up.transport.write(ex.final_head)
-                if ex.pending:
-                    self._flush_pending(ex, up)
-                return
+        up = server.pool.take(addr)
+        if up is not None:
+            ex.upstream = up
+            up.ex = ex
+            up.client = self
+            up.got = 0
+            ex.t_sent = monotonic()
+            up.transport.write(ex.final_head)
+            if ex.pending:
+                self._flush_pending(ex, up)
+            return
         self.flow.pause(flow_control.CONNECT)
         server.spawn(self._connect(ex, rt, addr))
 
@@ -288,45 +284,30 @@ class Http1Exchanges(asyncio.Protocol):
         if rt is not None and (status >= 500 or rt.health.errors_5xx):
             if rt.health.response(status, server.now):
                 server.health_changed(rt)
-        if ex.t_head:
-            h = server.metrics.latency.get(ex.app)
-            if h is None:
-                server.metrics.observe(ex.app, ex.t_head - ex.t_sent)
-            else:  # inlined ProxyMetrics.observe
-                took = ex.t_head - ex.t_sent
-                h[bisect_left(BUCKETS, took)] += 1
-                h[-1] += took
+        took = ex.t_head - ex.t_sent if ex.t_head else -1.0  # -1: no response head timed
         ex.upstream = None
         ex.resp_done = True
         up.client = None
         up.ex = None
         if ex.req_done and up.keep and not up.fresh_parser and not ex.upgrade and not up.closed:
-            up.keep = False  # back to the pool (the common case, inlined)
-            pool = server.pool
-            conns = pool.idle.get(up.addr)
-            if conns is None:
-                conns = pool.idle[up.addr] = []
-            if len(conns) < pool.max_idle and not pool.closing:
-                up.idle_since = server.now
-                up.reused = True  # from now on it is a pooled connection
-                conns.append(up)
-            else:
-                up.close()
+            up.keep = False
+            server.pool.put(up)
         else:
             if ex.upgrade:
                 self._drop_held(ex)
             up.detach(ex.req_done and not ex.upgrade)
-        if not ex.req_done:  # the backend answered before the whole body arrived: drain the rest, then go on
-            ex.discard = True
-            return
-        if self.queue or self.closing or not ex.keep_alive or self.closed:
+        metrics = server.metrics
+        if not ex.req_done or self.queue or self.closing or not ex.keep_alive or self.closed:
+            if took >= 0.0:
+                metrics.observe(ex.app, took)
+            if not ex.req_done:  # the backend answered before the whole body arrived: drain the rest, then go on
+                ex.discard = True
+                return
             self._finish(ex)
             return
         # inlined _finish for the common case (keep-alive, nothing queued)
         self.active = None
-        counts = server.metrics.requests
-        key = (ex.app, ex.backend_label, status)
-        counts[key] = counts.get(key, 0) + 1
+        metrics.record(ex.app, ex.backend_label, status, took)
         if ex.counted:
             ex.counted = False
             rt.inflight -= 1  # type: ignore[union-attr]
@@ -345,9 +326,7 @@ class Http1Exchanges(asyncio.Protocol):
 
     def _finish(self, ex: Exchange) -> None:
         self.active = None
-        counts = self.server.metrics.requests  # inlined ProxyMetrics.request
-        key = (ex.app, ex.backend_label, ex.status)
-        counts[key] = counts.get(key, 0) + 1
+        self.server.metrics.request(ex.app, ex.backend_label, ex.status)
         if ex.counted:
             ex.counted = False
             ex.backend.inflight -= 1  # type: ignore[union-attr]

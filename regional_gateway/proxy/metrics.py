@@ -60,6 +60,18 @@ class ProxyMetrics:
         h[bisect_left(BUCKETS, seconds)] += 1
         h[-1] += seconds
 
+    def record(self, app: str, backend: str, code: int, took: float) -> None:
+        """A request answered: `request` and, unless `took` < 0 (no response head), `observe` in one call."""
+        k = (app, backend, code)
+        r = self.requests
+        r[k] = r.get(k, 0) + 1
+        if took >= 0.0:
+            h = self.latency.get(app)
+            if h is None:
+                h = self.latency[app] = [0.0] * (len(BUCKETS) + 2)
+            h[bisect_left(BUCKETS, took)] += 1
+            h[-1] += took
+
     def reload(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1
 

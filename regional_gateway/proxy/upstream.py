@@ -200,28 +200,29 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class Pool:
-    """Idle keep-alive connections per backend address."""
+    """Idle keep-alive connections per backend address: `take` one for an exchange, `put` it back
+    after a clean exchange; the only code that touches the idle lists."""
 
     def __init__(self, max_idle: int, idle_timeout: float) -> None:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self.idle: dict[Address, list[UpstreamConnection]] = {}
+        self._idle: dict[Address, list[UpstreamConnection]] = {}
         self.now = 0.0
         self.closing = False
 
-    def get(self, addr: Address) -> UpstreamConnection | None:
-        conns = self.idle.get(addr)
+    def take(self, addr: Address) -> UpstreamConnection | None:
+        """An idle connection to `addr` for the next exchange, most recently used first; None if none."""
+        conns = self._idle.get(addr)
         while conns:
             conn = conns.pop()
-            if not conn.closed and not conn.transport.is_closing():
-                conn.reused = True
+            if not conn.closed:
                 return conn
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
-        conns = self.idle.get(conn.addr)
+        conns = self._idle.get(conn.addr)
         if conns is None:
-            conns = self.idle[conn.addr] = []
+            conns = self._idle[conn.addr] = []
         if self.closing or len(conns) >= self.max_idle:
             conn.close()
             return
@@ -230,7 +231,7 @@ class Pool:
         conns.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
-        conns = self.idle.get(conn.addr)
+        conns = self._idle.get(conn.addr)
         if conns:
             try:
                 conns.remove(conn)
@@ -241,7 +242,7 @@ class Pool:
         """Close connections idle for longer than `idle_timeout`."""
         self.now = now
         limit = now - self.idle_timeout
-        for addr, conns in list(self.idle.items()):
+        for addr, conns in list(self._idle.items()):
             if conns and conns[0].idle_since < limit:
                 keep = [c for c in conns if c.idle_since >= limit and not c.closed]
                 for c in conns:
@@ -249,14 +250,14 @@ class Pool:
                         c.close()
                 conns[:] = keep
             if not conns:
-                del self.idle[addr]
+                del self._idle[addr]
 
     def close_all(self) -> None:
         self.closing = True
-        for conns in self.idle.values():
+        for conns in self._idle.values():
             for c in conns:
                 c.close()
-        self.idle.clear()
+        self._idle.clear()
 
     def count(self) -> int:
-        return sum(len(c) for c in self.idle.values())
+        return sum(len(c) for c in self._idle.values())
