@@ -1,15 +1,17 @@
-"""DNS over UDP: the thin transport around `geodns.answer.Responder`.
+"""DNS over UDP: plumbing around `geodns.pipeline.UdpPipeline`, which decides every reply.
 
 On Linux (64-bit) `BatchUdp` reads and writes in batches with recvmmsg/sendmmsg (through ctypes
 on preallocated buffers), driven by the event loop's reader callback: one wake-up, up to 64
-queries in, up to 64 replies out, two system calls. Per query the Python work is a slice of the
-receive buffer, one dict look-up in the exact cache (a hit only patches the ID), one copy into
-the send buffer and a few integer stores; a miss goes through `Responder.answer`. The client's
-sockaddr is reused as the reply's destination without being decoded, except on misses and for
-rate limiting. Elsewhere `ProtocolUdp` (an asyncio DatagramProtocol) does the same one packet at
-a time. A datagram over `wire.MAX_QUERY_OCTETS` is cut there by the kernel (the receive slot is
-that long) and answered FORMERR from its header alone (`Responder.oversize`), so its size costs
-nothing; a reply never exceeds the send slot (EDNS payload is capped at 4096).
+queries in, up to 64 replies out, two system calls. Per query the Python work here is a slice of
+the receive buffer, one call of the pipeline (whose first stage, the reply cache, answers most
+queries with a dict look-up and an ID patch), one copy into the send buffer and a few integer
+stores. The client's sockaddr is reused as the reply's destination without being decoded; the
+pipeline decodes it (`BatchUdp._client`) only for the stages that need the address (a cache
+miss, rate limiting). Elsewhere `ProtocolUdp` (an asyncio DatagramProtocol) runs the same
+pipeline one packet at a time. A datagram over `wire.MAX_QUERY_OCTETS` is cut there by the kernel
+(the receive slot is that long; `ProtocolUdp` cuts it itself) and answered FORMERR from its
+header alone (`UdpPipeline.reply_cut`), so its size costs nothing; a reply longer than the send
+slot is dropped by the pipeline (EDNS payload is capped at 4096).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import errno
 import logging
 import socket
 import sys
-import time
 
-from geodns.answer import Responder
-from geodns.rrl import Action, RateLimiter
+from geodns.answer import Responder, client_of
+from geodns.pipeline import UdpPipeline
+from geodns.rrl import RateLimiter
 from geodns.stats import Stats
 from geodns.wire import HEADER_LEN, MAX_QUERY_OCTETS
 
@@ -85,6 +87,7 @@ class BatchUdp:
         self.responder = responder
         self.stats = stats
         self.rrl = rrl
+        self.pipeline = UdpPipeline(responder, stats, rrl, self._client, max_reply=SLOT)
         self._fd = sock.fileno()
         self._v6 = sock.family == socket.AF_INET6
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,6 +134,7 @@ class BatchUdp:
             self._loop = None
 
     def _client(self, i: int) -> bytes:
+        """The packed address of the client in receive slot `i` (until the next recvmmsg)."""
         base = i * 32
         if self._v6:
             return self._nmv[base + 8:base + 24].tobytes()
@@ -147,10 +151,8 @@ class BatchUdp:
         msize = ctypes.sizeof(_Mmsghdr)
         len_at, namelen_at, flags_at, name_at = self._len_at, self._namelen_at, self._flags_at, self._name_at
         name_addr = self._name_addr
-        responder, stats, rrl = self.responder, self.stats, self.rrl
-        answer = responder.answer
-        fast, slow = stats.fast, stats.slow
-        now = time.monotonic() if rrl is not None else 0.0
+        stats = self.stats
+        reply_of, reply_cut = self.pipeline.reply, self.pipeline.reply_cut
         for _ in range(MAX_BATCHES_PER_WAKEUP):
             n = recvmmsg(fd, rp, BATCH, MSG_DONTWAIT, None)
             if n <= 0:
@@ -161,48 +163,18 @@ class BatchUdp:
                 return
             stats.udp_batches += 1
             stats.udp_datagrams += n
-            # the exact cache's current generation: a view change replaces it between wake-ups;
-            # a miss may start a new generation inside one, and this one still answers correctly
-            exact = responder.exact.current if not responder.log_queries else {}
-            get = exact.get
             j = 0
             for i in range(n):
                 at = i * s32
                 size = rh32[at + len_at]
                 off = i * SLOT
                 if rh32[at + flags_at] & MSG_TRUNC:
-                    data = b""  # nothing to slip: a limited reply to it is dropped
-                    ans = responder.oversize(rmv[off:off + min(size, HEADER_LEN)].tobytes(), self._client(i))
-                    if ans.wire is None:
-                        continue
-                    reply = ans.wire
-                    slow[ans.index] += 1
+                    reply = reply_cut(rmv[off:off + min(size, HEADER_LEN)].tobytes(), i)
                 else:
-                    data = rmv[off:off + size].tobytes()
-                    hit = get(data[2:])
-                    if hit is not None:
-                        reply = data[:2] + hit[0]
-                        fast[hit[1]] += 1
-                    else:
-                        ans = answer(data, self._client(i))
-                        if ans.wire is None:
-                            continue
-                        reply = ans.wire
-                        slow[ans.index] += 1
-                if rrl is not None:
-                    action = rrl.check(self._client(i), now)
-                    if action is not Action.SEND:
-                        if action is Action.DROP:
-                            stats.rrl["drop"] += 1
-                            continue
-                        stats.rrl["slip"] += 1
-                        reply = responder.truncated(data)
-                        if reply is None:
-                            continue
-                rlen = len(reply)
-                if rlen > SLOT:
-                    stats.dropped += 1
+                    reply = reply_of(rmv[off:off + size].tobytes(), i)
+                if reply is None:
                     continue
+                rlen = len(reply)
                 o = j * SLOT
                 smv[o:o + rlen] = reply
                 siov64[j * 2 + 1] = rlen
@@ -236,43 +208,24 @@ class ProtocolUdp(asyncio.DatagramProtocol):
         self.responder = responder
         self.stats = stats
         self.rrl = rrl
+        self.pipeline = UdpPipeline(responder, stats, rrl, _client_of_addr)
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        responder = self.responder
-        hit = (responder.exact.current.get(data[2:])
-               if not responder.log_queries and len(data) <= MAX_QUERY_OCTETS else None)
-        if hit is not None:
-            reply = data[:2] + hit[0]
-            self.stats.fast[hit[1]] += 1
+        if len(data) > MAX_QUERY_OCTETS:  # what the batch transport's receive slot does
+            reply = self.pipeline.reply_cut(data[:HEADER_LEN], addr)
         else:
-            client = _packed(addr[0])
-            ans = responder.answer(data, client)
-            if ans.wire is None:
-                return
-            reply = ans.wire
-            self.stats.slow[ans.index] += 1
-        if self.rrl is not None:
-            action = self.rrl.check(_packed(addr[0]), time.monotonic())
-            if action is Action.DROP:
-                self.stats.rrl["drop"] += 1
-                return
-            if action is Action.SLIP:
-                self.stats.rrl["slip"] += 1
-                reply = responder.truncated(data)
-                if reply is None:
-                    return
-        assert self.transport is not None
-        self.transport.sendto(reply, addr)
+            reply = self.pipeline.reply(data, addr)
+        if reply is not None:
+            assert self.transport is not None
+            self.transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp error: %s", exc)
 
 
-def _packed(host: str) -> bytes:
-    if ":" in host:
-        return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
-    return socket.inet_pton(socket.AF_INET, host)
+def _client_of_addr(addr: tuple) -> bytes:
+    return client_of(addr[0])
