@@ -2,13 +2,13 @@
 
 headscale-style control planes answer every change by sending each node its complete map. This
 module runs geomesh's own coordinator (same flags, same etcd store, cache, servicers, mTLS and
-streams: `coordinator.main.main`) with one thing swapped: `FullMapState.mesh_update` returns the
+streams: `coordinator.main.main`) with one thing swapped: `FullMapFanout.mesh_update` returns the
 complete peer set (`MeshUpdate.snapshot = true`) to every gateway whenever any peer changed,
 instead of only the changed peers. Routing deltas are unchanged, so the two strategies differ
 in the mesh part of `SessionDown` alone.
 
 To measure the strategy and not a naive implementation of it, the full peer list is built once
-per (revision, viewer region) with the coordinator's own `mesh_peer` and memoisation, and each
+per (revision, viewer region) with the coordinator's own `views.mesh_peer` and memoisation, and each
 gateway's copy leaves out the gateway itself, as the delta strategy's messages do. Benchmark use only: `python -m bench.full_map_coordinator <coordinator flags>`.
 """
 
@@ -17,23 +17,24 @@ from __future__ import annotations
 import sys
 
 import coordinator.main as coordinator_main
-from coordinator.operations import Operations
+from coordinator import views
+from coordinator.fanout import Fanout
 from coordinator.server import Coordinator, CoordinatorConfig
-from coordinator.state import Delta, State
+from coordinator.snapshot import Delta, Snapshot
 from geomesh.api import geomesh_pb2 as pb
 
 
-class FullMapState(State):
-    """Every mesh change sends the complete peer list. The base State memoises `_mesh_update` per
+class FullMapFanout(Fanout):
+    """Every mesh change sends the complete peer list. The base Fanout memoises `_mesh_update` per
     (revision range, viewer region) and leaves the viewer itself out per session, so the full list
     is built once per region and revision, exactly as the delta strategy's messages are."""
 
-    def _mesh_update(self, delta: Delta, viewer_region: str | None) -> pb.MeshUpdate:
+    def _mesh_update(self, snap: Snapshot, delta: Delta, viewer_region: str | None) -> pb.MeshUpdate:
         if delta.mesh is not None and not delta.mesh:
             return pb.MeshUpdate(revision=delta.revision)  # no peer changed
         full = pb.MeshUpdate(revision=delta.revision, snapshot=True)
-        for name in sorted(self.gateways):
-            peer = self.mesh_peer(name, viewer_region)
+        for name in sorted(snap.gateways):
+            peer = views.mesh_peer(snap, name, viewer_region)
             if peer is not None:
                 full.upserts.append(peer)
         return full
@@ -42,8 +43,7 @@ class FullMapState(State):
 class FullMapCoordinator(Coordinator):
     def __init__(self, config: CoordinatorConfig) -> None:
         super().__init__(config)
-        self.state = FullMapState(config.mesh_cidr)
-        self.ops = Operations(self.store, self.state)
+        self.feed = FullMapFanout(self.state)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from prometheus_client import Gauge
 
 from coordinator import audit
 from coordinator.access import Access
+from coordinator.fanout import Fanout
 from coordinator.operations import Operations
 from coordinator.reach_decider import ReachDecider
 from coordinator.reachability import DEFAULT_MAX_SHARE
@@ -125,6 +126,7 @@ class Coordinator:
         self.config = config
         self.store = EtcdStore(config.etcd_config, timeout=config.etcd_timeout)
         self.state = State(config.mesh_cidr)
+        self.feed = Fanout(self.state)  # what the streams see of the cache
         self.leases = LeaseSet()
         self.lease = ReplicaLease(self.store, self.leases, config.lease_ttl)
         self.ops = Operations(self.store, self.state, allow_loopback_instances=config.allow_loopback_instances)
@@ -172,12 +174,12 @@ class Coordinator:
             self._audit_handler = audit.add_file(cfg.audit_log)
         self._tasks.append(asyncio.create_task(self.access.run(), name="access"))
         self.gateway_control = GatewayControlService(
-            self.state, self.ops, self.store, self.lease, self.access,
+            self.feed, self.state, self.ops, self.store, self.lease, self.access,
             lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr,
             health_interval=cfg.health_write_interval,
             heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate)
-        add_services(server, AdminService(self.state, self.ops, self.access),
-                     RoutingFeedService(self.state, self.ops, self.access, send_timeout=cfg.watch_send_timeout),
+        add_services(server, AdminService(self.feed, self.ops, self.access),
+                     RoutingFeedService(self.feed, self.ops, self.access, send_timeout=cfg.watch_send_timeout),
                      self.gateway_control)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

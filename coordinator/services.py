@@ -1,8 +1,9 @@
 """The gRPC servicers: Admin, GatewayControl and RoutingFeed.
 
 Thin: convert protobuf to domain values (validation happens there), authorise the caller, call
-`Operations` for writes or read the `State` cache, convert back. Streams wait on the state's
-change signal and send what changed since the revision the client has (see `State.changes_since`).
+`Operations` for writes or read the cache's immutable `Snapshot`, convert back. Streams use only
+the fan-out interface (`coordinator.fanout.Fanout`): they wait on its change signal and send the
+shared message for what changed since the revision the client has.
 The gateway session also owns the gateway's liveness: while the stream is open `alive/<g>` is
 `{"session": "open"}`, bound to this replica's lease. When the stream is reset or closed the key
 is deleted at once (only if it is still ours: a gateway that moved to another replica keeps the
@@ -38,6 +39,7 @@ from prometheus_client import Counter, Gauge
 
 from coordinator.access import Access, end_stream
 from coordinator.enrollment import Enrollment, EnrollmentOps, check_region, check_registration, fits
+from coordinator.fanout import Fanout
 from coordinator.heartbeats import (
     HealthCoalescer,
     HeartbeatReport,
@@ -52,6 +54,7 @@ from coordinator.rpc_common import Caller, Malformed, add_service, stream, unary
 from coordinator.state import State
 from coordinator.state import key as state_key
 from coordinator.store import EtcdStore, ReplicaLease
+from coordinator.views import overview
 from geomesh import validate
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
@@ -93,8 +96,8 @@ def _name(field: str, value: str) -> str:
 
 
 class _Base:
-    def __init__(self, state: State, ops: Operations, access: Access) -> None:
-        self.state = state
+    def __init__(self, feed: Fanout, ops: Operations, access: Access) -> None:
+        self.feed = feed
         self.ops = ops
         self.access = access
         self.enrollment_ops = EnrollmentOps(ops)
@@ -108,14 +111,15 @@ class AdminService(_Base, pbg.AdminServicer):
 
     @unary("admin")
     async def GetRegion(self, request: pb.GetRequest, context, caller: Caller) -> pb.Region:
-        region = self.state.regions.get(_name("name", request.name))
+        region = self.feed.snapshot().regions.get(_name("name", request.name))
         if region is None:
             raise NotFoundError(f"region {request.name!r} does not exist")
         return region.to_proto()
 
     @unary("admin")
     async def ListRegions(self, request: pb.Empty, context, caller: Caller) -> pb.ListRegionsResponse:
-        return pb.ListRegionsResponse(regions=[self.state.regions[n].to_proto() for n in sorted(self.state.regions)])
+        regions = self.feed.snapshot().regions
+        return pb.ListRegionsResponse(regions=[regions[n].to_proto() for n in sorted(regions)])
 
     @unary("admin", write=True)
     async def DeleteRegion(self, request: pb.DeleteRequest, context, caller: Caller) -> pb.Empty:
@@ -141,14 +145,15 @@ class AdminService(_Base, pbg.AdminServicer):
 
     @unary("admin")
     async def GetApp(self, request: pb.GetRequest, context, caller: Caller) -> pb.App:
-        app = self.state.apps.get(_name("name", request.name))
+        app = self.feed.snapshot().apps.get(_name("name", request.name))
         if app is None:
             raise NotFoundError(f"app {request.name!r} does not exist")
         return app.to_proto()
 
     @unary("admin")
     async def ListApps(self, request: pb.Empty, context, caller: Caller) -> pb.ListAppsResponse:
-        return pb.ListAppsResponse(apps=[self.state.apps[n].to_proto() for n in sorted(self.state.apps)])
+        apps = self.feed.snapshot().apps
+        return pb.ListAppsResponse(apps=[apps[n].to_proto() for n in sorted(apps)])
 
     @unary("admin", write=True)
     async def DeleteApp(self, request: pb.DeleteRequest, context, caller: Caller) -> pb.Empty:
@@ -171,7 +176,7 @@ class AdminService(_Base, pbg.AdminServicer):
             _name("app", request.app)
         if request.region:
             _name("region", request.region)
-        items = [i for _, i in sorted(self.state.instances.items())
+        items = [i for _, i in sorted(self.feed.snapshot().instances.items())
                  if (not request.app or i.app == request.app) and (not request.region or i.region == request.region)]
         return pb.ListInstancesResponse(instances=[i.to_proto() for i in items])
 
@@ -187,20 +192,22 @@ class AdminService(_Base, pbg.AdminServicer):
 
     @unary("admin")
     async def ListDomains(self, request: pb.Empty, context, caller: Caller) -> pb.ListDomainsResponse:
-        return pb.ListDomainsResponse(domains=[self.state.domains[n].to_proto() for n in sorted(self.state.domains)])
+        domains = self.feed.snapshot().domains
+        return pb.ListDomainsResponse(domains=[domains[n].to_proto() for n in sorted(domains)])
 
     # gateways
     @unary("admin")
     async def ListGateways(self, request: pb.ListGatewaysRequest, context, caller: Caller) -> pb.ListGatewaysResponse:
         if request.region:
             _name("region", request.region)
-        gws = [self.state.gateway(n) for n in sorted(self.state.gateways)]
+        snap = self.feed.snapshot()
+        gws = [snap.gateway(n) for n in sorted(snap.gateways)]
         return pb.ListGatewaysResponse(gateways=[g.to_proto() for g in gws
                                                  if g and (not request.region or g.region == request.region)])
 
     @unary("admin")
     async def GetGateway(self, request: pb.GetRequest, context, caller: Caller) -> pb.Gateway:
-        gw = self.state.gateway(_name("name", request.name))
+        gw = self.feed.snapshot().gateway(_name("name", request.name))
         if gw is None:
             raise NotFoundError(f"gateway {request.name!r} does not exist")
         return gw.to_proto()
@@ -220,7 +227,7 @@ class AdminService(_Base, pbg.AdminServicer):
 
     @unary("admin")
     async def GetOverview(self, request: pb.Empty, context, caller: Caller) -> pb.Overview:
-        return self.state.overview()
+        return overview(self.feed.snapshot())
 
     # enrollment
     @unary("admin", write=True)
@@ -260,8 +267,8 @@ class AdminService(_Base, pbg.AdminServicer):
 
 
 class RoutingFeedService(_Base, pbg.RoutingFeedServicer):
-    def __init__(self, state: State, ops: Operations, access: Access, *, send_timeout: float = 30.0) -> None:
-        super().__init__(state, ops, access)
+    def __init__(self, feed: Fanout, ops: Operations, access: Access, *, send_timeout: float = 30.0) -> None:
+        super().__init__(feed, ops, access)
         self.send_timeout = send_timeout
 
     @stream("dns", "gateway", "admin")
@@ -276,19 +283,19 @@ class RoutingFeedService(_Base, pbg.RoutingFeedServicer):
             await context.send_initial_metadata(())  # headers now: a later status needs no second header op
             have = request.last_revision if request.last_revision > 0 else -1
             while True:
-                delta = self.state.changes_since(have)
-                update = self.state.routing_update(delta, since=have)
+                delta = self.feed.changes_since(have)
+                update = self.feed.routing_update(delta, since=have)
                 if update.snapshot or update.upserts or update.removals:
                     kind = "snapshot" if update.snapshot else "delta"
                     del update  # hold only the shared bytes while the send may block
-                    wire_bytes = self.state.routing_wire(delta, since=have)
+                    wire_bytes = self.feed.routing_wire(delta, since=have)
                     SENT.labels("routing", kind).inc()
                     SENT_BYTES.labels("routing").inc(len(wire_bytes))
                     with _send_deadline(self.send_timeout, lambda: self._drop_slow_reader(handler, context, caller)):
                         yield wire_bytes
                 have = delta.revision
-                if self.state.revision <= have:
-                    await asyncio.shield(self.state.changed())
+                if self.feed.revision <= have:
+                    await asyncio.shield(self.feed.changed())
         finally:
             SESSIONS.labels("routing").dec()
 
@@ -302,10 +309,11 @@ class RoutingFeedService(_Base, pbg.RoutingFeedServicer):
 
 
 class GatewayControlService(_Base, pbg.GatewayControlServicer):
-    def __init__(self, state: State, ops: Operations, store: EtcdStore, lease: ReplicaLease, access: Access, *,
-                 lease_ttl: int, mesh_cidr: str, health_interval: float = 1.0,
+    def __init__(self, feed: Fanout, state: State, ops: Operations, store: EtcdStore, lease: ReplicaLease,
+                 access: Access, *, lease_ttl: int, mesh_cidr: str, health_interval: float = 1.0,
                  heartbeat_rate: float = 20.0, vote_write_rate: float = 5.0) -> None:
-        super().__init__(state, ops, access)
+        super().__init__(feed, ops, access)
+        self.state = state  # the mirror, for the heartbeat rules (health owners, stored votes)
         self.store = store
         self.lease = lease
         self.lease_ttl = lease_ttl
@@ -348,7 +356,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
     @unary("gateway", write=True)
     async def DeregisterInstance(self, request: pb.InstanceRef, context, caller: Caller) -> pb.Empty:
         name = f"{_name('app', request.app)}/{_name('id', request.id)}"
-        inst = self.state.instances.get(name)
+        inst = self.feed.snapshot().instances.get(name)
         if inst is None:
             raise NotFoundError(f"instance {name!r} does not exist")
         self._own_instance(caller, inst.region, f"instance {name!r}")
@@ -367,7 +375,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         caller.require_gateway(hello.name, "the session of gateway")
         if caller.role != "gateway":
             raise UnauthenticatedError("sessions are for gateway identities")
-        if hello.name not in self.state.gateways:
+        if hello.name not in self.feed.snapshot().gateways:
             # registered a moment ago (maybe through another replica) but not yet in our cache?
             stored = await self.ops.store.get(state_key("gateways", hello.name))
             if stored is None:
@@ -377,7 +385,7 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         enrollment = self.access.enrollments.get(name)
         if enrollment is None:
             raise PermissionDeniedError(f"gateway {name!r} is not enrolled")
-        record = self.state.gateways.get(name)
+        record = self.feed.snapshot().gateways.get(name)
         if record is None or not fits(enrollment, record):
             raise NotFoundError(f"gateway {name!r}: its record does not fit its enrollment: register again")
         self.access.bind_session(name, enrollment.mod_revision)
@@ -398,10 +406,10 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
         try:
             have = hello.last_revision if hello.last_revision > 0 else -1
             while True:
-                delta = self.state.changes_since(have)
+                delta = self.feed.changes_since(have)
                 # memoised per revision range (and region): N sessions share one computation
-                mesh = self.state.mesh_update(delta, name, since=have)
-                routing = self.state.routing_update(delta, since=have)
+                mesh = self.feed.mesh_update(delta, name, since=have)
+                routing = self.feed.routing_update(delta, since=have)
                 msg = pb.SessionDown(revision=delta.revision)
                 if mesh.snapshot or mesh.upserts or mesh.removals:
                     msg.mesh.CopyFrom(mesh)
@@ -419,11 +427,11 @@ class GatewayControlService(_Base, pbg.GatewayControlServicer):
                         live.reason = reader.result()  # raises if the gateway misbehaved
                         return  # the gateway closed its side or went silent
                 have = delta.revision
-                if self.state.revision > have:
+                if self.feed.revision > have:
                     continue
                 lost = self.lease.lost
                 # shared futures: waiting costs no task per session
-                done, _ = await asyncio.wait({self.state.changed(), reader, lost}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({self.feed.changed(), reader, lost}, return_when=asyncio.FIRST_COMPLETED)
                 if reader in done:
                     live.reason = reader.result()  # raises if the gateway misbehaved
                     return  # the gateway closed its side, or went silent

@@ -1,53 +1,46 @@
-"""The coordinator's in-memory cache of etcd, and the views computed from it.
+"""The coordinator's in-memory mirror of etcd and its change history; hands out immutable snapshots.
 
 One watch over `/geomesh/v1/` feeds `State.apply_batch`; everything the services read comes from
-here, so reads keep working while etcd is away. Besides the current objects, the state keeps a
+here, so reads keep working while etcd is away. Besides the current objects, the mirror keeps a
 change history: for each etcd revision, which routing resources and which mesh peers changed.
 A stream that is at revision R asks `changes_since(R)` and sends only those (coalesced), so a
 slow consumer catches up in one message and a join in an N-gateway mesh costs each other
 gateway one peer, not N. A consumer older than the history gets a snapshot instead.
 
-Messages computed for a revision (snapshots, deltas from a given revision, and their serialized
-bytes) are memoised until the next change, so N streams at one revision share one copy.
+`snapshot()` is the cache at the current revision as an immutable `coordinator.snapshot.Snapshot`
+(a directory unchanged since the last snapshot shares its copy); the views
+(`coordinator.views`) are pure functions of it, and `coordinator.fanout` memoises the messages
+streams share. Values are decoded by one table (`DECODERS`: directory -> model and the dict it
+fills); a value that does not decode is ignored rather than poison the cache.
 
-A gateway as consumers see it (`gateway(name)`) joins three keys: its record (`gateways/<g>`),
-its liveness and session state (`alive/<g>`) and the reachability decision (`reach/<g>`); a
-change to any of them is a Gateway upsert in the routing feed, and a `reach/` change also a mesh
-peer change (`MeshPeer.unreachable`). Probers' votes (`votes/<g>`) are kept for the decider
-(`coordinator.reach_decider`), which is woken through `reach_epoch`.
+A gateway as consumers see it (`Snapshot.gateway(name)`) joins three keys: its record
+(`gateways/<g>`), its liveness and session state (`alive/<g>`) and the reachability decision
+(`reach/<g>`); a change to any of them is a Gateway upsert in the routing feed, and a `reach/`
+change also a mesh peer change (`MeshPeer.unreachable`). Probers' votes (`votes/<g>`) are kept
+for the decider (`coordinator.reach_decider`), which is woken through `reach_epoch`.
 
-Everything here is synchronous and pure apart from the asyncio future used to wake streams (and a
-counter of shared snapshots).
+Everything here is synchronous and pure apart from the asyncio future used to wake waiters.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-from prometheus_client import Counter
+from types import MappingProxyType
 
 from coordinator.heartbeats import VoteMap, health_owner
 from coordinator.reach_keys import ReachRecord, session_of, votes_from_json
+from coordinator.snapshot import Delta, Snapshot
 from coordinator.store import KV, Event
+from coordinator.views import subnet_carrier
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.errors import ValidationError
-from geomesh.model import (
-    App,
-    Domain,
-    Gateway,
-    GatewayState,
-    Instance,
-    Region,
-    Resource,
-    SessionState,
-    resource_to_proto,
-)
-from geomesh.routing_table import RoutingTable
+from geomesh.model import App, Domain, Gateway, Instance, Region, SessionState
+
+__all__ = ["ACCESS_DIRS", "HISTORY_LIMIT", "PREFIX", "Change", "Delta", "Snapshot", "State", "key"]
 
 PREFIX = b"/geomesh/v1/"
 K = pb.ResourceKey
@@ -57,10 +50,22 @@ _KIND_OF_DIR = {"regions": K.KIND_REGION, "gateways": K.KIND_GATEWAY, "alive": K
 _REACH_INPUTS = frozenset({"gateways", "alive", "votes", "reach"})  # what the reach decider reads
 ACCESS_DIRS = ("enrollments", "revoked")  # kept raw for coordinator.access (not in any feed)
 HISTORY_LIMIT = 50_000
-SNAPSHOT_CACHE = Counter("geomesh_coordinator_snapshot_cache_total",
-                         "routing snapshots asked for by streams: hit = the revision's serialized snapshot was shared",
-                         ["result"])
-MAX_OVERVIEW_LINKS = 1000
+
+# directory -> (the State attribute its decoded values fill, decoder of one value given its mod revision)
+DECODERS: dict[str, tuple[str, Callable[[bytes, int], object]]] = {
+    "regions": ("regions", lambda v, _rev: Region.from_json(v)),
+    "gateways": ("gateways", lambda v, rev: Gateway.from_json(v, mod_revision=rev)),
+    "apps": ("apps", lambda v, rev: App.from_json(v, mod_revision=rev)),
+    "instances": ("instances", lambda v, _rev: Instance.from_json(v)),
+    "domains": ("domains", lambda v, _rev: Domain.from_json(v)),
+    "ipam": ("ipam", lambda v, _rev: v.decode()),
+    "alive": ("sessions", lambda v, _rev: session_of(v)),
+    "votes": ("votes", lambda v, _rev: votes_from_json(v)),
+    "reach": ("reach", lambda v, _rev: ReachRecord.from_json(v)),
+}
+# Snapshot field -> the directory it mirrors
+_SNAPSHOT_DIRS = {"regions": "regions", "gateways": "gateways", "apps": "apps", "instances": "instances",
+                  "domains": "domains", "sessions": "alive", "reach": "reach"}
 
 
 def key(kind: str, name: str) -> bytes:
@@ -75,15 +80,6 @@ class Change:
     mesh: set[str] = field(default_factory=set)                  # gateway names whose peer changed
 
 
-@dataclass(frozen=True, slots=True)
-class Delta:
-    """What changed after a revision: routing keys and mesh peers (None => send a snapshot)."""
-
-    revision: int
-    routing: frozenset[tuple[int, str]] | None
-    mesh: frozenset[str] | None
-
-
 class State:
     def __init__(self, mesh_cidr: str = "10.88.0.0/16") -> None:
         self.mesh_network = ipaddress.ip_network(mesh_cidr)
@@ -92,7 +88,7 @@ class State:
         self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam", "votes", *ACCESS_DIRS)}
         self.dir_revision: dict[str, int] = {}  # directory -> revision of its last change (or load)
         self.regions: dict[str, Region] = {}
-        self.gateways: dict[str, Gateway] = {}  # stored records (alive filled in by resource())
+        self.gateways: dict[str, Gateway] = {}  # stored records (alive filled in by Snapshot.gateway)
         self.apps: dict[str, App] = {}
         self.instances: dict[str, Instance] = {}
         self.domains: dict[str, Domain] = {}
@@ -102,15 +98,14 @@ class State:
         self.reach: dict[str, ReachRecord] = {}       # reach/<g>: the decision (absent: reachable)
         self.reach_epoch = 0  # bumped when gateways, alive, votes or reach change (wakes the decider)
         # the decider's last round, for GetOverview (every replica computes the same)
-        self.cut_off_regions: tuple[str, ...] = ()
-        self.panic_held: tuple[str, ...] = ()
+        self._cut_off_regions: tuple[str, ...] = ()
+        self._panic_held: tuple[str, ...] = ()
         self.history: deque[Change] = deque()
         self._tick: asyncio.Future | None = None
-        self._table: RoutingTable | None = None
-        # per-revision memos: every session at the same revision shares one computed message
-        self._gateway_view: dict[str, Gateway] = {}         # gateway with `alive` filled in
-        self._owners: dict[str, str | None] = {}            # region -> gateway carrying its subnet
-        self._memo: dict[tuple, object] = {}                # (kind, from, to[, region]) -> message
+        self._snapshot: Snapshot | None = None  # of the current revision, made on demand
+        self._edits: dict[str, int] = dict.fromkeys(self.raw, 0)  # directory -> edit count
+        self._frozen: dict[str, tuple[int, MappingProxyType]] = {}  # directory -> (edit count, copy)
+        self._owners: dict[str, str | None] = {}  # region -> gateway carrying its subnet
         self._health_owners: dict[tuple[str, str], str | None] = {}  # (instance, region) -> owner
         self._open_in: dict[str, list[str]] = {}  # region -> gateways with an open session
 
@@ -120,16 +115,16 @@ class State:
         """Replace everything with a consistent snapshot taken at `revision`."""
         for d in self.raw.values():
             d.clear()
-        for obj in (self.regions, self.gateways, self.apps, self.instances, self.domains, self.ipam,
-                    self.sessions, self.votes, self.reach):
-            obj.clear()
+        for attribute, _ in DECODERS.values():
+            getattr(self, attribute).clear()
+        for directory in self._edits:
+            self._edits[directory] += 1
         for kv in kvs:
             self._set(kv.key, kv.value, kv.mod_revision)
         self.revision = revision
         self.dir_revision = dict.fromkeys(self.raw, revision)
         self.floor = revision  # history before this point is unknown: older consumers get snapshots
         self.history.clear()
-        self._gateway_view.clear()
         self._health_owners.clear()
         self._open_in.clear()
         self.reach_epoch += 1
@@ -151,8 +146,6 @@ class State:
             kind = _KIND_OF_DIR.get(directory)
             if kind is not None:
                 change.routing.add((kind, name))
-            if directory in ("gateways", "alive", "reach"):
-                self._gateway_view.pop(name, None)
             if directory in _REACH_INPUTS:
                 self.reach_epoch += 1
             if directory in ("gateways", "alive"):
@@ -184,8 +177,7 @@ class State:
         return change
 
     def _compute_owner(self, region: str) -> str | None:
-        names = [g.name for g in self.gateways.values() if g.region == region]
-        return min(names) if names else None
+        return subnet_carrier(g.name for g in self.gateways.values() if g.region == region)
 
     def note_progress(self, revision: int) -> None:
         if revision > self.revision:
@@ -193,8 +185,7 @@ class State:
             self._wake()
 
     def _wake(self) -> None:
-        self._table = None
-        self._memo.clear()
+        self._snapshot = None
         tick, self._tick = self._tick, None
         if tick is not None and not tick.done():
             tick.set_result(None)
@@ -233,38 +224,64 @@ class State:
             return
         directory, name = parsed
         self.dir_revision[directory] = max(self.dir_revision.get(directory, 0), mod_revision)
+        self._edits[directory] += 1
         store = self.raw[directory]
         if value is None:
             store.pop(name, None)
         else:
             store[name] = KV(raw_key, value, 0, mod_revision)
+        decoder = DECODERS.get(directory)
+        if decoder is None:
+            return  # kept raw only (enrollments, revoked)
+        attribute, decode = decoder
+        target: dict = getattr(self, attribute)
         try:
-            self._decode(directory, name, value, mod_revision)
+            decoded = None if value is None else decode(value, mod_revision)
         except (ValueError, ValidationError, TypeError):
-            # a hand-edited or foreign value: ignore it rather than poison the cache
-            self._decode(directory, name, None, mod_revision)
+            decoded = None  # a hand-edited or foreign value: ignore it rather than poison the cache
+        if decoded is None:
+            target.pop(name, None)
+        else:
+            target[name] = decoded
 
-    def _decode(self, directory: str, name: str, value: bytes | None, mod_revision: int) -> None:
-        if directory == "regions":
-            _put(self.regions, name, None if value is None else Region.from_json(value))
-        elif directory == "gateways":
-            _put(self.gateways, name, None if value is None else Gateway.from_json(value, mod_revision=mod_revision))
-        elif directory == "apps":
-            _put(self.apps, name, None if value is None else App.from_json(value, mod_revision=mod_revision))
-        elif directory == "instances":
-            _put(self.instances, name, None if value is None else Instance.from_json(value))
-        elif directory == "domains":
-            _put(self.domains, name, None if value is None else Domain.from_json(value))
-        elif directory == "ipam":
-            _put(self.ipam, name, None if value is None else value.decode())
-        elif directory == "alive":
-            _put(self.sessions, name, None if value is None else session_of(value))
-        elif directory == "votes":
-            _put(self.votes, name, None if value is None else votes_from_json(value))
-        elif directory == "reach":
-            _put(self.reach, name, None if value is None else ReachRecord.from_json(value))
+    # -- snapshots ---------------------------------------------------------------------------
 
-    # -- objects -----------------------------------------------------------------------------
+    @property
+    def cut_off_regions(self) -> tuple[str, ...]:
+        return self._cut_off_regions
+
+    @cut_off_regions.setter
+    def cut_off_regions(self, regions: tuple[str, ...]) -> None:
+        self._cut_off_regions = regions
+        self._snapshot = None  # the decider's round is part of the next snapshot
+
+    @property
+    def panic_held(self) -> tuple[str, ...]:
+        return self._panic_held
+
+    @panic_held.setter
+    def panic_held(self, regions: tuple[str, ...]) -> None:
+        self._panic_held = regions
+        self._snapshot = None
+
+    def snapshot(self) -> Snapshot:
+        """The cache at the current revision, immutable (made once per revision, on demand)."""
+        snap = self._snapshot
+        if snap is None:
+            parts = {f: self._frozen_copy(d, getattr(self, f)) for f, d in _SNAPSHOT_DIRS.items()}
+            snap = self._snapshot = Snapshot(self.revision, cut_off_regions=self._cut_off_regions,
+                                             panic_held=self._panic_held, **parts)
+        return snap
+
+    def _frozen_copy(self, directory: str, values: dict) -> MappingProxyType:
+        """A read-only copy of one directory's values, shared until the directory is edited."""
+        edits = self._edits[directory]
+        held = self._frozen.get(directory)
+        if held is None or held[0] != edits:
+            held = self._frozen[directory] = (edits, MappingProxyType(dict(values)))
+        return held[1]
+
+    # -- mirror reads for the writers and the heartbeat rules ----------------------------------
 
     def alive(self, gateway: str) -> bool:
         """Its session is open or timed out (`alive/<g>` exists)."""
@@ -274,20 +291,8 @@ class State:
         return self.sessions.get(gateway, SessionState.CLOSED) if self.alive(gateway) else SessionState.CLOSED
 
     def gateway(self, name: str) -> Gateway | None:
-        """The stored gateway with `alive`, `session` and the reachability verdict filled in
-        (cached until its record, its alive key or its reach key changes)."""
-        view = self._gateway_view.get(name)
-        if view is not None:
-            return view
-        g = self.gateways.get(name)
-        if g is None:
-            return None
-        reach = self.reach.get(name, ReachRecord())
-        view = dataclasses.replace(g, alive=self.alive(name), session=self.session(name),
-                                   unreachable=reach.unreachable, seen_by=reach.seen_by,
-                                   down_by=reach.down_by, probe_rtt_ms=reach.probe_rtt_ms)
-        self._gateway_view[name] = view
-        return view
+        """The gateway joined with its liveness and reachability (see `Snapshot.gateway`)."""
+        return self.snapshot().gateway(name)
 
     def open_gateways(self, region: str) -> list[str]:
         """Gateways of `region` whose session is open (memoised until a gateway or session changes)."""
@@ -304,29 +309,6 @@ class State:
             self._health_owners[memo] = health_owner(instance, self.open_gateways(region))
         return self._health_owners[memo]
 
-    def resource(self, kind: int, name: str) -> Resource | None:
-        if kind == K.KIND_REGION:
-            return self.regions.get(name)
-        if kind == K.KIND_GATEWAY:
-            return self.gateway(name)
-        if kind == K.KIND_APP:
-            return self.apps.get(name)
-        if kind == K.KIND_INSTANCE:
-            return self.instances.get(name)
-        if kind == K.KIND_DOMAIN:
-            return self.domains.get(name)
-        return None
-
-    def table(self) -> RoutingTable:
-        if self._table is None or self._table.revision != self.revision:
-            gws = [self.gateway(n) for n in self.gateways]
-            self._table = RoutingTable.from_resources(
-                self.revision, [*self.regions.values(), *(g for g in gws if g), *self.apps.values(),
-                                *self.instances.values(), *self.domains.values()])
-        return self._table
-
-    # -- deltas ------------------------------------------------------------------------------
-
     def changes_since(self, revision: int) -> Delta:
         """Everything that changed after `revision`; None fields mean "too old: snapshot"."""
         if revision < self.floor or revision > self.revision:
@@ -340,162 +322,9 @@ class State:
             mesh |= change.mesh
         return Delta(self.revision, frozenset(routing), frozenset(mesh))
 
-    def routing_update(self, delta: Delta, since: int | None = None) -> pb.RoutingUpdate:
-        """The RoutingUpdate for `delta`; with `since` (the revision it starts from) it is memoised
-        for this revision, so every stream at the same revision shares one message. A snapshot is
-        the same whatever the stream had before, so all snapshots of a revision are one message."""
-        memo_key = ("routing", None if delta.routing is None else since, delta.revision)
-        if since is not None and memo_key in self._memo:
-            return self._memo[memo_key]  # type: ignore[return-value]
-        update = self._routing_update(delta)
-        if since is not None:
-            self._memo[memo_key] = update
-        return update
-
-    def routing_wire(self, delta: Delta, since: int) -> bytes:
-        """`routing_update(delta, since)` serialized, memoised alike: N streams at one revision
-        send one shared bytes object instead of N copies of a (possibly large) snapshot."""
-        memo_key = ("routing-wire", None if delta.routing is None else since, delta.revision)
-        wire = self._memo.get(memo_key)
-        if delta.routing is None:
-            SNAPSHOT_CACHE.labels("hit" if wire is not None else "miss").inc()
-        if wire is None:
-            wire = self.routing_update(delta, since).SerializeToString()
-            self._memo[memo_key] = wire
-        assert isinstance(wire, bytes)
-        return wire
-
-    def _routing_update(self, delta: Delta) -> pb.RoutingUpdate:
-        if delta.routing is None:
-            return self.table().to_snapshot()
-        upserts, removals = [], []
-        for kind, name in sorted(delta.routing):
-            obj = self.resource(kind, name)
-            if obj is None:
-                removals.append(pb.ResourceKey(kind=kind, name=name))
-            else:
-                upserts.append(resource_to_proto(obj))
-        return pb.RoutingUpdate(revision=delta.revision, snapshot=False, upserts=upserts, removals=removals)
-
-    def subnet_owner(self, region: str) -> str | None:
-        """The gateway that carries `region`'s instance subnet in its peers' allowed IPs."""
-        if region not in self._owners:
-            self._owners[region] = self._compute_owner(region)
-        return self._owners[region]
-
-    def mesh_peer(self, name: str, viewer_region: str | None = None) -> pb.MeshPeer | None:
-        """Gateway `name` as a WireGuard peer, seen from a gateway in `viewer_region`."""
-        g = self.gateways.get(name)
-        if g is None or not g.mesh_ip:
-            return None
-        allowed = [f"{g.mesh_ip}/{32 if ipaddress.ip_address(g.mesh_ip).version == 4 else 128}"]
-        region = self.regions.get(g.region)
-        # WireGuard routes a network to one peer only: one gateway per region carries the region's
-        # instance subnet, and never towards gateways of the same region (the subnet is local there)
-        if (region is not None and region.instance_subnet and g.region != viewer_region
-                and self.subnet_owner(g.region) == name):
-            allowed.append(region.instance_subnet)
-        return pb.MeshPeer(name=g.name, region=g.region, public_key=g.wg_public_key,
-                           endpoint=f"{g.public_ip}:{g.wg_port}", allowed_ips=allowed, mesh_ip=g.mesh_ip,
-                           proxy_port=g.proxy_port, https_port=g.https_port,
-                           unreachable=self.reach.get(name, ReachRecord()).unreachable)
-
-    def mesh_update(self, delta: Delta, for_gateway: str, since: int | None = None) -> pb.MeshUpdate:
-        """The mesh view of `for_gateway`: every other registered gateway is a peer.
-
-        Peers depend only on the viewer's region, so with `since` the message is built once per
-        (revision range, region) and shared; only the viewer itself is left out per session."""
-        me = self.gateways.get(for_gateway)
-        viewer_region = me.region if me is not None else None
-        memo_key = ("mesh", since, delta.revision, viewer_region)
-        shared = self._memo.get(memo_key) if since is not None else None
-        if shared is None:
-            shared = self._mesh_update(delta, viewer_region)
-            if since is not None:
-                self._memo[memo_key] = shared
-        assert isinstance(shared, pb.MeshUpdate)
-        if not any(p.name == for_gateway for p in shared.upserts) and for_gateway not in shared.removals:
-            return shared
-        return pb.MeshUpdate(revision=shared.revision, snapshot=shared.snapshot,
-                             upserts=[p for p in shared.upserts if p.name != for_gateway],
-                             removals=[n for n in shared.removals if n != for_gateway])
-
-    def _mesh_update(self, delta: Delta, viewer_region: str | None) -> pb.MeshUpdate:
-        if delta.mesh is None:
-            peers = [p for n in sorted(self.gateways) if (p := self.mesh_peer(n, viewer_region))]
-            return pb.MeshUpdate(revision=delta.revision, snapshot=True, upserts=peers)
-        upserts, removals = [], []
-        for name in sorted(delta.mesh):
-            peer = self.mesh_peer(name, viewer_region)
-            if peer is None:
-                removals.append(name)
-            else:
-                upserts.append(peer)
-        return pb.MeshUpdate(revision=delta.revision, snapshot=False, upserts=upserts, removals=removals)
-
-    # -- overview ----------------------------------------------------------------------------
-
-    def overview(self) -> pb.Overview:
-        out = pb.Overview(revision=self.revision, apps=len(self.apps), domains=len(self.domains),
-                          cut_off_regions=self.cut_off_regions, panic_held=self.panic_held)
-        views = [g for n in self.gateways if (g := self.gateway(n)) is not None]
-        in_dns = dns_presence(views, self.apps.values())
-        for g in sorted(views, key=lambda g: (g.region, g.name)):
-            out.gateways.append(pb.GatewayHealth(
-                name=g.name, region=g.region, session=g.to_proto().session, reachable=not g.unreachable,
-                seen_by=g.seen_by, down_by=g.down_by, probe_rtt_ms=g.probe_rtt_ms,
-                draining=g.state is GatewayState.DRAINING, in_dns=g.name in in_dns))
-        for name in sorted(self.regions):
-            gws = [self.gateway(g) for g in self.gateways if self.gateways[g].region == name]
-            insts = [i for i in self.instances.values() if i.region == name]
-            out.regions.append(pb.RegionOverview(
-                region=self.regions[name].to_proto(), gateways=len(gws),
-                gateways_alive=sum(1 for g in gws if g and g.alive),
-                gateways_draining=sum(1 for g in gws if g and g.state is GatewayState.DRAINING),
-                instances=len(insts), instances_healthy=sum(1 for i in insts if i.healthy),
-                apps=sorted({i.app for i in insts})))
-        names = sorted(self.gateways)
-        alive = [n for n in names if self.alive(n)]
-        out.links_total = len(names) * (len(names) - 1) // 2
-        out.links_up = len(alive) * (len(alive) - 1) // 2
-        dead = [n for n in names if not self.alive(n)]
-        for a in dead:  # every link with a dead end, each pair once, bounded
-            for b in names:
-                if b != a and (self.alive(b) or b > a):
-                    if len(out.links) >= MAX_OVERVIEW_LINKS:
-                        return out
-                    out.links.append(pb.MeshLink(a=min(a, b), b=max(a, b), up=False))
-        return out
-
     def free_mesh_ips(self) -> Iterable[str]:
         """Candidate mesh addresses not in the (possibly stale) cache, lowest first."""
         for host in self.mesh_network.hosts():
             ip = str(host)
             if ip not in self.ipam:
                 yield ip
-
-
-def dns_presence(gateways: Iterable[Gateway], apps: Iterable[App]) -> frozenset[str]:
-    """The gateways GeoDNS answers with (`GatewayHealth.in_dns`): the reachable routable ones,
-    and, where fail-open applies, the routable ones anyway. Fail-open applies to the regions an
-    app may be served from (its pinned regions, or every region) when none of their routable
-    gateways is reachable: GeoDNS then answers the nearest such region's routable gateways, so
-    each of them may be answered. Per-app hosting is not looked at (DNS may send an app to any
-    healthy region it may be served from)."""
-    gws = list(gateways)
-    out = {g.name for g in gws if g.reachable_routable}
-    # None: an app not pinned may be served from every region (and so, with no app yet, may any)
-    groups: set[frozenset[str] | None] = {frozenset(a.pinned_regions) if a.pinned_regions else None for a in apps}
-    groups = groups or {None}
-    for allowed in groups:
-        members = [g for g in gws if g.routable and (allowed is None or g.region in allowed)]
-        if members and not any(g.reachable_routable for g in members):
-            out.update(g.name for g in members)
-    return frozenset(out)
-
-
-def _put(d: dict, name: str, value: object) -> None:
-    if value is None:
-        d.pop(name, None)
-    else:
-        d[name] = value

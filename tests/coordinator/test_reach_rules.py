@@ -17,7 +17,7 @@ from coordinator.reach_keys import (
     votes_to_json,
 )
 from coordinator.reachability import Decision, Verdict, Vote
-from coordinator.state import dns_presence
+from coordinator.views import dns_presence
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.model import App, Gateway, GatewayState, SessionState
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 
+from coordinator.fanout import Fanout
 from coordinator.state import State, key
 from coordinator.store import KV, Event
+from coordinator.views import overview
 from geomesh.model import Gateway, Region
 
 
@@ -30,44 +32,46 @@ def loaded() -> State:
 
 def test_mesh_view_excludes_self_and_routes_region_subnet_once():
     s = loaded()
-    snap = s.mesh_update(s.changes_since(-1), "c")
+    f = Fanout(s)
+    snap = f.mesh_update(s.changes_since(-1), "c")
     assert snap.snapshot and [p.name for p in snap.upserts] == ["a", "b"]
     # eu's subnet rides on its first gateway only, and only towards other regions
     assert [list(p.allowed_ips) for p in snap.upserts] == [["10.88.0.1/32", "10.90.2.0/24"], ["10.88.0.2/32"]]
-    from_a = s.mesh_update(s.changes_since(-1), "a")
+    from_a = f.mesh_update(s.changes_since(-1), "a")
     assert [list(p.allowed_ips) for p in from_a.upserts] == [["10.88.0.2/32"], ["10.88.0.3/32"]]
 
 
 def test_join_costs_one_peer_and_resume_coalesces():
     s = loaded()
+    f = Fanout(s)
     put(s, 11, (key("gateways", "d"), gw("d", "us", 4).to_json()))
     delta = s.changes_since(10)
-    mesh = s.mesh_update(delta, "a")
+    mesh = f.mesh_update(delta, "a")
     assert not mesh.snapshot and [p.name for p in mesh.upserts] == ["d"]  # one peer per join
-    assert s.mesh_update(delta, "d").upserts == []  # the joiner gets its peers from its snapshot
+    assert f.mesh_update(delta, "d").upserts == []  # the joiner gets its peers from its snapshot
     # a join that takes over a region's subnet (name sorts first) also re-sends the old carrier
     put(s, 12, (key("gateways", "0a"), gw("0a", "eu", 9).to_json()))
-    moved = s.mesh_update(s.changes_since(11), "c", since=11)
+    moved = f.mesh_update(s.changes_since(11), "c", since=11)
     assert [(p.name, list(p.allowed_ips)[1:]) for p in moved.upserts] == [("0a", ["10.90.2.0/24"]), ("a", [])]
     # memoised per revision range and region: the same object for every viewer of that region
-    assert s.mesh_update(s.changes_since(11), "d", since=11) is moved
+    assert f.mesh_update(s.changes_since(11), "d", since=11) is moved
     put(s, 13, (key("gateways", "0a"), None))
     # several changes after a revision coalesce into one message with the latest values
     put(s, 14, (key("alive", "a"), b"1"))
     put(s, 15, (key("gateways", "d"), None))
-    routing = s.routing_update(s.changes_since(10))
+    routing = f.routing_update(s.changes_since(10))
     assert routing.revision == 15 and not routing.snapshot
     assert [r.gateway.name for r in routing.upserts] == ["a"] and routing.upserts[0].gateway.alive
     assert sorted(k.name for k in routing.removals) == ["0a", "d"]
     # nothing after the current revision; the future or before the floor: snapshot
-    assert s.routing_update(s.changes_since(15)).upserts == []
+    assert f.routing_update(s.changes_since(15)).upserts == []
     assert s.changes_since(9).routing is None and s.changes_since(99).routing is None
 
 
 def test_overview_counts_links_without_listing_the_full_mesh():
     s = loaded()
     put(s, 11, (key("alive", "a"), b"1"), (key("alive", "b"), b"1"))
-    ov = s.overview()
+    ov = overview(s.snapshot())
     assert (ov.links_total, ov.links_up) == (3, 1)
     assert sorted((link.a, link.b) for link in ov.links) == [("a", "c"), ("b", "c")]
     eu = next(r for r in ov.regions if r.region.name == "eu")
