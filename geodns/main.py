@@ -1,7 +1,7 @@
 """`geomesh-dns`: the command-line entry point of the GeoDNS server.
 
 Parses and validates the flags (`geodns.config`), sets up structured logging, then serves in
-this process or, with `--workers N`, supervises N worker processes (`geodns.server`). A bad flag,
+this process or, with `--workers N`, supervises N worker processes (`geodns.supervisor`). A bad flag,
 state file or GeoIP database stops it with exit status 2 and one line naming the problem.
 """
 
@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"geomesh-dns: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.log_level, config.log_format)
-    from geodns import server
+    from geodns import server, supervisor
 
     try:
         if config.workers > 1:
-            server.Supervisor(config).run()
+            supervisor.Supervisor(config).run()
         else:
             server.run(config)
     except (ValidationError, ValueError, OSError) as exc:
