@@ -178,12 +178,9 @@ class ClientConnection(Http1Exchanges):
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
-            up = self.tunnel
             self.tunnel_client_eof = True
-            if self.tunnel_upstream_eof or not up.transport.can_write_eof():
-                return None  # both directions finished: close (connection_lost closes the upstream)
-            up.transport.write_eof()
-            return True
+            # else both directions finished: close (connection_lost closes the upstream)
+            return True if flow_control.pass_eof(self.tunnel.transport, self.tunnel_upstream_eof) else None
         if self.lingering:
             return None
         cur = self.cur
@@ -394,11 +391,10 @@ class ClientConnection(Http1Exchanges):
     def tunnel_eof(self) -> bool:
         """The upstream finished sending; True if its transport should stay open (half-close)."""
         self.tunnel_upstream_eof = True
-        if self.tunnel_client_eof or not self.transport.can_write_eof():
-            self.transport.close()
-            return False
-        self.transport.write_eof()
-        return True
+        if flow_control.pass_eof(self.transport, self.tunnel_client_eof):
+            return True
+        self.transport.close()
+        return False
 
     def tunnel_closed(self) -> None:
         self.tunnel = None

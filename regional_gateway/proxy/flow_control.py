@@ -7,7 +7,9 @@ connect is in progress (`CONNECT`). `FlowControl` keeps the set of reasons as bi
 is paused when the first one is set and resumed when the last one goes, so one cause ending never
 resumes reading another still needs paused. It also remembers whether reading was paused during
 the current body-rate window (`paused_in_window`): the gateway's own pauses are never held
-against a slow client (`downstream`'s body timeouts).
+against a slow client (`downstream`'s body timeouts). `pass_eof` is the one half-close rule of
+the byte tunnels (upgraded HTTP/1.1 connections, TLS passthrough): one side's EOF is passed on
+to the other while the other direction still flows.
 """
 
 from __future__ import annotations
@@ -48,3 +50,13 @@ class FlowControl:
     def stop(self) -> None:
         """The connection ended (or its transport went to another protocol): touch it no more."""
         self.transport = None
+
+
+def pass_eof(to: Any, other_ended: bool) -> bool:
+    """One side of a tunnel sent EOF: half-close `to` (the other side's transport) and return True,
+    or return False when the tunnel should close instead (the other direction ended already, or
+    `to` cannot half-close)."""
+    if other_ended or not to.can_write_eof():
+        return False
+    to.write_eof()
+    return True

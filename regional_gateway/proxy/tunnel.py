@@ -22,6 +22,7 @@ from typing import Any
 from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
 from regional_gateway.proxy.exchange import LINGER, MAX_ATTEMPTS
+from regional_gateway.proxy.flow_control import pass_eof
 from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.hostnames import NameMatch
 from regional_gateway.proxy.http_errors import ProxyError, UnknownHost
@@ -66,12 +67,10 @@ class TunnelUpstream(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         peer = self.peer
         peer.upstream_eof = True
-        t = peer.transport
-        if peer.client_eof or not t.can_write_eof():
-            t.close()  # both directions are finished (or cannot be half-closed)
-            return None
-        t.write_eof()
-        return True
+        if pass_eof(peer.transport, peer.client_eof):
+            return True
+        peer.transport.close()  # both directions are finished (or cannot be half-closed)
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -210,9 +209,8 @@ class TunnelClient(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         up = self.upstream
         self.client_eof = True
-        if self.failed or up is None or self.upstream_eof or not up.transport.can_write_eof():
+        if self.failed or up is None or not pass_eof(up.transport, self.upstream_eof):
             return None  # the transport closes; connection_lost closes the upstream
-        up.transport.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

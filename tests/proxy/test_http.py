@@ -137,6 +137,25 @@ def test_websocket_upgrade_is_tunnelled(backends, gateway):
         assert got == want
 
 
+def test_an_upgraded_tunnel_passes_the_clients_half_close_on(backends, gateway):
+    """After a 101 the client's EOF reaches the backend (half-close), which still answers: the
+    client reads every echoed byte, then the end of the connection."""
+    (b,) = backends(1)
+    g = gateway(app_routes(("shop", [b.address])))
+    with Conn(g.http) as c:
+        c.send_raw(f"GET /ws HTTP/1.1\r\nHost: shop.{ZONE}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                   "\r\n".encode())
+        assert c.read_response(head_only=True).status == 101
+        want = b"last-words" * 1000
+        c.send_raw(want)
+        c.sock.shutdown(socket.SHUT_WR)  # the backend echoes until it reads EOF, then closes
+        c.sock.settimeout(5)
+        got = c.buf
+        while chunk := c.sock.recv(65536):
+            got += chunk
+        assert got == want
+
+
 def test_client_address_headers_replace_untrusted_values(backends, gateway):
     (b,) = backends(1)
     g = gateway(app_routes(("shop", [b.address])))
