@@ -537,6 +537,8 @@ class _Load:
                         self.dns_max_s = max(self.dns_max_s, time.monotonic() - t0)
                         ok = True
                         break
+                if not ok and any(n in self.excluded for n in servers):
+                    continue  # a server stopped while asked: the resolver's retry is the next round
                 self.dns_total += 1
                 if not ok:
                     self.dns_failed += 1
@@ -546,6 +548,8 @@ class _Load:
                     continue
                 t0 = time.monotonic()
                 good = _http_get(port)
+                if name in self.excluded:
+                    continue  # stopped while this request was in flight: the restart gap, not counted
                 self.http_total += 1
                 if good:
                     self.http_max_s = max(self.http_max_s, time.monotonic() - t0)
