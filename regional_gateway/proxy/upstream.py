@@ -9,7 +9,7 @@ backend address, most recently used first; a connection the backend closes leave
 once, and idle ones are closed after `pool_idle_timeout`.
 
 A connection goes back to the pool only when its exchange ended cleanly in both directions: the
-whole request written (the client side decides, `ClientConnection.response_done`) and exactly
+whole request written (the client side decides, `Http1Exchanges.response_done`) and exactly
 one complete response read. A backend that sends anything after the response (a second
 response in the same read, junk) has lost track of the exchange; the connection is closed, and
 so is the client's, which has received those bytes.
