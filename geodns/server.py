@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import gc
 import logging
@@ -96,6 +97,16 @@ def bind_pair(host: str, port: int, reuse_port: bool, attempts: int = 50) -> tup
                 break
     assert last is not None
     raise last
+
+
+@dataclasses.dataclass
+class _Listeners:
+    """What `Server._bind` opened, for `Server._shutdown` to close."""
+
+    udp_readers: list[BatchUdp] = dataclasses.field(default_factory=list)
+    udp_transports: list[asyncio.BaseTransport] = dataclasses.field(default_factory=list)
+    tcp_servers: list[asyncio.AbstractServer] = dataclasses.field(default_factory=list)
+    sockets: list[socket.socket] = dataclasses.field(default_factory=list)
 
 
 class Server:
@@ -206,32 +217,12 @@ class Server:
         cfg = self.config
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        udp_readers: list[BatchUdp] = []
-        udp_transports: list[asyncio.BaseTransport] = []
-        tcp_servers: list[asyncio.AbstractServer] = []
-        connections = self.connections
-        sockets: list[socket.socket] = []
+        listeners = _Listeners()
         tasks: list[asyncio.Task] = []
         try:
-            for host, port in cfg.listen:
-                udp, tcp = bind_pair(host, port, self.reuse_port)
-                sockets += [udp, tcp]
-                self.ports.append(udp.getsockname()[1])
-                if cfg.batch_io and batch_supported():
-                    reader = BatchUdp(udp, self.responder, self.stats, self.rrl)
-                    reader.start(loop)
-                    udp_readers.append(reader)
-                else:
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda: ProtocolUdp(self.responder, self.stats, self.rrl), sock=udp)  # type: ignore[arg-type]
-                    udp_transports.append(transport)
-                tcp.listen(1024)
-                server = await loop.create_server(
-                    lambda: DnsTcpProtocol(self.responder, self.stats, connections, cfg.tcp_idle_timeout),  # type: ignore[arg-type]
-                    sock=tcp)
-                tcp_servers.append(server)
+            await self._bind(loop, listeners)
             event(log, "listening", addresses=[f"{h}:{p}" for (h, _), p in zip(cfg.listen, self.ports, strict=True)],
-                  port=self.ports[0], batch_io=bool(udp_readers), worker=self.worker, pid=os.getpid())
+                  port=self.ports[0], batch_io=bool(listeners.udp_readers), worker=self.worker, pid=os.getpid())
             if cfg.port_file is not None and self.stats_pipe is None:
                 write_port_file(cfg.port_file, self.ports[0])
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -249,25 +240,55 @@ class Server:
             await self._stop.wait()
             event(log, "shutting down", worker=self.worker)
         finally:
-            for reader in udp_readers:
-                reader.stop()
-            for t in udp_transports:
-                t.close()
-            for server in tcp_servers:
-                server.close()
-            connections.close_all()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in tcp_servers)), SHUTDOWN_GRACE)
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            for s in sockets:
-                s.close()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                with contextlib.suppress(Exception):
-                    loop.remove_signal_handler(sig)
+            await self._shutdown(loop, listeners, tasks)
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop, listeners: _Listeners) -> None:
+        """UDP and TCP on every listen address (the same port for both), each socket recorded in
+        `listeners` as soon as it exists (a failure part-way leaves nothing for `_shutdown` to miss)."""
+        cfg = self.config
+        responder = self.responder
+        assert responder is not None
+        for host, port in cfg.listen:
+            udp, tcp = bind_pair(host, port, self.reuse_port)
+            listeners.sockets += [udp, tcp]
+            self.ports.append(udp.getsockname()[1])
+            if cfg.batch_io and batch_supported():
+                reader = BatchUdp(udp, responder, self.stats, self.rrl)
+                reader.start(loop)
+                listeners.udp_readers.append(reader)
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: ProtocolUdp(responder, self.stats, self.rrl), sock=udp)
+                listeners.udp_transports.append(transport)
+            tcp.listen(1024)
+            server = await loop.create_server(
+                lambda: DnsTcpProtocol(responder, self.stats, self.connections, cfg.tcp_idle_timeout), sock=tcp)
+            listeners.tcp_servers.append(server)
+
+    async def _shutdown(self, loop: asyncio.AbstractEventLoop, listeners: _Listeners,
+                        tasks: list[asyncio.Task]) -> None:
+        """Stop reading UDP and accepting TCP -> close open TCP connections (replies in flight get
+        `SHUTDOWN_GRACE`) -> cancel the tasks (feed, map, stats) -> close the sockets."""
+        for reader in listeners.udp_readers:
+            reader.stop()
+        for t in listeners.udp_transports:
+            t.close()
+        for server in listeners.tcp_servers:
+            server.close()
+        self.connections.close_all()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in listeners.tcp_servers)),
+                                   SHUTDOWN_GRACE)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for s in listeners.sockets:
+            s.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
 
     def _wake_map(self) -> None:
         if self._map_wake is not None:
