@@ -4,9 +4,7 @@ An `Exchange` is what `downstream.ClientConnection` keeps per request: the head 
 body framing, the backend chosen and its attempts, the upstream connection carrying it, and how
 far each direction got. It is a mutable record, not a value: it lives on the hot path, where
 setting a few class-level defaults per request is measurably cheaper than thirty slots (see the
-class). `MAX_ATTEMPTS` is the one limit on tries for an HTTP/1.1 request, an HTTP/2 stream and a
-tunnel's connect (each kind decides which failures may be retried, see docs/gateway-dataplane.md);
-`LINGER` is how long a connection ended by an error keeps reading and dropping what its client
+class); how many tries it gets and after which failures is `attempt`. `LINGER` is how long a connection ended by an error keeps reading and dropping what its client
 still sends, so the client reads the answer instead of a reset.
 """
 
@@ -20,7 +18,6 @@ if TYPE_CHECKING:  # modules below this one (none of them imports it)
     from regional_gateway.proxy.routes import RemoteRegion
     from regional_gateway.proxy.upstream import UpstreamConnection
 
-MAX_ATTEMPTS = 3  # tries of one exchange: an HTTP/1.1 request, an HTTP/2 stream, a tunnel's connect
 LINGER = 2.0  # seconds
 
 

@@ -4,7 +4,7 @@
 HTTP/2 request): `_route` picks a target for a stream with `targets.choose` and attaches it to
 the upstream connection for that address (opened lazily, `h2_upstream.H2Upstream`);
 `upstream_failed` retries the streams a failed connection carried elsewhere when they were
-untouched (at most `exchange.MAX_ATTEMPTS` tries) or answers them; data moves both ways within
+untouched (as `attempt.HTTP2` allows) or answers them; data moves both ways within
 the flow-control windows (`_push_up`, `_push_down`) and is acknowledged to its sender only once
 passed on; `answer` ends a stream with the gateway's own response (a gRPC trailers-only
 `grpc-status` for gRPC calls, else the HTTP status with a text body and `x-geomesh-error`), and
@@ -24,7 +24,7 @@ import h2.errors
 import h2.exceptions
 
 from regional_gateway.proxy import proxy_protocol
-from regional_gateway.proxy.exchange import MAX_ATTEMPTS
+from regional_gateway.proxy.attempt import HTTP2, Failure, may_retry
 from regional_gateway.proxy.h2_guard import RateBudget, data_credit
 from regional_gateway.proxy.h2_streams import (
     GRPC_DEADLINE_EXCEEDED,
@@ -116,7 +116,7 @@ class H2Calls(asyncio.Protocol):
             st.up, st.up_sid = None, 0
             err = UpstreamTimeout(why) if timeout else UpstreamFailed(why)
             untouched = before_connect or (not st.response_started and not st.t_sent)
-            if untouched and st.attempts < MAX_ATTEMPTS:
+            if may_retry(HTTP2, st.attempts, Failure.CONNECT if untouched else Failure.RESET_BEFORE_ANSWER):
                 st.tried += (rt.key,)
                 self._route(st, err)
                 continue
@@ -199,7 +199,8 @@ class H2Calls(asyncio.Protocol):
         """The backend reset its stream: the client's stream is reset too (or answered, if untouched)."""
         if self.gone or st.finished or self.streams.get(st.sid) is not st:
             return
-        if not st.response_started and code == h2.errors.ErrorCodes.REFUSED_STREAM and st.attempts < MAX_ATTEMPTS:
+        if not st.response_started and code == h2.errors.ErrorCodes.REFUSED_STREAM and \
+                may_retry(HTTP2, st.attempts, Failure.REFUSED_STREAM):
             # the backend did not process it (RFC 9113 8.7): safe to send elsewhere
             self._uncount(st)
             st.tried += (st.target.backend.key,) if st.target else ()

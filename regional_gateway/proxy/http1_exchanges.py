@@ -6,7 +6,7 @@ or routes it (the fast path of `route_state`, else `targets.choose`); `_send` ta
 upstream connection or opens one, writes the head and the body bytes held meanwhile; the
 upstream connection calls back (`response_done`, `upstream_lost`, `upstream_broken`, and the
 `upstream.ExchangeOwner` rest) and `_finish` moves to the next pipelined exchange. Retries
-(`_retry`, at most `exchange.MAX_ATTEMPTS` tries) avoid the backends that failed; the health of a
+(`_retry`, as `attempt.HTTP1` allows) avoid the backends that failed; the health of a
 backend is told by its connect failures and 5xx answers; in-flight counts and metrics are kept
 here. Answers the gateway writes itself (`http_errors`) take their turn like any other; one that
 ends the connection lingers (`_linger`) so the client reads it. The reading side (parsing,
@@ -21,8 +21,9 @@ from time import monotonic
 from typing import Any
 
 from regional_gateway.proxy import flow_control
+from regional_gateway.proxy.attempt import HTTP1, Failure, may_retry
 from regional_gateway.proxy.client_address import FORWARDED_MARK
-from regional_gateway.proxy.exchange import LINGER, MAX_ATTEMPTS, Exchange
+from regional_gateway.proxy.exchange import LINGER, Exchange
 from regional_gateway.proxy.flow_control import FlowControl
 from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.hostnames import Authority, Mode, NameMatch, UnknownName, parse_authority
@@ -243,7 +244,7 @@ class Http1Exchanges(asyncio.Protocol):
         if self.closed or ex is not self.active:
             return
         ex.tried += (rt.key,)
-        if ex.attempts < MAX_ATTEMPTS and not (ex.pending_len and not ex.req_done):
+        if may_retry(HTTP1, ex.attempts, Failure.CONNECT, body_sent=bool(ex.pending_len and not ex.req_done)):
             if self._retry(ex, ex.tried):
                 return
         self._local(ex, UpstreamTimeout(why) if timeout else UpstreamFailed(why))
@@ -411,8 +412,8 @@ class Http1Exchanges(asyncio.Protocol):
             if rt is not None and not up.reused:
                 if rt.health.connect_failed(server.now, why):
                     server.health_changed(rt)
-            retry = (not ex.has_body and ex.attempts < MAX_ATTEMPTS
-                     and (up.reused or ex.method in _IDEMPOTENT))
+            retry = may_retry(HTTP1, ex.attempts, Failure.STALE_POOLED if up.reused else Failure.RESET_BEFORE_ANSWER,
+                              idempotent=ex.method in _IDEMPOTENT, body_sent=ex.has_body)
             self._uncount(ex)
             if retry and rt is not None:
                 if not up.reused:  # a fresh connection failed: avoid that backend; a stale pooled one: retry it

@@ -21,7 +21,8 @@ from typing import Any
 
 from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
-from regional_gateway.proxy.exchange import LINGER, MAX_ATTEMPTS
+from regional_gateway.proxy.attempt import TUNNEL
+from regional_gateway.proxy.exchange import LINGER
 from regional_gateway.proxy.flow_control import pass_eof
 from regional_gateway.proxy.host import ConnectionHost
 from regional_gateway.proxy.hostnames import NameMatch
@@ -120,7 +121,7 @@ class TunnelClient(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         exclude: tuple[str, ...] = ()
         last: ProxyError | str = ""
-        for _ in range(MAX_ATTEMPTS):
+        for _ in range(TUNNEL.max_attempts):  # each failure is a connect failure, which TUNNEL retries
             target = choose(server.state, plan.match, plan.client[0].encode(), may_forward=plan.may_forward,
                             exclude=exclude)
             if not isinstance(target, Target):
