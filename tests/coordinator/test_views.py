@@ -154,3 +154,23 @@ def test_snapshot_of_the_mirror_does_not_change_after_later_writes():
     assert after.regions is before.regions  # an untouched directory shares its copy
     with pytest.raises(TypeError):
         before.gateways["x"] = gw("x", "eu", 9)  # type: ignore[index]
+
+
+def test_fanout_shares_one_message_per_revision_and_forgets_it_at_the_next():
+    from coordinator.fanout import Fanout
+    from coordinator.state import State, key
+    from coordinator.store import Event
+    state = State()
+    feed = Fanout(state)
+    state.apply_batch([Event(key("regions", "eu"), EU.to_json(), 5),
+                       Event(key("gateways", "a"), gw("a", "eu", 1).to_json(), 5),
+                       Event(key("gateways", "c"), gw("c", "us", 3).to_json(), 5)])
+    first = feed.routing_wire(feed.changes_since(-1), since=-1)
+    assert feed.routing_wire(feed.changes_since(99), since=99) is first  # every snapshot of a revision: one bytes
+    assert feed.mesh_update(feed.changes_since(-1), "a", since=-1) is not None
+    us_1 = feed.mesh_update(feed.changes_since(-1), "c", since=-1)
+    assert [p.name for p in us_1.upserts] == ["a"]  # the viewer left out of the shared region message
+    state.apply_batch([Event(key("gateways", "b"), gw("b", "eu", 2).to_json(), 6)])
+    assert feed.routing_wire(feed.changes_since(-1), since=-1) is not first  # a new revision, a new message
+    delta = feed.mesh_update(feed.changes_since(5), "c", since=5)
+    assert [p.name for p in delta.upserts] == ["b"] and delta.revision == 6
