@@ -209,7 +209,7 @@ class Agent:
             event(log, "WireGuard disabled (backend=none): mesh peers are computed, not configured")
             return
         from regional_gateway.wireguard.applier import MeshApplier
-        from regional_gateway.wireguard.backend import select_backend
+        from regional_gateway.wireguard.selection import select_backend
 
         backend = select_backend(self.config.wg_backend)  # type: ignore[arg-type]
         prefix = self.mesh_cidr.rsplit("/", 1)[1] if "/" in self.mesh_cidr else "16"

@@ -88,12 +88,3 @@ class WireGuardBackend(abc.ABC):
         """This device's public key once ensure_interface succeeded."""
         return self._public_key
 
-
-def __getattr__(name: str) -> object:
-    """`select_backend` moved to `selection`; the old name resolves lazily for callers not yet
-    updated (`regional_gateway/agent.py`). Remove once nothing imports it from here."""
-    if name == "select_backend":
-        from regional_gateway.wireguard.selection import select_backend
-
-        return select_backend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
