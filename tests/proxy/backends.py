@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import threading
 from collections import Counter
@@ -190,3 +191,33 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, list[str]]
             await reader.readexactly(2)
     n = int(headers.get("content-length", ["0"])[0])
     return await reader.readexactly(n) if n else b""
+
+
+class RawListener:
+    """A bare TCP listener on 127.0.0.1 for misbehaving or counting backends: each accepted
+    connection is counted in `accepted` and handed to `handle` on the accept thread (which closes
+    it; a subclass that needs to keep serving starts its own thread). `close()` stops accepting."""
+
+    def __init__(self, backlog: int = 16) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.handle(c)
+
+    def handle(self, c: socket.socket) -> None:
+        c.close()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 
 import pytest
 
+from tests.proxy.backends import RawListener
 from tests.proxy.client import Conn, get
 
 ZONE = "apps.test"
@@ -39,36 +39,21 @@ def errors_logged():
         lg.removeHandler(h)
 
 
-class ClosingServer:
+class ClosingServer(RawListener):
     """Accepts connections and misbehaves: closes at once, or answers garbage."""
 
     def __init__(self, reply: bytes = b"") -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.reply = reply
-        self.accepted = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(backlog=64)
 
-    def _run(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            try:
-                c.recv(65536)
-                if self.reply:
-                    c.sendall(self.reply)
-            except OSError:
-                pass
-            c.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, c: socket.socket) -> None:
+        try:
+            c.recv(65536)
+            if self.reply:
+                c.sendall(self.reply)
+        except OSError:
+            pass
+        c.close()
 
 
 def free_port() -> int:

@@ -8,40 +8,19 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.proxy.backends import Backend
+from tests.proxy.backends import Backend, RawListener
 from tests.proxy.certs import TestCA
 from tests.proxy.client import Conn, get
 
 ZONE = "apps.test"
 
 
-class Listener:
+class Listener(RawListener):
     """A TCP port that counts the connections it accepts (the "other service" on the host)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            c.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy.backends import Backend
+from tests.proxy.backends import Backend, RawListener
 from tests.proxy.certs import TestCA
 from tests.proxy.client import Conn, Response, get
 from tests.proxy.conftest import RunningGateway
@@ -585,26 +585,12 @@ def test_refusals_are_counted_by_cause(rig):
     assert after.get("bad-host", 0) == before.get("bad-host", 0) + 1
 
 
-class DoubleAnswer:
+class DoubleAnswer(RawListener):
     """A backend that answers `/double` with two responses in one write (it lost track of the
     exchange); every other path once, with the path as the body. Counts its connections."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+    def handle(self, c: socket.socket) -> None:
+        threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c: socket.socket) -> None:
         buf = b""
