@@ -46,6 +46,17 @@ ETCD_CURRENT = Gauge("geomesh_etcd_endpoint_current", "1 for the etcd member the
 MAX_ENDPOINTS = 32
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 UNAVAILABLE_CODES = (*FAILOVER_CODES, grpc.StatusCode.CANCELLED)
+# etcd answers a request it could not commit in time (an election under way) with UNKNOWN and one of
+# these texts: the write may or may not have applied, as with UNAVAILABLE
+ETCD_TIMEOUT_DETAILS = ("context deadline exceeded", "etcdserver: request timed out",
+                        "etcdserver: leader changed", "etcdserver: no leader")
+
+
+def unavailable(code: grpc.StatusCode, details: str) -> bool:
+    """Whether an etcd call that failed with `code`/`details` means "the store is unavailable now"
+    (mapped to UNAVAILABLE for the caller) rather than a request error."""
+    return code in UNAVAILABLE_CODES or (code == grpc.StatusCode.UNKNOWN
+                                         and any(d in details for d in ETCD_TIMEOUT_DETAILS))
 REQUIRE_LEADER = (("hasleader", "true"),)  # etcd's WithRequireLeader: streams end when the member has no leader
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -338,7 +349,7 @@ class EtcdStore:
                 return await getattr(stub, rpc_name)(request, timeout=timeout or self.timeout)
             except grpc.aio.AioRpcError as exc:
                 ETCD_ERRORS.labels(op, exc.code().name).inc()
-                if exc.code() not in UNAVAILABLE_CODES:
+                if not unavailable(exc.code(), exc.details() or ""):
                     raise
                 error = self._unavailable(index, exc, "etcd")
                 again = never_sent(exc.code(), exc.details() or "") or (retry and exc.code() in FAILOVER_CODES)

@@ -10,7 +10,7 @@ import pytest
 
 from coordinator.main import parser
 from coordinator.server import CoordinatorConfig
-from coordinator.store import EtcdConfig, EtcdEndpoint, never_sent, parse_endpoints
+from coordinator.store import EtcdConfig, EtcdEndpoint, never_sent, parse_endpoints, unavailable
 from geomesh.errors import ValidationError
 from geomesh.etcd_process import DEPLOY_EXAMPLE, cluster_member_env, read_env_file
 
@@ -124,3 +124,16 @@ def test_an_env_file_line_that_is_not_key_value_is_refused() -> None:
     assert read_env_file('# c\nA="x y"\nB=z\n') == {"A": "x y", "B": "z"}
     with pytest.raises(ValueError, match="line 2"):
         read_env_file("A=1\nnot a setting\n")
+
+
+@pytest.mark.parametrize("code,details,want", [
+    (grpc.StatusCode.UNAVAILABLE, "connection refused", True),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True),
+    (grpc.StatusCode.UNKNOWN, "context deadline exceeded", True),    # etcd could not commit in time
+    (grpc.StatusCode.UNKNOWN, "etcdserver: request timed out", True),
+    (grpc.StatusCode.UNKNOWN, "etcdserver: leader changed", True),
+    (grpc.StatusCode.UNKNOWN, "something else", False),
+    (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: request is too large", False),
+])
+def test_which_etcd_failures_mean_unavailable(code, details: str, want: bool) -> None:  # noqa: ANN001
+    assert unavailable(code, details) is want
