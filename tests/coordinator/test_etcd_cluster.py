@@ -6,7 +6,8 @@ The cluster is started from `deploy/etcd/etcd-cluster.env.example` itself (addre
 real processes: the leader is SIGKILLed under a stream of Admin writes (no acknowledged write is
 lost, writes resume); the member the coordinator uses is SIGKILLed (it fails over, and simulated
 gateways' alive keys are never deleted meanwhile); and a history of 2,000 reads and writes under
-a leader kill is checked for linearizability (`geomesh.register_history`).
+leader kills (the history `bench/faults.py` records) is checked for linearizability
+(`geomesh.register_history`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.faults import history
 from coordinator.state import PREFIX, key
 from coordinator.store import Compacted, EtcdConfig, EtcdStore
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.errors import StoreUnavailableError
 from geomesh.etcd_process import DEPLOY_EXAMPLE, EtcdCluster, free_port, read_env_file
 from geomesh.pki import Pki
-from geomesh.register_history import Read, Write, check
+from geomesh.register_history import check
 from geomesh.service_process import ROOT
 
 from ..conftest import CoordinatorProcess
@@ -226,63 +228,12 @@ async def test_the_coordinators_own_member_dies_it_fails_over_and_no_gateway_lea
 
 # -- linearizability -------------------------------------------------------------------------------
 
-async def register_history(cluster: EtcdCluster, ops: int, keys: int = 4, readers: int = 4,
-                           fault_after: float = 0.3) -> tuple[list[Write], list[Read]]:
-    """`keys` writers (one per key, increasing values) and `readers` readers through our client,
-    each on its own store starting at a different member; the leader is SIGKILLed once
-    `fault_after` of the operations are done. Bounded by `ops` and by 60 s."""
-    writes: list[Write] = []
-    reads: list[Read] = []
-    done = asyncio.Event()
-    deadline = time.monotonic() + 60
-
-    def more() -> bool:
-        return len(writes) + len(reads) < ops and time.monotonic() < deadline
-
-    async def writer(k: int) -> None:
-        store = store_for(cluster, first=k % len(cluster.members))
-        value = 0
-        while more():
-            value += 1
-            start = time.monotonic()
-            try:
-                await store.put(f"/lin/{k}".encode(), str(value).encode())
-                writes.append(Write(str(k), value, start, time.monotonic()))
-            except StoreUnavailableError:
-                writes.append(Write(str(k), value, start, None))
-                await asyncio.sleep(0.01)
-        await store.close()
-
-    async def reader(r: int) -> None:
-        store = store_for(cluster, first=(r + 1) % len(cluster.members))
-        i = 0
-        while more():
-            k = (r + i) % keys
-            i += 1
-            start = time.monotonic()
-            try:
-                kv = await store.get(f"/lin/{k}".encode())
-            except StoreUnavailableError:
-                await asyncio.sleep(0.01)
-                continue
-            reads.append(Read(str(k), int(kv.value) if kv else None, start, time.monotonic()))
-        await store.close()
-
-    async def fault() -> None:
-        while more() and len(writes) + len(reads) < fault_after * ops:
-            await asyncio.sleep(0.01)
-        if more():
-            cluster.members[await asyncio.to_thread(cluster.leader)].kill()
-        done.set()
-
-    await asyncio.gather(*(writer(k) for k in range(keys)), *(reader(r) for r in range(readers)), fault())
-    return writes, reads
-
-
 async def test_a_history_of_2000_operations_under_a_leader_kill_is_linearizable(cluster):
-    writes, reads = await register_history(cluster, 2000)
+    # the benchmark's own history: writers and readers on stores starting at different members,
+    # the leader killed at a quarter of the operations, restarted at half, the next leader at 3/4
+    writes, reads, faults = await history(cluster, 2000)
     assert len(writes) + len(reads) >= 2000
-    assert sum(1 for m in cluster.members if not m.alive()) == 1  # the fault happened
+    assert faults and faults[0].startswith("kill leader"), faults  # the fault happened
     assert len(reads) > 500 and sum(w.end is not None for w in writes) > 200
     violations = check(writes, reads)
     assert violations == [], violations[:5]
