@@ -238,7 +238,7 @@ class MeshLink(_message.Message):
     def __init__(self, a: _Optional[str] = ..., b: _Optional[str] = ..., up: _Optional[bool] = ...) -> None: ...
 
 class GatewayHealth(_message.Message):
-    __slots__ = ("name", "region", "session", "reachable", "seen_by", "down_by", "probe_rtt_ms", "draining", "in_dns")
+    __slots__ = ("name", "region", "session", "reachable", "seen_by", "down_by", "probe_rtt_ms", "draining", "in_dns", "load", "active_connections", "version", "peers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,10 @@ class GatewayHealth(_message.Message):
     PROBE_RTT_MS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     IN_DNS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     session: SessionState
@@ -257,7 +261,11 @@ class GatewayHealth(_message.Message):
     probe_rtt_ms: float
     draining: bool
     in_dns: bool
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., session: _Optional[_Union[SessionState, str]] = ..., reachable: _Optional[bool] = ..., seen_by: _Optional[_Iterable[str]] = ..., down_by: _Optional[_Iterable[str]] = ..., probe_rtt_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., in_dns: _Optional[bool] = ...) -> None: ...
+    load: float
+    active_connections: int
+    version: str
+    peers: _containers.RepeatedCompositeFieldContainer[PeerHandshake]
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., session: _Optional[_Union[SessionState, str]] = ..., reachable: _Optional[bool] = ..., seen_by: _Optional[_Iterable[str]] = ..., down_by: _Optional[_Iterable[str]] = ..., probe_rtt_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., in_dns: _Optional[bool] = ..., load: _Optional[float] = ..., active_connections: _Optional[int] = ..., version: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerHandshake, _Mapping]]] = ...) -> None: ...
 
 class Overview(_message.Message):
     __slots__ = ("revision", "regions", "links", "apps", "domains", "links_total", "links_up", "gateways", "cut_off_regions", "panic_held")
@@ -479,27 +487,39 @@ class ReachVote(_message.Message):
     rtt_ms: float
     def __init__(self, target: _Optional[str] = ..., up: _Optional[bool] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
 
+class PeerHandshake(_message.Message):
+    __slots__ = ("name", "age_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    age_seconds: float
+    def __init__(self, name: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+
 class Heartbeat(_message.Message):
-    __slots__ = ("load", "active_connections", "backends", "reach", "reach_complete")
+    __slots__ = ("load", "active_connections", "backends", "reach", "reach_complete", "peers")
     LOAD_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     REACH_FIELD_NUMBER: _ClassVar[int]
     REACH_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     load: float
     active_connections: int
     backends: _containers.RepeatedCompositeFieldContainer[BackendHealth]
     reach: _containers.RepeatedCompositeFieldContainer[ReachVote]
     reach_complete: bool
-    def __init__(self, load: _Optional[float] = ..., active_connections: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendHealth, _Mapping]]] = ..., reach: _Optional[_Iterable[_Union[ReachVote, _Mapping]]] = ..., reach_complete: _Optional[bool] = ...) -> None: ...
+    peers: _containers.RepeatedCompositeFieldContainer[PeerHandshake]
+    def __init__(self, load: _Optional[float] = ..., active_connections: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendHealth, _Mapping]]] = ..., reach: _Optional[_Iterable[_Union[ReachVote, _Mapping]]] = ..., reach_complete: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerHandshake, _Mapping]]] = ...) -> None: ...
 
 class SessionHello(_message.Message):
-    __slots__ = ("name", "last_revision")
+    __slots__ = ("name", "last_revision", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAST_REVISION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     last_revision: int
-    def __init__(self, name: _Optional[str] = ..., last_revision: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., last_revision: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class SessionUp(_message.Message):
     __slots__ = ("hello", "heartbeat")
