@@ -3,15 +3,22 @@
 Thin: convert protobuf to domain values (validation happens there), authorise the caller (the
 `admin` role, by `rpc_common.unary`), call `Operations` for writes or read the cache's immutable
 `Snapshot` through the fan-out, convert back. Write calls are audit lines (`coordinator.audit`).
-`GetOverview` is the pure `views.overview` of the current snapshot. Revoking an identity ends its
+`GetOverview` is the pure `views.overview` of the current snapshot, with what the gateways whose
+sessions this replica holds reported (load, connections, version, handshake ages: `stats`, shared
+with the GatewayControl servicer; in memory, so each replica shows its own sessions'). Revoking an identity ends its
 open streams (`coordinator.access`); revoking the calling identity itself is refused.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from coordinator.access import Access
 from coordinator.enrollment import Enrollment
+from coordinator.fanout import Fanout
+from coordinator.heartbeats import GatewayStats
+from coordinator.operations import Operations
 from coordinator.revocation import Revocation, already, revoke_txn
 from coordinator.rpc_common import Caller, unary
 from coordinator.servicer_common import ServicerBase, checked_name
@@ -26,6 +33,10 @@ log = logging.getLogger("geomesh.coordinator")
 
 
 class AdminService(ServicerBase, pbg.AdminServicer):
+    def __init__(self, feed: Fanout, ops: Operations, access: Access, *, stats: GatewayStats | None = None) -> None:
+        super().__init__(feed, ops, access)
+        self.stats = stats if stats is not None else GatewayStats()
+
     # regions
     @unary("admin", write=True)
     async def CreateRegion(self, request: pb.Region, context, caller: Caller) -> pb.Region:
@@ -149,7 +160,7 @@ class AdminService(ServicerBase, pbg.AdminServicer):
 
     @unary("admin")
     async def GetOverview(self, request: pb.Empty, context, caller: Caller) -> pb.Overview:
-        return overview(self.feed.snapshot())
+        return overview(self.feed.snapshot(), self.stats, asyncio.get_running_loop().time())
 
     # enrollment
     @unary("admin", write=True)

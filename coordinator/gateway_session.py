@@ -38,10 +38,13 @@ from coordinator.access import Access, end_stream
 from coordinator.enrollment import check_region, check_registration, fits
 from coordinator.fanout import Fanout
 from coordinator.heartbeats import (
+    GatewayReport,
+    GatewayStats,
     HealthCoalescer,
     HeartbeatReport,
     TokenBucket,
     VoteMap,
+    check_handshakes,
     check_votes,
     merge_votes,
 )
@@ -85,6 +88,8 @@ HEALTH_IGNORED = Counter("geomesh_coordinator_health_reports_ignored_total",
                          ["reason"])
 VOTES_IGNORED = Counter("geomesh_coordinator_reach_votes_ignored_total",
                         "reachability votes in heartbeats that were ignored", ["reason"])
+HANDSHAKES_IGNORED = Counter("geomesh_coordinator_handshake_reports_ignored_total",
+                             "peer handshake ages in heartbeats that were ignored", ["reason"])
 VOTE_WRITES = Counter("geomesh_coordinator_reach_vote_writes_total",
                       "writes of a prober's vote map to votes/<prober>", ["result"])
 TIMED_OUT_REASONS = frozenset({"silent", "send_timeout"})  # the session stalled: alive turns timed_out
@@ -107,6 +112,7 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         self._cleanups: set[asyncio.Task] = set()
         self.mesh_cidr = mesh_cidr
         self.planned_stop = False  # set by Coordinator.stop: sessions end, alive keys stay to their lease
+        self.stats = GatewayStats()  # what this replica's sessions report (load, version, handshakes)
 
     @unary("gateway", write=True)
     async def Register(self, request: pb.RegisterRequest, context, caller: Caller) -> pb.RegisterResponse:
@@ -177,6 +183,7 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         log.info("gateway session open", extra={"fields": {"gateway": name}})
         coalescer = HealthCoalescer(self.health_interval)
         flush = asyncio.Event()
+        live.report = self.stats.open(name, hello.version)
         stored_votes = self.state.votes.get(name, {})
         book = _VoteBook(votes=stored_votes, written=stored_votes)
         reader = asyncio.create_task(self._read_heartbeats(name, request_iterator, coalescer, flush, book))
@@ -258,6 +265,8 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         if live.cleanup is None:
             for task in live.tasks:
                 task.cancel()
+            if live.report is not None:
+                self.stats.close(live.name, live.report)
             SESSIONS.labels("gateway").dec()
             live.cleanup = asyncio.create_task(self._clear_alive(live.name, live.alive_rev,
                                                                  timed_out=live.reason in TIMED_OUT_REASONS))
@@ -322,6 +331,7 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
             enrollment = self.access.enrollments.get(name)
             if gw is None or enrollment is None or gw.region != enrollment.region:
                 continue  # health and votes only while its record is in its enrolled region
+            self._take_report(name, report, msg.heartbeat, loop.time())
             if msg.heartbeat.reach or msg.heartbeat.reach_complete:
                 self._take_votes(name, msg.heartbeat, book)
             cached: dict[str, bool] = {}
@@ -338,6 +348,20 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
                 HEALTH_IGNORED.labels("not_owner").inc(not_owner)
             if coalescer.offer(report.backends, cached):
                 flush.set()
+
+    def _take_report(self, name: str, report: HeartbeatReport, heartbeat: pb.Heartbeat, now: float) -> None:
+        """Keep the gateway's load, connections and (when the heartbeat carries them) its peers'
+        handshake ages in `stats`; bad handshake entries are ignored and counted."""
+        entry = self.stats.reports.get(name)
+        if entry is None:
+            return
+        entry.load, entry.active_connections = report.load, report.active_connections
+        if heartbeat.peers:
+            gateways = self.state.gateways
+            accepted, ignored = check_handshakes(name, heartbeat.peers, gateways, limit=len(gateways))
+            for reason, count in ignored.items():
+                HANDSHAKES_IGNORED.labels(reason).inc(count)
+            entry.handshakes, entry.handshakes_at = accepted, now
 
     def _take_votes(self, name: str, heartbeat: pb.Heartbeat, book: _VoteBook) -> None:
         gateways = self.state.gateways
@@ -425,6 +449,7 @@ class _Liveness:
     tasks: tuple[asyncio.Task, ...] = ()  # the heartbeat reader, the health flusher, the vote writer
     cleanup: asyncio.Task | None = None
     reason: str = "closed"  # why it ended: "silent" and "send_timeout" leave the gateway timed out
+    report: GatewayReport | None = None  # its entry in GatewayControlService.stats
 
 
 async def _next_or_none(iterator, timeout: float):

@@ -16,6 +16,13 @@ gateways that disagree cannot flip the record; the others' reports are ignored. 
 votes (`Heartbeat.reach`) are checked by `check_votes` (a known target, not the prober itself nor
 its region, one vote per target, at most `MAX_VOTES_PER_HEARTBEAT`, a finite RTT; the rest is
 ignored and counted, never an error) and merged into the prober's vote map by `merge_votes`.
+
+What a gateway reports about itself (load, connections, `SessionHello.version`, its peers'
+WireGuard handshake ages in `Heartbeat.peers`) is kept by `GatewayStats`, in memory on the
+replica holding the session, never in etcd (one write per heartbeat per gateway would be too
+chatty): with several replicas, each replica's GetOverview shows what its own sessions reported.
+`check_handshakes` keeps the valid handshake entries (a known peer, not the gateway itself, one
+entry per peer, a finite age >= 0, at most the mesh size); the rest is ignored and counted.
 """
 
 from __future__ import annotations
@@ -176,3 +183,75 @@ def merge_votes(current: Mapping[str, tuple[bool, float]], accepted: Mapping[str
     (the prober's whole set), else updates it; targets no longer `known` are dropped."""
     merged = dict(accepted) if complete else {**current, **accepted}
     return {t: v for t, v in merged.items() if t in known}
+
+
+# -- what a gateway reports about itself -----------------------------------------------------
+
+MAX_VERSION_LEN = 64
+
+
+def check_handshakes(reporter: str, peers: Iterable[pb.PeerHandshake], known: Container[str],
+                     limit: int) -> tuple[dict[str, float], Counter[str]]:
+    """The valid handshake ages of one heartbeat (peer -> seconds, 0 = never) and what was
+    ignored (reason -> count). Reasons: too-many (past `limit`, the mesh size), duplicate (the
+    first entry of a peer counts), unknown-peer (not a registered gateway), self, bad-age (not a
+    finite number >= 0)."""
+    accepted: dict[str, float] = {}
+    ignored: Counter[str] = Counter()
+    for i, peer in enumerate(peers):
+        if i >= limit:
+            ignored["too-many"] += 1
+        elif peer.name in accepted:
+            ignored["duplicate"] += 1
+        elif peer.name == reporter:
+            ignored["self"] += 1
+        elif peer.name not in known:
+            ignored["unknown-peer"] += 1
+        elif not math.isfinite(peer.age_seconds) or peer.age_seconds < 0:
+            ignored["bad-age"] += 1
+        else:
+            accepted[peer.name] = round(peer.age_seconds, 1)
+    return accepted, ignored
+
+
+def checked_version(version: str) -> str:
+    """`SessionHello.version` as shown: printable, at most MAX_VERSION_LEN characters (else cut)."""
+    return "".join(c for c in version if c.isprintable())[:MAX_VERSION_LEN]
+
+
+@dataclass(slots=True)
+class GatewayReport:
+    """The latest self-report of one gateway, as its session received it."""
+
+    load: float = 0.0
+    active_connections: int = 0
+    version: str = ""
+    handshakes: dict[str, float] = field(default_factory=dict)
+    handshakes_at: float = 0.0  # clock time the handshakes were reported (ages grow from there)
+
+
+@dataclass(slots=True)
+class GatewayStats:
+    """gateway -> its latest `GatewayReport`, for the sessions this replica holds (in memory).
+
+    A session opens the gateway's entry (`open`), its heartbeats update it, and its end drops
+    it (`close`, only when no newer session of the gateway replaced it)."""
+
+    reports: dict[str, GatewayReport] = field(default_factory=dict)
+
+    def open(self, gateway: str, version: str) -> GatewayReport:
+        report = GatewayReport(version=checked_version(version))
+        self.reports[gateway] = report
+        return report
+
+    def close(self, gateway: str, report: GatewayReport) -> None:
+        if self.reports.get(gateway) is report:
+            del self.reports[gateway]
+
+    def handshakes(self, gateway: str, now: float) -> dict[str, float]:
+        """The gateway's peers' handshake ages now (0 = never): reported age + time since."""
+        report = self.reports.get(gateway)
+        if report is None:
+            return {}
+        grown = max(0.0, now - report.handshakes_at)
+        return {p: (round(age + grown, 1) if age > 0 else 0.0) for p, age in report.handshakes.items()}

@@ -178,7 +178,7 @@ class Coordinator:
             lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr,
             health_interval=cfg.health_write_interval,
             heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate)
-        add_services(server, AdminService(self.feed, self.ops, self.access),
+        add_services(server, AdminService(self.feed, self.ops, self.access, stats=self.gateway_control.stats),
                      RoutingFeedService(self.feed, self.ops, self.access, send_timeout=cfg.watch_send_timeout),
                      self.gateway_control)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -10,7 +10,8 @@ so each rule is table-tested on hand-built snapshots (`tests/coordinator/test_vi
   Peers depend only on the viewer's region, so one message per region is shared and
   `without_viewer` leaves the viewer itself out per session.
 - `routing_update`: the routing resources changed after a revision (or the whole table).
-- `overview` and `dns_presence`: the admin's GetOverview.
+- `overview` and `dns_presence`: the admin's GetOverview (with what the gateways reported to
+  this replica, `heartbeats.GatewayStats`, passed in with the time).
 
 Memoising and sharing these messages between streams is `coordinator.fanout`'s job.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from coordinator.heartbeats import GatewayStats
 from coordinator.snapshot import NOT_REACH, Delta, Snapshot
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.model import App, Gateway, GatewayState, Resource, resource_to_proto
@@ -143,10 +145,11 @@ def viewer_region(snap: Snapshot, gateway: str) -> str | None:
     return me.region if me is not None else None
 
 
-def overview(snap: Snapshot) -> pb.Overview:
+def overview(snap: Snapshot, stats: GatewayStats | None = None, now: float = 0.0) -> pb.Overview:
     """GetOverview: every gateway's health, per-region counts, the reachability decider's last
     round, and the mesh links with a dead end (at most MAX_OVERVIEW_LINKS: a 1000-gateway mesh
-    has 500k pairs)."""
+    has 500k pairs). With `stats` (at clock time `now`), each gateway's last reported load,
+    connections, version and peers' handshake ages (peers still registered, by name)."""
     out = pb.Overview(revision=snap.revision, apps=len(snap.apps), domains=len(snap.domains),
                       cut_off_regions=snap.cut_off_regions, panic_held=snap.panic_held)
     views = [g for n in snap.gateways if (g := snap.gateway(n)) is not None]
@@ -156,6 +159,13 @@ def overview(snap: Snapshot) -> pb.Overview:
             name=g.name, region=g.region, session=g.to_proto().session, reachable=not g.unreachable,
             seen_by=g.seen_by, down_by=g.down_by, probe_rtt_ms=g.probe_rtt_ms,
             draining=g.state is GatewayState.DRAINING, in_dns=g.name in in_dns))
+        report = stats.reports.get(g.name) if stats is not None else None
+        if report is not None:
+            health = out.gateways[-1]
+            health.load, health.active_connections, health.version = (
+                report.load, report.active_connections, report.version)
+            health.peers.extend(pb.PeerHandshake(name=p, age_seconds=age)
+                                for p, age in sorted(stats.handshakes(g.name, now).items()) if p in snap.gateways)
     for name in sorted(snap.regions):
         gws = [g for g in views if g.region == name]
         insts = [i for i in snap.instances.values() if i.region == name]

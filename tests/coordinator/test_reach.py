@@ -34,8 +34,8 @@ TIMEOUT = 8.0  # generous: a decision takes a vote write, a 50 ms debounce and a
 
 
 class SimGateway:
-    def __init__(self, coordinator, name: str, region: str, index: int) -> None:
-        self.name, self.region, self.index = name, region, index
+    def __init__(self, coordinator, name: str, region: str, index: int, version: str = "") -> None:
+        self.name, self.region, self.index, self.version = name, region, index, version
         self.coordinator = coordinator
         self.gc = coordinator.gateway_control(name)
         self.peers: dict[str, pb.MeshPeer] = {}
@@ -51,7 +51,7 @@ class SimGateway:
             name=self.name, region=self.region, public_ip=f"192.0.2.{self.index}", wg_port=51820,
             wg_public_key=gw_key(self.index), proxy_port=8080, https_port=8443))
         self.call = self.gc.Session()
-        await self.call.write(pb.SessionUp(hello=pb.SessionHello(name=self.name)))
+        await self.call.write(pb.SessionUp(hello=pb.SessionHello(name=self.name, version=self.version)))
         self._take(await asyncio.wait_for(self.call.read(), 10))
         self.reader = asyncio.create_task(self._read())
         self.beater = asyncio.create_task(self._beat())
