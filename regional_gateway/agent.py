@@ -2,7 +2,9 @@
 
 Flow: load (or create, mode 0600) the WireGuard key; register with a coordinator (public key in,
 mesh IP out); bring the WireGuard interface up with the mesh address; open the session stream
-and keep it: heartbeats up (load, backend health), mesh + routing deltas down. Each mesh delta
+and keep it: heartbeats up (load, backend health, and every `PEER_REPORT_INTERVAL` the mesh peers'
+handshake ages as the WireGuard interface shows them; none with backend=none; the software
+version goes in the hello), mesh + routing deltas down. Each mesh delta
 is folded into the local view and the applier changes only the peers that differ; each routing
 delta gives a new immutable RoutingTable handed to the data plane. On any stream failure the
 agent moves to the next coordinator address and resumes from the last revision it applied
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -68,6 +72,7 @@ STATE_AGE = Gauge("geomesh_gateway_state_age_seconds", "seconds since the state 
                   "current (0 while the session is open; -1 before any state)")
 SERVING_SAVED = Gauge("geomesh_gateway_serving_saved_state", "1 while serving saved state with no coordinator yet")
 
+PEER_REPORT_INTERVAL = 5.0  # seconds between two heartbeats carrying the peers' handshake ages
 MIN_HEARTBEAT_GAP = 0.1  # seconds between two heartbeats when verdict changes wake the loop
 NOT_SERVING_LOG_INTERVAL = 10.0  # seconds between "no saved state and no coordinator" lines
 SAVE_DELAY = 0.5  # seconds: changes within this are saved as one write
@@ -109,6 +114,11 @@ class Agent:
         self._plan_key: frozenset[tuple[str, str]] | None = None
         self._plan = plan({config.name: config.region}, config.reach_prober_regions)
         self._wake = asyncio.Event()
+        # the mesh peers' handshake ages (peer name -> seconds, 0 = never) as last observed on the
+        # WireGuard interface (none with backend=none), and when they were last sent
+        self.handshakes: dict[str, float] = {}
+        self._handshakes_at = 0.0
+        self._handshakes_sent = -1.0
         # static stability: the saved state, whether registration succeeded in this process
         self.registered = False
         self.saved: saved_state.GatewaySaved | None = None
@@ -223,8 +233,10 @@ class Agent:
 
     async def _heartbeats(self, call) -> None:
         complete = True  # the first heartbeat of every session carries every verdict
+        self._handshakes_sent = -1.0  # and, once observed, the handshake ages
         while True:
-            hb = pb.Heartbeat()
+            hb = pb.Heartbeat(load=host_load())
+            self._add_handshakes(hb)
             if self.dataplane is not None:
                 hb.active_connections = self.dataplane.active_connections()
                 for app, instance_id, healthy in self.dataplane.backend_health():
@@ -239,6 +251,31 @@ class Agent:
             gap = MIN_HEARTBEAT_GAP - (time.monotonic() - sent)
             if gap > 0:
                 await asyncio.sleep(gap)
+
+    def _add_handshakes(self, hb: pb.Heartbeat) -> None:
+        """Put the peers' handshake ages into `hb` when a new observation is there and the last
+        ones left at least PEER_REPORT_INTERVAL ago (at most one entry per mesh peer)."""
+        now = time.monotonic()
+        if (not self.handshakes or self._handshakes_at <= self._handshakes_sent
+                or now - self._handshakes_sent < PEER_REPORT_INTERVAL):
+            return
+        for name, age in sorted(self.handshakes.items()):
+            hb.peers.append(pb.PeerHandshake(name=name, age_seconds=age))
+        self._handshakes_sent = now
+
+    async def _observe_mesh(self, interval: float = PEER_REPORT_INTERVAL) -> None:
+        """Every `interval`: read the interface's peers (which refreshes the applier's handshake
+        gauges) and keep their handshake ages by mesh peer name for the heartbeats."""
+        assert self.applier is not None
+        while True:
+            try:
+                actual = await self.applier.observe()
+            except Exception as e:  # noqa: BLE001 - keep observing: the next round may work
+                event(log, "mesh observe failed", logging.WARNING, error=str(e))
+            else:
+                self.handshakes = handshake_ages(actual, self.mesh, time.time())
+                self._handshakes_at = time.monotonic()
+            await asyncio.sleep(interval)
 
     def _add_reach(self, hb: pb.Heartbeat, complete: bool) -> None:
         """Put the verdicts to send into `hb`: the changes since the last heartbeat, or all of them."""
@@ -335,7 +372,8 @@ class Agent:
         """One session stream, until it fails."""
         async with self._channel() as ch:
             call = pbg.GatewayControlStub(ch).Session(metadata=self._metadata())
-            await call.write(pb.SessionUp(hello=pb.SessionHello(name=self.config.name, last_revision=self.revision)))
+            await call.write(pb.SessionUp(hello=pb.SessionHello(name=self.config.name, last_revision=self.revision,
+                                                                version=VERSION)))
             beats = asyncio.create_task(self._heartbeats(call))
             try:
                 first = True
@@ -405,7 +443,7 @@ class Agent:
                 self.dataplane.update_table(self.table, self.mesh)
             await self.apply_mesh()
         self.start_prober()
-        observer = asyncio.create_task(self.applier.run_observer()) if self.applier is not None else None
+        observer = asyncio.create_task(self._observe_mesh()) if self.applier is not None else None
         backoff = 0.1
         try:
             while True:
@@ -436,6 +474,36 @@ class Agent:
             await self.stop_prober()
             if self.applier is not None:
                 await self.applier.close(remove_interface=False)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("geomesh")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _version()  # sent in SessionHello.version
+
+
+def host_load() -> float:
+    """The 1-minute load average per CPU, capped to 0..1 (Heartbeat.load)."""
+    try:
+        return min(1.0, max(0.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
+    except OSError:
+        return 0.0
+
+
+def handshake_ages(actual: dict, mesh: dict[str, MeshPeerInfo], now: float) -> dict[str, float]:
+    """Mesh peer name -> seconds since its last handshake (0 = never), for the interface's peers
+    (`actual`: public key -> Peer with `last_handshake` in unix time) that are mesh peers."""
+    names = {p.public_key: p.name for p in mesh.values()}
+    out: dict[str, float] = {}
+    for key, peer in actual.items():
+        name = names.get(key)
+        if name is not None:
+            out[name] = 0.0 if peer.last_handshake is None else round(max(0.1, now - peer.last_handshake), 1)
+    return out
 
 
 async def _main(config: AgentConfig, stop: asyncio.Event) -> None:
