@@ -1,7 +1,7 @@
 """The lab's live view: regions and gateways with health, the reachability matrix, mesh links
 with their last handshake, and the app-to-region map, as rich tables built from the
-coordinator's Admin API and, in netns mode, each gateway's WireGuard interface (read over its
-UAPI socket).
+coordinator's Admin API only (the handshake ages are what each gateway reported in its
+heartbeats, `GatewayHealth.peers`; the lab meets the services only at their ports).
 
 The reachability matrix comes from `Admin/GetOverview`'s `gateways`: per gateway its session
 state (open, timed out, closed), the coordinator's verdict, the regions whose probers reach it
@@ -12,8 +12,6 @@ holds in DNS.
 
 from __future__ import annotations
 
-import time
-
 from rich.console import Group
 from rich.table import Table
 
@@ -23,22 +21,11 @@ from geomesh.channel import client_channel
 from geomesh.lab.runner import Lab
 
 
-def _handshakes(lab: Lab) -> dict[tuple[str, str], float | None]:
-    """(gateway, peer public key) -> seconds since the last handshake (None: never)."""
-    out: dict[tuple[str, str], float | None] = {}
-    if not lab.plan.netns:
-        return out
-    from regional_gateway.wireguard.userspace import SOCKET_DIR, UapiClient
-
-    now = time.time()
-    for name, rg in lab.gateways.items():
-        try:
-            state = UapiClient(SOCKET_DIR / f"{rg.ifname}.sock", timeout=1).get()
-        except Exception:  # noqa: BLE001 - a dead gateway shows as no data
-            continue
-        for key, peer in state.peers.items():
-            out[(name, key)] = None if peer.last_handshake is None else now - peer.last_handshake
-    return out
+def handshakes(overview: pb.Overview) -> dict[tuple[str, str], float | None]:
+    """(gateway, peer name) -> seconds since their last handshake as the gateway reported it
+    (None: never); pairs a gateway did not report are absent."""
+    return {(g.name, p.name): (p.age_seconds if p.age_seconds > 0 else None)
+            for g in overview.gateways for p in g.peers}
 
 
 SESSION_TEXT = {pb.SESSION_STATE_OPEN: "[green]open[/green]", pb.SESSION_STATE_TIMED_OUT: "[yellow]timed out[/yellow]",
@@ -79,14 +66,14 @@ async def snapshot(lab: Lab) -> Group:
         state = "draining" if g.state == pb.GATEWAY_STATE_DRAINING else "active"
         gt.add_row(g.region, loc, g.name, g.public_ip, g.mesh_ip, state,
                    "[green]yes[/green]" if g.alive else "[red]no[/red]")
-    hs = _handshakes(lab)
+    hs = handshakes(overview)
     mt = Table(title="mesh links (WireGuard)" + ("" if lab.plan.netns else " — computed, not created (loopback mode)"),
                title_justify="left")
     for col in ("a", "b", "last handshake a→b", "up"):
         mt.add_column(col)
     for i, a in enumerate(gateways):
         for b in gateways[i + 1:]:
-            age = hs.get((a.name, b.wg_public_key), "n/a")
+            age = hs.get((a.name, b.name), "n/a")
             text = "n/a" if age == "n/a" else ("never" if age is None else f"{age:.0f}s ago")
             mt.add_row(a.name, b.name, text, "[green]yes[/green]" if a.alive and b.alive else "[red]no[/red]")
     at = Table(title="apps", title_justify="left")

@@ -1,9 +1,11 @@
 """The lab's pure parts, table-tested: reading kdig's answer, the fault commands, the plan with
-two gateways in a region, the reachability matrix of the live view, and the gateway config's
+two gateways in a region, the reachability matrix of the live view, its handshake ages (from GetOverview, so shared
+`geomesh/` imports no service package), and the gateway config's
 [reach] table (accepted by the agent's own config loader)."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from rich.console import Console
 
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.lab import dns_answer, faults
-from geomesh.lab.display import reachability_table
+from geomesh.lab.display import handshakes, reachability_table
 from geomesh.lab.plan import make_plan
 from geomesh.lab.runner import REACH
 from geomesh.model import Region
@@ -124,3 +126,25 @@ def test_the_labs_reach_table_is_what_the_agent_accepts(tmp_path: Path):
                     f'insecure = true\n[reach]\n{reach}')
     c = load(path)
     assert (c.reach_interval, c.reach_timeout, c.reach_fall, c.reach_rise, c.reach_prober_regions) == (0.5, 0.5, 3, 2, 3)
+
+
+def test_handshake_ages_come_from_the_overview():
+    ov = pb.Overview(gateways=[
+        pb.GatewayHealth(name="gw-a", peers=[pb.PeerHandshake(name="gw-b", age_seconds=12.5),
+                                             pb.PeerHandshake(name="gw-c", age_seconds=0)]),
+        pb.GatewayHealth(name="gw-b")])
+    assert handshakes(ov) == {("gw-a", "gw-b"): 12.5, ("gw-a", "gw-c"): None}
+
+
+def test_shared_code_imports_no_service_package():
+    root = Path(__file__).resolve().parents[2] / "geomesh"
+    services = {"coordinator", "regional_gateway", "geodns", "status_page"}
+    bad = []
+    for path in root.rglob("*.py"):
+        if "api" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in services]
+    assert not bad
