@@ -40,21 +40,15 @@ Run:  .venv/bin/python bench/dns.py            (about 10 minutes)
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import math
 import os
-import random
-import re
 import shutil
-import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -66,478 +60,37 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+from bench._dns_servers import (  # noqa: E402
+    children,
+    dnsperf,
+    dnsperf_ids,
+    free_port,
+    map_build,
+    ours_flags,
+    parse_latency,
+    parse_tput,
+    sample_answers,
+    scrape_metrics,
+    stop,
+    tree_cpu,
+    tree_rss,
+    wait_map,
+    wait_ready,
+)
+from bench._dns_workload import (  # noqa: E402
+    GDNSD,
+    LOADS,
+    NOCACHE,
+    OURS,
+    draw_subnets,
+    draw_uniform,
+    explain,
+    scope_summary,
+    write_gdnsd,
+    write_query_file,
+    write_state,
+)
 from geodns.nearest import default_database  # noqa: E402
-from geomesh.geo import great_circle_km  # noqa: E402
-
-ZONE = "geo.example.com"
-# name, latitude, longitude, gateway address (documentation range: answered, never contacted)
-REGIONS = [
-    ("eu-central", 50.11, 8.68, "192.0.2.13"),  # first: the default region (gdnsd's default order)
-    ("us-east", 39.04, -77.49, "192.0.2.10"),
-    ("us-west", 37.34, -121.89, "192.0.2.11"),
-    ("sa-east", -23.55, -46.63, "192.0.2.12"),
-    ("eu-west", 53.35, -6.26, "192.0.2.14"),
-    ("af-south", -33.92, 18.42, "192.0.2.15"),
-    ("ap-south", 19.08, 72.88, "192.0.2.16"),
-    ("ap-southeast", 1.29, 103.85, "192.0.2.17"),
-    ("ap-northeast", 35.68, 139.69, "192.0.2.18"),
-    ("au-east", -33.87, 151.21, "192.0.2.19"),
-]
-REGION_OF_IP = {ip: name for name, _, _, ip in REGIONS}
-CONTINENT_QUOTA = {"NA": 0.25, "EU": 0.25, "AS": 0.25, "SA": 0.09, "AF": 0.08, "OC": 0.08}
-OURS, NOCACHE, GDNSD = "geomesh-dns", "geomesh-dns/no-cache", "gdnsd"
-LOADS = ("hostile", "hot")
-# special-purpose IPv4 blocks: never a client's ECS subnet
-_SPECIAL = [(int(n.network_address), int(n.broadcast_address)) for n in map(ipaddress.IPv4Network, (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
-    "224.0.0.0/3"))]
-
-
-# -- data --------------------------------------------------------------------------------------
-
-
-def special(net: int) -> bool:
-    return any(lo <= net <= hi for lo, hi in _SPECIAL)
-
-
-def draw_subnets(db: maxminddb.Reader, n: int, seed: int) -> list[tuple[bytes, str]]:
-    """n distinct IPv4 /24s the database places, with a quota per continent (the hot load)."""
-    rng = random.Random(seed)
-    want = {c: max(1, round(n * share)) for c, share in CONTINENT_QUOTA.items()}
-    want["NA"] += n - sum(want.values())
-    got: dict[str, list[bytes]] = {c: [] for c in want}
-    seen: set[bytes] = set()
-    tries = 0
-    while sum(len(v) for v in got.values()) < n:
-        tries += 1
-        if tries > 5_000_000:
-            raise RuntimeError("could not draw enough subnets from the database")
-        net = (rng.getrandbits(24) << 8).to_bytes(4, "big")
-        if net in seen or not ipaddress.IPv4Address(net).is_global:
-            continue
-        rec = db.get(socket.inet_ntoa(net))
-        if not isinstance(rec, dict):
-            continue
-        cont = rec.get("continent", {}).get("code")
-        if cont not in got or len(got[cont]) >= want[cont]:
-            continue
-        seen.add(net)
-        got[cont].append(net)
-    out = [(net, c) for c, nets in got.items() for net in nets]
-    rng.shuffle(out)
-    return out
-
-
-def draw_uniform(db: maxminddb.Reader, n: int, seed: int, exclude: set[bytes]) -> list[tuple[bytes, str]]:
-    """n distinct IPv4 /24s drawn uniformly from the space the database has a record for (not in
-    `exclude`), each with its continent code ("" when the record has none)."""
-    rng = random.Random(seed)
-    seen = set(exclude)
-    out: list[tuple[bytes, str]] = []
-    budget = 4 * n + 100_000
-    while len(out) < n:
-        budget -= 1
-        if budget < 0:
-            raise RuntimeError(f"could not draw {n} distinct /24s from the database")
-        value = rng.getrandbits(24) << 8
-        net = value.to_bytes(4, "big")
-        if net in seen or special(value):
-            continue
-        rec = db.get(socket.inet_ntoa(net))
-        if not isinstance(rec, dict):
-            continue
-        seen.add(net)
-        out.append((net, rec.get("continent", {}).get("code", "")))
-    return out
-
-
-def mixed_case(name: str, rng: random.Random) -> str:
-    """0x20: each letter upper or lower case at random."""
-    bits = rng.getrandbits(len(name))
-    return "".join(c.upper() if bits >> i & 1 else c for i, c in enumerate(name))
-
-
-def query_wire(qid: int, qname: str, net: bytes, prefix: int = 24) -> bytes:
-    header = struct.pack("!HHHHHH", qid, 0, 1, 0, 0, 1)
-    q = b"".join(bytes([len(p)]) + p.encode() for p in qname.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
-    addr = net[:(prefix + 7) // 8]
-    ecs = struct.pack("!HBB", 1, prefix, 0) + addr
-    opt = b"\0" + struct.pack("!HHIH", 41, 1232, 0, 4 + len(ecs)) + struct.pack("!HH", 8, len(ecs)) + ecs
-    return header + q + opt
-
-
-def write_query_file(path: Path, subnets: list[tuple[bytes, str]], apps: int, *, hostile: bool = False,
-                     seed: int = 0) -> list[bytes]:
-    """The dnsperf -B file of one query per subnet; hostile: random IDs and 0x20 names."""
-    rng = random.Random(seed)
-    wires = []
-    with open(path, "wb") as f:
-        for i, (net, _) in enumerate(subnets):
-            name = f"app{i % apps}.{ZONE}"
-            if hostile:
-                w = query_wire(rng.getrandbits(16), mixed_case(name, rng), net)
-            else:
-                w = query_wire(i & 0xFFFF, name, net)
-            wires.append(w)
-            f.write(struct.pack("!H", len(w)) + w)
-    return wires
-
-
-def write_state(path: Path, apps: int) -> None:
-    lines = ["[zone]", f'name = "{ZONE}"', 'nameservers = ["ns1=192.0.2.53"]', f'default_region = "{REGIONS[0][0]}"', ""]
-    for name, lat, lon, ip in REGIONS:
-        lines += ["[[regions]]", f'name = "{name}"', f"latitude = {lat}", f"longitude = {lon}",
-                  f'gateways = [{{ name = "gw-{name}", ipv4 = "{ip}" }}]', ""]
-    everywhere = ", ".join(f'"{r[0]}"' for r in REGIONS)
-    for i in range(apps):
-        lines += ["[[apps]]", f'name = "app{i}"', f"regions = [{everywhere}]", ""]
-    path.write_text("\n".join(lines))
-
-
-def write_gdnsd(d: Path, port: int, mmdb: Path, apps: int) -> None:
-    (d / "zones").mkdir(parents=True)
-    (d / "geoip").mkdir()
-    os.symlink(mmdb, d / "geoip" / "GeoLite2-City.mmdb")
-    dcs = " ".join(r[0] for r in REGIONS)
-    coords = ", ".join(f"{name} => [ {lat}, {lon} ]" for name, lat, lon, _ in REGIONS)
-    dcmap = ", ".join(f"{name} => {ip}" for name, _, _, ip in REGIONS)
-    (d / "config").write_text(
-        f"options => {{ listen => [ 127.0.0.1 ], dns_port => {port}, run_dir => {d}/run,\n"
-        f"  state_dir => {d}/state, udp_threads => 1, tcp_threads => 1 }}\n"
-        "plugins => { geoip => {\n"
-        f"  maps => {{ gwmap => {{ geoip2_db => GeoLite2-City.mmdb, datacenters => [ {dcs} ],\n"
-        f"    auto_dc_coords => {{ {coords} }} }} }}\n"
-        f"  resources => {{ gw => {{ map => gwmap, service_types => up, dcmap => {{ {dcmap} }} }} }}\n"
-        "} }\n")
-    zone = ["$TTL 300", "@ SOA ns1 hostmaster 1 7200 1800 259200 30", "@ NS ns1", "ns1 A 192.0.2.53"]
-    zone += [f"app{i} 30 DYNA geoip!gw" for i in range(apps)]
-    (d / "zones" / ZONE).write_text("\n".join(zone) + "\n")
-
-
-# -- processes ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            try:
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
-def ask(port: int, wire: bytes, timeout: float = 1.0) -> bytes | None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        s.sendto(wire, ("127.0.0.1", port))
-        try:
-            return s.recv(4096)
-        except TimeoutError:
-            return None
-
-
-def wait_ready(port: int, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    probe = query_wire(1, f"app0.{ZONE}", socket.inet_aton("193.0.6.0"))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        if ask(port, probe, 0.3):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not answer on port {port}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its children threads (not child processes)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def tree_cpu(pid: int) -> float:
-    return cpu_seconds(pid) + sum(tree_cpu(c) for c in children(pid))
-
-
-def tree_rss(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) in bytes, summed over a process and its child processes (the server, not
-    the `taskset` wrapper: taskset execs, so the pid is the server's)."""
-    rss = hwm = 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    for c in children(pid):
-        r, h = tree_rss(c)
-        rss, hwm = rss + r, hwm + h
-    return rss, hwm
-
-
-def ours_flags(python: str) -> tuple[str, list[str]]:
-    """How this geomesh-dns switches its reply cache off: `--no-reply-cache` when it has the flag,
-    else `--cache-size 0` (both caches off)."""
-    text = subprocess.run([python, "-m", "geodns.main", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60).stdout
-    if "--no-reply-cache" in text:
-        return "--no-reply-cache", ["--no-reply-cache"]
-    return "--cache-size 0", ["--cache-size", "0"]
-
-
-# -- measuring ---------------------------------------------------------------------------------
-
-
-def dnsperf(args: argparse.Namespace, port: int, qfile: Path, out: Path, rate: int | None, duration: float,
-            once: bool) -> str:
-    cmd = ["taskset", "-c", str(args.client_cpu), "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-B",
-           "-d", str(qfile), "-c", str(args.clients), "-q", str(args.outstanding), "-t", "2", "-l", str(duration)]
-    if once:
-        cmd += ["-n", "1"]  # the file once: no query repeats within the run
-    if rate:
-        cmd += ["-Q", str(rate), "-v"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30)
-    out.write_text(res.stdout + res.stderr)
-    return res.stdout + res.stderr
-
-
-def dnsperf_ids(workdir: Path) -> dict[str, object]:
-    """Does dnsperf send the IDs of a -B file? Sends 64 queries with random IDs to a local echo
-    socket and compares."""
-    rng = random.Random(7)
-    sent = [rng.getrandbits(16) for _ in range(64)]
-    qfile = workdir / "ids.bin"
-    with open(qfile, "wb") as f:
-        for i, qid in enumerate(sent):
-            w = query_wire(qid, f"app{i}.{ZONE}", socket.inet_aton("193.0.6.0"))
-            f.write(struct.pack("!H", len(w)) + w)
-    got: list[int] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        s.settimeout(0.5)
-
-        def echo() -> None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and len(got) < len(sent):
-                try:
-                    data, addr = s.recvfrom(4096)
-                except TimeoutError:
-                    continue
-                got.append(struct.unpack_from("!H", data)[0])
-                s.sendto(data[:2] + b"\x80\x00" + data[4:], addr)
-
-        t = threading.Thread(target=echo)
-        t.start()
-        subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(s.getsockname()[1]), "-B", "-d", str(qfile),
-                        "-n", "1", "-c", "1", "-q", "8", "-t", "2"], capture_output=True, timeout=30)
-        t.join()
-    kept = sum(1 for a, b in zip(sent, got, strict=False) if a == b)
-    return {"sent_ids_kept": kept, "of": len(got), "first_ids_seen": got[:8],
-            "randomised": len(set(got)) == len(got) and kept == len(got) and len(got) > 0}
-
-
-def parse_tput(text: str) -> dict[str, float]:
-    qps = re.search(r"Queries per second:\s+([\d.]+)", text)
-    lost = re.search(r"Queries lost:\s+\d+ \(([\d.]+)%\)", text)
-    sent = re.search(r"Queries sent:\s+(\d+)", text)
-    run_time = re.search(r"Run time \(s\):\s+([\d.]+)", text)
-    return {"qps": float(qps.group(1)) if qps else 0.0, "lost_pct": float(lost.group(1)) if lost else 100.0,
-            "sent": int(sent.group(1)) if sent else 0, "run_s": float(run_time.group(1)) if run_time else 0.0}
-
-
-def parse_latency(text: str) -> dict[str, float]:
-    lat = []
-    timeouts = 0
-    for line in text.splitlines():
-        if not line.startswith("> "):
-            continue
-        parts = line.split()
-        if parts[1] == "T":
-            timeouts += 1
-            continue
-        try:
-            lat.append(float(parts[-1]) * 1000.0)
-        except ValueError:
-            pass
-    lat.sort()
-    n = len(lat)
-
-    def p(q: float) -> float:
-        return lat[min(n - 1, int(q * n))] if n else float("nan")
-
-    return {"n": n, "timeouts": timeouts, "p50_ms": p(0.5), "p99_ms": p(0.99), "p999_ms": p(0.999)}
-
-
-def sample_answers(port: int, wires: list[bytes], seed: int, window: int = 100) -> list[tuple[str | None, int]]:
-    """(region of the first A record, ECS scope) of each query's answer, pipelined over one socket
-    with random query IDs; (None, -1) for a query that got no answer in three tries."""
-    rng = random.Random(seed)
-    out: list[tuple[str | None, int]] = [(None, -1)] * len(wires)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(2.0)
-        s.connect(("127.0.0.1", port))
-        for start in range(0, len(wires), window):
-            batch = range(start, min(len(wires), start + window))
-            by_id = dict(zip(rng.sample(range(65536), len(batch)), batch, strict=True))
-            for qid, i in by_id.items():
-                s.send(struct.pack("!H", qid) + wires[i][2:])
-            pending = set(by_id)
-            for attempt in range(3):
-                try:
-                    while pending:
-                        reply = s.recv(4096)
-                        qid = struct.unpack_from("!H", reply)[0]
-                        if qid in pending:
-                            pending.discard(qid)
-                            out[by_id[qid]] = parse_answer(reply)
-                except TimeoutError:
-                    for qid in pending:
-                        s.send(struct.pack("!H", qid) + wires[by_id[qid]][2:])
-                    if attempt == 2:
-                        break
-    return out
-
-
-def _skip_name(msg: bytes, i: int) -> int:
-    while True:
-        n = msg[i]
-        if n & 0xC0 == 0xC0:
-            return i + 2
-        if n == 0:
-            return i + 1
-        i += 1 + n
-
-
-def parse_answer(reply: bytes) -> tuple[str | None, int]:
-    """The region of the first A record of a reply and the ECS scope of its OPT (-1: none)."""
-    qd, an, ns, ar = struct.unpack_from("!HHHH", reply, 4)
-    i = 12
-    for _ in range(qd):
-        i = _skip_name(reply, i) + 4
-    region: str | None = None
-    scope = -1
-    for k in range(an + ns + ar):
-        i = _skip_name(reply, i)
-        rtype, _, _, rdlen = struct.unpack_from("!HHIH", reply, i)
-        i += 10
-        if k < an and region is None and rtype == 1 and rdlen == 4:
-            region = REGION_OF_IP.get(socket.inet_ntoa(reply[i:i + 4]), "?")
-        if k >= an + ns and rtype == 41:
-            j = i
-            while j + 4 <= i + rdlen:
-                code, olen = struct.unpack_from("!HH", reply, j)
-                if code == 8 and olen >= 4:
-                    scope = reply[j + 7]
-                j += 4 + olen
-        i += rdlen
-    return region, scope
-
-
-def scrape_metrics(log: Path) -> dict[str, float]:
-    """geomesh-dns's metrics ("name" or "name{labels}" -> value), from the metrics address it logged."""
-    import urllib.request
-
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("msg") == "metrics":
-            with urllib.request.urlopen(f"http://{rec['address']}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
-            out = {}
-            for row in text.splitlines():
-                if row.startswith("#") or not row.strip():
-                    continue
-                name, _, value = row.rpartition(" ")
-                try:
-                    out[name] = float(value)
-                except ValueError:
-                    pass
-            return out
-    return {}
-
-
-def wait_map(log: Path, proc: subprocess.Popen, timeout: float) -> dict[str, float]:
-    """Metrics once geomesh-dns answers from its region map (`geodns_region_map_ready` >= 1), or at
-    once when it has no such metric (a geomesh-dns without the map)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        metrics = scrape_metrics(log)
-        if "geodns_region_map_ready" not in metrics or metrics["geodns_region_map_ready"] >= 1:
-            return metrics
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"geomesh-dns's region map not ready after {timeout:.0f} s")
-        time.sleep(0.2)
-
-
-def map_build(metrics: dict[str, float]) -> dict[str, float]:
-    """The region map's build seconds by stage and size, from geomesh-dns's metrics (empty without)."""
-    out = {}
-    for key, value in metrics.items():
-        m = re.fullmatch(r'geodns_region_map_build_seconds\{stage="(\w+)"\}', key)
-        if m:
-            out[f"build_{m.group(1)}_s"] = value
-    for name in ("bytes", "blocks", "rankings", "rss_bytes"):
-        if f"geodns_region_map_{name}" in metrics:
-            out[name] = metrics[f"geodns_region_map_{name}"]
-    return out
-
-
-def explain(db: maxminddb.Reader, net: bytes, ours: str | None, theirs: str | None) -> str:
-    rec = db.get(socket.inet_ntoa(net))
-    loc = rec.get("location") if isinstance(rec, dict) else None
-    if not loc or "latitude" not in loc:
-        return "no coordinates in the database"
-    lat, lon = loc["latitude"], loc["longitude"]
-    coords = {name: (la, lo) for name, la, lo, _ in REGIONS}
-    if ours in coords and theirs in coords:
-        d1 = great_circle_km(lat, lon, *coords[ours])
-        d2 = great_circle_km(lat, lon, *coords[theirs])
-        return f"location {lat},{lon}: {ours} {d1:.1f} km vs {theirs} {d2:.1f} km (near tie)" if abs(d1 - d2) < 50 \
-            else f"location {lat},{lon}: {ours} {d1:.1f} km vs {theirs} {d2:.1f} km"
-    return f"location {lat},{lon}"
-
-
-def scope_summary(answers: list[tuple[str | None, int]]) -> dict[str, object]:
-    """The distribution of ECS scopes: share per scope (descending share), the mean and the share
-    of answers broader than /24 (a resolver may reuse them for other clients)."""
-    scopes = [s for _, s in answers if s >= 0]
-    counts: dict[int, int] = {}
-    for s in scopes:
-        counts[s] = counts.get(s, 0) + 1
-    n = len(scopes)
-    return {"answers": n, "counts": {str(k): v for k, v in sorted(counts.items())},
-            "mean": statistics.fmean(scopes) if scopes else math.nan,
-            "broader_than_24": sum(v for k, v in counts.items() if k < 24) / n if n else math.nan,
-            "top": [(k, v / n) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:6]] if n else []}
-
 
 # -- main --------------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ regions) and agree on the region. The table tests check the answer parser, the 0
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -19,26 +18,15 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import maxminddb
 import pytest
 from dnslib import EDNS0, QTYPE, RR, A, DNSRecord, EDNSOption
 
+from bench import _dns_servers as servers
+from bench import _dns_workload as workload
+
 ROOT = Path(__file__).resolve().parent.parent.parent
-
-
-def _load_bench() -> ModuleType:
-    """bench/dns.py as a module, by path (bench/ is not put on sys.path: its http.py would shadow
-    the standard library's, its dns.py dnspython)."""
-    spec = importlib.util.spec_from_file_location("geomesh_bench_dns", ROOT / "bench" / "dns.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 
 def test_dns_bench_quick(tmp_path: Path) -> None:
@@ -76,14 +64,14 @@ def test_parse_answer_reads_the_region_and_the_ecs_scope() -> None:
     reply.add_answer(RR("App1.Geo.Example.COM", QTYPE.A, rdata=A("192.0.2.17"), ttl=30))
     reply.add_answer(RR("App1.Geo.Example.COM", QTYPE.A, rdata=A("192.0.2.10"), ttl=30))
     reply.add_ar(EDNS0(udp_len=1232, opts=[EDNSOption(8, struct.pack("!HBB", 1, 24, 13) + bytes([193, 0, 6]))]))
-    assert bench.parse_answer(bytes(reply.pack())) == ("ap-southeast", 13)
+    assert workload.parse_answer(bytes(reply.pack())) == ("ap-southeast", 13)
     nodata = q.reply()
-    assert bench.parse_answer(bytes(nodata.pack())) == (None, -1)
+    assert workload.parse_answer(bytes(nodata.pack())) == (None, -1)
 
 
 def test_mixed_case_keeps_the_name_and_varies_the_case() -> None:
     rng = random.Random(1)
-    names = {bench.mixed_case("app7.geo.example.com", rng) for _ in range(50)}
+    names = {workload.mixed_case("app7.geo.example.com", rng) for _ in range(50)}
     assert {n.lower() for n in names} == {"app7.geo.example.com"} and len(names) > 40
 
 
@@ -91,19 +79,19 @@ def test_hostile_queries_are_distinct_with_random_ids(tmp_path: Path) -> None:
     from geodns.nearest import default_database
 
     with maxminddb.open_database(str(default_database())) as db:
-        drawn = bench.draw_uniform(db, 3000, 5, exclude=set())
+        drawn = workload.draw_uniform(db, 3000, 5, exclude=set())
         assert len({n for n, _ in drawn}) == 3000
-        assert not any(bench.special(int.from_bytes(n, "big")) for n, _ in drawn)
-    wires = bench.write_query_file(tmp_path / "q.bin", drawn, 10, hostile=True, seed=3)
+        assert not any(workload.special(int.from_bytes(n, "big")) for n, _ in drawn)
+    wires = workload.write_query_file(tmp_path / "q.bin", drawn, 10, hostile=True, seed=3)
     assert len({w[2:] for w in wires}) == 3000  # no query repeated, whatever the ID
     assert len({w[:2] for w in wires}) > 2900  # random IDs (a few collide by chance)
     parsed = DNSRecord.parse(wires[0])
-    assert str(parsed.q.qname).lower().endswith(f"{bench.ZONE}.")
+    assert str(parsed.q.qname).lower().endswith(f"{workload.ZONE}.")
     data = (tmp_path / "q.bin").read_bytes()
     assert len(data) == sum(2 + len(w) for w in wires)
     assert socket.inet_ntoa(drawn[0][0]).endswith(".0")
 
 
 def test_the_reply_cache_switch_is_found() -> None:
-    text, flags = bench.ours_flags(sys.executable)
+    text, flags = servers.ours_flags(sys.executable)
     assert flags in (["--no-reply-cache"], ["--cache-size", "0"]) and text == " ".join(flags)
