@@ -8,13 +8,16 @@ draining, DNS membership, a region losing or regaining every gateway GeoDNS answ
 failover). No I/O here: the follower and the HTTP server are elsewhere.
 
 A mesh link counts as up when both ends are alive (session open or timed out) and reachable:
-that is what the coordinator knows. WireGuard handshake ages are measured by each gateway
-(`geomesh_mesh_peer_handshake_age_seconds`) and not reported to the coordinator, so the matrix
-cannot show them; the Grafana dashboard does.
+that is what the coordinator knows. Each gateway also reports its WireGuard peers' handshake
+ages (`GatewayHealth.peers`); a gateway pair's age is the worse of what its two ends reported
+(`pair_age`), and a matrix cell is coloured by the worst age of its pairs (`age_class`: fresh
+within 135 s, as WireGuard rekeys every 120 s; stale up to 180 s; past that, or never, its keys
+are rejected) when any end reported one, else by the share of links up (`cell_class`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,9 @@ from geomesh.api import geomesh_pb2 as pb
 SESSION_NAMES = {pb.SESSION_STATE_UNSPECIFIED: "unknown", pb.SESSION_STATE_OPEN: "open",
                  pb.SESSION_STATE_TIMED_OUT: "timed_out", pb.SESSION_STATE_CLOSED: "closed"}
 MAX_EVENTS = 200  # the feed keeps this many recent events
+HANDSHAKE_FRESH = 135.0  # s: WireGuard rekeys every 120 s while traffic or keepalives flow
+HANDSHAKE_STALE = 180.0  # s: REJECT_AFTER_TIME: past it the session's keys are refused
+NEVER = math.inf  # a pair that never completed a handshake (reported as age 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,10 @@ class GatewayView:
     probe_rtt_ms: float
     draining: bool
     in_dns: bool
+    load: float = 0.0
+    active_connections: int = 0
+    version: str = ""
+    handshakes: dict[str, float] = field(default_factory=dict, compare=False)  # peer -> age (NEVER: never)
 
     @property
     def alive(self) -> bool:
@@ -50,7 +60,10 @@ class GatewayView:
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "region": self.region, "session": self.session, "reachable": self.reachable,
                 "seen_by": list(self.seen_by), "down_by": list(self.down_by),
-                "probe_rtt_ms": round(self.probe_rtt_ms, 2), "draining": self.draining, "in_dns": self.in_dns}
+                "probe_rtt_ms": round(self.probe_rtt_ms, 2), "draining": self.draining, "in_dns": self.in_dns,
+                "load": round(self.load, 3), "active_connections": self.active_connections, "version": self.version,
+                # peer -> seconds since the last handshake; null: never; absent: not reported
+                "handshakes": {p: (None if a == NEVER else a) for p, a in sorted(self.handshakes.items())}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +123,9 @@ def view_of(overview: pb.Overview) -> View:
     gateways = tuple(GatewayView(
         name=g.name, region=g.region, session=SESSION_NAMES.get(g.session, "unknown"), reachable=g.reachable,
         seen_by=tuple(g.seen_by), down_by=tuple(g.down_by), probe_rtt_ms=g.probe_rtt_ms, draining=g.draining,
-        in_dns=g.in_dns) for g in overview.gateways)
+        in_dns=g.in_dns, load=g.load, active_connections=g.active_connections, version=g.version,
+        handshakes={p.name: (p.age_seconds if p.age_seconds > 0 else NEVER) for p in g.peers})
+        for g in overview.gateways)
     regions = tuple(RegionView(
         name=r.region.name, display_name=r.region.display_name, latitude=r.region.latitude,
         longitude=r.region.longitude, gateways=r.gateways, gateways_alive=r.gateways_alive,
@@ -122,22 +137,69 @@ def view_of(overview: pb.Overview) -> View:
                 by_name={g.name: g for g in gateways})
 
 
+def pair_age(a: GatewayView, b: GatewayView) -> float | None:
+    """The worse handshake age of what `a` reported about `b` and `b` about `a` (NEVER: never),
+    None when neither reported the other."""
+    ages = [x for x in (a.handshakes.get(b.name), b.handshakes.get(a.name)) if x is not None]
+    return max(ages, default=None)
+
+
+def age_class(age: float | None) -> str:
+    """A handshake age's colour: none (not reported), ok (fresh), warn (stale), bad (too old or never)."""
+    if age is None:
+        return "none"
+    if age <= HANDSHAKE_FRESH:
+        return "ok"
+    return "warn" if age <= HANDSHAKE_STALE else "bad"
+
+
+def ratio_class(up: int, total: int) -> str:
+    if total == 0:
+        return "none"
+    if up == total:
+        return "ok"
+    return "bad" if up == 0 else "warn"
+
+
+def cell_class(up: int, pairs: int, worst_age: float | None) -> str:
+    """A matrix cell's colour: by the worst handshake age of its pairs when any was reported,
+    else by the share of its links whose both ends are alive and reachable."""
+    return ratio_class(up, pairs) if worst_age is None or pairs == 0 else age_class(worst_age)
+
+
+def _json_age(age: float | None) -> float | str | None:
+    return "never" if age == NEVER else age
+
+
 def matrix(view: View) -> dict[str, Any]:
-    """Mesh links aggregated per region pair: for each pair (a <= b) the number of gateway pairs
-    and how many have both ends alive and reachable. O(regions^2) from per-region counts, so a
-    1000-gateway mesh (half a million links) costs nothing; the page drills down on click."""
+    """Mesh links aggregated per region pair: for each pair (a <= b) the number of gateway pairs,
+    how many have both ends alive and reachable, and the worst handshake age reported for any
+    of them ("never", seconds, or null: none reported). Links up are O(regions^2) from
+    per-region counts; ages cost one step per reported handshake. The page drills down per
+    gateway pair on click."""
     names = view.region_names()
+    order = {r: i for i, r in enumerate(names)}
     total = {r: 0 for r in names}
     ok = {r: 0 for r in names}
     for g in view.gateways:
         total[g.region] += 1
         ok[g.region] += g.link_ok
+    worst: dict[tuple[str, str], float] = {}
+    for g in view.gateways:
+        for peer, age in g.handshakes.items():
+            other = view.gateway(peer)
+            if other is None or other.name == g.name:
+                continue
+            key = (g.region, other.region) if order[g.region] <= order[other.region] else (other.region, g.region)
+            worst[key] = max(worst.get(key, 0.0), age)
     cells = []
     for i, a in enumerate(names):
         for b in names[i:]:
             pairs = total[a] * (total[a] - 1) // 2 if a == b else total[a] * total[b]
             up = ok[a] * (ok[a] - 1) // 2 if a == b else ok[a] * ok[b]
-            cells.append({"a": a, "b": b, "pairs": pairs, "up": up})
+            age = worst.get((a, b))
+            cells.append({"a": a, "b": b, "pairs": pairs, "up": up, "worst_age": _json_age(age),
+                          "class": cell_class(up, pairs, age)})
     return {"regions": names, "cells": cells}
 
 

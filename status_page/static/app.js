@@ -17,6 +17,23 @@ function ratioClass(up, total) {
   return up === 0 ? "bad" : "warn";
 }
 
+// the same rules as status_page/view.py (pair_age, age_class): fresh within 135 s, stale to 180 s
+const HANDSHAKE_FRESH = 135, HANDSHAKE_STALE = 180;
+function pairAge(g, h) {  // worse of what each end reported; Infinity: never; null: not reported
+  const ages = [g.handshakes[h.name], h.handshakes[g.name]].filter((x) => x !== undefined)
+    .map((x) => (x === null ? Infinity : x));
+  return ages.length ? Math.max(...ages) : null;
+}
+function ageClass(age) {
+  if (age === null) return "none";
+  if (age <= HANDSHAKE_FRESH) return "ok";
+  return age <= HANDSHAKE_STALE ? "warn" : "bad";
+}
+function ageText(age) {
+  if (age === null || age === undefined) return "no handshake reported";
+  return age === Infinity || age === "never" ? "never a handshake" : `worst handshake ${Math.round(age)} s ago`;
+}
+
 function gatewayOk(g) { return (g.session === "open" || g.session === "timed_out") && g.reachable; }
 
 function when(t) {
@@ -80,8 +97,8 @@ function renderMatrix(v) {
     html += `<tr><th>${esc(a)}</th>`;
     for (const b of m.regions) {
       const c = cell[a + "\u0000" + b];
-      const cls = ratioClass(c.up, c.pairs);
-      html += `<td class="cell bg-${cls}" data-a="${esc(a)}" data-b="${esc(b)}" title="${c.up}/${c.pairs} links up">` +
+      html += `<td class="cell bg-${c.class}" data-a="${esc(a)}" data-b="${esc(b)}" data-age="${esc(c.worst_age)}" ` +
+        `title="${c.up}/${c.pairs} links up, ${ageText(c.worst_age)}">` +
         `${c.pairs ? Math.round(100 * c.up / c.pairs) + "%" : "-"}</td>`;
     }
     html += "</tr>";
@@ -103,8 +120,10 @@ function renderDrill(v) {
   for (const g of rows) {
     html += `<tr><th>${esc(g.name)}</th>`;
     for (const h of cols) {
-      const cls = g.name === h.name ? "none" : (gatewayOk(g) && gatewayOk(h) ? "ok" : "bad");
-      html += `<td class="bg-${cls}" title="${esc(g.name)} – ${esc(h.name)}"></td>`;
+      const age = g.name === h.name ? null : pairAge(g, h);
+      const cls = g.name === h.name ? "none"
+        : (!(gatewayOk(g) && gatewayOk(h)) ? "bad" : (age === null ? "ok" : ageClass(age)));
+      html += `<td class="bg-${cls}" title="${esc(g.name)} – ${esc(h.name)}: ${ageText(age)}"></td>`;
     }
     html += "</tr>";
   }
@@ -134,11 +153,12 @@ function renderGateways(v) {
       `<td class="${g.reachable ? "ok" : "bad"}">${g.reachable ? "reachable" : "unreachable"}</td>` +
       `<td>${g.seen_by.map(esc).join(", ")}</td><td class="bad">${g.down_by.map(esc).join(", ")}</td>` +
       `<td>${g.probe_rtt_ms ? g.probe_rtt_ms + " ms" : "-"}</td><td>${g.in_dns ? "yes" : "no"}</td>` +
-      `<td>${g.draining ? "draining" : "active"}</td></tr>`;
+      `<td>${g.draining ? "draining" : "active"}</td><td>${g.session === "open" ? Math.round(100 * g.load) + "%" : "-"}</td>` +
+      `<td>${g.session === "open" ? g.active_connections : "-"}</td><td>${esc(g.version || "-")}</td></tr>`;
   }
   document.getElementById("gateways").innerHTML = `<div class="scroll"><table><thead><tr><th>gateway</th>` +
     `<th>region</th><th>session</th><th>verdict</th><th>seen by</th><th>down by</th><th>probe RTT</th>` +
-    `<th>in DNS</th><th>state</th></tr></thead><tbody>${rows}</tbody></table></div>`;
+    `<th>in DNS</th><th>state</th><th>load</th><th>connections</th><th>version</th></tr></thead><tbody>${rows}</tbody></table></div>`;
 }
 
 function renderEvents(doc) {

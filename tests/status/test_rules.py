@@ -1,4 +1,4 @@
-"""Table tests of the status page's pure parts: the view, the event feed, the access rule and the
+"""Table tests of the status page's pure parts: the view (the matrix coloured by handshake age), the event feed, the access rule and the
 HTTP request reader (every refusal has its status and a reason naming the rule)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from geomesh.api import geomesh_pb2 as pb
 from status_page import access, http
 from status_page.board import Board
-from status_page.view import EMPTY, events_between, matrix, view_of
+from status_page.view import EMPTY, NEVER, age_class, cell_class, events_between, matrix, pair_age, view_of
 
 from .conftest import make_overview
 
@@ -125,3 +125,61 @@ def test_overview_session_names():
                                                        reachable=True)]))
     assert v.gateways[0].session == "timed_out" and v.gateways[0].link_ok
     assert v.region_names() == ["r"]
+
+
+@pytest.mark.parametrize(("age", "cls"), [
+    (None, "none"), (0.5, "ok"), (135.0, "ok"), (135.1, "warn"), (180.0, "warn"), (180.5, "bad"), (NEVER, "bad"),
+])
+def test_age_class(age, cls):
+    assert age_class(age) == cls
+
+
+@pytest.mark.parametrize(("up", "pairs", "worst", "cls"), [
+    (4, 4, None, "ok"), (2, 4, None, "warn"), (0, 4, None, "bad"), (0, 0, None, "none"),
+    (4, 4, 30.0, "ok"), (4, 4, 150.0, "warn"), (4, 4, NEVER, "bad"),
+    (2, 4, 30.0, "ok"),  # a reported age wins over the coordinator's share of links up
+    (0, 0, 30.0, "none"),
+])
+def test_cell_class(up, pairs, worst, cls):
+    assert cell_class(up, pairs, worst) == cls
+
+
+def _with_handshakes(overview: pb.Overview, reports: dict[str, dict[str, float]]) -> pb.Overview:
+    for g in overview.gateways:
+        g.peers.extend(pb.PeerHandshake(name=p, age_seconds=a) for p, a in reports.get(g.name, {}).items())
+    return overview
+
+
+@pytest.mark.parametrize(("reports", "cells"), [
+    # nothing reported: by links up (all up)
+    ({}, {("eu-central", "us-east"): (None, "ok"), ("eu-central", "eu-central"): (None, "ok")}),
+    # fresh on one side: green; the region pair with no report stays by links up
+    ({"gw-eu-central-0": {"gw-us-east-0": 20.0, "gw-us-east-1": 40.0}},
+     {("eu-central", "us-east"): (40.0, "ok"), ("us-east", "us-east"): (None, "ok")}),
+    # the worse end of a pair counts: gw-us-east-1 saw its handshake with gw-eu-central-0 150 s ago
+    ({"gw-eu-central-0": {"gw-us-east-1": 20.0}, "gw-us-east-1": {"gw-eu-central-0": 150.0}},
+     {("eu-central", "us-east"): (150.0, "warn")}),
+    # one pair that never shook hands turns the cell red; inside a region too
+    ({"gw-eu-central-0": {"gw-us-east-0": 20.0, "gw-us-east-1": 0.0, "gw-eu-central-1": 200.0}},
+     {("eu-central", "us-east"): ("never", "bad"), ("eu-central", "eu-central"): (200.0, "bad")}),
+    # a report about an unknown gateway or itself is left out
+    ({"gw-eu-central-0": {"ghost": 0.0, "gw-eu-central-0": 0.0}}, {("eu-central", "eu-central"): (None, "ok")}),
+])
+def test_matrix_is_coloured_by_the_worst_handshake_age_of_each_region_pair(reports, cells):
+    m = matrix(view_of(_with_handshakes(make_overview(2, 2), reports)))
+    got = {(c["a"], c["b"]): (c["worst_age"], c["class"]) for c in m["cells"]}
+    for key, want in cells.items():
+        assert got[key] == want, key
+
+
+def test_pair_age_and_the_gateway_json_carry_load_version_and_handshakes():
+    ov = _with_handshakes(make_overview(1, 3), {"gw-eu-central-0": {"gw-eu-central-1": 12.0, "gw-eu-central-2": 0.0}})
+    ov.gateways[0].load, ov.gateways[0].active_connections, ov.gateways[0].version = 0.25, 9, "0.1.0"
+    v = view_of(ov)
+    a, b, c = (v.gateway(f"gw-eu-central-{i}") for i in range(3))
+    assert (pair_age(a, b), pair_age(b, a), pair_age(a, c), pair_age(b, c)) == (12.0, 12.0, NEVER, None)
+    doc = json.loads(json.dumps(v.as_json(), allow_nan=False))  # JSON-safe: never is null, not Infinity
+    g0 = doc["gateways"][0]
+    assert (g0["load"], g0["active_connections"], g0["version"]) == (0.25, 9, "0.1.0")
+    assert g0["handshakes"] == {"gw-eu-central-1": 12.0, "gw-eu-central-2": None}
+    assert doc["gateways"][1]["handshakes"] == {}
