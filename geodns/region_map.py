@@ -39,7 +39,7 @@ import socket
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import compress
 from operator import ne
 from pathlib import Path
@@ -58,6 +58,8 @@ CHUNK = 1 << 15  # runs per C-level step of a build: the GIL can change hands be
 SPECIAL_V4 = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
               "192.0.0.0/24", "192.0.2.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
               "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4")
+V4_INDEX_SHIFT = 16  # RegionMap.v4_index: one slot per /16
+V4_INDEX_SLOTS = 1 << (32 - V4_INDEX_SHIFT)
 SPECIAL_V6 = ("::/127", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7",
               "fe80::/10", "ff00::/8")
 
@@ -421,6 +423,12 @@ class RegionMap:
     default_region: str
     build_epoch: int
     database_type: str
+    # /16 -> index of the first IPv4 block starting at or after it (V4_INDEX_SLOTS + 1 entries): a
+    # look-up bisects only the blocks of its /16 (a handful) instead of all million of them
+    v4_index: array = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "v4_index", v4_index(self.v4_starts))
 
     @property
     def blocks(self) -> int:
@@ -429,7 +437,7 @@ class RegionMap:
     def nbytes(self) -> int:
         """Bytes held by the arrays (the rankings table is small beside them)."""
         return sum(a.itemsize * len(a) for a in (self.v4_starts, self.v4_ranks, self.v6_hi, self.v6_lo,
-                                                  self.v6_ranks))
+                                                  self.v6_ranks, self.v4_index))
 
     def lookup(self, packed: bytes, prefix: int | None = None) -> tuple[tuple[str, ...], int]:
         """(ranking, scope) of `packed` (4 or 16 octets) taken as a /`prefix` network."""
@@ -443,8 +451,9 @@ class RegionMap:
         if len(packed) == 4:  # _v4 and _scope inlined: this is the answer path's hot spot
             if prefix is not None and prefix < 32:
                 a = a >> (32 - prefix) << (32 - prefix)
-            starts = self.v4_starts
-            i = bisect_right(starts, a) - 1
+            starts, index = self.v4_starts, self.v4_index
+            top = a >> V4_INDEX_SHIFT
+            i = bisect_right(starts, a, index[top], index[top + 1]) - 1
             lo = starts[i]
             hi = starts[i + 1] if i + 1 < len(starts) else 1 << 32
             k = min((a ^ (lo - 1)).bit_length() - 1 if lo else 32, (a ^ hi).bit_length() - 1, 32)
@@ -454,8 +463,9 @@ class RegionMap:
         return self._v6(a)
 
     def _v4(self, a: int) -> tuple[int, int]:
-        starts = self.v4_starts
-        i = bisect_right(starts, a) - 1
+        starts, index = self.v4_starts, self.v4_index
+        top = a >> V4_INDEX_SHIFT
+        i = bisect_right(starts, a, index[top], index[top + 1]) - 1
         end = starts[i + 1] if i + 1 < len(starts) else 1 << 32
         return self.v4_ranks[i], _scope(a, starts[i], end, 32)
 
@@ -479,6 +489,14 @@ class RegionMap:
             rank, scope4 = self._v4(v4)
             scope = max(scope, min(128, depth + scope4))
         return rank, scope
+
+
+def v4_index(starts: Sequence[int]) -> array:
+    """For each /16 p (and one past the last), the index of the first of the sorted `starts` at or
+    after p's first address: every block holding an address of p is among starts[index[p] - 1 :
+    index[p + 1]], so `bisect_right(starts, a, index[p], index[p + 1]) - 1` equals
+    `bisect_right(starts, a) - 1` for any `a` in p."""
+    return array("I", (bisect_left(starts, p << V4_INDEX_SHIFT) for p in range(V4_INDEX_SLOTS + 1)))
 
 
 def _scope(a: int, lo: int, hi: int, bits: int) -> int:

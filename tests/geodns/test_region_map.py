@@ -11,6 +11,7 @@ import struct
 import threading
 import tomllib
 from array import array
+from bisect import bisect_right
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from geodns.region_map import (
     merge_runs,
     read_networks,
     sites_of,
+    v4_index,
 )
 from geodns.view import View
 
@@ -154,6 +156,26 @@ def test_ipv4_mapped_and_6to4_follow_into_the_ipv4_map(region_map: RegionMap, ne
 ])
 def test_scope(a: int, lo: int, hi: int, bits: int, want: int) -> None:
     assert _scope(a, lo, hi, bits) == want
+
+
+@pytest.mark.parametrize("starts", [
+    [0],
+    [0, 1, 0xFFFF, 0x10000, 0x10001, 0xFFFF0000, 0xFFFFFFFF],
+    [0, 0x0A000000, 0x0A000100, 0x0A010000, 0xC0A80000, 0xC0A80001, 0xC0A90000],
+    [0, *range(0x01000000, 0x01000000 + 5000 * 256, 256)],
+])
+def test_v4_index_bisects_like_the_whole_array(starts: list[int]) -> None:
+    """The /16 index narrows a look-up to its /16's blocks and still finds the block a whole-array
+    bisect finds: at every start, one either side of it, /16 edges, and random addresses."""
+    arr = array("I", starts)
+    index = v4_index(arr)
+    rng = random.Random(5)
+    probes = {a for s in starts for a in (s - 1, s, s + 1) if 0 <= a < 1 << 32}
+    probes |= {p << 16 | e for p in (0, 1, 0x0A00, 0x0A01, 0xC0A8, 0xFFFF) for e in (0, 0xFFFF)}
+    probes |= {rng.getrandbits(32) for _ in range(2000)}
+    for a in probes:
+        top = a >> 16
+        assert bisect_right(arr, a, index[top], index[top + 1]) - 1 == bisect_right(arr, a) - 1, hex(a)
 
 
 def test_overlay_and_merge() -> None:
