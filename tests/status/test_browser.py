@@ -22,6 +22,7 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from geomesh.api import geomesh_pb2 as pb
 from geomesh.service_process import ServiceProcess
 from tests.coordinator.test_reach import mesh
 
@@ -149,3 +150,31 @@ def test_https_without_a_client_certificate_shows_a_403_page_with_the_reason(bro
         assert "no client certificate" in browser.find_element(By.ID, "reason").text
     finally:
         page.stop()
+
+
+def test_matrix_cells_and_drill_down_are_coloured_by_handshake_age(browser, page_server: PageServer):
+    overview = make_overview(2, 2)
+    reports = {"gw-eu-central-0": {"gw-us-east-0": 20.0, "gw-us-east-1": 0.0},  # 0: never
+               "gw-us-east-0": {"gw-us-east-1": 150.0}}
+    for g in overview.gateways:
+        g.peers.extend(pb.PeerHandshake(name=p, age_seconds=a) for p, a in reports.get(g.name, {}).items())
+        g.load, g.active_connections, g.version = 0.5, 3, "9.9.9"
+    _open(browser, page_server.url)
+    before = _renders(browser)
+    page_server.publish(overview)
+    _wait(browser, lambda d: _renders(d) > before, 5, "the mesh with handshakes rendered")
+
+    def cell_class(a: str, b: str) -> str:
+        return browser.find_element(By.CSS_SELECTOR, f"#matrix td.cell[data-a='{a}'][data-b='{b}']").get_attribute("class")
+    assert "bg-bad" in cell_class("eu-central", "us-east")   # one pair never shook hands
+    assert "bg-warn" in cell_class("us-east", "us-east")     # 150 s: stale
+    assert "bg-ok" in cell_class("eu-central", "eu-central")  # none reported: both ends alive and reachable
+    browser.find_element(By.CSS_SELECTOR, "#matrix td.cell[data-a='eu-central'][data-b='us-east']").click()
+    classes = browser.execute_script(
+        "return Object.fromEntries(Array.from(document.querySelectorAll('#drill td'), "
+        "td => [td.title.split(':')[0], td.className]))")
+    assert classes["gw-eu-central-0 – gw-us-east-0"] == "bg-ok"
+    assert classes["gw-eu-central-0 – gw-us-east-1"] == "bg-bad"
+    row = _texts(browser, "tr[data-gateway='gw-eu-central-0']")[0]
+    assert "50%" in row and "9.9.9" in row
+    assert console_errors(browser) == []
