@@ -92,7 +92,11 @@ class ReplyCache(BoundedCache[bytes, tuple[bytes, int]]):
         """Keep the reply `wire` to the query `data` on the second sight of the query bytes (a
         doorkeeper: traffic that never repeats costs a hash and a set entry, not a cache entry,
         and does not turn the generations over)."""
-        key = data[2:]
+        self.keep_key(data[2:], wire, index)
+
+    def keep_key(self, key: bytes, wire: bytes, index: int) -> None:
+        """`keep` with the query's bytes after the ID already cut (`key`, whose hash the look-up
+        before it has computed and the bytes object keeps)."""
         seen = self._seen
         h = hash(key)
         if h in seen:

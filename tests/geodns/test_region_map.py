@@ -306,7 +306,7 @@ def test_the_fast_path_gives_the_full_paths_bytes(region_map: RegionMap, locator
     r = Responder(view, locator, region_map=region_map, reply_cache=False)
     wire = _ecs_query(name, family, source, address, payload=payload, do=do)
     full = r.answer(wire, b"\x7f\0\0\1")
-    assert r._fast(wire, 7, 0x0100) is not None, "the second ask is answered from the template"
+    assert r._fast(wire, 7, 0x0100, wire[2:]) is not None, "the second ask is answered from the template"
     fast = r.answer(_ecs_query(name, family, source, address, payload=payload, do=do, qid=8), b"\x7f\0\0\1")
     assert full.wire is not None and fast.wire is not None
     assert fast.wire[2:] == full.wire[2:] and fast.wire[:2] == b"\0\x08" and fast.index == full.index
@@ -354,3 +354,18 @@ def test_truncated_opt_is_formerr_with_the_map(region_map: RegionMap, locator: L
     for cut in (1, 3, 8):
         reply = r.answer(good[:-cut], b"\x7f\0\0\1")
         assert reply.wire is not None and DNSRecord.parse(reply.wire[:12] + b"").header.rcode == 1
+
+
+def test_the_fast_path_keeps_a_reply_on_its_second_sight(region_map: RegionMap, locator: Locator,
+                                                         view: View) -> None:
+    """The fast path's doorkeeper (fed the reply-cache key the look-up cut) keeps a reply on the
+    second sight of the query's bytes, not the first; the cached reply then differs only in ID."""
+    r = Responder(view, locator, region_map=region_map)
+    wire = _ecs_query("ShOp.GeO.eXaMpLe.CoM", 1, 24, bytes([193, 0, 7]), qid=1)
+    r.answer(_ecs_query("shop.geo.example.com", 1, 24, bytes([193, 0, 6])), b"\x7f\0\0\1")  # builds the template
+    first = r._fast(wire, 1, 0x0100, wire[2:])
+    assert first is not None and wire[2:] not in r.exact, "the first sight is only remembered"
+    second = r._fast(wire, 1, 0x0100, wire[2:])
+    assert second is not None and r.exact[wire[2:]] == (second.wire[2:], second.index)
+    again = r.answer(b"\xbe\xef" + wire[2:], b"\x7f\0\0\1")
+    assert again.wire == b"\xbe\xef" + second.wire[2:] and b"ShOp" in again.wire
