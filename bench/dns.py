@@ -351,6 +351,10 @@ def main() -> int:
                     ratios[load][name] = (med[load][name]["qps"] / med[load][GDNSD]["qps"]
                                           if med[load][GDNSD]["qps"] else 0.0)
                 print(f"{load}: q/s ratio to gdnsd " + ", ".join(f"{n} {x:.2f}" for n, x in ratios[load].items()))
+            # the aim sits below a floor: a reply-cache hit (the hot row) is the least a query costs this stack
+            print(f"floor: {OURS} hostile {med['hostile'][OURS]['cpu_us_per_query']:.2f} us/query, ratio "
+                  f"{ratios['hostile'][OURS]:.2f}; its reply-cache hit row (hot), the floor for a Python server on "
+                  f"this stack: {med['hot'][OURS]['cpu_us_per_query']:.2f} us/query, ratio {ratios['hot'][OURS]:.2f}")
         print()
         print("| server | RSS after (peak) | first answer | region map ready | map build | Python pass | "
               "ECS scope: mean, share broader than /24, commonest |")
