@@ -217,15 +217,17 @@ async def test_two_regions_make_a_gateway_unreachable_one_does_not_and_it_recove
         assert (list(g.seen_by), g.unreachable) == (["ap", "sa", "us"], False)
         assert (await health(admin, "gw-a")).in_dns
         await until(lambda: not gw["gw-d"].peers["gw-a"].unreachable, "gw-d's mesh peer gw-a reachable")
+        # read while the probers' sessions are open: once they end, their per-region gauges go
+        text = await asyncio.to_thread(metrics, port)
     feed.close()
-    text = await asyncio.to_thread(metrics, port)
     assert 'geomesh_coordinator_reach_decisions_total{verdict="unreachable"} 1.0' in text
     assert 'geomesh_coordinator_reach_decisions_total{verdict="reachable"} 1.0' in text
     assert 'geomesh_coordinator_reach_probe_up{from_region="sa",target="gw-a"} 1.0' in text
     changes = [json.loads(line) for line in coordinator.log().splitlines()
                if '"gateway reachability changed"' in line]
-    assert [(c["gateway"], c["verdict"], c["down_by"]) for c in changes] == [
-        ("gw-a", "unreachable", ["ap", "us"]), ("gw-a", "reachable", [])]
+    assert [(c["gateway"], c["verdict"]) for c in changes] == [("gw-a", "unreachable"), ("gw-a", "reachable")]
+    assert changes[0]["down_by"] == ["ap", "us"]
+    assert changes[1]["down_by"] in ([], ["ap"], ["us"])  # the first up vote may already make the quorum
 
 
 async def _with(admin, name: str, check: Callable[[pb.GatewayHealth], bool]) -> pb.GatewayHealth | None:

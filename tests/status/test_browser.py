@@ -153,6 +153,7 @@ def test_https_without_a_client_certificate_shows_a_403_page_with_the_reason(bro
 
 
 def test_matrix_cells_and_drill_down_are_coloured_by_handshake_age(browser, page_server: PageServer):
+    console_errors(browser)  # the browser is shared: what earlier tests logged (a 403 page) is not ours
     overview = make_overview(2, 2)
     reports = {"gw-eu-central-0": {"gw-us-east-0": 20.0, "gw-us-east-1": 0.0},  # 0: never
                "gw-us-east-0": {"gw-us-east-1": 150.0}}
