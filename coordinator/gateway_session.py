@@ -46,6 +46,7 @@ from coordinator.heartbeats import (
     VoteMap,
     check_handshakes,
     check_votes,
+    fold_heartbeats,
     merge_votes,
 )
 from coordinator.operations import Operations
@@ -80,7 +81,7 @@ log = logging.getLogger("geomesh.coordinator")
 WATCHDOG = Counter("geomesh_coordinator_sessions_ended_by_watchdog_total",
                    "gateway sessions ended while a send was blocked", ["reason"])
 HEARTBEATS_THROTTLED = Counter("geomesh_coordinator_heartbeats_throttled_total",
-                               "heartbeats over the per-gateway rate whose content was ignored")
+                               "heartbeats over the per-gateway rate replaced by a newer one before their content was looked at")
 HEALTH_BATCHES = Counter("geomesh_coordinator_health_batches_total",
                          "coalesced health writes of one gateway (one batch per interval at most)", ["result"])
 HEALTH_IGNORED = Counter("geomesh_coordinator_health_reports_ignored_total",
@@ -305,49 +306,82 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         """Consume heartbeats; return "closed" when the gateway closes its side, "silent" when it
         sent nothing for 1.5 × the lease TTL.
 
-        Any message proves the gateway is there; over `heartbeat_rate` per second (burst twice
-        that) the content of heartbeats is ignored and counted (votes too: "throttled"). Health
-        of the instances this gateway owns goes to the coalescer, votes to the vote book."""
+        Any message proves the gateway is there. Over `heartbeat_rate` per second (burst twice
+        that) a heartbeat's content waits: the latest such heartbeat is kept and looked at when
+        the bucket has a token again, the ones it replaces are counted and folded into it (their
+        votes are deltas: `fold_heartbeats` carries them over). So a flood costs the coordinator at most `heartbeat_rate` looks per
+        second and the last word the gateway said is always the one that counts. Health of the
+        instances this gateway owns goes to the coalescer, votes to the vote book."""
         loop = asyncio.get_running_loop()
         bucket = TokenBucket(self.heartbeat_rate, self.heartbeat_rate * 2)
-        while True:
-            try:
-                msg = await asyncio.wait_for(request_iterator.__anext__(), self.silence)
-            except TimeoutError:
-                return "silent"
-            except (StopAsyncIteration, grpc.aio.AioRpcError):
-                return "closed"
-            if isinstance(msg, Malformed):
-                raise msg.problem("Session")  # ends the session: INVALID_ARGUMENT
-            if msg.WhichOneof("msg") != "heartbeat":
-                continue
-            report = HeartbeatReport.from_proto(msg.heartbeat)  # ValidationError ends the session
-            if not bucket.take(loop.time()):
-                HEARTBEATS_THROTTLED.inc()
-                if msg.heartbeat.reach:
-                    VOTES_IGNORED.labels("throttled").inc(len(msg.heartbeat.reach))
-                continue
-            gw = self.state.gateways.get(name)
-            enrollment = self.access.enrollments.get(name)
-            if gw is None or enrollment is None or gw.region != enrollment.region:
-                continue  # health and votes only while its record is in its enrolled region
-            self._take_report(name, report, msg.heartbeat, loop.time())
-            if msg.heartbeat.reach or msg.heartbeat.reach_complete:
-                self._take_votes(name, msg.heartbeat, book)
-            cached: dict[str, bool] = {}
-            not_owner = 0
-            for instance in report.backends:
-                inst = self.state.instances.get(instance)
-                if inst is None or inst.region != gw.region:  # only its own region's
+        waiting: tuple[HeartbeatReport, pb.Heartbeat] | None = None  # over the rate, latest only
+        last_seen = loop.time()
+        reading: asyncio.Future | None = None
+        try:
+            while True:
+                if reading is None:  # one read in flight: a timeout never cancels a read
+                    reading = asyncio.ensure_future(request_iterator.__anext__())
+                now = loop.time()
+                timeout = self.silence - (now - last_seen)
+                if waiting is not None:
+                    timeout = min(timeout, bucket.wait(now))
+                done, _ = await asyncio.wait((reading,), timeout=max(timeout, 0.0))
+                now = loop.time()
+                if not done:
+                    if waiting is not None and bucket.take(now):
+                        self._take_heartbeat(name, *waiting, coalescer, flush, book)
+                        waiting = None
+                    elif now - last_seen >= self.silence:
+                        return "silent"
                     continue
-                if self.state.health_owner(instance, inst.region) != name:
-                    not_owner += 1  # one verdict per instance: its owner's
+                try:
+                    msg = reading.result()
+                except (StopAsyncIteration, grpc.aio.AioRpcError):
+                    return "closed"
+                finally:
+                    reading = None
+                last_seen = now
+                if isinstance(msg, Malformed):
+                    raise msg.problem("Session")  # ends the session: INVALID_ARGUMENT
+                if msg.WhichOneof("msg") != "heartbeat":
                     continue
-                cached[instance] = inst.healthy
-            if not_owner:
-                HEALTH_IGNORED.labels("not_owner").inc(not_owner)
-            if coalescer.offer(report.backends, cached):
-                flush.set()
+                report = HeartbeatReport.from_proto(msg.heartbeat)  # ValidationError ends the session
+                if waiting is None and bucket.take(now):
+                    self._take_heartbeat(name, report, msg.heartbeat, coalescer, flush, book)
+                    continue
+                heartbeat = msg.heartbeat
+                if waiting is not None:  # replaced by a newer word; its votes (deltas) carried over
+                    HEARTBEATS_THROTTLED.inc()
+                    heartbeat = fold_heartbeats(waiting[1], heartbeat)
+                waiting = (report, heartbeat)
+        finally:
+            if reading is not None:
+                reading.cancel()
+
+    def _take_heartbeat(self, name: str, report: HeartbeatReport, heartbeat: pb.Heartbeat,
+                        coalescer: HealthCoalescer, flush: asyncio.Event, book: _VoteBook) -> None:
+        """Look at one heartbeat's content (within the rate)."""
+        gw = self.state.gateways.get(name)
+        enrollment = self.access.enrollments.get(name)
+        if gw is None or enrollment is None or gw.region != enrollment.region:
+            return  # health and votes only while its record is in its enrolled region
+        self._take_report(name, report, heartbeat, asyncio.get_running_loop().time())
+        if heartbeat.reach or heartbeat.reach_complete:
+            self._take_votes(name, heartbeat, book)
+        cached: dict[str, bool] = {}
+        not_owner = 0
+        for instance in report.backends:
+            inst = self.state.instances.get(instance)
+            if inst is None or inst.region != gw.region:  # only its own region's
+                continue
+            if self.state.health_owner(instance, inst.region) != name:
+                not_owner += 1  # one verdict per instance: its owner's
+                continue
+            cached[instance] = inst.healthy
+        if not_owner:
+            HEALTH_IGNORED.labels("not_owner").inc(not_owner)
+        if coalescer.offer(report.backends, cached):
+            flush.set()
 
     def _take_report(self, name: str, report: HeartbeatReport, heartbeat: pb.Heartbeat, now: float) -> None:
         """Keep the gateway's load, connections and (when the heartbeat carries them) its peers'

@@ -76,6 +76,13 @@ class TokenBucket:
             return True
         return False
 
+    def wait(self, now: float) -> float:
+        """Seconds from `now` until `take` would succeed (0 when it would now)."""
+        if self.tokens < 0 or self.at is None:
+            return 0.0
+        have = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        return 0.0 if have >= 1 else (1 - have) / self.rate + 1e-6
+
 
 @dataclass(slots=True)
 class HealthCoalescer:
@@ -144,6 +151,27 @@ def health_owner(instance: str, candidates: Iterable[str]) -> str | None:
 MAX_VOTES_PER_HEARTBEAT = 4096
 
 VoteMap = dict[str, tuple[bool, float]]  # target -> (up, rtt_ms)
+
+
+def fold_heartbeats(older: pb.Heartbeat, newer: pb.Heartbeat,
+                    limit: int = MAX_VOTES_PER_HEARTBEAT) -> pb.Heartbeat:
+    """One heartbeat saying what `older` then `newer` said, for a heartbeat that waits over the
+    rate and is replaced: load, backends and peers are `newer`'s (each heartbeat reports them
+    all), votes are deltas so none is lost: `older`'s votes on targets `newer` does not name are
+    kept (unless `newer` is a complete list), at most `limit` of them, the newest first kept."""
+    folded = pb.Heartbeat()
+    folded.CopyFrom(newer)
+    if newer.reach_complete or not older.reach:
+        return folded
+    named = {v.target for v in newer.reach}
+    carried = [v for v in older.reach if v.target not in named]
+    room = limit - len(newer.reach)
+    carried = carried[max(0, len(carried) - room):] if room > 0 else []
+    del folded.reach[:]
+    folded.reach.extend(carried)
+    folded.reach.extend(newer.reach)
+    folded.reach_complete = older.reach_complete
+    return folded
 
 
 def check_votes(prober: str, votes: Iterable[pb.ReachVote], region_of: Callable[[str], str | None],

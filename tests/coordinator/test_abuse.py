@@ -27,7 +27,7 @@ import h2.events
 import h2.settings
 import pytest
 
-from coordinator.heartbeats import HealthCoalescer, HeartbeatReport, TokenBucket
+from coordinator.heartbeats import HealthCoalescer, HeartbeatReport, TokenBucket, fold_heartbeats
 from coordinator.state import key
 from coordinator.store import EtcdStore, Txn
 from geomesh.api import geomesh_pb2 as pb
@@ -300,7 +300,7 @@ async def test_heartbeat_flood_is_coalesced_and_the_last_health_wins(coordinator
             await admin.GetOverview(pb.Empty(), timeout=2)
             slowest = max(slowest, time.monotonic() - t)
     flood = time.monotonic() - start
-    await asyncio.sleep(0.3)  # the rate limit refills: the final word is looked at
+    # no pause: over the rate the final word waits for a token and is looked at then
     final = [i % 3 == 0 for i in range(50)]
     await call.write(beat(final))
     want = {i: h for i, h in zip(ids, final, strict=True)}
@@ -367,6 +367,47 @@ def test_heartbeat_report_validation(load: float, conns: int, field: str | None)
 def test_token_bucket(times: list[float], allowed: list[bool]) -> None:
     bucket = TokenBucket(rate=2, burst=4)
     assert [bucket.take(t) for t in times] == allowed
+
+
+def test_token_bucket_says_how_long_until_a_token() -> None:
+    bucket = TokenBucket(rate=2, burst=4)
+    assert bucket.wait(0.0) == 0  # full from the start
+    for _ in range(4):
+        assert bucket.take(0.0)
+    assert bucket.wait(0.0) == pytest.approx(0.5, abs=1e-3)
+    assert bucket.wait(0.3) == pytest.approx(0.2, abs=1e-3)
+    assert not bucket.take(0.3) and bucket.take(0.3 + bucket.wait(0.3))  # the promise holds
+
+
+def vote(target: str, up: bool, rtt: float = 1.0) -> pb.ReachVote:
+    return pb.ReachVote(target=target, up=up, rtt_ms=rtt if up else 0.0)
+
+
+def test_a_replaced_heartbeat_hands_its_votes_to_the_newer_one() -> None:
+    older = pb.Heartbeat(load=0.1, reach=[vote("a", True), vote("b", True)],
+                         backends=[pb.BackendHealth(app="w", instance_id="x", healthy=True)])
+    newer = pb.Heartbeat(load=0.9, reach=[vote("b", False), vote("c", True)],
+                         backends=[pb.BackendHealth(app="w", instance_id="x", healthy=False)])
+    folded = fold_heartbeats(older, newer)
+    # the newer report's load and health; votes: a from the older, b and c from the newer
+    assert folded.load == pytest.approx(0.9) and [b.healthy for b in folded.backends] == [False]
+    assert {v.target: v.up for v in folded.reach} == {"a": True, "b": False, "c": True}
+    assert not folded.reach_complete
+    # a complete older list stays complete with the newer deltas on top
+    older.reach_complete = True
+    assert fold_heartbeats(older, newer).reach_complete
+    # a complete newer list replaces whatever came before
+    newer.reach_complete = True
+    assert {v.target for v in fold_heartbeats(older, newer).reach} == {"b", "c"}
+    assert older.load == pytest.approx(0.1) and len(newer.reach) == 2  # inputs untouched
+
+
+def test_folded_votes_stay_within_the_per_heartbeat_limit() -> None:
+    older = pb.Heartbeat(reach=[vote(f"t{i}", True) for i in range(10)])
+    newer = pb.Heartbeat(reach=[vote(f"n{i}", True) for i in range(3)])
+    folded = fold_heartbeats(older, newer, limit=5)
+    assert [v.target for v in folded.reach] == ["t8", "t9", "n0", "n1", "n2"]  # the newest kept
+    assert [v.target for v in fold_heartbeats(older, newer, limit=3).reach] == ["n0", "n1", "n2"]
 
 
 def test_health_coalescer_rules() -> None:
