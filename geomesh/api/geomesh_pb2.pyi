@@ -268,7 +268,7 @@ class GatewayHealth(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., session: _Optional[_Union[SessionState, str]] = ..., reachable: _Optional[bool] = ..., seen_by: _Optional[_Iterable[str]] = ..., down_by: _Optional[_Iterable[str]] = ..., probe_rtt_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., in_dns: _Optional[bool] = ..., load: _Optional[float] = ..., active_connections: _Optional[int] = ..., version: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerHandshake, _Mapping]]] = ...) -> None: ...
 
 class Overview(_message.Message):
-    __slots__ = ("revision", "regions", "links", "apps", "domains", "links_total", "links_up", "gateways", "cut_off_regions", "panic_held")
+    __slots__ = ("revision", "regions", "links", "apps", "domains", "links_total", "links_up", "gateways", "cut_off_regions", "panic_held", "certificates")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +279,7 @@ class Overview(_message.Message):
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     CUT_OFF_REGIONS_FIELD_NUMBER: _ClassVar[int]
     PANIC_HELD_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     revision: int
     regions: _containers.RepeatedCompositeFieldContainer[RegionOverview]
     links: _containers.RepeatedCompositeFieldContainer[MeshLink]
@@ -289,7 +290,26 @@ class Overview(_message.Message):
     gateways: _containers.RepeatedCompositeFieldContainer[GatewayHealth]
     cut_off_regions: _containers.RepeatedScalarFieldContainer[str]
     panic_held: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ..., links_total: _Optional[int] = ..., links_up: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayHealth, _Mapping]]] = ..., cut_off_regions: _Optional[_Iterable[str]] = ..., panic_held: _Optional[_Iterable[str]] = ...) -> None: ...
+    certificates: _containers.RepeatedCompositeFieldContainer[CertificateStatus]
+    def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ..., links_total: _Optional[int] = ..., links_up: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayHealth, _Mapping]]] = ..., cut_off_regions: _Optional[_Iterable[str]] = ..., panic_held: _Optional[_Iterable[str]] = ..., certificates: _Optional[_Iterable[_Union[CertificateStatus, _Mapping]]] = ...) -> None: ...
+
+class CertificateStatus(_message.Message):
+    __slots__ = ("name", "dns_names", "not_after", "serial", "renew_at", "failures", "last_error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    RENEW_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dns_names: _containers.RepeatedScalarFieldContainer[str]
+    not_after: int
+    serial: str
+    renew_at: int
+    failures: int
+    last_error: str
+    def __init__(self, name: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., not_after: _Optional[int] = ..., serial: _Optional[str] = ..., renew_at: _Optional[int] = ..., failures: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class Enrollment(_message.Message):
     __slots__ = ("name", "region", "public_ips", "mod_revision")
@@ -361,12 +381,14 @@ class ResourceKey(_message.Message):
         KIND_APP: _ClassVar[ResourceKey.Kind]
         KIND_INSTANCE: _ClassVar[ResourceKey.Kind]
         KIND_DOMAIN: _ClassVar[ResourceKey.Kind]
+        KIND_TXT: _ClassVar[ResourceKey.Kind]
     KIND_UNSPECIFIED: ResourceKey.Kind
     KIND_REGION: ResourceKey.Kind
     KIND_GATEWAY: ResourceKey.Kind
     KIND_APP: ResourceKey.Kind
     KIND_INSTANCE: ResourceKey.Kind
     KIND_DOMAIN: ResourceKey.Kind
+    KIND_TXT: ResourceKey.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     kind: ResourceKey.Kind
@@ -374,18 +396,30 @@ class ResourceKey(_message.Message):
     def __init__(self, kind: _Optional[_Union[ResourceKey.Kind, str]] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Resource(_message.Message):
-    __slots__ = ("region", "gateway", "app", "instance", "domain")
+    __slots__ = ("region", "gateway", "app", "instance", "domain", "txt")
     REGION_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
     APP_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    TXT_FIELD_NUMBER: _ClassVar[int]
     region: Region
     gateway: Gateway
     app: App
     instance: Instance
     domain: Domain
-    def __init__(self, region: _Optional[_Union[Region, _Mapping]] = ..., gateway: _Optional[_Union[Gateway, _Mapping]] = ..., app: _Optional[_Union[App, _Mapping]] = ..., instance: _Optional[_Union[Instance, _Mapping]] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
+    txt: TxtRecord
+    def __init__(self, region: _Optional[_Union[Region, _Mapping]] = ..., gateway: _Optional[_Union[Gateway, _Mapping]] = ..., app: _Optional[_Union[App, _Mapping]] = ..., instance: _Optional[_Union[Instance, _Mapping]] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ..., txt: _Optional[_Union[TxtRecord, _Mapping]] = ...) -> None: ...
+
+class TxtRecord(_message.Message):
+    __slots__ = ("name", "values", "ttl")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    ttl: int
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., ttl: _Optional[int] = ...) -> None: ...
 
 class RoutingUpdate(_message.Message):
     __slots__ = ("revision", "snapshot", "upserts", "removals")
@@ -400,13 +434,17 @@ class RoutingUpdate(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., snapshot: _Optional[bool] = ..., upserts: _Optional[_Iterable[_Union[Resource, _Mapping]]] = ..., removals: _Optional[_Iterable[_Union[ResourceKey, _Mapping]]] = ...) -> None: ...
 
 class WatchRoutingRequest(_message.Message):
-    __slots__ = ("last_revision",)
+    __slots__ = ("last_revision", "server_name", "answer_address")
     LAST_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     last_revision: int
-    def __init__(self, last_revision: _Optional[int] = ...) -> None: ...
+    server_name: str
+    answer_address: str
+    def __init__(self, last_revision: _Optional[int] = ..., server_name: _Optional[str] = ..., answer_address: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "region", "public_ip", "public_ipv6", "wg_port", "wg_public_key", "proxy_port", "https_port")
+    __slots__ = ("name", "region", "public_ip", "public_ipv6", "wg_port", "wg_public_key", "proxy_port", "https_port", "sealing_public_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_IP_FIELD_NUMBER: _ClassVar[int]
@@ -415,6 +453,7 @@ class RegisterRequest(_message.Message):
     WG_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     PROXY_PORT_FIELD_NUMBER: _ClassVar[int]
     HTTPS_PORT_FIELD_NUMBER: _ClassVar[int]
+    SEALING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     public_ip: str
@@ -423,7 +462,8 @@ class RegisterRequest(_message.Message):
     wg_public_key: str
     proxy_port: int
     https_port: int
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., proxy_port: _Optional[int] = ..., https_port: _Optional[int] = ...) -> None: ...
+    sealing_public_key: bytes
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., proxy_port: _Optional[int] = ..., https_port: _Optional[int] = ..., sealing_public_key: _Optional[bytes] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("gateway", "mesh_cidr")
@@ -529,12 +569,32 @@ class SessionUp(_message.Message):
     heartbeat: Heartbeat
     def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
+class CertificateBundle(_message.Message):
+    __slots__ = ("name", "dns_names", "chain_pem", "sealed_key", "not_after", "serial")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DNS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    SEALED_KEY_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dns_names: _containers.RepeatedScalarFieldContainer[str]
+    chain_pem: str
+    sealed_key: bytes
+    not_after: int
+    serial: str
+    def __init__(self, name: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., chain_pem: _Optional[str] = ..., sealed_key: _Optional[bytes] = ..., not_after: _Optional[int] = ..., serial: _Optional[str] = ...) -> None: ...
+
 class SessionDown(_message.Message):
-    __slots__ = ("mesh", "routing", "revision")
+    __slots__ = ("mesh", "routing", "revision", "certificates", "certificates_set")
     MESH_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATES_SET_FIELD_NUMBER: _ClassVar[int]
     mesh: MeshUpdate
     routing: RoutingUpdate
     revision: int
-    def __init__(self, mesh: _Optional[_Union[MeshUpdate, _Mapping]] = ..., routing: _Optional[_Union[RoutingUpdate, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+    certificates: _containers.RepeatedCompositeFieldContainer[CertificateBundle]
+    certificates_set: bool
+    def __init__(self, mesh: _Optional[_Union[MeshUpdate, _Mapping]] = ..., routing: _Optional[_Union[RoutingUpdate, _Mapping]] = ..., revision: _Optional[int] = ..., certificates: _Optional[_Iterable[_Union[CertificateBundle, _Mapping]]] = ..., certificates_set: _Optional[bool] = ...) -> None: ...
