@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from coordinator.reach_keys import ReachRecord
-from geomesh.model import App, Domain, Gateway, Instance, Region, SessionState
+from geomesh.model import App, Domain, Gateway, Instance, Region, SessionState, TxtRecord
 
 NOT_REACH = ReachRecord()
 
@@ -49,6 +49,7 @@ class Snapshot:
     apps: Mapping[str, App] = field(default_factory=_empty)
     instances: Mapping[str, Instance] = field(default_factory=_empty)
     domains: Mapping[str, Domain] = field(default_factory=_empty)
+    txt: Mapping[str, TxtRecord] = field(default_factory=_empty)  # txt/<name>: ACME challenges
     sessions: Mapping[str, SessionState] = field(default_factory=_empty)  # alive/<g>: open or timed out (absent: closed)
     reach: Mapping[str, ReachRecord] = field(default_factory=_empty)       # reach/<g>: the decision (absent: reachable)
     cut_off_regions: tuple[str, ...] = ()  # the reachability decider's last round

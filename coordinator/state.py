@@ -38,7 +38,7 @@ from coordinator.store import KV, Event
 from coordinator.views import subnet_carrier
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.errors import ValidationError
-from geomesh.model import App, Domain, Gateway, Instance, Region, SessionState
+from geomesh.model import App, Domain, Gateway, Instance, Region, SessionState, TxtRecord
 
 __all__ = ["ACCESS_DIRS", "HISTORY_LIMIT", "PREFIX", "Change", "Delta", "Snapshot", "State", "key"]
 
@@ -46,7 +46,7 @@ PREFIX = b"/geomesh/v1/"
 K = pb.ResourceKey
 _KIND_OF_DIR = {"regions": K.KIND_REGION, "gateways": K.KIND_GATEWAY, "alive": K.KIND_GATEWAY,
                 "reach": K.KIND_GATEWAY, "apps": K.KIND_APP, "instances": K.KIND_INSTANCE,
-                "domains": K.KIND_DOMAIN}
+                "domains": K.KIND_DOMAIN, "txt": K.KIND_TXT}
 _REACH_INPUTS = frozenset({"gateways", "alive", "votes", "reach"})  # what the reach decider reads
 ACCESS_DIRS = ("enrollments", "revoked")  # kept raw for coordinator.access (not in any feed)
 HISTORY_LIMIT = 50_000
@@ -58,6 +58,7 @@ DECODERS: dict[str, tuple[str, Callable[[bytes, int], object]]] = {
     "apps": ("apps", lambda v, rev: App.from_json(v, mod_revision=rev)),
     "instances": ("instances", lambda v, _rev: Instance.from_json(v)),
     "domains": ("domains", lambda v, _rev: Domain.from_json(v)),
+    "txt": ("txt", lambda v, _rev: TxtRecord.from_json(v)),
     "ipam": ("ipam", lambda v, _rev: v.decode()),
     "alive": ("sessions", lambda v, _rev: session_of(v)),
     "votes": ("votes", lambda v, _rev: votes_from_json(v)),
@@ -65,7 +66,7 @@ DECODERS: dict[str, tuple[str, Callable[[bytes, int], object]]] = {
 }
 # Snapshot field -> the directory it mirrors
 _SNAPSHOT_DIRS = {"regions": "regions", "gateways": "gateways", "apps": "apps", "instances": "instances",
-                  "domains": "domains", "sessions": "alive", "reach": "reach"}
+                  "domains": "domains", "txt": "txt", "sessions": "alive", "reach": "reach"}
 
 
 def key(kind: str, name: str) -> bytes:
@@ -92,6 +93,7 @@ class State:
         self.apps: dict[str, App] = {}
         self.instances: dict[str, Instance] = {}
         self.domains: dict[str, Domain] = {}
+        self.txt: dict[str, TxtRecord] = {}
         self.ipam: dict[str, str] = {}  # mesh ip -> gateway
         self.sessions: dict[str, SessionState] = {}   # alive/<g>: open or timed out (absent: closed)
         self.votes: dict[str, VoteMap] = {}           # votes/<prober>: target -> (up, rtt_ms)

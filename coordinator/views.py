@@ -66,6 +66,8 @@ def resource(snap: Snapshot, kind: int, name: str) -> Resource | None:
         return snap.instances.get(name)
     if kind == K.KIND_DOMAIN:
         return snap.domains.get(name)
+    if kind == K.KIND_TXT:
+        return snap.txt.get(name)
     return None
 
 
@@ -76,7 +78,7 @@ def table(snap: Snapshot) -> RoutingTable:
         gws = [snap.gateway(n) for n in snap.gateways]
         built = RoutingTable.from_resources(
             snap.revision, [*snap.regions.values(), *(g for g in gws if g), *snap.apps.values(),
-                            *snap.instances.values(), *snap.domains.values()])
+                            *snap.instances.values(), *snap.domains.values(), *snap.txt.values()])
         snap.memo["table"] = built
     assert isinstance(built, RoutingTable)
     return built

@@ -300,14 +300,42 @@ class Domain(_Json):
         return cls(m.fqdn, m.app, m.port, m.verified)
 
 
+@dataclass(frozen=True, slots=True)
+class TxtRecord(_Json):
+    """A TXT record GeoDNS serves in the zone (ACME DNS-01 challenges): each value one RR."""
+
+    name: str
+    values: tuple[str, ...] = ()
+    ttl: int = 60
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", v.owner_name("name", self.name))
+        object.__setattr__(self, "values", tuple(self.values))
+        if not 1 <= len(self.values) <= 16:
+            raise ValidationError("values", f"a TXT record has 1 to 16 values, not {len(self.values)}")
+        for i, value in enumerate(self.values):
+            if not isinstance(value, str) or not value.isascii() or len(value) > 255:
+                raise ValidationError(f"values[{i}]", "is not an ASCII string of at most 255 characters")
+        if not 0 <= self.ttl <= 86400:
+            raise ValidationError("ttl", f"{self.ttl} is not within 0..86400 seconds")
+
+    def to_proto(self) -> pb.TxtRecord:
+        return pb.TxtRecord(name=self.name, values=self.values, ttl=self.ttl)
+
+    @classmethod
+    def from_proto(cls, m: pb.TxtRecord) -> TxtRecord:
+        return cls(m.name, tuple(m.values), m.ttl)
+
+
 KIND_OF: dict[type, int] = {
     Region: pb.ResourceKey.KIND_REGION,
     Gateway: pb.ResourceKey.KIND_GATEWAY,
     App: pb.ResourceKey.KIND_APP,
     Instance: pb.ResourceKey.KIND_INSTANCE,
     Domain: pb.ResourceKey.KIND_DOMAIN,
+    TxtRecord: pb.ResourceKey.KIND_TXT,
 }
-Resource = Region | Gateway | App | Instance | Domain
+Resource = Region | Gateway | App | Instance | Domain | TxtRecord
 
 
 def resource_name(obj: Resource) -> str:
@@ -316,17 +344,19 @@ def resource_name(obj: Resource) -> str:
         return obj.key
     if isinstance(obj, Domain):
         return obj.fqdn
-    return obj.name
+    return obj.name  # TxtRecord: its name
 
 
 def resource_to_proto(obj: Resource) -> pb.Resource:
-    field_name = {Region: "region", Gateway: "gateway", App: "app", Instance: "instance", Domain: "domain"}[type(obj)]
+    field_name = {Region: "region", Gateway: "gateway", App: "app", Instance: "instance", Domain: "domain",
+                  TxtRecord: "txt"}[type(obj)]
     return pb.Resource(**{field_name: obj.to_proto()})
 
 
 def resource_from_proto(m: pb.Resource) -> Resource:
     which = m.WhichOneof("kind")
-    cls = {"region": Region, "gateway": Gateway, "app": App, "instance": Instance, "domain": Domain}.get(which or "")
+    cls = {"region": Region, "gateway": Gateway, "app": App, "instance": Instance, "domain": Domain,
+           "txt": TxtRecord}.get(which or "")
     if cls is None:
         raise ValidationError("resource", "has no kind set")
     return cls.from_proto(getattr(m, which))  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from geomesh.model import (
     Instance,
     Region,
     Resource,
+    TxtRecord,
     resource_from_proto,
     resource_name,
     resource_to_proto,
@@ -39,6 +40,7 @@ _ATTR_OF_KIND = {
     pb.ResourceKey.KIND_APP: "apps",
     pb.ResourceKey.KIND_INSTANCE: "instances",
     pb.ResourceKey.KIND_DOMAIN: "domains",
+    pb.ResourceKey.KIND_TXT: "txt",
 }
 
 
@@ -65,6 +67,7 @@ class RoutingTable:
     apps: Mapping[str, App] = field(default_factory=lambda: _EMPTY)
     instances: Mapping[str, Instance] = field(default_factory=lambda: _EMPTY)  # key "<app>/<id>"
     domains: Mapping[str, Domain] = field(default_factory=lambda: _EMPTY)
+    txt: Mapping[str, TxtRecord] = field(default_factory=lambda: _EMPTY)  # by name (ACME challenges)
 
     # -- construction ----------------------------------------------------------------------
 
@@ -107,6 +110,7 @@ class RoutingTable:
             apps=fields.get("apps", self.apps),
             instances=fields.get("instances", self.instances),
             domains=fields.get("domains", self.domains),
+            txt=fields.get("txt", self.txt),
         )
 
     def to_snapshot(self) -> pb.RoutingUpdate:

@@ -59,6 +59,21 @@ def fqdn(field: str, value: str) -> str:
     return name
 
 
+_OWNER_LABEL = re.compile(r"^(?:_?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?|_[a-z0-9-]{1,62})$")
+
+
+def owner_name(field: str, value: str) -> str:
+    """A record owner name: `fqdn` that also allows service labels with a leading underscore
+    (`_acme-challenge`, `_geomesh-app-address`)."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "is required")
+    name = value.rstrip(".").lower()
+    labels = name.split(".")
+    if len(name) > MAX_FQDN or len(labels) < 2 or not all(_OWNER_LABEL.match(label) for label in labels):
+        raise ValidationError(field, f"{value[:80]!r} is not a valid owner name")
+    return name
+
+
 def latitude(field: str, value: float) -> float:
     if not isinstance(value, (int, float)) or math.isnan(value) or not -90.0 <= value <= 90.0:
         raise ValidationError(field, f"{value!r:.80} is outside -90..90")

@@ -82,3 +82,39 @@ def test_foreign_or_corrupt_values_are_ignored_not_fatal():
     s = loaded()
     put(s, 11, (key("regions", "bad"), b"{not json"), (b"/other/prefix/x", b"1"))
     assert "bad" not in s.regions and s.revision == 11
+
+
+def test_a_challenge_txt_record_rides_the_routing_feed_and_its_removal_too():
+    from geomesh.model import TxtRecord
+    from geomesh.routing_table import RoutingTable
+
+    s = loaded()
+    f = Fanout(s)
+    table = RoutingTable().apply(f.routing_update(s.changes_since(-1)))
+    assert dict(table.txt) == {}
+    rec = TxtRecord("_acme-challenge.geo.example.com", ("tok-1", "tok-2"), ttl=5)
+    put(s, 11, (key("txt", rec.name), rec.to_json()))
+    update = f.routing_update(s.changes_since(10))
+    assert not update.snapshot and [u.WhichOneof("kind") for u in update.upserts] == ["txt"]
+    table = table.apply(update)
+    assert table.txt[rec.name] == rec
+    put(s, 12, (key("txt", rec.name), None))
+    table = table.apply(f.routing_update(s.changes_since(11)))
+    assert rec.name not in table.txt
+    # a snapshot carries it as well
+    put(s, 13, (key("txt", rec.name), rec.to_json()))
+    assert RoutingTable().apply(f.routing_update(s.changes_since(-1))).txt[rec.name].values == ("tok-1", "tok-2")
+
+
+def test_a_txt_record_that_breaks_the_rules_is_refused_naming_the_field():
+    import pytest
+
+    from geomesh.errors import ValidationError
+    from geomesh.model import TxtRecord
+
+    for bad, field in [(dict(values=()), "values"), (dict(values=("x" * 256,)), "values[0]"),
+                       (dict(values=("ok",), ttl=-1), "ttl"), (dict(name="nodot", values=("ok",)), "name")]:
+        args = {"name": "_acme-challenge.geo.example.com", **bad}
+        with pytest.raises(ValidationError) as info:
+            TxtRecord(**args)
+        assert info.value.field == field
