@@ -268,7 +268,7 @@ class GatewayHealth(_message.Message):
     def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., session: _Optional[_Union[SessionState, str]] = ..., reachable: _Optional[bool] = ..., seen_by: _Optional[_Iterable[str]] = ..., down_by: _Optional[_Iterable[str]] = ..., probe_rtt_ms: _Optional[float] = ..., draining: _Optional[bool] = ..., in_dns: _Optional[bool] = ..., load: _Optional[float] = ..., active_connections: _Optional[int] = ..., version: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerHandshake, _Mapping]]] = ...) -> None: ...
 
 class Overview(_message.Message):
-    __slots__ = ("revision", "regions", "links", "apps", "domains", "links_total", "links_up", "gateways", "cut_off_regions", "panic_held", "certificates")
+    __slots__ = ("revision", "regions", "links", "apps", "domains", "links_total", "links_up", "gateways", "cut_off_regions", "panic_held", "certificates", "dns_servers")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +280,7 @@ class Overview(_message.Message):
     CUT_OFF_REGIONS_FIELD_NUMBER: _ClassVar[int]
     PANIC_HELD_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    DNS_SERVERS_FIELD_NUMBER: _ClassVar[int]
     revision: int
     regions: _containers.RepeatedCompositeFieldContainer[RegionOverview]
     links: _containers.RepeatedCompositeFieldContainer[MeshLink]
@@ -291,7 +292,16 @@ class Overview(_message.Message):
     cut_off_regions: _containers.RepeatedScalarFieldContainer[str]
     panic_held: _containers.RepeatedScalarFieldContainer[str]
     certificates: _containers.RepeatedCompositeFieldContainer[CertificateStatus]
-    def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ..., links_total: _Optional[int] = ..., links_up: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayHealth, _Mapping]]] = ..., cut_off_regions: _Optional[_Iterable[str]] = ..., panic_held: _Optional[_Iterable[str]] = ..., certificates: _Optional[_Iterable[_Union[CertificateStatus, _Mapping]]] = ...) -> None: ...
+    dns_servers: _containers.RepeatedCompositeFieldContainer[DnsServer]
+    def __init__(self, revision: _Optional[int] = ..., regions: _Optional[_Iterable[_Union[RegionOverview, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[MeshLink, _Mapping]]] = ..., apps: _Optional[int] = ..., domains: _Optional[int] = ..., links_total: _Optional[int] = ..., links_up: _Optional[int] = ..., gateways: _Optional[_Iterable[_Union[GatewayHealth, _Mapping]]] = ..., cut_off_regions: _Optional[_Iterable[str]] = ..., panic_held: _Optional[_Iterable[str]] = ..., certificates: _Optional[_Iterable[_Union[CertificateStatus, _Mapping]]] = ..., dns_servers: _Optional[_Iterable[_Union[DnsServer, _Mapping]]] = ...) -> None: ...
+
+class DnsServer(_message.Message):
+    __slots__ = ("name", "address")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class CertificateStatus(_message.Message):
     __slots__ = ("name", "dns_names", "not_after", "serial", "renew_at", "failures", "last_error")
