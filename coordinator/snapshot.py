@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from coordinator.cert_records import CertificateRecord, RenewalStatus
 from coordinator.reach_keys import ReachRecord
 from geomesh.model import App, Domain, Gateway, Instance, Region, SessionState, TxtRecord
 
@@ -50,6 +51,8 @@ class Snapshot:
     instances: Mapping[str, Instance] = field(default_factory=_empty)
     domains: Mapping[str, Domain] = field(default_factory=_empty)
     txt: Mapping[str, TxtRecord] = field(default_factory=_empty)  # txt/<name>: ACME challenges
+    certs: Mapping[str, CertificateRecord] = field(default_factory=_empty)  # certs/<name>, keys sealed
+    cert_status: Mapping[str, RenewalStatus] = field(default_factory=_empty)  # certstatus/<name>
     sessions: Mapping[str, SessionState] = field(default_factory=_empty)  # alive/<g>: open or timed out (absent: closed)
     reach: Mapping[str, ReachRecord] = field(default_factory=_empty)       # reach/<g>: the decision (absent: reachable)
     cut_off_regions: tuple[str, ...] = ()  # the reachability decider's last round

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from coordinator.cert_records import CertificateRecord, RenewalStatus
 from coordinator.heartbeats import VoteMap, health_owner
 from coordinator.reach_keys import ReachRecord, session_of, votes_from_json
 from coordinator.snapshot import Delta, Snapshot
@@ -59,6 +60,8 @@ DECODERS: dict[str, tuple[str, Callable[[bytes, int], object]]] = {
     "instances": ("instances", lambda v, _rev: Instance.from_json(v)),
     "domains": ("domains", lambda v, _rev: Domain.from_json(v)),
     "txt": ("txt", lambda v, _rev: TxtRecord.from_json(v)),
+    "certs": ("certs", lambda v, _rev: CertificateRecord.from_json(v)),
+    "certstatus": ("cert_status", lambda v, _rev: RenewalStatus.from_json(v)),
     "ipam": ("ipam", lambda v, _rev: v.decode()),
     "alive": ("sessions", lambda v, _rev: session_of(v)),
     "votes": ("votes", lambda v, _rev: votes_from_json(v)),
@@ -66,7 +69,8 @@ DECODERS: dict[str, tuple[str, Callable[[bytes, int], object]]] = {
 }
 # Snapshot field -> the directory it mirrors
 _SNAPSHOT_DIRS = {"regions": "regions", "gateways": "gateways", "apps": "apps", "instances": "instances",
-                  "domains": "domains", "txt": "txt", "sessions": "alive", "reach": "reach"}
+                  "domains": "domains", "txt": "txt", "sessions": "alive", "reach": "reach",
+                  "certs": "certs", "cert_status": "certstatus"}
 
 
 def key(kind: str, name: str) -> bytes:
@@ -86,7 +90,8 @@ class State:
         self.mesh_network = ipaddress.ip_network(mesh_cidr)
         self.revision = 0
         self.floor = 0  # we know every change after this revision
-        self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam", "votes", *ACCESS_DIRS)}
+        self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam", "votes", "certs", "certstatus",
+                                                               *ACCESS_DIRS)}
         self.dir_revision: dict[str, int] = {}  # directory -> revision of its last change (or load)
         self.regions: dict[str, Region] = {}
         self.gateways: dict[str, Gateway] = {}  # stored records (alive filled in by Snapshot.gateway)
@@ -94,6 +99,8 @@ class State:
         self.instances: dict[str, Instance] = {}
         self.domains: dict[str, Domain] = {}
         self.txt: dict[str, TxtRecord] = {}
+        self.certs: dict[str, CertificateRecord] = {}      # certificates obtained (coordinator.acme_orders)
+        self.cert_status: dict[str, RenewalStatus] = {}
         self.ipam: dict[str, str] = {}  # mesh ip -> gateway
         self.sessions: dict[str, SessionState] = {}   # alive/<g>: open or timed out (absent: closed)
         self.votes: dict[str, VoteMap] = {}           # votes/<prober>: target -> (up, rtt_ms)
