@@ -149,11 +149,14 @@ def viewer_region(snap: Snapshot, gateway: str) -> str | None:
 
 def overview(snap: Snapshot, stats: GatewayStats | None = None, now: float = 0.0) -> pb.Overview:
     """GetOverview: every gateway's health, per-region counts, the reachability decider's last
-    round, and the mesh links with a dead end (at most MAX_OVERVIEW_LINKS: a 1000-gateway mesh
+    round, the certificates the coordinators obtain (expiry, next attempt, failures), and the mesh links with a dead end (at most MAX_OVERVIEW_LINKS: a 1000-gateway mesh
     has 500k pairs). With `stats` (at clock time `now`), each gateway's last reported load,
     connections, version and peers' handshake ages (peers still registered, by name)."""
     out = pb.Overview(revision=snap.revision, apps=len(snap.apps), domains=len(snap.domains),
                       cut_off_regions=snap.cut_off_regions, panic_held=snap.panic_held)
+    for name in sorted({*snap.certs, *snap.cert_status}):  # chains, expiry, schedule: never a key
+        rec, plan = snap.certs.get(name), snap.cert_status.get(name)
+        out.certificates.append(rec.status(plan) if rec is not None else plan.to_proto())  # type: ignore[union-attr]
     views = [g for n in snap.gateways if (g := snap.gateway(n)) is not None]
     in_dns = dns_presence(views, snap.apps.values())
     for g in sorted(views, key=lambda g: (g.region, g.name)):
