@@ -35,6 +35,7 @@ import grpc
 from prometheus_client import Counter
 
 from coordinator.access import Access, end_stream
+from coordinator.cert_records import bundles_for
 from coordinator.enrollment import check_region, check_registration, fits
 from coordinator.fanout import Fanout
 from coordinator.heartbeats import (
@@ -73,7 +74,8 @@ from geomesh.errors import (
     UnauthenticatedError,
     ValidationError,
 )
-from geomesh.model import Gateway, Instance
+from geomesh.model import Gateway, Instance, sealing_key_text
+from geomesh.sealing import SecretBox
 
 log = logging.getLogger("geomesh.coordinator")
 
@@ -99,8 +101,10 @@ TIMED_OUT_REASONS = frozenset({"silent", "send_timeout"})  # the session stalled
 class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
     def __init__(self, feed: Fanout, state: State, ops: Operations, store: EtcdStore, lease: ReplicaLease,
                  access: Access, *, lease_ttl: int, mesh_cidr: str, health_interval: float = 1.0,
-                 heartbeat_rate: float = 20.0, vote_write_rate: float = 5.0) -> None:
+                 heartbeat_rate: float = 20.0, vote_write_rate: float = 5.0,
+                 secrets: SecretBox | None = None) -> None:
         super().__init__(feed, ops, access)
+        self.secrets = secrets  # opens the certificates' keys to seal them to each gateway (None: no ACME)
         self.state = state  # the mirror, for the heartbeat rules (health owners, stored votes)
         self.store = store
         self.lease = lease
@@ -122,7 +126,8 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         gw = Gateway(name=request.name, region=request.region, public_ip=request.public_ip,
                      public_ipv6=request.public_ipv6, wg_port=request.wg_port,
                      wg_public_key=request.wg_public_key, mesh_ip="", proxy_port=request.proxy_port,
-                     https_port=request.https_port)
+                     https_port=request.https_port,
+                     sealing_public_key=sealing_key_text(request.sealing_public_key))
         enrollment = await self.enrollment_ops.fetch(gw.name)  # from etcd: its revision guards the write
         check_registration(enrollment, gw)
         assert enrollment is not None
@@ -195,6 +200,7 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         reader.add_done_callback(lambda task: self._reader_done(live, task))
         try:
             have = hello.last_revision if hello.last_revision > 0 else -1
+            certs_sent: object = None  # what the gateway has of the certificate set
             while True:
                 delta = self.feed.changes_since(have)
                 # memoised per revision range (and region): N sessions share one computation
@@ -205,7 +211,8 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
                     msg.mesh.CopyFrom(mesh)
                 if routing.snapshot or routing.upserts or routing.removals:
                     msg.routing.CopyFrom(routing)
-                if msg.HasField("mesh") or msg.HasField("routing"):
+                certs_sent = self._add_certificates(name, msg, certs_sent)
+                if msg.HasField("mesh") or msg.HasField("routing") or msg.certificates_set:
                     SENT.labels("gateway", "snapshot" if delta.routing is None else "delta").inc()
                     SENT_BYTES.labels("gateway").inc(msg.ByteSize())
                     live.sending = True
@@ -235,6 +242,27 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
             # it cleans up: the cleanup runs as its own task so a second cancel cannot abort it
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._end_session(live))
+
+    def _add_certificates(self, name: str, msg: pb.SessionDown, sent: object) -> object:
+        """Put the whole certificate set, keys sealed to this gateway, into `msg` when it differs
+        from what was `sent` (a certificate renewed or added, the gateway's sealing key changed);
+        returns what the gateway then has."""
+        if self.secrets is None:
+            return sent
+        snap = self.feed.snapshot()
+        gw = snap.gateways.get(name)
+        sealing_key = getattr(gw, "sealing_public_key", "") if gw is not None else ""
+        records = sorted(snap.certs.values(), key=lambda r: r.name)
+        have = (sealing_key, tuple((r.name, r.serial) for r in records))
+        if have == sent:
+            return sent
+        bundles, failed = bundles_for(records, sealing_key, self.secrets) if sealing_key else ([], [])
+        if failed:
+            log.error("certificate keys that this replica's secrets key does not open (is --secrets-key "
+                      "the same on every replica?)", extra={"fields": {"gateway": name, "certificates": failed}})
+        msg.certificates.extend(bundles)
+        msg.certificates_set = True
+        return have
 
     def _reader_done(self, live: _Liveness, reader: asyncio.Task) -> None:
         if not live.sending or live.cleanup is not None:

@@ -7,6 +7,7 @@ from JSON for etcd (`to_json`/`from_json`, one small object per key, readable wi
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import json
@@ -124,6 +125,7 @@ class Gateway(_Json):
     public_ipv6: str = ""
     state: GatewayState = GatewayState.ACTIVE
     https_port: int = 0  # TLS port clients reach, 0 = none
+    sealing_public_key: str = ""  # base64 X25519 key certificates' keys are sealed to; "" = none
     # not stored in the gateway's key: `alive` and `session` come from alive/<g>, the
     # reachability verdict (`unreachable`, `seen_by`, `down_by`, `probe_rtt_ms`) from reach/<g>,
     # the revision from etcd
@@ -145,6 +147,8 @@ class Gateway(_Json):
         object.__setattr__(self, "mesh_ip", v.ip_address("mesh_ip", self.mesh_ip, optional=True))
         v.port("proxy_port", self.proxy_port)
         v.port("https_port", self.https_port, allow_zero=True)
+        if self.sealing_public_key:
+            v.wg_key("sealing_public_key", self.sealing_public_key)  # the same shape: base64 of 32 bytes
         object.__setattr__(self, "state", GatewayState(self.state))
         # `session` agrees with `alive`: alive without a stated session is open, not alive is closed
         session = SessionState(self.session)
@@ -176,7 +180,7 @@ class Gateway(_Json):
                           mod_revision=self.mod_revision, https_port=self.https_port,
                           unreachable=self.unreachable, session=_SESSION_TO_PB[self.session],
                           seen_by=list(self.seen_by), down_by=list(self.down_by),
-                          probe_rtt_ms=self.probe_rtt_ms)
+                          probe_rtt_ms=self.probe_rtt_ms, sealing_public_key=self.sealing_public_key)
 
     @classmethod
     def from_proto(cls, m: pb.Gateway) -> Gateway:
@@ -188,7 +192,20 @@ class Gateway(_Json):
                    public_ipv6=m.public_ipv6, state=_PB_TO_GW.get(m.state, GatewayState.ACTIVE),
                    https_port=m.https_port, alive=m.alive, mod_revision=m.mod_revision, session=session,
                    unreachable=m.unreachable, seen_by=tuple(m.seen_by), down_by=tuple(m.down_by),
-                   probe_rtt_ms=m.probe_rtt_ms)
+                   probe_rtt_ms=m.probe_rtt_ms, sealing_public_key=m.sealing_public_key)
+
+
+def sealing_key_text(raw: bytes) -> str:
+    """A Register request's `sealing_public_key` (32 raw bytes, or none) as the record keeps it
+    (base64); ValidationError naming the field for any other length or the all-zero key (a
+    low-order point nothing can be sealed to)."""
+    if not raw:
+        return ""
+    if len(raw) != 32:
+        raise ValidationError("sealing_public_key", f"is {len(raw)} bytes; an X25519 public key has 32")
+    if raw == bytes(32):
+        raise ValidationError("sealing_public_key", "is the all-zero key: nothing can be sealed to it")
+    return base64.b64encode(raw).decode()
 
 
 MAX_PINNED = 32

@@ -54,7 +54,7 @@ class Region(_message.Message):
     def __init__(self, name: _Optional[str] = ..., latitude: _Optional[float] = ..., longitude: _Optional[float] = ..., display_name: _Optional[str] = ..., instance_subnet: _Optional[str] = ...) -> None: ...
 
 class Gateway(_message.Message):
-    __slots__ = ("name", "region", "public_ip", "public_ipv6", "wg_port", "wg_public_key", "mesh_ip", "proxy_port", "state", "alive", "mod_revision", "https_port", "unreachable", "session", "seen_by", "down_by", "probe_rtt_ms")
+    __slots__ = ("name", "region", "public_ip", "public_ipv6", "wg_port", "wg_public_key", "mesh_ip", "proxy_port", "state", "alive", "mod_revision", "https_port", "unreachable", "session", "seen_by", "down_by", "probe_rtt_ms", "sealing_public_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_IP_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class Gateway(_message.Message):
     SEEN_BY_FIELD_NUMBER: _ClassVar[int]
     DOWN_BY_FIELD_NUMBER: _ClassVar[int]
     PROBE_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    SEALING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     region: str
     public_ip: str
@@ -89,7 +90,8 @@ class Gateway(_message.Message):
     seen_by: _containers.RepeatedScalarFieldContainer[str]
     down_by: _containers.RepeatedScalarFieldContainer[str]
     probe_rtt_ms: float
-    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., mesh_ip: _Optional[str] = ..., proxy_port: _Optional[int] = ..., state: _Optional[_Union[GatewayState, str]] = ..., alive: _Optional[bool] = ..., mod_revision: _Optional[int] = ..., https_port: _Optional[int] = ..., unreachable: _Optional[bool] = ..., session: _Optional[_Union[SessionState, str]] = ..., seen_by: _Optional[_Iterable[str]] = ..., down_by: _Optional[_Iterable[str]] = ..., probe_rtt_ms: _Optional[float] = ...) -> None: ...
+    sealing_public_key: str
+    def __init__(self, name: _Optional[str] = ..., region: _Optional[str] = ..., public_ip: _Optional[str] = ..., public_ipv6: _Optional[str] = ..., wg_port: _Optional[int] = ..., wg_public_key: _Optional[str] = ..., mesh_ip: _Optional[str] = ..., proxy_port: _Optional[int] = ..., state: _Optional[_Union[GatewayState, str]] = ..., alive: _Optional[bool] = ..., mod_revision: _Optional[int] = ..., https_port: _Optional[int] = ..., unreachable: _Optional[bool] = ..., session: _Optional[_Union[SessionState, str]] = ..., seen_by: _Optional[_Iterable[str]] = ..., down_by: _Optional[_Iterable[str]] = ..., probe_rtt_ms: _Optional[float] = ..., sealing_public_key: _Optional[str] = ...) -> None: ...
 
 class App(_message.Message):
     __slots__ = ("name", "lb_policy", "pinned_regions", "mod_revision", "ports")
