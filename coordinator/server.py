@@ -28,6 +28,7 @@ from prometheus_client import Gauge
 
 from coordinator import audit
 from coordinator.access import Access
+from coordinator.dns_servers import Announcer
 from coordinator.fanout import Fanout
 from coordinator.operations import Operations
 from coordinator.reach_decider import ReachDecider
@@ -179,7 +180,8 @@ class Coordinator:
             health_interval=cfg.health_write_interval,
             heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate)
         add_services(server, AdminService(self.feed, self.ops, self.access, stats=self.gateway_control.stats),
-                     RoutingFeedService(self.feed, self.ops, self.access, send_timeout=cfg.watch_send_timeout),
+                     RoutingFeedService(self.feed, self.ops, self.access, send_timeout=cfg.watch_send_timeout,
+                                        announcer=Announcer(self.store, self.lease)),
                      self.gateway_control)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

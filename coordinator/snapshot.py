@@ -55,6 +55,7 @@ class Snapshot:
     cert_status: Mapping[str, RenewalStatus] = field(default_factory=_empty)  # certstatus/<name>
     sessions: Mapping[str, SessionState] = field(default_factory=_empty)  # alive/<g>: open or timed out (absent: closed)
     reach: Mapping[str, ReachRecord] = field(default_factory=_empty)       # reach/<g>: the decision (absent: reachable)
+    dns_servers: Mapping[str, str] = field(default_factory=_empty)  # dns/<name>: live GeoDNS servers -> "ip:port"
     cut_off_regions: tuple[str, ...] = ()  # the reachability decider's last round
     panic_held: tuple[str, ...] = ()
     memo: dict[object, object] = field(default_factory=dict, repr=False)  # pure derived values

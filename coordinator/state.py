@@ -17,7 +17,9 @@ A gateway as consumers see it (`Snapshot.gateway(name)`) joins three keys: its r
 (`gateways/<g>`), its liveness and session state (`alive/<g>`) and the reachability decision
 (`reach/<g>`); a change to any of them is a Gateway upsert in the routing feed, and a `reach/`
 change also a mesh peer change (`MeshPeer.unreachable`). Probers' votes (`votes/<g>`) are kept
-for the decider (`coordinator.reach_decider`), which is woken through `reach_epoch`.
+for the decider (`coordinator.reach_decider`), which is woken through `reach_epoch`. The live
+GeoDNS servers (`dns/<name>`, written while their feed is open: `coordinator.dns_servers`) are
+mirrored as `dns_servers` (name -> answer address); they are in no feed.
 
 Everything here is synchronous and pure apart from the asyncio future used to wake waiters.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +40,7 @@ from coordinator.reach_keys import ReachRecord, session_of, votes_from_json
 from coordinator.snapshot import Delta, Snapshot
 from coordinator.store import KV, Event
 from coordinator.views import subnet_carrier
+from geomesh import validate
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.errors import ValidationError
 from geomesh.model import App, Domain, Gateway, Instance, Region, SessionState, TxtRecord
@@ -66,11 +70,18 @@ DECODERS: dict[str, tuple[str, Callable[[bytes, int], object]]] = {
     "alive": ("sessions", lambda v, _rev: session_of(v)),
     "votes": ("votes", lambda v, _rev: votes_from_json(v)),
     "reach": ("reach", lambda v, _rev: ReachRecord.from_json(v)),
+    "dns": ("dns_servers", lambda v, _rev: dns_address(v)),
 }
 # Snapshot field -> the directory it mirrors
 _SNAPSHOT_DIRS = {"regions": "regions", "gateways": "gateways", "apps": "apps", "instances": "instances",
                   "domains": "domains", "txt": "txt", "sessions": "alive", "reach": "reach",
-                  "certs": "certs", "cert_status": "certstatus"}
+                  "certs": "certs", "cert_status": "certstatus", "dns_servers": "dns"}
+
+
+def dns_address(value: bytes) -> str:
+    """The address a live GeoDNS server announced (`dns/<name>`, `coordinator.dns_servers`)."""
+    data = json.loads(value)
+    return validate.query_address("dns.address", data.get("address", "") if isinstance(data, dict) else "")
 
 
 def key(kind: str, name: str) -> bytes:
@@ -91,7 +102,7 @@ class State:
         self.revision = 0
         self.floor = 0  # we know every change after this revision
         self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam", "votes", "certs", "certstatus",
-                                                               *ACCESS_DIRS)}
+                                                               "dns", *ACCESS_DIRS)}
         self.dir_revision: dict[str, int] = {}  # directory -> revision of its last change (or load)
         self.regions: dict[str, Region] = {}
         self.gateways: dict[str, Gateway] = {}  # stored records (alive filled in by Snapshot.gateway)
@@ -105,6 +116,7 @@ class State:
         self.sessions: dict[str, SessionState] = {}   # alive/<g>: open or timed out (absent: closed)
         self.votes: dict[str, VoteMap] = {}           # votes/<prober>: target -> (up, rtt_ms)
         self.reach: dict[str, ReachRecord] = {}       # reach/<g>: the decision (absent: reachable)
+        self.dns_servers: dict[str, str] = {}         # dns/<name>: live GeoDNS servers' answer addresses
         self.reach_epoch = 0  # bumped when gateways, alive, votes or reach change (wakes the decider)
         # the decider's last round, for GetOverview (every replica computes the same)
         self._cut_off_regions: tuple[str, ...] = ()

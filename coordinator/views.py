@@ -149,7 +149,7 @@ def viewer_region(snap: Snapshot, gateway: str) -> str | None:
 
 def overview(snap: Snapshot, stats: GatewayStats | None = None, now: float = 0.0) -> pb.Overview:
     """GetOverview: every gateway's health, per-region counts, the reachability decider's last
-    round, the certificates the coordinators obtain (expiry, next attempt, failures), and the mesh links with a dead end (at most MAX_OVERVIEW_LINKS: a 1000-gateway mesh
+    round, the certificates the coordinators obtain (expiry, next attempt, failures), the live GeoDNS servers, and the mesh links with a dead end (at most MAX_OVERVIEW_LINKS: a 1000-gateway mesh
     has 500k pairs). With `stats` (at clock time `now`), each gateway's last reported load,
     connections, version and peers' handshake ages (peers still registered, by name)."""
     out = pb.Overview(revision=snap.revision, apps=len(snap.apps), domains=len(snap.domains),
@@ -180,6 +180,7 @@ def overview(snap: Snapshot, stats: GatewayStats | None = None, now: float = 0.0
             gateways_draining=sum(1 for g in gws if g.state is GatewayState.DRAINING),
             instances=len(insts), instances_healthy=sum(1 for i in insts if i.healthy),
             apps=sorted({i.app for i in insts})))
+    out.dns_servers.extend(pb.DnsServer(name=n, address=a) for n, a in sorted(snap.dns_servers.items()))
     names = sorted(snap.gateways)
     alive = [n for n in names if snap.alive(n)]
     out.links_total = len(names) * (len(names) - 1) // 2

@@ -114,6 +114,28 @@ def ip_address(field: str, value: str, *, version: int | None = None, optional: 
     return str(addr)
 
 
+def query_address(field: str, value: str) -> str:
+    """`ip:port` or `[v6]:port` of a server one can query (a DNS server's answer address), in
+    canonical form: not 0.0.0.0, :: or multicast, and a port 1-65535."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "is required")
+    if len(value) > MAX_IP + 8:
+        raise ValidationError(field, f"is longer than {MAX_IP + 8} characters")
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if not sep or not host or (":" in host and not bracketed):
+        raise ValidationError(field, f"{value!r} is not ip:port (IPv6 as [v6]:port)")
+    addr = ipaddress.ip_address(ip_address(field, host[1:-1] if bracketed else host))
+    if bracketed and addr.version != 6:
+        raise ValidationError(field, f"{value!r}: only IPv6 addresses go in brackets")
+    if addr.is_unspecified or addr.is_multicast:
+        raise ValidationError(field, f"{addr} cannot be queried (unspecified or multicast): give the address "
+                                     "the server answers on")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValidationError(field, f"port {port[:10]!r} is not 1-65535")
+    return f"[{addr}]:{int(port)}" if addr.version == 6 else f"{addr}:{int(port)}"
+
+
 def cidr(field: str, value: str, *, optional: bool = False) -> str:
     """A CIDR network with no host bits set, no zone id, at most 49 characters."""
     if not isinstance(value, str):
