@@ -18,6 +18,12 @@ TLS ports). Each debounced verdict change wakes the heartbeat loop, so the vote 
 (heartbeats are spaced at least `MIN_HEARTBEAT_GAP` apart, so a burst of changes goes out as one
 or two messages); the first heartbeat of every session, and the first after the target set
 changed, carries every current verdict with `reach_complete`.
+
+Certificates (docs/certificates.md, "On the gateway"): the agent keeps an X25519 sealing key
+(`AgentConfig.sealing_key_file`, 0600) and sends its public half at Register. A session message
+with `certificates_set` hands the whole set to the `CertificateIntake` (off the event loop), which
+opens and checks each bundle and keeps it on disk; the resulting set goes to the data plane. The
+certificates saved by an earlier run are in service before any coordinator is reached.
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ from geomesh.model import GatewayState
 from geomesh.pki import Identity
 from geomesh.probe_plan import plan
 from geomesh.routing_table import RoutingTable
+from geomesh.sealing import load_or_create_sealing_key, public_bytes
 from regional_gateway import saved_state
 from regional_gateway.agent_config import AgentConfig
+from regional_gateway.certificate_intake import CertificateIntake
 from regional_gateway.mesh_view import (
     MeshPeerInfo,
     apply_mesh_update,
@@ -55,6 +63,7 @@ from regional_gateway.mesh_view import (
     probe_regions,
     probe_targets,
 )
+from regional_gateway.proxy.certificates import ManagedCertificate
 from regional_gateway.reach_prober import ProbeSettings, ReachProber
 from regional_gateway.wireguard import keys
 
@@ -84,6 +93,7 @@ class DataPlane(Protocol):
     def update_table(self, table: RoutingTable, mesh: dict[str, MeshPeerInfo]) -> None: ...
     def backend_health(self) -> list[tuple[str, str, bool]]: ...
     def active_connections(self) -> int: ...
+    def update_certificates(self, certificates: list[ManagedCertificate]) -> None: ...
 
 
 class Agent:
@@ -97,6 +107,10 @@ class Agent:
                                                                config.tls_cert, config.tls_key)  # type: ignore[arg-type]
         self.private_key = keys.load_or_create(config.wg_key_file)
         self.public_key = self.private_key.public_key
+        sealing_key = load_or_create_sealing_key(config.sealing_key_file)
+        self.sealing_public_key = public_bytes(sealing_key)
+        self.certificates = CertificateIntake(sealing_key, config.certs_dir)
+        self._certificates_lock = asyncio.Lock()
         self.mesh_ip = ""
         self.mesh_cidr = ""
         self.revision = 0
@@ -187,7 +201,7 @@ class Agent:
                         name=self.config.name, region=self.config.region, public_ip=self.config.public_ip,
                         public_ipv6=self.config.public_ipv6, wg_port=self.config.wg_listen_port,
                         wg_public_key=self.public_key, proxy_port=self.config.proxy_port,
-                        https_port=self.config.https_port),
+                        https_port=self.config.https_port, sealing_public_key=self.sealing_public_key),
                         timeout=10, metadata=self._metadata())
                 if self.mesh_ip and resp.gateway.mesh_ip != self.mesh_ip:
                     event(log, "the coordinator gave another mesh address than the one in service: restart the "
@@ -344,6 +358,8 @@ class Agent:
             self.dataplane.update_table(self.table, self.mesh)
         if msg.HasField("routing") or msg.HasField("mesh"):
             self.update_probe_targets()
+        if msg.certificates_set:
+            await self.apply_certificates(list(msg.certificates))
         self.revision = max(self.revision, msg.revision)
         REVISION.set(self.revision)
         self.current_at = time.time()
@@ -351,6 +367,14 @@ class Agent:
             self.save_soon()
         if self.on_change is not None:
             self.on_change(self)
+
+    async def apply_certificates(self, bundles: list[pb.CertificateBundle]) -> None:
+        """Take a whole certificate set (opened and written off the event loop) and serve it."""
+        async with self._certificates_lock:
+            served = await asyncio.to_thread(self.certificates.apply, bundles)
+        DELTAS.labels("certificates").inc()
+        if self.dataplane is not None:
+            self.dataplane.update_certificates(served)
 
     async def apply_mesh(self) -> None:
         """Make the interface match the current view; on failure, log and retry shortly."""
@@ -401,6 +425,7 @@ class Agent:
         from regional_gateway.dataplane_bridge import start_dataplane
 
         self.proxy, self.dataplane = await start_dataplane(self.config, self.mesh_ip)
+        self.dataplane.update_certificates(self.certificates.in_service())
 
     def start_prober(self) -> None:
         c = self.config
@@ -435,6 +460,8 @@ class Agent:
                 REVISION.set(self.revision)
 
     async def run(self) -> None:
+        async with self._certificates_lock:  # the saved certificates: in service before any coordinator answers
+            await asyncio.to_thread(self.certificates.load_saved)
         await self.come_up()
         await self.setup_mesh()
         await self.start_dataplane()

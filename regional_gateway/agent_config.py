@@ -92,9 +92,24 @@ class AgentConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def state_root(self) -> Path:
+        """The state directory (several gateways may share one: each file carries its gateway's name)."""
+        return self.state_dir or self.wg_key_file.parent / "state"
+
+    @property
     def state_file(self) -> Path:
         """Where this gateway saves its last applied state."""
-        return (self.state_dir or self.wg_key_file.parent / "state") / f"gateway-{self.name}.state"
+        return self.state_root / f"gateway-{self.name}.state"
+
+    @property
+    def sealing_key_file(self) -> Path:
+        """This gateway's X25519 sealing key (mode 0600): the coordinator seals certificates' keys to it."""
+        return self.state_root / f"gateway-{self.name}.sealing.key"
+
+    @property
+    def certs_dir(self) -> Path:
+        """Where the certificates the coordinator sent are kept (`<name>.pem`, `<name>.key` 0600)."""
+        return self.state_root / f"gateway-{self.name}.certs"
 
     def __post_init__(self) -> None:
         validate.dns_label("name", self.name)

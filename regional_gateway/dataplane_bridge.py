@@ -9,7 +9,9 @@ trusted). Backend health measured by the proxy's probes goes up with each heartb
 table's gateways carry the coordinator's reachability verdict (`Gateway.unreachable`): cross-region
 forwarding skips unreachable gateways while their region has a reachable one
 (`proxy.cross_region.forwarding_order`). The data plane also answers the reserved health path
-that other gateways' outside-in probes ask for (docs/reachability.md).
+that other gateways' outside-in probes ask for (docs/reachability.md). The certificates the
+coordinator sends, once opened and checked by the agent's `CertificateIntake`, go to the proxy's
+certificate store with `update_certificates` (docs/certificates.md, "On the gateway").
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from geomesh.logs import event
 from geomesh.routing_table import RoutingTable
 from regional_gateway.agent_config import AgentConfig
 from regional_gateway.mesh_view import MeshPeerInfo
+from regional_gateway.proxy.certificates import ManagedCertificate
 from regional_gateway.proxy.routes import Routes, routes_from_table
 from regional_gateway.proxy.server import ProxyServer
 from regional_gateway.proxy.settings import ProxySettings
@@ -41,6 +44,11 @@ class ProxyDataPlane:
             event(log, "routing table refused by the data plane", logging.ERROR, field=exc.field, error=exc.message)
             return
         self.server.update_routes(routes)
+
+    def update_certificates(self, certificates: list[ManagedCertificate]) -> None:
+        """Serve these managed certificates from the next handshake on (open connections keep theirs)."""
+        self.server.certs.set_managed(certificates)
+        event(log, "managed certificates in service", names=[c.name for c in certificates])
 
     def backend_health(self) -> list[tuple[str, str, bool]]:
         out = []

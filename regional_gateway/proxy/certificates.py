@@ -1,12 +1,18 @@
 """TLS certificates for termination: chosen by SNI, loaded from PEM files, reloaded on change.
 
-Each `CertificateSpec` (cert chain + key file) is served for the DNS names in its
+Two sources. "file": each `CertificateSpec` (cert chain + key file) of the config or routes file;
+`refresh()` (called on a timer) reloads one whose files changed, and a file that fails to load is
+reported while the previous certificate stays in service. "managed": the certificates the
+coordinator obtained and sent sealed to this gateway (`regional_gateway.certificate_intake`),
+replaced as a whole set by `set_managed`. A certificate is served for the DNS names in its
 subjectAltName (exact names and `*.` wildcards, one label deep, as RFC 6125 6.4.3 allows), or its
 common name when it has no SAN. `context_for(name)` gives the `ssl.SSLContext` to terminate with:
-the exact name, then the wildcard, then the default (the first certificate). Two contexts per
-certificate: ALPN http/1.1 for HTTP termination, ALPN h2 for the `g` form. `refresh()` (called
-on a timer) reloads a certificate whose files changed; a file that fails to load is reported and
-the previous certificate stays in service.
+the exact name in either source, then the wildcard in either, then the default (the first file
+certificate, else the first managed one by name). Where both sources hold the same name, the
+file wins: it is the operator's explicit choice. Two contexts per certificate: ALPN http/1.1 for
+HTTP termination, ALPN h2 for the `g` form. Every change builds new indexes and swaps them in one
+assignment on the event loop: a new handshake sees the old set or the new one, and a connection
+keeps the context it was accepted with.
 """
 
 from __future__ import annotations
@@ -34,6 +40,16 @@ class LoadedCertificate:
     names: tuple[str, ...]
     http: ssl.SSLContext
     h2: ssl.SSLContext
+    not_after: float = 0.0  # the leaf's expiry, unix seconds
+    serial: int = 0         # the leaf's serial number
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedCertificate:
+    """A certificate the coordinator sent: its name (the bundle's) and the loaded context."""
+
+    name: str
+    loaded: LoadedCertificate
 
 
 def _stamp(spec: CertificateSpec) -> tuple[float, int, float, int]:
@@ -73,7 +89,8 @@ def load(spec: CertificateSpec, field: str = "certificate") -> LoadedCertificate
         h2 = _context(spec, ["h2"])
     except (ssl.SSLError, OSError) as exc:
         raise ValidationError(f"{field}.key", f"{spec.key} does not load with {spec.cert}: {exc}") from None
-    return LoadedCertificate(spec, stamp, tuple(names), http, h2)
+    return LoadedCertificate(spec, stamp, tuple(names), http, h2, cert.not_valid_after_utc.timestamp(),
+                             cert.serial_number)
 
 
 class CertificateStore:
@@ -81,6 +98,7 @@ class CertificateStore:
 
     def __init__(self, loaded: list[LoadedCertificate] | None = None) -> None:
         self._certs: list[LoadedCertificate] = list(loaded or [])
+        self._managed: dict[str, ManagedCertificate] = {}
         self._index()
 
     @classmethod
@@ -90,30 +108,49 @@ class CertificateStore:
     def _index(self) -> None:
         exact: dict[str, LoadedCertificate] = {}
         wild: dict[str, LoadedCertificate] = {}
-        for c in self._certs:
+        managed = [m.loaded for _, m in sorted(self._managed.items())]
+        for c in (*self._certs, *managed):  # files first: for a name in both, the file wins
             for n in c.names:
                 if n.startswith("*."):
                     wild.setdefault(n[2:], c)
                 else:
                     exact.setdefault(n, c)
-        self._exact, self._wild = exact, wild
+        default = self._certs[0] if self._certs else managed[0] if managed else None
+        self._exact, self._wild, self._default = exact, wild, default  # one swap: handshakes see old or new
 
     @property
     def empty(self) -> bool:
-        return not self._certs
+        return self._default is None
 
     def names(self) -> list[str]:
-        return sorted({n for c in self._certs for n in c.names})
+        every = (*self._certs, *(m.loaded for m in self._managed.values()))
+        return sorted({n for c in every for n in c.names})
 
     def context_for(self, server_name: str, *, h2: bool = False) -> ssl.SSLContext | None:
-        c = self._exact.get(server_name)
+        exact, wild, default = self._exact, self._wild, self._default
+        c = exact.get(server_name)
         if c is None and "." in server_name:
-            c = self._wild.get(server_name.split(".", 1)[1])
+            c = wild.get(server_name.split(".", 1)[1])
         if c is None:
-            if not self._certs:
+            if default is None:
                 return None
-            c = self._certs[0]
+            c = default
         return c.h2 if h2 else c.http
+
+    def managed(self) -> dict[str, ManagedCertificate]:
+        """The managed certificates in service, by name."""
+        return dict(self._managed)
+
+    def set_managed(self, certificates: list[ManagedCertificate]) -> None:
+        """Serve exactly these managed certificates from the next handshake on (the file ones stay)."""
+        self._managed = {m.name: m for m in certificates}
+        self._index()
+
+    def expiries(self) -> list[tuple[str, str, float]]:
+        """(name, source, not_after) of every certificate in service: a managed one by its name,
+        a file one by its first DNS name (`geomesh_gateway_certificate_not_after_seconds`)."""
+        out = [(c.names[0], "file", c.not_after) for c in self._certs]
+        return out + [(m.name, "managed", m.loaded.not_after) for m in self._managed.values()]
 
     def update(self, specs: tuple[CertificateSpec, ...]) -> None:
         """Serve exactly `specs` (already validated), reusing certificates whose files did not change."""

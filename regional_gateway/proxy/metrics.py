@@ -11,7 +11,10 @@ them into metric families when /metrics is scraped (served by `geomesh.metrics.s
 - `geomesh_gateway_forwarded_total{app,region}`: requests and tunnels sent to another region;
 - `geomesh_gateway_active_connections{listener}`: open client connections (http, https, mesh, tunnel, h2);
 - `geomesh_gateway_backend_up{app,backend,state}`: 1 if the backend takes traffic, with its state;
-- `geomesh_gateway_routes_reloads_total{result}`: routes updates applied or refused.
+- `geomesh_gateway_routes_reloads_total{result}`: routes updates applied or refused;
+- `geomesh_gateway_certificate_not_after_seconds{name,source}`: expiry (unix seconds) of each
+  certificate in service (source managed: sent by the coordinator, named as it names it; file:
+  from the config or routes file, named by its first DNS name).
 """
 
 from __future__ import annotations
@@ -94,7 +97,9 @@ class _Collector(Collector):
                                   labels=["listener"])
         up = GaugeMetricFamily("geomesh_gateway_backend_up", "1 if the backend takes traffic",
                                labels=["app", "backend", "state"])
-        sums: dict[str, dict] = {"req": {}, "err": {}, "fwd": {}, "rel": {}, "conn": {}}
+        expiry = GaugeMetricFamily("geomesh_gateway_certificate_not_after_seconds",
+                                   "Expiry (unix seconds) of each certificate in service", labels=["name", "source"])
+        sums: dict[str, dict] = {"req": {}, "err": {}, "fwd": {}, "rel": {}, "conn": {}, "exp": {}}
         hist: dict[str, list[float]] = {}
         for m in list(self.servers):
             for src, dst in ((m.requests, sums["req"]), (m.errors, sums["err"]), (m.forwarded, sums["fwd"]),
@@ -111,6 +116,8 @@ class _Collector(Collector):
                     sums["conn"][kind] = sums["conn"].get(kind, 0) + n
                 for app, key, state, is_up in server.backend_states():
                     up.add_metric([app, key, state], 1.0 if is_up else 0.0)
+                for name, source, not_after in server.certs.expiries():
+                    sums["exp"][(name, source)] = not_after
         for (app, backend, code), val in sorted(sums["req"].items()):
             req.add_metric([app, backend, str(code)], val)
         for cause, val in sorted(sums["err"].items()):
@@ -127,7 +134,9 @@ class _Collector(Collector):
                 cumulative += count
                 buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
             lat.add_metric([app], buckets, h[-1])
-        yield from (req, err, fwd, rel, lat, conns, up)
+        for (name, source), not_after in sorted(sums["exp"].items()):
+            expiry.add_metric([name, source], not_after)
+        yield from (req, err, fwd, rel, lat, conns, up, expiry)
 
 
 _COLLECTOR = _Collector()

@@ -16,7 +16,6 @@ from geomesh.sealing import public_bytes
 
 from ..coordinator.test_admin import seed
 
-
 WG_KEY = base64.b64encode(os.urandom(32)).decode()
 
 
