@@ -22,6 +22,7 @@ delta that drops them is a real change and is served as it comes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -99,8 +100,7 @@ def hold_dropped(served: RoutingTable, new: RoutingTable, *, snapshot: bool, hel
     gateways = dict(new.gateways)
     for name in keep:
         gateways[name] = served.gateways[name]
-    return RoutingTable(new.revision, new.regions, MappingProxyType(gateways), new.apps, new.instances,
-                        new.domains), keep
+    return dataclasses.replace(new, gateways=MappingProxyType(gateways)), keep
 
 
 @dataclass

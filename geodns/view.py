@@ -13,7 +13,9 @@ of all its routable gateways, reachable or not (`routable_ipv4`/`routable_ipv6`)
 path falls back to (fail-open) when the reachable ones would leave an app with no answer. The
 view also knows where each instance lives (`instances`: instance id -> the regions with an
 instance of that id, whatever its health), so `<instance-id>.<zone>` names answer with that
-region's gateways, as the gateways route them.
+region's gateways, as the gateways route them. It also holds the routing table's TXT records
+inside the zone (`txt`: owner name -> values and TTL; ACME DNS-01 challenges) and the names above
+them up to the zone (`txt_parents`), which exist as empty non-terminals.
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ class View:
     ready: bool = True  # False until the first routing snapshot arrived
     # instance id -> regions with an instance of that id (sorted; ids may repeat across apps)
     instances: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    # owner fqdn (lowercase) -> (values, ttl): TXT records inside the zone
+    txt: Mapping[str, tuple[tuple[str, ...], int]] = field(default_factory=lambda: MappingProxyType({}))
+    txt_parents: frozenset[str] = frozenset()  # names between a TXT owner and the zone (not the zone)
 
     @property
     def serial(self) -> int:
@@ -146,10 +151,20 @@ class View:
     @classmethod
     def build(cls, zone: ZoneConfig, revision: int, regions: Iterable[RegionView],
               apps: Iterable[AppView], ready: bool = True,
-              instances: Mapping[str, Iterable[str]] | None = None) -> View:
+              instances: Mapping[str, Iterable[str]] | None = None,
+              txt: Mapping[str, tuple[Iterable[str], int]] | None = None) -> View:
+        """A view; TXT records whose owner is outside the zone are left out."""
         placed = {i: tuple(sorted(set(where))) for i, where in (instances or {}).items()}
+        suffix = "." + zone.name
+        records = {name: (tuple(values), ttl) for name, (values, ttl) in (txt or {}).items()
+                   if name == zone.name or name.endswith(suffix)}
+        parents = set()
+        for name in records:
+            labels = name[:len(name) - len(zone.name)].rstrip(".").split(".") if name != zone.name else []
+            parents.update(".".join(labels[i:]) + suffix for i in range(1, len(labels)))
         return cls(zone, revision, MappingProxyType({r.name: r for r in regions}),
-                   MappingProxyType({a.name: a for a in apps}), ready, MappingProxyType(placed))
+                   MappingProxyType({a.name: a for a in apps}), ready, MappingProxyType(placed),
+                   MappingProxyType(records), frozenset(parents))
 
     @classmethod
     def from_table(cls, table: RoutingTable, zone: ZoneConfig) -> View:
@@ -183,7 +198,8 @@ class View:
             if app.pinned_regions:
                 where &= set(app.pinned_regions)
             apps.append(AppView(app.name, frozenset(where), tuple(app.pinned_regions)))
-        return cls.build(zone, table.revision, regions, apps, instances=placed)
+        txt = {name: (rec.values, rec.ttl) for name, rec in table.txt.items()}
+        return cls.build(zone, table.revision, regions, apps, instances=placed, txt=txt)
 
     @classmethod
     def empty(cls, zone: ZoneConfig) -> View:

@@ -11,7 +11,10 @@ the records of each section and the region chosen; only `geodns.answer` turns th
 message. For apps the caller passes the region that `geodns.nearest` chose for the client. An
 instance name answers with the gateways of the region that hosts the instance, wherever the
 client is (`instance_region`). ANY gets one RRset
-(RFC 8482); negative answers carry the SOA (RFC 2308). A region's addresses are those of its
+(RFC 8482); negative answers carry the SOA (RFC 2308). A TXT record of the routing table (an
+ACME DNS-01 challenge) answers TXT (and ANY) at its owner name, one RR per value with the
+record's TTL, when the name is nothing else (the apex aside, whose TXT also answers); the
+names between it and the zone are empty non-terminals. A region's addresses are those of its
 reachable gateways; when every gateway of the asked family is unreachable the routable ones
 answer anyway and the `Lookup` says so (`fail_open`, counted as `geomesh_dns_fail_open_total`).
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dnslib import AAAA, NS, SOA, A
+from dnslib import AAAA, NS, SOA, TXT, A
 
 from geodns.view import SOA_EXPIRE, SOA_REFRESH, SOA_RETRY, AppView, NameServer, RegionView, View
 from geodns.wire import (
@@ -33,6 +36,7 @@ from geodns.wire import (
     TYPE_ANY,
     TYPE_NS,
     TYPE_SOA,
+    TYPE_TXT,
 )
 
 # Owner of a record: the question's name (case as asked), the zone apex (case as asked), or a
@@ -79,6 +83,14 @@ class RegionGateways:
 
 
 @dataclass(frozen=True, slots=True)
+class TxtName:
+    """The owner of a TXT record (`View.txt`)."""
+
+    values: tuple[str, ...]
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
 class EmptyNonTerminal:
     pass
 
@@ -88,7 +100,8 @@ class NoSuchName:
     pass
 
 
-Target = Apex | NameServerHost | AppName | InstanceName | RegionGateways | EmptyNonTerminal | NoSuchName
+Target = (Apex | NameServerHost | AppName | InstanceName | RegionGateways | TxtName | EmptyNonTerminal
+          | NoSuchName)
 
 
 def zone_labels(view: View) -> tuple[bytes, ...]:
@@ -132,6 +145,11 @@ def classify(view: View, rel: tuple[bytes, ...]) -> Target:
         region = view.regions.get(rel[1].decode())
         if region is not None:
             return RegionGateways(region)
+    txt = view.txt.get(fqdn)
+    if txt is not None:
+        return TxtName(*txt)
+    if fqdn in view.txt_parents:
+        return EmptyNonTerminal()  # between a TXT owner and the zone
     if len(rel) == 1 and text in view.regions:
         return EmptyNonTerminal()  # parent of gw.<region>
     for ns in view.zone.nameservers:
@@ -212,6 +230,11 @@ def _region_records(ttl: int, region: RegionView, qtype: int) -> tuple[tuple[Rec
     return rrs, bool(rrs) and (open4 if qtype == TYPE_A else open6)
 
 
+def _txt_records(values: tuple[str, ...], ttl: int) -> tuple[Record, ...]:
+    """One TXT RR per value, each value one character-string (at most 255 octets: the model's rule)."""
+    return tuple(Record(OWNER_QNAME, TYPE_TXT, ttl, TXT(value.encode("ascii"))) for value in values)
+
+
 def _glue(view: View) -> tuple[Record, ...]:
     out = []
     zone_suffix = "." + view.zone.name
@@ -233,6 +256,13 @@ def records(view: View, target: Target, qtype: int, region: RegionView | None = 
         if qtype == TYPE_NS:
             ns = tuple(Record(OWNER_APEX, TYPE_NS, z.ns_ttl, NS(n.name + ".")) for n in z.nameservers)
             return Lookup(RCODE_NOERROR, ns, additional=_glue(view))
+        apex_txt = view.txt.get(z.name)
+        if qtype == TYPE_TXT and apex_txt is not None:
+            return Lookup(RCODE_NOERROR, _txt_records(*apex_txt))
+        return nodata
+    if isinstance(target, TxtName):
+        if qtype in (TYPE_TXT, TYPE_ANY):
+            return Lookup(RCODE_NOERROR, _txt_records(target.values, target.ttl))
         return nodata
     if isinstance(target, NameServerHost):
         v4 = tuple(a for a in target.ns.addresses if ":" not in a)
