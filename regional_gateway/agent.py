@@ -46,7 +46,7 @@ from geomesh import state_file
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import Targets, client_channel, insecure_metadata
-from geomesh.errors import GeomeshError
+from geomesh.errors import GeomeshError, ValidationError
 from geomesh.logs import event
 from geomesh.model import GatewayState
 from geomesh.pki import Identity
@@ -107,7 +107,10 @@ class Agent:
                                                                config.tls_cert, config.tls_key)  # type: ignore[arg-type]
         self.private_key = keys.load_or_create(config.wg_key_file)
         self.public_key = self.private_key.public_key
-        sealing_key = load_or_create_sealing_key(config.sealing_key_file)
+        try:
+            sealing_key = load_or_create_sealing_key(config.sealing_key_file)
+        except (OSError, ValueError) as exc:  # SealError is a ValueError
+            raise ValidationError("state.dir", f"{config.sealing_key_file} is not a usable sealing key: {exc}") from None
         self.sealing_public_key = public_bytes(sealing_key)
         self.certificates = CertificateIntake(sealing_key, config.certs_dir)
         self._certificates_lock = asyncio.Lock()
@@ -556,7 +559,6 @@ async def _main(config: AgentConfig, stop: asyncio.Event) -> None:
 
 def run(config_path: Path | str, args: object = None) -> int:
     """Entry point used by `geomesh-gateway --config FILE` (regional_gateway.main)."""
-    from geomesh.errors import ValidationError
     from regional_gateway.agent_config import load
 
     try:
@@ -570,7 +572,11 @@ def run(config_path: Path | str, args: object = None) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency
         runner = asyncio.run
-    runner(_main(config, asyncio.Event()))
+    try:
+        runner(_main(config, asyncio.Event()))
+    except ValidationError as exc:  # found at start, e.g. a sealing key file that is not one
+        print(f"geomesh-gateway: cannot start: {exc}")
+        return 2
     return 0
 
 

@@ -205,14 +205,15 @@ class CertificateIntake:
         """Take a whole set (`SessionDown.certificates` with `certificates_set`); returns the set in service."""
         out: dict[str, ManagedCertificate] = {}
         seen: set[str] = set()
-        for i, raw in enumerate(bundles):
+        if len(bundles) > MAX_BUNDLES:  # the rest are refused as one: counted each, logged once
+            extra = bundles[MAX_BUNDLES:]
+            FAILURES.labels("too_many").inc(len(extra))
+            event(log, "certificates refused: too many in one set, keeping those in service", logging.ERROR,
+                  reason="too_many", refused=len(extra), limit=MAX_BUNDLES)
+            out.update({b.name: self._served[b.name] for b in extra if b.name in self._served})
+            bundles = bundles[:MAX_BUNDLES]
+        for raw in bundles:
             bundle = SealedBundle.from_proto(raw)
-            if i >= MAX_BUNDLES:
-                self._refuse(IntakeError(bundle.name, "too_many", f"more than {MAX_BUNDLES} certificates in one "
-                                         "set"), kept=bundle.name in self._served)
-                if bundle.name in self._served and bundle.name not in out:
-                    out[bundle.name] = self._served[bundle.name]
-                continue
             if bundle.name in seen:
                 self._refuse(IntakeError(bundle.name, "duplicate", "named twice in one set: the first counts"),
                              kept=True)

@@ -142,3 +142,18 @@ def test_store_lookup_across_file_and_managed_certificates(tmp_path) -> None:
     assert only_managed.empty and only_managed.context_for("x") is None
     only_managed.set_managed(list(store.managed().values()))
     assert only_managed.context_for("unknown.example") is managed["hello.intake.test"].http  # first by name
+
+
+def test_a_set_is_bounded_and_a_name_counts_once(tmp_path) -> None:
+    from regional_gateway.certificate_intake import MAX_BUNDLES
+
+    intake = CertificateIntake(GATEWAY, tmp_path / "certs")
+    before = failures("duplicate")
+    served = intake.apply([bundle(ZONE, GOOD, ME), bundle(ZONE, OTHER, ME)])
+    assert [m.loaded.serial for m in served] == [0x1001] and failures("duplicate") == before + 1
+
+    flood = [bundle(f"c{i}.{ZONE}", GOOD, ME) for i in range(MAX_BUNDLES + 5)]
+    before = failures("too_many")
+    served = intake.apply(flood)
+    assert len(served) == MAX_BUNDLES and failures("too_many") == before + 5
+    assert ZONE not in {m.name for m in served}  # left out of the set: withdrawn

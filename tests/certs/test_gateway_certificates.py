@@ -11,12 +11,15 @@ import asyncio
 import os
 import ssl
 import stat
+from types import SimpleNamespace
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from prometheus_client import REGISTRY
 
 from geomesh.api import geomesh_pb2 as pb
+from geomesh.errors import ValidationError
 from geomesh.sealing import public_bytes
 from regional_gateway.agent import Agent
 from tests.proxy.backends import Backend
@@ -151,3 +154,13 @@ async def test_gateway_serves_swaps_and_keeps_certificates(coordinator_factory, 
             held.close()
         await _stop(agent, task)
         backend.close()
+
+
+def test_a_sealing_key_file_that_is_not_one_is_named_at_start(pki, tmp_path) -> None:
+    nowhere = SimpleNamespace(address="127.0.0.1:9")
+    cfg = config_for([nowhere], pki, tmp_path, "gw-badkey", "192.0.2.72")
+    cfg.sealing_key_file.parent.mkdir(parents=True)
+    cfg.sealing_key_file.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ValidationError) as refused:
+        Agent(cfg)
+    assert refused.value.field == "state.dir" and "gw-badkey.sealing.key" in refused.value.message
