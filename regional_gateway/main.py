@@ -79,6 +79,21 @@ SETTING_HELP = {
     "penalty_cooldown_max": "where the penalty doubling stops; a client clean for this long after its cool-down "
                             "starts over",
     "penalty_clients": "clients the penalty box remembers (the least recent offender is forgotten first)",
+    "resolver": "recursive resolver IP:port for custom domains by TXT record: a Host that is neither the zone's "
+                "nor a configured domain is looked up as _geomesh-app-address.<host> TXT \"app=<name>[:<port>]\" "
+                "(or the seed's _dstack-app-address.<host> \"app-id=<name>\") and routed to that app "
+                "(docs/custom-domains.md); empty = off",
+    "resolver_timeout": "seconds per UDP try of a TXT look-up (two tries, then a truncated answer one TCP try)",
+    "custom_domain_min_ttl": "a custom domain's TXT answer is cached for its TTL, at least this long",
+    "custom_domain_max_ttl": "a custom domain's TXT answer is cached at most this long",
+    "custom_domain_negative_ttl": "the longest a custom-domain look-up without a mapping (NXDOMAIN, no TXT, only "
+                                  "garbage) or a failed one is cached (the SOA's negative TTL when shorter)",
+    "custom_domain_client_rate": "TXT look-ups per second one client (IPv4 address, IPv6 /64) may cause; cached "
+                                 "answers are free; beyond, 429",
+    "custom_domain_client_burst": "TXT look-ups one client may save up (its bucket size)",
+    "custom_domain_rate": "TXT look-ups per second for all clients together; beyond, 503",
+    "custom_domain_burst": "TXT look-ups all clients together may save up (the shared bucket size)",
+    "custom_domain_cache_entries": "custom-domain hosts whose look-up answer is kept (the oldest dropped first)",
 }
 
 
@@ -120,9 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type.startswith("tuple"):
             p.add_argument(flag, action="append", metavar="IP" if f.name == "trusted_peers" else "HOST:PORT",
                            default=None, help=SETTING_HELP[f.name])
-        elif f.type == "str":
+        elif f.name == "g_mode":
             p.add_argument(flag, choices=G_MODES, default=None,
                            help=f"{SETTING_HELP[f.name]} (default {getattr(defaults, f.name)})")
+        elif f.type == "str":
+            p.add_argument(flag, default=None, metavar="IP:PORT", help=SETTING_HELP[f.name])
         else:
             kind = int if f.type.startswith("int") else float
             default = getattr(defaults, f.name)

@@ -3,8 +3,8 @@
 `ConnectionHost` is what a connection (HTTP/1.1 `downstream`, HTTP/2 `h2proxy`, byte `tunnel`,
 the `prober`) may ask of the server that accepted it: the settings, the live routing state, the
 upstream pool, the metrics, the coarse clock (`now`, ticked by the sweeper), the gateway's name
-for `X-Geomesh-Forwarded` (`mark`), which peers are trusted, a way to run a background task
-(`spawn`), and the callbacks for bookkeeping (`conn_opened`/`conn_closed`, `health_changed`,
+for `X-Geomesh-Forwarded` (`mark`), which peers are trusted, the custom-domain directory, a way
+to run a background task (`spawn`), and the callbacks for bookkeeping (`conn_opened`/`conn_closed`, `health_changed`,
 `penalise_ip`, `hand_over`). `ListenerHost` adds what the TLS listener needs for admission at
 accept. `ServedConnection` is what the server may ask of every connection it counts: its `kind`,
 its `deadline` (the sweeper calls `timed_out` past it), `drain` on shutdown and `abort` at the
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # types of the modules below the connections (none imports this one)
     from regional_gateway.proxy.admission import Admission, Refusal
     from regional_gateway.proxy.certificates import CertificateStore
+    from regional_gateway.proxy.custom_domains import CustomDomains
     from regional_gateway.proxy.metrics import ProxyMetrics
     from regional_gateway.proxy.route_state import BackendRuntime, RouteState
     from regional_gateway.proxy.settings import ProxySettings
@@ -56,6 +57,7 @@ class ConnectionHost(Protocol):
     draining: bool
     trusted_peers: frozenset[str]
     mesh_local_ips: frozenset[str]
+    custom_domains: CustomDomains | None  # custom domains by TXT record (None: no resolver configured)
 
     def spawn(self, coro: Coroutine) -> None:
         """Run `coro` as a task the server cancels on shutdown."""

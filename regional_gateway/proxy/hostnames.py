@@ -8,7 +8,9 @@ Pure: a Host header or TLS SNI value in, a `NameMatch` (app, port, instance, mod
 - `<app>-<port>s.Z`: TLS passthrough to `port`, routed by SNI without terminating;
 - `<app>-<port>g.Z`: TLS terminated with ALPN h2, the decrypted stream tunnelled to `port` (h2c);
 - `<instance-id>.Z` (and the `-<port>[s|g]` forms): one instance only;
-- a custom domain from the domain table: its app and port (passthrough if the domain says so).
+- a custom domain from the domain table: its app and port (passthrough if the domain says so);
+- a custom domain by TXT record (`custom_candidate` says which hosts may be one): the app and port
+  its record names (`resolve_custom`, given the record the caller looked up; docs/custom-domains.md).
 
 A label equal to an app or instance name wins over the `-<port>` reading, so an app called
 `api-2` is reachable as `api-2.Z`.
@@ -27,6 +29,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from regional_gateway.proxy.app_address import DSTACK_OWNER, GEOMESH_OWNER, AppAddress, owner_name
 from regional_gateway.proxy.routes import Routes
 
 _PORT_FORM = re.compile(r"^([a-z0-9][a-z0-9-]*?)-([0-9]{1,5})([sg]?)$")
@@ -168,3 +171,28 @@ def _name(routes: Routes, label: str, port: int, mode: Mode) -> NameMatch | None
     if label in routes.remote_instances:
         return NameMatch("", port, mode, label)
     return None
+
+
+def custom_candidate(routes: Routes, host: str) -> bool:
+    """May `host` (canonical, as `parse_authority` gives it) be a custom domain by TXT record? Not
+    the zone or a name under it, not a configured domain, not an IP literal, at least two labels,
+    and short enough for its TXT names to be domain names."""
+    zone = routes.zone
+    if not host or host == zone or host.endswith("." + zone) or host in routes.domains:
+        return False
+    if host.startswith("[") or "." not in host or host.rpartition(".")[2].isdigit():
+        return False  # an IPv6 literal, a single label, an IPv4 literal (no TLD is all digits)
+    return owner_name(GEOMESH_OWNER, host) is not None and owner_name(DSTACK_OWNER, host) is not None
+
+
+def resolve_custom(routes: Routes, host: str, address: AppAddress) -> NameMatch | UnknownName:
+    """The route target for a custom domain whose TXT record names `address`: its app on its port,
+    as HTTP (TLS terminated on the TLS listener), if the app exists and exposes that port."""
+    record = f"{address.owner}.{host}"
+    if not routes.knows_app(address.app):
+        return UnknownName(f"custom domain {host} names app {address.app!r}, which does not exist "
+                           f"(TXT record {record})")
+    why = routes.port_refusal(address.app, "", address.port)
+    if why is not None:
+        return UnknownName(f"custom domain {host} (TXT record {record}): {why}")
+    return NameMatch(address.app, address.port, Mode.HTTP)

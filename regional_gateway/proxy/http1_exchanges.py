@@ -21,21 +21,35 @@ from time import monotonic
 from typing import Any
 
 from regional_gateway.proxy import flow_control
+from regional_gateway.proxy.admission import client_key
 from regional_gateway.proxy.attempt import HTTP1, Failure, may_retry
 from regional_gateway.proxy.client_address import FORWARDED_MARK
+from regional_gateway.proxy.custom_domains import Lookup, failure_error, refusal_error
 from regional_gateway.proxy.exchange import LINGER, Exchange
 from regional_gateway.proxy.flow_control import FlowControl
 from regional_gateway.proxy.host import ConnectionHost
-from regional_gateway.proxy.hostnames import Authority, Mode, NameMatch, UnknownName, parse_authority
+from regional_gateway.proxy.hostnames import (
+    Authority,
+    Mode,
+    NameMatch,
+    UnknownName,
+    custom_candidate,
+    normalize_host,
+    parse_authority,
+    resolve_custom,
+)
 from regional_gateway.proxy.http_errors import (
     BadHost,
+    LookupFailed,
     MisdirectedRequest,
     ProxyError,
+    ShuttingDown,
     UnknownHost,
     UpstreamFailed,
     UpstreamTimeout,
     render,
 )
+from regional_gateway.proxy.lookup_budget import Refusal
 from regional_gateway.proxy.request_head import with_host
 from regional_gateway.proxy.route_state import BackendRuntime
 from regional_gateway.proxy.routes import RemoteRegion
@@ -49,6 +63,9 @@ _HEALTH_GET = b"GET " + HEALTH_PATH.encode() + b" "  # the reserved health path,
 
 class Http1Exchanges(asyncio.Protocol):
     """The exchanges of a client connection, from a parsed head to the end of the answer."""
+
+    trusted = False  # a mesh or trusted-peer connection (`downstream` sets both)
+    client_ip = ""
 
     def __init__(self, server: ConnectionHost, sni: bytes | None) -> None:
         self.server = server
@@ -126,7 +143,51 @@ class Http1Exchanges(asyncio.Protocol):
         elif ex.host is None:  # routed by SNI: the backend gets it as Host
             ex.head = with_host(ex.head, canon, False)
             ex.host = canon
-        self._route(ex, self.server.state.lookup(canon))
+        match = self.server.state.lookup(canon)
+        if type(match) is UnknownName and self.server.custom_domains is not None \
+                and custom_candidate(self.server.state.routes, auth.host):  # type: ignore[union-attr]
+            self._route_custom(ex, auth.host)  # type: ignore[union-attr]
+            return
+        self._route(ex, match)
+
+    def _route_custom(self, ex: Exchange, host: str) -> None:
+        """A host that may be a custom domain by TXT record (docs/custom-domains.md): routed by the
+        cached answer, else once the look-up lands (reading paused meanwhile; body bytes that came
+        are held as for a connect); refused when the look-up budget is spent."""
+        domains = self.server.custom_domains
+        found = domains.peek(host)  # type: ignore[union-attr]
+        if found is not None:
+            self._route_found(ex, host, found)
+            return
+        pending = domains.lookup(host, None if self.trusted else client_key(self.client_ip))  # type: ignore
+        if isinstance(pending, Refusal):
+            self._local(ex, refusal_error(host, pending))
+            return
+        self.flow.pause(flow_control.CONNECT)
+        now = self.server.now
+        if ex.has_body and not ex.req_done:  # as for a connect: the gateway's pause is not the client's fault
+            self._body_window(now)
+        else:  # the look-up ends (answer or failure) within max_wait
+            self.deadline = now + max(self.upstream_timeout, domains.max_wait)  # type: ignore[union-attr]
+        pending.add_done_callback(lambda f: self._custom_landed(ex, host, f))
+
+    def _custom_landed(self, ex: Exchange, host: str, done: asyncio.Future) -> None:
+        self.flow.resume(flow_control.CONNECT)
+        if self.closed or ex is not self.active or ex.resp_done:
+            return
+        if done.cancelled() or done.exception() is not None:
+            self._local(ex, ShuttingDown("the gateway is shutting down") if done.cancelled()
+                        else LookupFailed(f"the look-up of custom domain {host} failed"))
+            return
+        self._route_found(ex, host, done.result())
+
+    def _route_found(self, ex: Exchange, host: str, found: Lookup) -> None:
+        if found.failure:
+            self._local(ex, failure_error(host, found))
+        elif found.address is None:
+            self._route(ex, self.server.state.lookup(ex.host or b""))  # no mapping: the unknown host's answer
+        else:
+            self._route(ex, resolve_custom(self.server.state.routes, host, found.address))
 
     def _route(self, ex: Exchange, match: NameMatch | UnknownName) -> None:
         if type(match) is not NameMatch:
@@ -252,7 +313,13 @@ class Http1Exchanges(asyncio.Protocol):
     def _retry(self, ex: Exchange, exclude: tuple[str, ...], *, fresh_to: tuple[str, int] | None = None) -> bool:
         """Send the exchange again, avoiding `exclude`; False if there is nowhere to send it."""
         state = self.server.state
-        match = state.lookup(ex.host if ex.host is not None else self.sni)  # type: ignore[arg-type]
+        raw = ex.host if ex.host is not None else self.sni
+        match = state.lookup(raw)  # type: ignore[arg-type]
+        if type(match) is UnknownName and self.server.custom_domains is not None:
+            host = normalize_host(raw.decode("latin-1"))  # type: ignore[union-attr]
+            found = self.server.custom_domains.peek(host, count=False)  # routed by it a moment ago
+            if found is not None and found.address is not None:
+                match = resolve_custom(state.routes, host, found.address)
         if type(match) is not NameMatch:
             return False
         nxt = choose(state, match, self.client_key, may_forward=not ex.marked, exclude=exclude)

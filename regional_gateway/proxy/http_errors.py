@@ -81,6 +81,12 @@ class SniMismatch(MisdirectedRequest):
     cause = "sni-host-mismatch"
 
 
+class LookupRateLimited(ProxyError):
+    """A custom domain's TXT look-up refused: this client's look-ups are over their rate."""
+
+    status, cause = 429, "custom-domain-rate-limited"
+
+
 class HeadersTooLarge(ProxyError):
     status, cause, closes = 431, "headers-too-large", True
 
@@ -95,6 +101,18 @@ class NoHealthyBackend(ProxyError):
 
 class Overloaded(ProxyError):
     status, cause, closes = 503, "too-many-connections", True
+
+
+class LookupsBusy(ProxyError):
+    """A custom domain's TXT look-up refused: the gateway's look-ups are over their rate."""
+
+    status, cause = 503, "custom-domain-lookups-busy"
+
+
+class LookupFailed(ProxyError):
+    """A custom domain's TXT look-up got no answer (resolver timeout, SERVFAIL, ...)."""
+
+    status, cause = 503, "custom-domain-lookup-failed"
 
 
 class ShuttingDown(ProxyError):

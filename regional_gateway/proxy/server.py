@@ -44,6 +44,7 @@ from typing import Any
 from geomesh.logs import event
 from regional_gateway.proxy.admission import Admission, PenaltyBox, Refusal, client_key, per_client_limit
 from regional_gateway.proxy.certificates import CertificateStore
+from regional_gateway.proxy.custom_domains import CustomDomains
 from regional_gateway.proxy.downstream import ClientConnection
 from regional_gateway.proxy.fd_pressure import RESERVED_FDS, AcceptBackoff, connection_cap
 from regional_gateway.proxy.host import ServedConnection
@@ -94,6 +95,8 @@ class ProxyServer:
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self._next_cert_check = 0.0
+        # custom domains by TXT record (None without --resolver): docs/custom-domains.md
+        self.custom_domains = CustomDomains.from_settings(settings, clock=lambda: self.now)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -189,6 +192,8 @@ class ProxyServer:
             conn.abort()
         for task in self._background:
             task.cancel()
+        if self.custom_domains is not None:
+            self.custom_domains.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)

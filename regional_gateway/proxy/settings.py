@@ -74,6 +74,19 @@ class ProxySettings:
     penalty_cooldown: float = 1.0
     penalty_cooldown_max: float = 60.0
     penalty_clients: int = 10000
+    # custom domains by TXT record (docs/custom-domains.md): a host that is not the zone's and not a
+    # configured domain is looked up as `_geomesh-app-address.<host>` (and the seed's
+    # `_dstack-app-address.<host>`) through this recursive resolver, "host:port"; "" = off
+    resolver: str = ""
+    resolver_timeout: float = 1.0  # seconds per UDP try (two tries; a truncated answer: one TCP try)
+    custom_domain_min_ttl: float = 5.0  # an answer is cached for its TTL, at least this long...
+    custom_domain_max_ttl: float = 3600.0  # ...and at most this long
+    custom_domain_negative_ttl: float = 5.0  # the longest a "no mapping" (or a failed look-up) is cached
+    custom_domain_client_rate: int = 2  # look-ups per second one client may cause (cache hits are free)...
+    custom_domain_client_burst: int = 10  # ...with this many saved up (beyond: 429)
+    custom_domain_rate: int = 100  # look-ups per second for all clients together...
+    custom_domain_burst: int = 200  # ...with this many saved up (beyond: 503)
+    custom_domain_cache_entries: int = 10000  # hosts whose answer is kept
 
     def __post_init__(self) -> None:
         for name in ("http", "https", "mesh"):
@@ -113,6 +126,14 @@ class ProxySettings:
                                   f"{self.penalty_cooldown:g}-86400 seconds (at least penalty_cooldown)")
         if self.g_mode not in G_MODES:
             raise ValidationError("g_mode", f"{self.g_mode!r} is not one of: {', '.join(G_MODES)}")
+        if self.resolver:
+            if parse_listen("resolver", self.resolver)[1] == 0:
+                raise ValidationError("resolver", "needs a port (1-65535)")
+        if self.custom_domain_min_ttl > self.custom_domain_max_ttl:
+            raise ValidationError("custom_domain_min_ttl", f"{self.custom_domain_min_ttl:g} is over "
+                                  f"custom_domain_max_ttl ({self.custom_domain_max_ttl:g})")
+        if self.resolver_timeout > 30:
+            raise ValidationError("resolver_timeout", f"{self.resolver_timeout:g} is over 30 seconds")
         if self.max_header_bytes < 1024:
             raise ValidationError("max_header_bytes", "must be at least 1024")
 
