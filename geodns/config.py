@@ -58,6 +58,7 @@ class Config:
     tls_key: Path | None = None
     insecure: bool = False
     name: str = "dns"
+    announce_address: str = ""  # with --coordinator: where the coordinator queries us ("": the first --listen)
     zone_overrides: dict = field(default_factory=dict)  # zone settings from flags (None = not given)
     geoip_db: Path | None = None
     udp_payload: int = DEFAULT_UDP_PAYLOAD
@@ -128,6 +129,10 @@ class Config:
         if self.workers > 1 and any(port == 0 for _, port in self.listen) and len(self.listen) > 1:
             raise ValidationError("--listen", "with --workers > 1 and several addresses, give explicit ports")
         v.dns_label("--name", self.name)
+        if self.announce_address:
+            if not self.coordinators:
+                raise ValidationError("--announce-address", "is for --coordinator (it is announced on the routing feed)")
+            object.__setattr__(self, "announce_address", v.query_address("--announce-address", self.announce_address))
         if self.state_dir is not None and not self.coordinators:
             raise ValidationError("--state-dir", "is for --coordinator (a --state file is already on disk)")
         if self.state_max_age < 0 or self.state_max_age > 10 * 365 * 86400:
@@ -156,7 +161,8 @@ class Config:
         rrl = RrlConfig(a.rrl_rate, a.rrl_window, a.rrl_slip, a.rrl_ipv4_prefix, a.rrl_ipv6_prefix)
         return cls(
             listen=listen, state=a.state, coordinators=coordinators, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
-            tls_key=a.tls_key, insecure=a.insecure, name=a.name, zone_overrides=overrides,
+            tls_key=a.tls_key, insecure=a.insecure, name=a.name, announce_address=a.announce_address or "",
+            zone_overrides=overrides,
             geoip_db=a.geoip_db or default_database(), udp_payload=a.edns_payload, cache_size=a.cache_size,
             cache_bytes=a.cache_bytes, reply_cache=not a.no_reply_cache, region_map=not a.no_region_map,
             geoip_poll=a.geoip_poll, tcp_idle_timeout=a.tcp_idle_timeout,
@@ -191,6 +197,12 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--insecure", action="store_true",
                      help="plaintext to an --insecure coordinator (loopback demos only)")
     src.add_argument("--name", default="dns", help="this server's name as a dns identity (default %(default)s)")
+    src.add_argument("--announce-address", metavar="HOST:PORT",
+                     help="with --coordinator: the address (ip:port, [v6]:port) where the coordinator can query this "
+                          "server over UDP, announced on the routing feed under this server's identity name (the "
+                          "certificate's CN; --name with --insecure) while the feed is open, so that an ACME "
+                          "challenge is validated only once every live server answers it (default: the first "
+                          "--listen address; needed when that is 0.0.0.0 or [::], which is not announced)")
     src.add_argument("--state-dir", type=Path, metavar="DIR",
                      help="with --coordinator: save the last routing view here (geodns.state, atomic, checksummed) "
                           "and answer from it at start while no coordinator answers (docs/static-stability.md)")

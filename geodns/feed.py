@@ -17,12 +17,20 @@ gateways reconnected (a restarted coordinator whose etcd lease expired during th
 not empty a region: `hold_dropped` (pure) keeps, for `hold` seconds, the gateways a region had
 routable when a snapshot leaves it none, until one of its own gateways is routable again. A
 delta that drops them is a real change and is served as it comes.
+
+The server announces itself on its stream (`WatchRoutingRequest.server_name`, `answer_address`:
+`announcement` picks them, pure): while the stream is open the coordinator lists it as a live DNS
+server and, before an ACME challenge is validated, checks that it answers the challenge's TXT. A
+coordinator that refuses the announcement (INVALID_ARGUMENT or PERMISSION_DENIED naming
+`server_name` or `answer_address`) gets the stream again without it: following the feed matters
+more than being listed (logged as an error).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import random
 import time
@@ -75,6 +83,19 @@ def saved_of(table: RoutingTable, zone: str) -> state_file.Saved:
     return state_file.Saved(STATE_KIND, zone, table.revision, time.time(), table.to_snapshot().SerializeToString())
 
 
+def announcement(identity_name: str, listen: tuple[str, int], port: int, announce_address: str
+                 ) -> tuple[str, str] | None:
+    """(server_name, answer_address) this server announces on its feed: its identity name and
+    `announce_address`, else the first listen address with its bound `port`; None when that
+    address is a wildcard (0.0.0.0, ::: nobody can query it) and no `announce_address` was given."""
+    if announce_address:
+        return identity_name, announce_address
+    host = listen[0]
+    if ipaddress.ip_address(host).is_unspecified:
+        return None
+    return identity_name, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def hold_dropped(served: RoutingTable, new: RoutingTable, *, snapshot: bool, held: Mapping[str, float],
                  now: float, hold: float) -> tuple[RoutingTable, dict[str, float]]:
     """The table to serve after `new` arrived, and the gateways held (name -> until when).
@@ -118,7 +139,8 @@ class RoutingFeedClient:
                  *, insecure: bool = False, name: str = "dns", backoff_initial: float = BACKOFF_INITIAL,
                  backoff_max: float = BACKOFF_MAX, saved: RoutingTable | None = None,
                  writer: state_file.DebouncedWriter | None = None, zone: str = "",
-                 hold: float = DEFAULT_HOLD, saved_at: float = 0.0) -> None:
+                 hold: float = DEFAULT_HOLD, saved_at: float = 0.0,
+                 announce: tuple[str, str] | None = None) -> None:
         self.targets = Targets(targets)
         self.identity = identity
         self.insecure = insecure
@@ -131,6 +153,7 @@ class RoutingFeedClient:
         self.served = self.table  # what on_table last got (the table, or it with held gateways)
         self.held: dict[str, float] = {}
         self.hold = hold
+        self.announce = announce  # (server_name, answer_address), or None: a plain watcher
         self.writer = writer
         self.zone = zone
         self._hold_timer: asyncio.TimerHandle | None = None
@@ -170,7 +193,9 @@ class RoutingFeedClient:
         try:
             stub = pbg.RoutingFeedStub(channel)
             last = self.table.revision if self.have_snapshot else 0
-            call = stub.Watch(pb.WatchRoutingRequest(last_revision=last), metadata=self._metadata())
+            server_name, address = self.announce or ("", "")
+            request = pb.WatchRoutingRequest(last_revision=last, server_name=server_name, answer_address=address)
+            call = stub.Watch(request, metadata=self._metadata())
             async for update in call:
                 if not got_any:
                     event(log, "routing feed connected", target=target, resumed_from=last)
@@ -180,6 +205,7 @@ class RoutingFeedClient:
             self.status.last_error = "stream ended"
         except grpc.aio.AioRpcError as exc:
             self.status.last_error = f"{exc.code().name}: {exc.details()}"
+            self._refused(exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bad update must not kill the feed: reconnect with a snapshot
@@ -189,6 +215,17 @@ class RoutingFeedClient:
         finally:
             await channel.close(grace=None)
         return got_any
+
+    def _refused(self, exc: grpc.aio.AioRpcError) -> None:
+        """Follow the feed without announcing when the coordinator refused the announcement."""
+        details = exc.details() or ""
+        if (self.announce is not None
+                and exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+                and ("server_name" in details or "answer_address" in details)):
+            event(log, "the coordinator refused this server's announcement: following the feed without it; "
+                  "ACME challenges will not wait for this server", logging.ERROR, server_name=self.announce[0],
+                  answer_address=self.announce[1], error=details[:200])
+            self.announce = None
 
     def _apply(self, update: pb.RoutingUpdate) -> None:
         if not update.snapshot and not self.have_snapshot:

@@ -52,9 +52,9 @@ from geodns.tcp_admission import PenaltyBox, TcpAbuseCollector
 from geodns.udp import BatchUdp, ProtocolUdp, batch_supported
 from geodns.view import View
 from geomesh import metrics
-from geomesh.errors import ValidationError
+from geomesh.errors import GeomeshError, ValidationError
 from geomesh.logs import event
-from geomesh.pki import Identity
+from geomesh.pki import Identity, identity_of_pem
 from geomesh.routing_table import RoutingTable
 
 log = logging.getLogger("geodns.server")
@@ -368,12 +368,33 @@ class Server:
         self.feed = RoutingFeedClient(list(cfg.coordinators), identity, self.set_table,
                                       insecure=cfg.insecure, name=cfg.name, saved=self.saved_table,
                                       writer=writer, zone=self.responder.view.zone.name, hold=cfg.resync_hold,
-                                      saved_at=self.saved_at)
+                                      saved_at=self.saved_at, announce=self._announcement())
         try:
             await self.feed.run()
         finally:
             if writer is not None:
                 await writer.flush()
+
+    def _announcement(self) -> tuple[str, str] | None:
+        """What this server announces on its feed (`feed.announcement`): worker 0 only, as its
+        identity's name (the certificate's CN; --name without one)."""
+        from geodns.feed import announcement
+
+        cfg = self.config
+        if self.worker != 0:
+            return None
+        name = cfg.name
+        if cfg.tls_cert is not None and not cfg.insecure:
+            try:
+                name = identity_of_pem(cfg.tls_cert.read_bytes())[1]
+            except (OSError, GeomeshError) as exc:  # the channel will say what is wrong with it
+                event(log, "could not read the identity name from --tls-cert; announcing --name", logging.WARNING,
+                      error=str(exc)[:200])
+        found = announcement(name, cfg.listen[0], self.ports[0], cfg.announce_address)
+        if found is None:
+            event(log, "not announced on the routing feed: the first --listen address is a wildcard; give "
+                  "--announce-address so ACME challenges wait for this server", logging.WARNING)
+        return found
 
     async def _publish_stats(self) -> None:
         assert self.stats_pipe is not None
