@@ -251,7 +251,7 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
             return sent
         snap = self.feed.snapshot()
         gw = snap.gateways.get(name)
-        sealing_key = getattr(gw, "sealing_public_key", "") if gw is not None else ""
+        sealing_key = gw.sealing_public_key if gw is not None else ""
         records = sorted(snap.certs.values(), key=lambda r: r.name)
         have = (sealing_key, tuple((r.name, r.serial) for r in records))
         if have == sent:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import uvloop
 
+from coordinator.acme_orders import AcmeSettings
+from coordinator.renewal import DAY, RenewalPolicy
 from coordinator.server import Coordinator, CoordinatorConfig
 from geomesh import logs, metrics
 from geomesh.errors import ValidationError
@@ -69,6 +71,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-log", type=Path, metavar="PATH",
                    help="also append every write call's audit line (JSON: caller role, name, certificate serial, "
                         "method, key fields, code) to this file; they are always in the process log too")
+    acme = p.add_argument_group("certificates (ACME DNS-01 through geomesh-dns; docs/certificates.md)")
+    acme.add_argument("--acme-directory", metavar="URL",
+                      help="ACME directory of the CA to obtain the zone's certificate from (off when absent)")
+    acme.add_argument("--acme-zone", metavar="NAME", help="the zone to certify: <zone> and *.<zone> (required with --acme-directory)")
+    acme.add_argument("--acme-email", default="", help="contact address for the ACME account (optional)")
+    acme.add_argument("--acme-ca-bundle", type=Path, metavar="PEM",
+                      help="CA certificates to trust for the ACME directory's HTTPS (default: the system's)")
+    acme.add_argument("--acme-renew-before", type=float, default=30.0, metavar="DAYS",
+                      help="renew this many days before the certificate expires (default %(default)s)")
+    acme.add_argument("--acme-retry", type=float, default=30.0, metavar="SECONDS",
+                      help="first retry after a failed order; doubles per failure (default %(default)s)")
+    acme.add_argument("--acme-retry-max", type=float, default=3600.0, metavar="SECONDS",
+                      help="longest wait between retries (default %(default)s)")
+    acme.add_argument("--acme-check-interval", type=float, default=5.0, metavar="SECONDS",
+                      help="how often each replica checks who orders and whether an order is due (default %(default)s)")
+    acme.add_argument("--secrets-key", type=Path, metavar="PATH",
+                      help="32-byte key every replica shares, sealing what rests in etcd (the ACME account and "
+                           "certificate keys); made with mode 0600 when absent (default <pki-dir>/secrets.key)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
     p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
@@ -76,6 +96,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level (default %(default)s)")
     p.add_argument("--log-format", default="json", choices=["json", "text"], help="log format (default %(default)s)")
     return p
+
+
+def acme_settings(args: argparse.Namespace) -> AcmeSettings | None:
+    if not args.acme_directory:
+        return None
+    if not args.acme_zone:
+        raise ValidationError("acme_zone", "is required with --acme-directory")
+    return AcmeSettings(args.acme_directory, args.acme_zone, email=args.acme_email, ca_bundle=args.acme_ca_bundle,
+                        policy=RenewalPolicy(renew_before=args.acme_renew_before * DAY, retry_base=args.acme_retry,
+                                             retry_max=args.acme_retry_max),
+                        check_interval=args.acme_check_interval)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -89,7 +120,8 @@ async def run(args: argparse.Namespace) -> None:
                                health_write_interval=args.health_write_interval, heartbeat_rate=args.heartbeat_rate,
                                reach_max_unreachable_share=args.reach_max_unreachable_share,
                                reach_vote_write_rate=args.reach_vote_write_rate, audit_log=args.audit_log,
-                               allow_loopback_instances=args.allow_loopback_instances)
+                               allow_loopback_instances=args.allow_loopback_instances,
+                               acme=acme_settings(args), secrets_key=args.secrets_key)
     coordinator = Coordinator(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

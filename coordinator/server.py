@@ -28,6 +28,7 @@ from prometheus_client import Gauge
 
 from coordinator import audit
 from coordinator.access import Access
+from coordinator.acme_orders import AcmeSettings, ZoneCertificates
 from coordinator.dns_servers import Announcer
 from coordinator.fanout import Fanout
 from coordinator.operations import Operations
@@ -41,6 +42,7 @@ from geomesh import validate
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.errors import StoreUnavailableError, ValidationError
 from geomesh.pki import Pki
+from geomesh.sealing import SealError, SecretBox
 
 log = logging.getLogger("geomesh.coordinator")
 
@@ -74,6 +76,14 @@ class CoordinatorConfig:
     etcd_ca: Path | None = None  # etcd: CA that signed the members' certificates (TLS)
     etcd_cert: Path | None = None  # etcd: our client certificate and key
     etcd_key: Path | None = None
+    acme: AcmeSettings | None = None  # obtain the zone's certificate by ACME DNS-01 (docs/certificates.md)
+    secrets_key: Path | None = None  # the replicas' shared key for what rests sealed in etcd (default <pki-dir>/secrets.key)
+
+    @property
+    def secrets_path(self) -> Path | None:
+        if self.secrets_key is not None:
+            return self.secrets_key
+        return self.pki_dir / "secrets.key" if self.pki_dir is not None else None
 
     @property
     def etcd_config(self) -> EtcdConfig:
@@ -97,6 +107,8 @@ class CoordinatorConfig:
         validate.cidr("mesh_cidr", self.mesh_cidr)
         if not 1 <= self.lease_ttl <= 60:
             raise ValidationError("lease_ttl", "must be 1..60 seconds")
+        if self.acme is not None and self.secrets_path is None:
+            raise ValidationError("secrets_key", "is required with --acme-directory (or --pki-dir, which holds secrets.key)")
         if not 1 <= self.watch_send_timeout <= 3600:
             raise ValidationError("watch_send_timeout", "must be 1..3600 seconds")
         if not 0.05 <= self.health_write_interval <= 60:
@@ -140,6 +152,7 @@ class Coordinator:
         self.port = 0
         self._tasks: list[asyncio.Task] = []
         self._loaded = asyncio.Event()
+        self.certificates: ZoneCertificates | None = None
 
     async def start(self) -> int:
         cfg = self.config
@@ -162,6 +175,15 @@ class Coordinator:
             self.store.keepalive_forever(self.leases, max(cfg.lease_ttl / 3, 0.3)), name="lease-keepalive"))
         await self._loaded.wait()
         self._tasks.append(asyncio.create_task(self.decider.run(), name="reach-decider"))
+        secrets = None
+        if cfg.acme is not None:
+            assert cfg.secrets_path is not None
+            try:
+                secrets = SecretBox.load_or_create(cfg.secrets_path)
+            except (OSError, SealError) as exc:
+                raise ValidationError("secrets_key", f"{cfg.secrets_path}: {exc}") from None
+            self.certificates = ZoneCertificates(cfg.acme, self.store, self.state, self.lease, secrets)
+            self._tasks.append(asyncio.create_task(self.certificates.run(), name="zone-certificate"))
 
         server = grpc.aio.server(options=[
             ("grpc.keepalive_time_ms", 5000),
@@ -178,7 +200,7 @@ class Coordinator:
             self.feed, self.state, self.ops, self.store, self.lease, self.access,
             lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr,
             health_interval=cfg.health_write_interval,
-            heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate)
+            heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate, secrets=secrets)
         add_services(server, AdminService(self.feed, self.ops, self.access, stats=self.gateway_control.stats),
                      RoutingFeedService(self.feed, self.ops, self.access, send_timeout=cfg.watch_send_timeout,
                                         announcer=Announcer(self.store, self.lease)),
