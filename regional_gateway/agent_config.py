@@ -31,6 +31,8 @@ Example (`deploy/gateway.example.toml` documents every field)::
     dir = "/var/lib/geomesh/state"   # default: "state" beside the WireGuard key file
     max_age = 0                      # seconds; a saved state older than this is not served (0 = any age)
     coordinator_deadline = 2.0       # seconds to wait for a coordinator at start before serving saved state
+    [custom_domains]                 # custom domains by TXT record (docs/custom-domains.md)
+    resolver = "127.0.0.1:53"        # recursive resolver IP:port; none: off
 """
 
 from __future__ import annotations
@@ -46,11 +48,17 @@ from geomesh.errors import ValidationError
 from geomesh.probe_plan import DEFAULT_PROBER_REGIONS
 from regional_gateway.proxy.certificates import load as load_certificate
 from regional_gateway.proxy.routes import CertificateSpec
-from regional_gateway.proxy.settings import G_MODES
+from regional_gateway.proxy.settings import G_MODES, ProxySettings
 
 BACKENDS = ("auto", "userspace", "kernel", "none")
 REACH_KEYS = ("interval", "timeout", "fall", "rise", "prober_regions")
 STATE_KEYS = ("dir", "max_age", "coordinator_deadline")
+# [custom_domains] key -> the ProxySettings field it sets (docs/custom-domains.md)
+CUSTOM_DOMAIN_KEYS = {"resolver": "resolver", "resolver_timeout": "resolver_timeout",
+                      "min_ttl": "custom_domain_min_ttl", "max_ttl": "custom_domain_max_ttl",
+                      "negative_ttl": "custom_domain_negative_ttl", "client_rate": "custom_domain_client_rate",
+                      "client_burst": "custom_domain_client_burst", "rate": "custom_domain_rate",
+                      "burst": "custom_domain_burst", "cache_entries": "custom_domain_cache_entries"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +97,8 @@ class AgentConfig:
     state_dir: Path | None = None       # None: "state" beside the WireGuard key file
     state_max_age: float = 0.0          # seconds; an older saved state is not served at start (0 = any age)
     coordinator_deadline: float = 2.0   # seconds to wait for a coordinator at start before serving saved state
+    # [custom_domains]: the data plane's TXT look-ups, as ProxySettings fields (CUSTOM_DOMAIN_KEYS)
+    custom_domains: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -154,6 +164,14 @@ class AgentConfig:
         if self.state_max_age != 0:
             _seconds("state.max_age", self.state_max_age, 1.0, 10 * 365 * 86400.0)
         _seconds("state.coordinator_deadline", self.coordinator_deadline, 0.1, 60.0)
+        fields_of = {v: k for k, v in CUSTOM_DOMAIN_KEYS.items()}
+        for name in self.custom_domains:
+            if name not in fields_of:
+                raise ValidationError(f"custom_domains.{name}", "is not a data plane custom-domain setting")
+        try:
+            ProxySettings(http=("127.0.0.1:0",), **self.custom_domains)
+        except ValidationError as exc:
+            raise ValidationError(f"custom_domains.{fields_of.get(exc.field, exc.field)}", exc.message) from None
 
 
 def _seconds(name: str, value: object, low: float, high: float) -> None:
@@ -184,7 +202,7 @@ def load(path: Path) -> AgentConfig:
     wg = data.get("wireguard", {})
     known = {"name", "region", "coordinators", "public_ip", "public_ipv6", "zone", "proxy_port", "proxy_listen",
              "https_port", "certificates", "g_mode", "insecure", "heartbeat_interval", "metrics_host", "metrics_port",
-             "dataplane", "tls", "wireguard", "reach", "routes", "state"}
+             "dataplane", "tls", "wireguard", "reach", "routes", "state", "custom_domains"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValidationError(unknown[0], "is not a known setting")
@@ -200,6 +218,13 @@ def load(path: Path) -> AgentConfig:
     unknown = sorted(set(state) - set(STATE_KEYS))
     if unknown:
         raise ValidationError(f"state.{unknown[0]}", f"is not a known setting (known: {', '.join(STATE_KEYS)})")
+    custom = data.get("custom_domains", {})
+    if not isinstance(custom, dict):
+        raise ValidationError("custom_domains", "must be a table")
+    unknown = sorted(set(custom) - set(CUSTOM_DOMAIN_KEYS))
+    if unknown:
+        raise ValidationError(f"custom_domains.{unknown[0]}",
+                              f"is not a known setting (known: {', '.join(CUSTOM_DOMAIN_KEYS)})")
     coordinators = data.get("coordinators", [])
     if isinstance(coordinators, str):
         coordinators = [coordinators]
@@ -225,4 +250,5 @@ def load(path: Path) -> AgentConfig:
         reach_prober_regions=reach.get("prober_regions", DEFAULT_PROBER_REGIONS),
         state_dir=rel(state.get("dir")), state_max_age=state.get("max_age", 0.0),
         coordinator_deadline=state.get("coordinator_deadline", 2.0),
+        custom_domains={CUSTOM_DOMAIN_KEYS[k]: v for k, v in custom.items()},
     )

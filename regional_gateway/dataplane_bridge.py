@@ -67,7 +67,8 @@ async def start_dataplane(config: AgentConfig, mesh_ip: str) -> tuple[ProxyServe
     listen = config.proxy_listen or config.public_ip
     mesh = (f"{mesh_ip}:{config.proxy_port}",) if mesh_ip and config.wg_backend != "none" else ()
     https = (f"{listen}:{config.https_port}",) if config.https_port else ()
-    settings = ProxySettings(http=(f"{listen}:{config.proxy_port}",), https=https, mesh=mesh, g_mode=config.g_mode)
+    settings = ProxySettings(http=(f"{listen}:{config.proxy_port}",), https=https, mesh=mesh, g_mode=config.g_mode,
+                             **config.custom_domains)
     server = ProxyServer(settings, Routes(zone=config.zone, self_name=config.name, region=config.region,
                                           certificates=config.certificates))
     await server.start()

@@ -14,6 +14,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
+from regional_gateway.proxy.txt_resolver import TRUNCATED, make_query, read_reply
 from tests.custom_dns import Gdnsd, Unbound
 from tests.proxy.certs import TestCA
 from tests.proxy.client import Conn, get
@@ -235,6 +236,22 @@ def test_the_seeds_dstack_record_works_and_geomesh_wins(backends, gateway, custo
     assert get(g.http, f"seed.{CUSTOMER}").header("x-backend") == "b1"
     assert get(g.http, f"both.{CUSTOMER}").header("x-backend") == "b2"
     assert get(g.http, f"ported.{CUSTOMER}").status == 404  # the seed's form has no port
+
+
+def test_a_truncated_answer_is_asked_again_over_tcp(backends, gateway, customer_dns):
+    (web,) = backends(1)
+    filler = [f'_geomesh-app-address.big 30 TXT "note {i} ' + "z" * 230 + '"' for i in range(7)]
+    dns = customer_dns(*filler, '_geomesh-app-address.big 30 TXT "app=web"')
+    name = f"_geomesh-app-address.big.{CUSTOMER}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # over UDP the answer does not fit
+        s.settimeout(5)
+        s.sendto(make_query(name, 99), dns.unbound.address)
+        assert read_reply(name, 99, s.recv(65535)) is TRUNCATED
+    g = gateway(routes(("web", [web.address])), resolver=dns.resolver)
+    before = rejected("not_app_address")
+    r = get(g.http, f"big.{CUSTOMER}")
+    assert (r.status, r.header("x-backend")) == (200, "b1")
+    assert rejected("not_app_address") - before == 7
 
 
 def test_tls_termination_of_a_custom_domain_with_a_certificate(backends, gateway, customer_dns, tmp_path):
