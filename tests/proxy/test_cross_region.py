@@ -6,6 +6,7 @@ the forwarded mark trusted only on the mesh listener, TLS passthrough forwarded 
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import time
@@ -161,12 +162,18 @@ def test_mesh_address_behind_a_wildcard_listener(backends, gateway):
     listener is recognised by the local address of connections the wildcard listener accepts."""
     (ghost,) = backends(1, prefix="ghost")
     ghost.stop()
-    port = free_port()
-    g = gateway({"zone": ZONE, "name": "gw-b", "region": "us", "health": {"check": "tcp", "interval": 0.1, "fall": 1},
-                 "apps": [{"name": "ghost", "backends": [ghost.address]}],
-                 "regions": [{"name": "eu", "latitude": EU[0], "longitude": EU[1], "apps": ["ghost"],
-                              "gateways": [{"name": "gw-a", "mesh_ip": "127.0.0.1", "proxy_port": free_port()}]}]},
-                http=(f"0.0.0.0:{port}",), mesh=(f"127.0.0.2:{port}",))
+    doc = {"zone": ZONE, "name": "gw-b", "region": "us", "health": {"check": "tcp", "interval": 0.1, "fall": 1},
+           "apps": [{"name": "ghost", "backends": [ghost.address]}],
+           "regions": [{"name": "eu", "latitude": EU[0], "longitude": EU[1], "apps": ["ghost"],
+                        "gateways": [{"name": "gw-a", "mesh_ip": "127.0.0.1", "proxy_port": free_port()}]}]}
+    for attempt in range(5):  # a wildcard bind collides with any socket on the port: pick another
+        port = free_port()
+        try:
+            g = gateway(doc, http=(f"0.0.0.0:{port}",), mesh=(f"127.0.0.2:{port}",))
+            break
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or attempt == 4:
+                raise
     assert g.server.addresses["mesh"] == [("127.0.0.2", port)]
     # on the mesh address the mark is believed: no second hop, B answers itself
     r = until_status(lambda: get(("127.0.0.2", port), f"ghost.{ZONE}", headers={"X-Geomesh-Forwarded": "gw-a"}), 503)
