@@ -5,7 +5,7 @@ their coordinates and counts, every gateway's health, the mesh matrix aggregated
 and the app-to-region map. `events_between(old, new, at)` diffs two successive views into the
 feed of recent events (gateways joining and leaving, session and reachability verdict changes,
 draining, DNS membership, a region losing or regaining every gateway GeoDNS answers: a
-failover). No I/O here: the follower and the HTTP server are elsewhere.
+failover; certificates obtained, renewed or failing to renew). No I/O here: the follower and the HTTP server are elsewhere.
 
 A mesh link counts as up when both ends are alive (session open or timed out) and reachable:
 that is what the coordinator knows. Each gateway also reports its WireGuard peers' handshake
@@ -18,6 +18,7 @@ are rejected) when any end reported one, else by the share of links up (`cell_cl
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,22 @@ class RegionView:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateView:
+    """A certificate the coordinators obtain (ACME): expiry, next attempt, failures in a row."""
+
+    name: str
+    serial: str
+    not_after: int
+    renew_at: int
+    failures: int
+    last_error: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "serial": self.serial, "not_after": self.not_after, "renew_at": self.renew_at,
+                "failures": self.failures, "last_error": self.last_error}
+
+
+@dataclass(frozen=True, slots=True)
 class View:
     revision: int
     regions: tuple[RegionView, ...]
@@ -97,6 +114,7 @@ class View:
     domains: int
     cut_off_regions: tuple[str, ...] = ()
     panic_held: tuple[str, ...] = ()
+    certificates: tuple[CertificateView, ...] = ()
     by_name: dict[str, GatewayView] = field(default_factory=dict, compare=False, repr=False)
 
     def gateway(self, name: str) -> GatewayView | None:
@@ -113,7 +131,8 @@ class View:
                 "gateways": [g.as_json() for g in self.gateways], "links_total": self.links_total,
                 "links_up": self.links_up, "apps": self.apps, "domains": self.domains,
                 "cut_off_regions": list(self.cut_off_regions), "panic_held": list(self.panic_held),
-                "matrix": matrix(self), "app_regions": app_regions(self)}
+                "matrix": matrix(self), "app_regions": app_regions(self),
+                "certificates": [c.as_json() for c in self.certificates]}
 
 
 EMPTY = View(revision=0, regions=(), gateways=(), links_total=0, links_up=0, apps=0, domains=0)
@@ -134,6 +153,8 @@ def view_of(overview: pb.Overview) -> View:
     return View(revision=overview.revision, regions=regions, gateways=gateways, links_total=overview.links_total,
                 links_up=overview.links_up, apps=overview.apps, domains=overview.domains,
                 cut_off_regions=tuple(overview.cut_off_regions), panic_held=tuple(overview.panic_held),
+                certificates=tuple(CertificateView(c.name, c.serial, c.not_after, c.renew_at, c.failures, c.last_error)
+                                   for c in overview.certificates),
                 by_name={g.name: g for g in gateways})
 
 
@@ -215,7 +236,7 @@ def app_regions(view: View) -> dict[str, list[str]]:
 @dataclass(frozen=True, slots=True)
 class Event:
     at: float  # unix time the change was seen
-    kind: str  # joined, left, session, reachability, draining, dns, failover, recovered, region
+    kind: str  # joined, left, session, reachability, draining, dns, failover, recovered, region, certificate
     subject: str
     text: str
 
@@ -269,6 +290,25 @@ def events_between(old: View, new: View, at: float) -> list[Event]:
         if old_apps.get(app, []) != new_apps.get(app, []):
             where = ", ".join(new_apps.get(app, [])) or "no region"
             out.append(Event(at, "apps", app, f"app {app} now runs in {where}"))
+    out.extend(_certificate_events(old, new, at))
+    return out
+
+
+def _certificate_events(old: View, new: View, at: float) -> list[Event]:
+    """Obtained, renewed (a new serial), failing (failures in a row start), recovered."""
+    out: list[Event] = []
+    before = {c.name: c for c in old.certificates}
+    for c in new.certificates:
+        prev = before.get(c.name)
+        expiry = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(c.not_after)) if c.not_after else "-"
+        if c.serial and (prev is None or not prev.serial):
+            out.append(Event(at, "certificate", c.name, f"certificate {c.name} obtained (serial {c.serial}, "
+                                                        f"expires {expiry})"))
+        elif prev is not None and c.serial != prev.serial:
+            out.append(Event(at, "certificate", c.name, f"certificate {c.name} renewed (serial {c.serial}, "
+                                                        f"expires {expiry})"))
+        if c.failures > 0 and (prev is None or prev.failures == 0):
+            out.append(Event(at, "certificate", c.name, f"obtaining certificate {c.name} failed: {c.last_error}"))
     return out
 
 

@@ -161,6 +161,18 @@ function renderGateways(v) {
     `<th>in DNS</th><th>state</th><th>load</th><th>connections</th><th>version</th></tr></thead><tbody>${rows}</tbody></table></div>`;
 }
 
+function renderCertificates(v) {
+  const certs = v.certificates || [];
+  const day = (t) => (t ? new Date(t * 1000).toISOString().slice(0, 16).replace("T", " ") + " UTC" : "-");
+  document.getElementById("certificates").innerHTML = certs.length
+    ? `<table><thead><tr><th>name</th><th>serial</th><th>expires</th><th>next attempt</th><th>state</th></tr></thead><tbody>` +
+      certs.map((c) => `<tr data-certificate="${esc(c.name)}" data-failures="${c.failures}"><td>${esc(c.name)}</td>` +
+        `<td>${esc(c.serial || "-")}</td><td>${day(c.not_after)}</td><td>${day(c.renew_at)}</td>` +
+        `<td class="${c.failures ? "bad" : "ok"}">${c.failures ? esc(`failing (${c.failures}): ${c.last_error}`) : "ok"}</td></tr>`)
+        .join("") + `</tbody></table>`
+    : `<p class="empty">no certificates obtained by the coordinators</p>`;
+}
+
 function renderEvents(doc) {
   const items = doc.events.slice().reverse();
   document.getElementById("events").innerHTML = items.length
@@ -176,6 +188,7 @@ function render(doc) {
   renderMatrix(v);
   renderApps(v);
   renderGateways(v);
+  renderCertificates(v);
   renderEvents(doc);
   document.body.dataset.revision = String(v.revision);
   document.body.dataset.renders = String(Number(document.body.dataset.renders || 0) + 1);

@@ -179,3 +179,25 @@ def test_matrix_cells_and_drill_down_are_coloured_by_handshake_age(browser, page
     row = _texts(browser, "tr[data-gateway='gw-eu-central-0']")[0]
     assert "50%" in row and "9.9.9" in row
     assert console_errors(browser) == []
+
+
+def test_certificates_table_and_a_failing_renewal_in_the_feed(browser, page_server: PageServer):
+    console_errors(browser)  # the browser is shared: earlier tests' console lines are not ours
+    _open(browser, page_server.url)
+    assert "no certificates obtained" in _texts(browser, "#certificates")[0]
+    overview = make_overview(1, 1)
+    cert = overview.certificates.add(name="geo.example.com", serial="0a", not_after=1_900_000_000,
+                                     renew_at=1_897_000_000)
+    before = _renders(browser)
+    page_server.publish(overview)
+    _wait(browser, lambda d: _renders(d) > before, 5, "the certificate rendered")
+    row = _texts(browser, "tr[data-certificate='geo.example.com']")[0]
+    assert "0a" in row and "2030-03-17" in row and "ok" in row
+    cert.failures, cert.last_error = 2, "ACME directory https://ca/dir: connection refused"
+    before = _renders(browser)
+    page_server.publish(overview)
+    _wait(browser, lambda d: _renders(d) > before, 5, "the failing renewal rendered")
+    row = browser.find_element(By.CSS_SELECTOR, "tr[data-certificate='geo.example.com']")
+    assert row.get_attribute("data-failures") == "2" and "failing (2): ACME directory" in row.text
+    assert any("obtaining certificate geo.example.com failed" in e for e in _texts(browser, "#events li"))
+    assert console_errors(browser) == []

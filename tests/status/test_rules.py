@@ -47,6 +47,31 @@ def test_events_name_what_changed(change, kinds):
     assert all(e.at == 1.0 and e.text for e in events)
 
 
+def _with_cert(serial: str, failures: int = 0, error: str = "") -> pb.Overview:
+    o = make_overview(1, 1)
+    o.certificates.append(pb.CertificateStatus(name="geo.example.com", serial=serial, not_after=1_900_000_000,
+                                               renew_at=1_897_000_000, failures=failures, last_error=error))
+    return o
+
+
+def test_certificates_show_in_the_view_and_their_renewals_and_failures_in_the_feed():
+    none, first = view_of(make_overview(1, 1)), view_of(_with_cert("0a"))
+    assert first.as_json()["certificates"] == [{"name": "geo.example.com", "serial": "0a", "not_after": 1_900_000_000,
+                                                "renew_at": 1_897_000_000, "failures": 0, "last_error": ""}]
+    (obtained,) = events_between(none, first, 1.0)
+    assert (obtained.kind, obtained.subject) == ("certificate", "geo.example.com")
+    assert "obtained" in obtained.text and "2030-03-17" in obtained.text
+    (renewed,) = events_between(first, view_of(_with_cert("0b")), 2.0)
+    assert "renewed (serial 0b" in renewed.text
+    failing = view_of(_with_cert("0b", failures=1, error="ACME directory https://ca/dir: connection refused"))
+    (failed,) = events_between(view_of(_with_cert("0b")), failing, 3.0)
+    assert failed.text == ("obtaining certificate geo.example.com failed: "
+                           "ACME directory https://ca/dir: connection refused")
+    # a second failure in a row is not news; nothing changes, nothing is said
+    assert events_between(failing, view_of(_with_cert("0b", failures=2, error="again")), 4.0) == []
+    assert events_between(first, view_of(_with_cert("0a")), 5.0) == []
+
+
 def test_events_for_gateways_joining_and_leaving_and_none_from_the_first_overview():
     small, big = view_of(make_overview(2, 1)), view_of(make_overview(2, 2))
     assert events_between(EMPTY, big, 1.0) == []
