@@ -548,20 +548,22 @@ class PeerHandshake(_message.Message):
     def __init__(self, name: _Optional[str] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("load", "active_connections", "backends", "reach", "reach_complete", "peers")
+    __slots__ = ("load", "active_connections", "backends", "reach", "reach_complete", "peers", "http_challenges_revision")
     LOAD_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     REACH_FIELD_NUMBER: _ClassVar[int]
     REACH_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_CHALLENGES_REVISION_FIELD_NUMBER: _ClassVar[int]
     load: float
     active_connections: int
     backends: _containers.RepeatedCompositeFieldContainer[BackendHealth]
     reach: _containers.RepeatedCompositeFieldContainer[ReachVote]
     reach_complete: bool
     peers: _containers.RepeatedCompositeFieldContainer[PeerHandshake]
-    def __init__(self, load: _Optional[float] = ..., active_connections: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendHealth, _Mapping]]] = ..., reach: _Optional[_Iterable[_Union[ReachVote, _Mapping]]] = ..., reach_complete: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerHandshake, _Mapping]]] = ...) -> None: ...
+    http_challenges_revision: int
+    def __init__(self, load: _Optional[float] = ..., active_connections: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendHealth, _Mapping]]] = ..., reach: _Optional[_Iterable[_Union[ReachVote, _Mapping]]] = ..., reach_complete: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerHandshake, _Mapping]]] = ..., http_challenges_revision: _Optional[int] = ...) -> None: ...
 
 class SessionHello(_message.Message):
     __slots__ = ("name", "last_revision", "version")
@@ -597,16 +599,28 @@ class CertificateBundle(_message.Message):
     serial: str
     def __init__(self, name: _Optional[str] = ..., dns_names: _Optional[_Iterable[str]] = ..., chain_pem: _Optional[str] = ..., sealed_key: _Optional[bytes] = ..., not_after: _Optional[int] = ..., serial: _Optional[str] = ...) -> None: ...
 
+class HttpChallenge(_message.Message):
+    __slots__ = ("token", "key_authorization")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KEY_AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    key_authorization: str
+    def __init__(self, token: _Optional[str] = ..., key_authorization: _Optional[str] = ...) -> None: ...
+
 class SessionDown(_message.Message):
-    __slots__ = ("mesh", "routing", "revision", "certificates", "certificates_set")
+    __slots__ = ("mesh", "routing", "revision", "certificates", "certificates_set", "http_challenges", "http_challenges_set")
     MESH_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATES_SET_FIELD_NUMBER: _ClassVar[int]
+    HTTP_CHALLENGES_FIELD_NUMBER: _ClassVar[int]
+    HTTP_CHALLENGES_SET_FIELD_NUMBER: _ClassVar[int]
     mesh: MeshUpdate
     routing: RoutingUpdate
     revision: int
     certificates: _containers.RepeatedCompositeFieldContainer[CertificateBundle]
     certificates_set: bool
-    def __init__(self, mesh: _Optional[_Union[MeshUpdate, _Mapping]] = ..., routing: _Optional[_Union[RoutingUpdate, _Mapping]] = ..., revision: _Optional[int] = ..., certificates: _Optional[_Iterable[_Union[CertificateBundle, _Mapping]]] = ..., certificates_set: _Optional[bool] = ...) -> None: ...
+    http_challenges: _containers.RepeatedCompositeFieldContainer[HttpChallenge]
+    http_challenges_set: bool
+    def __init__(self, mesh: _Optional[_Union[MeshUpdate, _Mapping]] = ..., routing: _Optional[_Union[RoutingUpdate, _Mapping]] = ..., revision: _Optional[int] = ..., certificates: _Optional[_Iterable[_Union[CertificateBundle, _Mapping]]] = ..., certificates_set: _Optional[bool] = ..., http_challenges: _Optional[_Iterable[_Union[HttpChallenge, _Mapping]]] = ..., http_challenges_set: _Optional[bool] = ...) -> None: ...
