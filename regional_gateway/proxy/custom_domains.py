@@ -41,14 +41,14 @@ from prometheus_client import Counter
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from geomesh.app_address import OWNERS, AppAddress, Garbage, owner_name, read_records
 from geomesh.logs import event
-from regional_gateway.proxy.app_address import OWNERS, AppAddress, Garbage, owner_name, read_records
+from geomesh.txt_resolver import NoTxt, ResolverError, TxtRecords, TxtResolver
 from regional_gateway.proxy.hostnames import NameMatch, UnknownName, custom_candidate, resolve_custom
 from regional_gateway.proxy.http_errors import LookupFailed, LookupRateLimited, LookupsBusy, ProxyError
 from regional_gateway.proxy.lookup_budget import LookupBudget, Refusal
 from regional_gateway.proxy.routes import Routes
 from regional_gateway.proxy.settings import ProxySettings, parse_listen
-from regional_gateway.proxy.txt_resolver import NoTxt, ResolverError, TxtRecords, TxtResolver
 
 log = logging.getLogger("geomesh.gateway.custom_domains")
 RESULTS = ("hit", "miss", "negative", "error", "rate_limited")

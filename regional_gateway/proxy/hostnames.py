@@ -29,7 +29,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from regional_gateway.proxy.app_address import DSTACK_OWNER, GEOMESH_OWNER, AppAddress, owner_name
+from geomesh.app_address import DSTACK_OWNER, GEOMESH_OWNER, AppAddress, owner_name
 from regional_gateway.proxy.routes import Routes
 
 _PORT_FORM = re.compile(r"^([a-z0-9][a-z0-9-]*?)-([0-9]{1,5})([sg]?)$")

@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 from dnslib import RCODE, RR, DNSHeader, DNSQuestion, DNSRecord
 
-from geomesh.errors import ValidationError
-from regional_gateway import agent_config
-from regional_gateway.proxy.app_address import (
+from geomesh.app_address import (
     DSTACK_OWNER,
     GEOMESH_OWNER,
     AppAddress,
@@ -20,12 +18,8 @@ from regional_gateway.proxy.app_address import (
     parse_value,
     read_records,
 )
-from regional_gateway.proxy.custom_domains import DomainCache, Lookup, TtlLimits, decide
-from regional_gateway.proxy.hostnames import NameMatch, UnknownName, custom_candidate, resolve_custom
-from regional_gateway.proxy.lookup_budget import LookupBudget, Refusal
-from regional_gateway.proxy.routes import AppRoute, Backend, DomainRoute, Routes
-from regional_gateway.proxy.settings import ProxySettings
-from regional_gateway.proxy.txt_resolver import (
+from geomesh.errors import ValidationError
+from geomesh.txt_resolver import (
     TRUNCATED,
     NoTxt,
     ResolverError,
@@ -33,6 +27,12 @@ from regional_gateway.proxy.txt_resolver import (
     make_query,
     read_reply,
 )
+from regional_gateway import agent_config
+from regional_gateway.proxy.custom_domains import DomainCache, Lookup, TtlLimits, decide
+from regional_gateway.proxy.hostnames import NameMatch, UnknownName, custom_candidate, resolve_custom
+from regional_gateway.proxy.lookup_budget import LookupBudget, Refusal
+from regional_gateway.proxy.routes import AppRoute, Backend, DomainRoute, Routes
+from regional_gateway.proxy.settings import ProxySettings
 
 G, D = GEOMESH_OWNER, DSTACK_OWNER
 NAME = "_geomesh-app-address.shop.example"

@@ -15,8 +15,8 @@ import pytest
 from dnslib import DNSRecord
 from prometheus_client import REGISTRY
 
+from geomesh.txt_resolver import TRUNCATED, make_query, read_reply
 from regional_gateway.proxy.hostnames import NameMatch, UnknownName
-from regional_gateway.proxy.txt_resolver import TRUNCATED, make_query, read_reply
 from tests.custom_dns import Gdnsd, Unbound
 from tests.proxy.certs import TestCA
 from tests.proxy.client import Conn, get
