@@ -1,6 +1,6 @@
 """Fixtures for the certificate tests: real pebble ACME servers.
 
-`pebble_factory(dns_server, **kwargs)` starts a `PebbleProcess` (tests/certs/pebble.py) in the
+`pebble_factory(dns_server, **kwargs)` starts a `PebbleProcess` (geomesh/lab/pebble.py) in the
 test's tmp_path whose validation DNS is `dns_server` ("127.0.0.1:PORT"); every one started is
 stopped after the test.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs.pebble import PebbleProcess
+from geomesh.lab.pebble import PebbleProcess
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from coordinator.acme_client import AcmeClient, AcmeError, Issued, new_key_pem
+from geomesh.lab.pebble import PebbleProcess, free_port
 from tests.certs.challenge_responders import ChallengeDns, ChallengeHttp
-from tests.certs.pebble import PebbleProcess, free_port
 
 
 @dataclass

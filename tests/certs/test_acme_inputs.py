@@ -21,7 +21,7 @@ from coordinator.acme_client import (
     issued_from_chain,
     new_key_pem,
 )
-from tests.certs.pebble import free_port
+from geomesh.lab.pebble import free_port
 
 
 def pem(key: object, password: bytes | None = None) -> bytes:

@@ -15,9 +15,9 @@ import pytest
 from dnslib import DNSRecord
 from prometheus_client import REGISTRY
 
+from geomesh.lab.customer_dns import Gdnsd, Unbound
 from geomesh.txt_resolver import TRUNCATED, make_query, read_reply
 from regional_gateway.proxy.hostnames import NameMatch, UnknownName
-from tests.custom_dns import Gdnsd, Unbound
 from tests.proxy.certs import TestCA
 from tests.proxy.client import Conn, get
 
