@@ -376,6 +376,9 @@ class Operations:
     # -- domains -------------------------------------------------------------------------------
 
     async def add_domain(self, domain: Domain) -> Domain:
+        """Pin a domain to an app; it is pending (`verified` false, whatever the caller sent) until
+        the coordinator sees its TXT record name the app (`coordinator.pinned_domains`)."""
+        domain = dataclasses.replace(domain, verified=False)
         if domain.fqdn in self.state.domains:
             raise AlreadyExistsError(f"domain {domain.fqdn!r} exists")
         if domain.app not in self.state.apps:
@@ -387,6 +390,24 @@ class Operations:
         if await self._run(g) is None:
             raise PreconditionError(f"domain {domain.fqdn!r}: a concurrent change got in the way: retry")
         return domain
+
+    async def set_domain_verified(self, fqdn: str, app: str, verified: bool) -> bool:
+        """The TXT checker's verdict on a pinned domain; False when the domain is gone or pinned to
+        another app than `app` meanwhile (nothing written)."""
+        k = key("domains", fqdn)
+        for _ in range(ATTEMPTS):
+            current = await self.store.get(k)
+            if current is None:
+                return False
+            domain = Domain.from_json(current.value)
+            if domain.app != app:
+                return False
+            if domain.verified == verified:
+                return True
+            changed = dataclasses.replace(domain, verified=verified)
+            if (await self._commit(Txn().mod_equals(k, current.mod_revision).put(k, changed.to_json())))[0]:
+                return True
+        raise PreconditionError(f"domain {fqdn!r} kept changing while marking it verified: retry")
 
     async def remove_domain(self, fqdn: str) -> None:
         k = key("domains", fqdn)
