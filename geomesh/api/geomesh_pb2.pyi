@@ -624,3 +624,17 @@ class SessionDown(_message.Message):
     http_challenges: _containers.RepeatedCompositeFieldContainer[HttpChallenge]
     http_challenges_set: bool
     def __init__(self, mesh: _Optional[_Union[MeshUpdate, _Mapping]] = ..., routing: _Optional[_Union[RoutingUpdate, _Mapping]] = ..., revision: _Optional[int] = ..., certificates: _Optional[_Iterable[_Union[CertificateBundle, _Mapping]]] = ..., certificates_set: _Optional[bool] = ..., http_challenges: _Optional[_Iterable[_Union[HttpChallenge, _Mapping]]] = ..., http_challenges_set: _Optional[bool] = ...) -> None: ...
+
+class CertificateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CertificateRequestResponse(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -1276,6 +1276,11 @@ class GatewayControlStub:
                 request_serializer=geomesh_dot_v1_dot_geomesh__pb2.InstanceRef.SerializeToString,
                 response_deserializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.FromString,
                 _registered_method=True)
+        self.RequestCertificate = channel.unary_unary(
+                '/geomesh.v1.GatewayControl/RequestCertificate',
+                request_serializer=geomesh_dot_v1_dot_geomesh__pb2.CertificateRequest.SerializeToString,
+                response_deserializer=geomesh_dot_v1_dot_geomesh__pb2.CertificateRequestResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayControlServicer:
@@ -1305,6 +1310,12 @@ class GatewayControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1327,6 +1338,11 @@ def add_GatewayControlServicer_to_server(servicer, server):
                     servicer.DeregisterInstance,
                     request_deserializer=geomesh_dot_v1_dot_geomesh__pb2.InstanceRef.FromString,
                     response_serializer=geomesh_dot_v1_dot_geomesh__pb2.Empty.SerializeToString,
+            ),
+            'RequestCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestCertificate,
+                    request_deserializer=geomesh_dot_v1_dot_geomesh__pb2.CertificateRequest.FromString,
+                    response_serializer=geomesh_dot_v1_dot_geomesh__pb2.CertificateRequestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1437,6 +1453,33 @@ class GatewayControl:
             '/geomesh.v1.GatewayControl/DeregisterInstance',
             geomesh_dot_v1_dot_geomesh__pb2.InstanceRef.SerializeToString,
             geomesh_dot_v1_dot_geomesh__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/geomesh.v1.GatewayControl/RequestCertificate',
+            geomesh_dot_v1_dot_geomesh__pb2.CertificateRequest.SerializeToString,
+            geomesh_dot_v1_dot_geomesh__pb2.CertificateRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,
