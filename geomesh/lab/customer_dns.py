@@ -1,13 +1,17 @@
-"""Real DNS for custom-domain tests: an authoritative gdnsd for the customers' zones and an unbound
-recursive resolver that reaches it, both on loopback, both stopped by PID.
+"""Real DNS for custom domains, for the tests and the lab: an authoritative gdnsd for the
+customers' zones and an unbound recursive resolver that reaches it, stopped by PID.
 
 `Gdnsd(directory, zones)` serves each zone text (`{"customer.example": "<zone file>"}`) from a
 config directory it writes (as bench/_dns_workload.py does for the DNS benchmark); `set_zone`
-rewrites one and has the running server reload it (`gdnsdctl reload-zones`). `Unbound(directory,
-stubs)` is a recursive resolver whose only knowledge is `stub-zone`s pointing each customer zone at
-its authority (no root hints needed), caching at most `cache_max_ttl` seconds (negative answers
-too), and logging every query it receives (`log-queries`) so a test can count what a client asked
-(`queries(name)`). No pytest here: the lab or a benchmark may start the same pair.
+rewrites one and has the running server reload it (`gdnsdctl reload-zones`, `reload_argv()` is
+that command). `Unbound(directory, stubs)` is a recursive resolver whose only knowledge is
+`stub-zone`s pointing each zone at its authority (no root hints needed; the zones in `tcp_stubs`
+are asked over TCP, e.g. through a TCP relay into a network namespace), caching at most
+`cache_max_ttl` seconds (negative answers too), answering the networks in `allow`, and logging
+every query it receives (`log-queries`) so a test can count what a client asked
+(`queries(name)`). Both listen on 127.0.0.1 and a free port unless given `listen` and `port`;
+given `netns` (a `geomesh.netns.Namespace`) they run inside that namespace, where the lab's
+gateways reach them. No pytest here.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 from pathlib import Path
 
 from dnslib import DNSRecord
+
+from geomesh.netns import Namespace
 
 START_DEADLINE = 20.0  # seconds for a server to answer after it is started
 
@@ -56,29 +62,41 @@ def ask(server: tuple[str, int], name: str, qtype: str = "TXT", timeout: float =
 class _Daemon:
     name = "daemon"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, listen: str = "127.0.0.1", port: int | None = None,
+                 netns: Namespace | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.listen = listen
+        self.netns = netns
+        self.port = port or (netns.call(free_port, listen) if netns is not None else free_port(listen))
         self.proc: subprocess.Popen | None = None
         self.log_path = self.dir / f"{self.name}.out"
 
     @property
     def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
+        return (self.listen, self.port)
+
+    def ask(self, name: str, qtype: str = "TXT", timeout: float = 1.0) -> DNSRecord | None:
+        """One UDP query to this server, sent from where it runs (inside its namespace if any)."""
+        if self.netns is not None:
+            return self.netns.call(ask, self.address, name, qtype, timeout)
+        return ask(self.address, name, qtype, timeout)
 
     def _spawn(self, cmd: list[str], probe: str) -> None:
         exe = shutil.which(cmd[0]) or shutil.which(cmd[0], path="/usr/sbin:/sbin")
         if exe is None:
             raise RuntimeError(f"{cmd[0]} is not installed")
+        argv = [exe, *cmd[1:]]
+        if self.netns is not None:
+            argv = self.netns.argv(argv)  # `ip netns exec` execs in place: the PID is the server's
         with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen([exe, *cmd[1:]], stdout=out, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         deadline = time.monotonic() + START_DEADLINE
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log()[-2000:]}")
-            reply = ask(self.address, probe, "SOA", timeout=0.2)
+            reply = self.ask(probe, "SOA", timeout=0.2)
             if reply is not None:
                 return
             time.sleep(0.05)
@@ -105,44 +123,52 @@ class _Daemon:
 
 
 class Gdnsd(_Daemon):
-    """gdnsd, authoritative for `zones` (name -> zone file text) on 127.0.0.1:<port>."""
+    """gdnsd, authoritative for `zones` (name -> zone file text) on <listen>:<port>."""
 
     name = "gdnsd"
 
-    def __init__(self, directory: Path, zones: dict[str, str]) -> None:
-        super().__init__(directory)
+    def __init__(self, directory: Path, zones: dict[str, str], *, listen: str = "127.0.0.1",
+                 port: int | None = None, netns: Namespace | None = None) -> None:
+        super().__init__(directory, listen=listen, port=port, netns=netns)
         (self.dir / "zones").mkdir(exist_ok=True)
         for sub in ("run", "state"):
             (self.dir / sub).mkdir(exist_ok=True)
         (self.dir / "config").write_text(
-            f"options => {{ listen => [ 127.0.0.1 ], dns_port => {self.port}, run_dir => {self.dir}/run,\n"
+            f"options => {{ listen => [ {listen} ], dns_port => {self.port}, run_dir => {self.dir}/run,\n"
             f"  state_dir => {self.dir}/state, udp_threads => 1, tcp_threads => 1 }}\n")
         for zone, text in zones.items():
             (self.dir / "zones" / zone).write_text(text)
         self._spawn(["gdnsd", "-c", str(self.dir), "start"], next(iter(zones)))
 
+    def zone_path(self, zone: str) -> Path:
+        return self.dir / "zones" / zone
+
+    def reload_argv(self) -> list[str]:
+        """The command that has the running server load its zone files again."""
+        return [shutil.which("gdnsdctl") or "gdnsdctl", "-c", str(self.dir), "-t", "10", "reload-zones"]
+
     def set_zone(self, zone: str, text: str) -> None:
         """Replace a zone's file and have the running server load it (returns once it did)."""
-        (self.dir / "zones" / zone).write_text(text)
-        exe = shutil.which("gdnsdctl") or "gdnsdctl"
-        done = subprocess.run([exe, "-c", str(self.dir), "-t", "10", "reload-zones"], capture_output=True,
-                              text=True, timeout=20)
+        self.zone_path(zone).write_text(text)
+        done = subprocess.run(self.reload_argv(), capture_output=True, text=True, timeout=20)
         if done.returncode != 0:
             raise RuntimeError(f"gdnsdctl reload-zones failed: {done.stderr.strip()}")
 
 
 class Unbound(_Daemon):
-    """unbound on 127.0.0.1:<port>, resolving only the `stubs` zones (zone -> authority address)."""
+    """unbound on <listen>:<port>, resolving only the `stubs` zones (zone -> authority address)."""
 
     name = "unbound"
 
-    def __init__(self, directory: Path, stubs: dict[str, tuple[str, int]], cache_max_ttl: int = 1) -> None:
-        super().__init__(directory)
+    def __init__(self, directory: Path, stubs: dict[str, tuple[str, int]], cache_max_ttl: int = 1, *,
+                 tcp_stubs: tuple[str, ...] = (), allow: tuple[str, ...] = ("127.0.0.0/8",),
+                 listen: str = "127.0.0.1", port: int | None = None, netns: Namespace | None = None) -> None:
+        super().__init__(directory, listen=listen, port=port, netns=netns)
         self.query_log = self.dir / "unbound.log"
         lines = [
             "server:",
-            "  interface: 127.0.0.1", f"  port: {self.port}", "  do-ip6: no", "  num-threads: 1",
-            "  access-control: 127.0.0.0/8 allow", "  do-not-query-localhost: no",
+            f"  interface: {listen}", f"  port: {self.port}", "  do-ip6: no", "  num-threads: 1",
+            *(f"  access-control: {net} allow" for net in allow), "  do-not-query-localhost: no",
             '  chroot: ""', '  username: ""', f'  directory: "{self.dir}"',
             f'  pidfile: "{self.dir}/unbound.pid"', f'  logfile: "{self.query_log}"', "  use-syslog: no",
             "  log-queries: yes", "  verbosity: 0", '  module-config: "iterator"', "  qname-minimisation: no",
@@ -154,6 +180,8 @@ class Unbound(_Daemon):
         lines += ["remote-control:", "  control-enable: no"]
         for zone, (host, port) in stubs.items():
             lines += ["stub-zone:", f'  name: "{zone}."', f"  stub-addr: {host}@{port}"]
+            if zone in tcp_stubs:
+                lines.append("  stub-tcp-upstream: yes")
         (self.dir / "unbound.conf").write_text("\n".join(lines) + "\n")
         self._spawn(["unbound", "-d", "-c", str(self.dir / "unbound.conf")], next(iter(stubs)))
 

@@ -7,6 +7,10 @@ region's instance subnet. The instances live beside the region's *first* gateway
 (`instance_host`); a second gateway of a region has no route to them, which is how the
 end-to-end tests make two gateways of one region disagree about an instance's health. In
 loopback mode (no root or no wireguard-go) public and instance addresses move to 127.0.0.0/8.
+Every gateway has a TLS listener (`https_port`: 443 in namespaces, 8443 on loopback) serving the
+zone certificate the coordinator obtains from the lab's pebble. The customer's zone
+(`customer_zone`, a documentation name of RFC 2606) is served by the lab's gdnsd; its owner points
+`custom_domain` at the app `hello` by TXT record in the walkthrough.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from geomesh.regions_file import GatewaySpec, RegionFile
 
 ZONE = "lab.geomesh.test"
 APP_PORT = 8000
+CUSTOMER_ZONE = "shop.example.net"  # the customer's own zone (the lab's gdnsd is its authority)
+CUSTOM_DOMAIN = f"www.{CUSTOMER_ZONE}"  # the customer's domain for the app `hello`, by TXT record
+HTTPS_PORTS = {True: 443, False: 8443}  # the gateways' TLS port in netns mode / on loopback
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +35,7 @@ class LabGateway:
     wg_port: int
     proxy_port: int
     short: str  # namespace / interface tag
+    https_port: int = 0  # the TLS listener (the zone certificate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,8 @@ class LabPlan:
     gateways: tuple[LabGateway, ...]
     instances: tuple[LabInstance, ...]
     solo_region: str
+    customer_zone: str = CUSTOMER_ZONE
+    custom_domain: str = CUSTOM_DOMAIN
 
     def gateway_of(self, region: str) -> LabGateway:
         """The region's first gateway: the one its instances live beside."""
@@ -75,7 +85,8 @@ def make_plan(regions: list[RegionFile], *, netns: bool) -> LabPlan:
         for spec in specs:
             k = len(gateways)
             public_ip = spec.public_ip if (netns and spec.public_ip) else f"127.0.1.{11 + k}"
-            gateways.append(LabGateway(spec.name, rf.region.name, public_ip, spec.wg_port, spec.proxy_port, f"g{k}"))
+            gateways.append(LabGateway(spec.name, rf.region.name, public_ip, spec.wg_port, spec.proxy_port, f"g{k}",
+                                       HTTPS_PORTS[netns]))
         if netns and rf.region.instance_subnet:
             base = ipaddress.ip_network(rf.region.instance_subnet).network_address
             addrs = [str(base + 11), str(base + 12), str(base + 21), str(base + 22)]

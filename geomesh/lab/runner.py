@@ -1,7 +1,10 @@
 """The lab's orchestration: start every piece in order, show it, walk through it, tear it down.
 
-`Lab.up()` starts the control plane (embedded etcd, PKI, coordinator), creates regions, apps and
-instances with `geomesh apply` (`declared_state`), starts geodns on loopback, then per region a gateway: in netns
+`Lab.up()` starts pebble (the lab's ACME CA, validating through geomesh-dns; its root in
+`<state>/pebble-root.pem`), the control plane (embedded etcd, PKI, coordinator ordering the zone
+certificate from pebble), creates regions, apps and
+instances with `geomesh apply` (`declared_state`), starts geodns on loopback, the customer's DNS
+(`customer_zone.py`: gdnsd and the unbound resolver the gateways ask about custom domains), then per region a gateway: in netns
 mode a network namespace joined to an "internet" namespace, with the sample app instances on
 addresses of its loopback and the gateway agent (wireguard-go mesh + proxy) inside; in loopback mode plain
 processes on 127.0.0.0/8 with the mesh computed but not created. Every PID, namespace and
@@ -35,7 +38,10 @@ from geomesh.channel import client_channel
 from geomesh.etcd_process import free_port
 from geomesh.lab import faults
 from geomesh.lab.control_plane import ControlPlane, LabRecord, stop_pid
+from geomesh.lab.customer_zone import CustomerDns
+from geomesh.lab.pebble import PebbleProcess
 from geomesh.lab.plan import LabGateway, LabPlan
+from geomesh.lab.zone_certificate import CertificateWatch
 from geomesh.model import App, Instance, LbPolicy
 from geomesh.regions_file import RegionFile
 
@@ -45,6 +51,10 @@ LAB_LEASE_TTL = 2           # --lease-ttl of the lab's coordinator (timers="lab"
 LAB_HEARTBEAT = 0.5         # heartbeat_interval of the lab's gateways (timers="lab"); the shipped default is 1.0
 # the gateways' [reach] table: the shipped defaults (they meet the issue's targets)
 REACH = {"interval": 0.5, "timeout": 0.5, "fall": 3, "rise": 2, "prober_regions": 3}
+# the coordinator's ACME flags beside --acme-directory/--acme-zone/--acme-ca-bundle: look at the
+# schedule twice a second, and retry a failed order (geomesh-dns not announced yet) after 1 s
+ACME_FLAGS = ["--acme-check-interval", "0.5", "--acme-retry", "1", "--acme-retry-max", "10"]
+CERT_WAIT = 30.0  # seconds up() waits for the zone certificate after the gateways are alive
 
 
 def netns_unavailable_reason() -> str | None:
@@ -86,32 +96,49 @@ class Lab:
         self.dns_proc: subprocess.Popen | None = None
         self.status_url = ""
         self.unix_socket = state_dir / "coordinator.sock"
+        self.pebble: PebbleProcess | None = None
+        self.pebble_root = state_dir / "pebble-root.pem"
+        self.cert_watch: CertificateWatch | None = None
+        self.customer: CustomerDns | None = None
+        self.started = 0.0  # time.monotonic() when up() began (the empty lab)
 
     # -- bring-up --------------------------------------------------------------------------------
 
     def up(self) -> None:
-        steps = 5
-        self.say(f"[1/{steps}] control plane: embedded etcd, PKI, coordinator ...")
+        steps = 6
+        self.started = time.monotonic()
+        self.dns_port = free_port()  # chosen first: pebble validates through geomesh-dns
+        self.say(f"[1/{steps}] the ACME CA: pebble on 127.0.0.1, validating through geomesh-dns ...")
+        self._start_pebble()
+        self.say(f"[2/{steps}] control plane: embedded etcd, PKI, coordinator (ordering the zone certificate) ...")
+        assert self.pebble is not None
         self.cp.start(lease_ttl=LAB_LEASE_TTL if self.timers == "lab" else 3,
-                      extra=["--listen-unix", str(self.unix_socket), "--allow-loopback-instances"])
+                      extra=["--listen-unix", str(self.unix_socket), "--allow-loopback-instances",
+                             "--acme-directory", self.pebble.directory, "--acme-zone", self.plan.zone,
+                             "--acme-ca-bundle", str(self.pebble.listener_ca), *ACME_FLAGS])
+        self.cert_watch = CertificateWatch(self.cp.address, self.cp.pki.identity("admin", "lab-admin"),
+                                           self.plan.zone, since=self.started).start()
         self.say(f"        coordinator {self.cp.address} (and {self.unix_socket}), etcd {self.cp.etcd.endpoint}")
-        self.say(f"[2/{steps}] regions, enrollments, apps and instances: geomesh apply ...")
+        self.say(f"[3/{steps}] regions, enrollments, apps and instances: geomesh apply ...")
         asyncio.run(self._apply_state())
-        self.say(f"[3/{steps}] geodns and the status page on 127.0.0.1 ...")
+        self.say(f"[4/{steps}] geodns and the status page on 127.0.0.1 ...")
         self._start_dns()
         self._start_status_page()
         if self.plan.netns:
-            self.say(f"[4/{steps}] network namespaces: an internet, {len(self.plan.gateways)} gateway hosts, a client ...")
+            self.say(f"[5/{steps}] network namespaces: an internet, {len(self.plan.gateways)} gateway hosts, "
+                     "the customer's DNS, a client ...")
             self._start_topology()
             assert self.topology is not None
             self.say(f"        namespaces {self.topology.prefix}-* (see `ip netns list`)")
         else:
-            self.say(f"[4/{steps}] loopback mode: no namespaces")
-        self.say(f"[5/{steps}] app instances and gateways (agent + WireGuard + proxy) ...")
+            self.say(f"[5/{steps}] loopback mode: no namespaces")
+        self._start_customer_dns()
+        self.say(f"[6/{steps}] app instances and gateways (agent + WireGuard + proxy) ...")
         for g in self.plan.gateways:
             self._start_apps(g)
             self.start_gateway(g.name)
         asyncio.run(self._wait_alive([g.name for g in self.plan.gateways], timeout=60))
+        self._say_certificate()
 
     def declared_state(self) -> apply.Declared:
         """What the lab declares, as `geomesh apply` files would: the regions, each gateway enrolled
@@ -150,8 +177,40 @@ class Lab:
         self.record.save()
         return proc
 
+    def _start_pebble(self) -> None:
+        """pebble on free loopback ports; its root (new on every start) in `pebble_root`."""
+        self.pebble = PebbleProcess(self.dir / "pebble", dns_server=f"127.0.0.1:{self.dns_port}")
+        self.pebble.start()
+        assert self.pebble.proc is not None
+        self.record.pids["pebble"] = self.pebble.proc.pid
+        self.record.save()
+        self.pebble_root.write_text(self.pebble.root_pem())
+        self.say(f"        pebble {self.pebble.directory}, its root CA in {self.pebble_root}")
+
+    def _say_certificate(self) -> None:
+        assert self.cert_watch is not None
+        got = self.cert_watch.wait(CERT_WAIT)
+        if got is None:
+            self.say(f"        the zone certificate is not obtained yet: {self.cert_watch.why_not()} "
+                     f"(see {self.dir}/coordinator.log)")
+            return
+        self.say(f"        zone certificate ({', '.join(got.dns_names)}) obtained from pebble {got.seconds:.1f} s "
+                 f"after the lab started, serial {got.serial}")
+
+    def _start_customer_dns(self) -> None:
+        """The customer's gdnsd and the resolver the gateways ask (in a namespace of its own on
+        the lab's internet in netns mode, where the gateway namespaces reach it)."""
+        host = None
+        if self.topology is not None:
+            host = self.topology.add_host("dns", network="203.0.113.0/24")
+        self.customer = CustomerDns.start(self.dir / "customer-dns", self.plan.customer_zone, self.plan.zone,
+                                          self.dns_port, host)
+        self.record.pids.update({f"customer-{k}": v for k, v in self.customer.pids.items()})
+        self.record.save()
+        self.say(f"        customer zone {self.plan.customer_zone} on gdnsd {':'.join(map(str, self.customer.gdnsd.address))}"
+                 f"{' (in ' + host.name + ')' if host else ''}; the gateways' resolver: unbound {self.customer.resolver}")
+
     def _start_dns(self) -> None:
-        self.dns_port = free_port()
         ident = self.cp.pki.identity("dns", "lab-dns")
         self.dns_proc = self._popen("geodns", [
             sys.executable, "-m", "geodns.main", "--zone", self.plan.zone, "--listen", f"127.0.0.1:{self.dns_port}",
@@ -199,6 +258,7 @@ class Lab:
         backend = "userspace" if self.plan.netns else "none"
         heartbeat = f"heartbeat_interval = {LAB_HEARTBEAT}\n" if self.timers == "lab" else ""
         reach = "".join(f"{k} = {v}\n" for k, v in REACH.items())
+        custom = f'[custom_domains]\nresolver = "{self.customer.resolver}"\n' if self.customer else ""
         rg.config.write_text(f"""# written by geomesh lab
 name = "{g.name}"
 region = "{g.region}"
@@ -206,6 +266,7 @@ coordinators = ["{target}"]
 public_ip = "{g.public_ip}"
 zone = "{self.plan.zone}"
 proxy_port = {g.proxy_port}
+https_port = {g.https_port}
 proxy_listen = "{g.public_ip}"
 {heartbeat}metrics_port = -1
 [tls]
@@ -219,7 +280,7 @@ key_file = "{self.dir / (g.name + '.wgkey')}"
 backend = "{backend}"
 persistent_keepalive = 5
 [reach]
-{reach}""")
+{reach}{custom}""")
         return rg.config
 
     def start_gateway(self, name: str) -> None:
@@ -344,6 +405,8 @@ persistent_keepalive = 5
     # -- teardown ------------------------------------------------------------------------------
 
     def down(self) -> None:
+        if self.cert_watch is not None:
+            self.cert_watch.stop()
         for rg in self.gateways.values():
             if rg.proc is not None and rg.proc.poll() is None:
                 stop_pid(rg.proc.pid)

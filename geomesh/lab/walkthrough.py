@@ -2,9 +2,15 @@
 it, and checks what it shows. `geomesh lab --check` fails (exit 1) if any step does not hold;
 that is what the CI smoke test runs.
 
-Steps: DNS from three continents (ECS) gets three regions; a request through the chosen gateway
-reaches a local instance; an app living only in one region answers through another region's
-gateway over the mesh; a gateway is killed and DNS stops returning it within a second; it comes
+Steps: DNS from three continents (ECS) gets three regions; the zone certificate the coordinator
+obtained from the lab's pebble (ACME DNS-01 through geomesh-dns) is served by every gateway and
+`curl --cacert <pebble root>` trusts it (the time from an empty lab printed; the step fails only
+past `CERT_STEP_WAIT`); a request through the chosen gateway
+reaches a local instance (over HTTPS, as the lab's requests to `<app>.<zone>` are: a plain HTTP
+request for a name with a certificate is redirected); an app living only in one region answers through another region's
+gateway over the mesh; the customer publishes a TXT and a CNAME for their
+domain in their own zone (gdnsd) and the domain answers through the gateways (looked up through
+the lab's unbound; plain HTTP: no certificates on demand yet); a gateway is killed and DNS stops returning it within a second; it comes
 back and the mesh heals; gw-eu-central-1's public link is cut (its coordinator session stays up)
 and DNS moves the EU client away once the other regions' probes find it unreachable, then the
 link is restored and DNS sends the client back (both times printed; the step fails past
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -25,13 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geomesh.lab import dns_answer
+from geomesh.lab.customer_zone import records_for
 from geomesh.lab.faults import time_until
+from geomesh.lab.plan import LabGateway
 from geomesh.lab.runner import Lab
 from geomesh.lab.vantage import Vantage, find
+from geomesh.lab.zone_certificate import curl_argv, served_serial
 
 LINK_GATEWAY = "gw-eu-central-1"  # whose public link the walkthrough cuts
 LINK_OUT_LIMIT = 10.0             # seconds: the link-cut step fails if DNS takes longer to move the EU client
 LINK_BACK_LIMIT = 15.0            # seconds: ... or longer to send it back once the link is restored
+CERT_STEP_WAIT = 30.0             # seconds the TLS step waits for the certificate, listed and served
+CUSTOM_DOMAIN_WAIT = 15.0         # seconds the custom-domain step waits for the domain to answer
 
 
 @dataclass
@@ -40,6 +52,7 @@ class StepResult:
     ok: bool
     detail: str
     commands: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)  # shown before the commands (e.g. zone file lines)
 
 
 def _run(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -66,17 +79,30 @@ class Walkthrough:
         out = _run(self.kdig_argv(name, subnet))
         return [line.strip() for line in out.stdout.splitlines() if line.strip() and line[0].isdigit()]
 
-    def curl_argv(self, host: str, ip: str, port: int) -> list[str]:
-        argv = ["curl", "-sS", "--max-time", "5", "-H", f"Host: {host}", f"http://{ip}:{port}/"]
-        if self.lab.client is not None:
-            return self.lab.client.argv(argv)
-        return argv
+    def in_client(self, argv: list[str]) -> list[str]:
+        """`argv` as run from the client namespace (as is on loopback)."""
+        return self.lab.client.argv(argv) if self.lab.client is not None else argv
 
-    def record(self, title: str, ok: bool, detail: str, commands: list[list[str]]) -> StepResult:
-        res = StepResult(title, ok, detail, [shlex.join(c) for c in commands])
+    def curl_argv(self, host: str, gw: LabGateway, *, https: bool = True) -> list[str]:
+        """curl `host` at gateway `gw` from the client: over HTTPS trusting only pebble's root."""
+        port = gw.https_port if https else gw.proxy_port
+        return self.in_client(curl_argv(host, gw.public_ip, port, str(self.lab.pebble_root), https=https))
+
+    def connect(self, ip: str, port: int) -> Callable[[], socket.socket]:
+        """Opens a TCP connection from the client (its namespace in netns mode)."""
+        client = self.lab.client
+        if client is not None:
+            return lambda: client.call(socket.create_connection, (ip, port), 3)
+        return lambda: socket.create_connection((ip, port), 3)
+
+    def record(self, title: str, ok: bool, detail: str, commands: list[list[str]],
+               lines: list[str] | None = None) -> StepResult:
+        res = StepResult(title, ok, detail, [shlex.join(c) for c in commands], list(lines or ()))
         self.results.append(res)
         mark = "ok " if ok else "FAIL"
         self.say(f"\n[{mark}] {title}")
+        for line in res.lines:
+            self.say(f"    {line}")
         for c in res.commands:
             self.say(f"    $ {c}")
         self.say(f"    -> {detail}")
@@ -100,7 +126,7 @@ class Walkthrough:
 
     def _expect_answer(self, title: str, app: str, via_region: str, want_region: str) -> None:
         gw = self.lab.plan.gateway_of(via_region)
-        argv = self.curl_argv(f"{app}.{self.lab.plan.zone}", gw.public_ip, gw.proxy_port)
+        argv = self.curl_argv(f"{app}.{self.lab.plan.zone}", gw)
         out = _run(argv)
         body = out.stdout.strip() or out.stderr.strip()
         ok = out.returncode == 0 and f"in {want_region}" in body
@@ -114,6 +140,81 @@ class Walkthrough:
         via = self.lab.plan.gateways[0].region
         self._expect_answer(f"'solo' lives only in {self.lab.plan.solo_region}: the {via} gateway forwards over "
                             "the mesh", "solo", via, self.lab.plan.solo_region)
+
+    def step_zone_certificate(self) -> None:
+        """The zone certificate is listed in GetOverview, every gateway serves it (the same serial,
+        verified against pebble's root), and curl trusting only that root gets the app."""
+        title = "TLS: the zone certificate from the ACME CA"
+        lab = self.lab
+        host = f"hello.{lab.plan.zone}"
+        gw = lab.plan.gateways[1] if len(lab.plan.gateways) > 1 else lab.plan.gateways[0]
+        argv = self.curl_argv(host, gw)
+        deadline = time.monotonic() + CERT_STEP_WAIT
+        got = lab.cert_watch.wait(CERT_STEP_WAIT) if lab.cert_watch is not None else None
+        if got is None:
+            why = lab.cert_watch.why_not() if lab.cert_watch is not None else "the lab watches no certificate"
+            self.record(title, False, f"no zone certificate after {CERT_STEP_WAIT:.0f} s: {why}", [argv])
+            return
+        root = lab.pebble_root.read_text()
+        serving: dict[str, str] = {}
+        while True:
+            for g in lab.plan.gateways:
+                if serving.get(g.name) != got.serial:
+                    try:
+                        serving[g.name] = served_serial(self.connect(g.public_ip, g.https_port), host, root)
+                    except OSError as exc:  # ssl.SSLError included: not served (yet), or not trusted
+                        serving[g.name] = f"{type(exc).__name__}: {exc}"
+            if all(v == got.serial for v in serving.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        wrong = {n: v for n, v in serving.items() if v != got.serial}
+        out = _run(argv)
+        body = (out.stdout.strip() or out.stderr.strip())[:160]
+        ok = not wrong and out.returncode == 0 and "hello from hello instance" in body
+        served = (f"served by all {len(serving)} gateways" if not wrong else
+                  "not served by " + "; ".join(f"{n} ({v[:120]})" for n, v in wrong.items()))
+        self.record(title, ok, f"{', '.join(got.dns_names)} obtained from pebble {got.seconds:.1f} s after the lab "
+                    f"started (target <= 10 s), serial {got.serial}, {served}; curl: {body}", [argv])
+
+    def step_custom_domain(self) -> None:
+        """The customer publishes TXT + CNAME for their domain; it resolves to the gateways and the
+        app answers for it (plain HTTP: no certificates on demand yet)."""
+        lab = self.lab
+        domain = lab.plan.custom_domain
+        title = f"custom domain by TXT: {domain} reaches the app hello"
+        if lab.customer is None:
+            self.record(title, False, "the lab started no customer DNS", [])
+            return
+        records = records_for(domain, "hello", lab.plan.zone)
+        lines = [f"zone {lab.customer.zone} ({lab.customer.gdnsd.zone_path(lab.customer.zone)}) gets:",
+                 *(f"  {r}" for r in records)]
+        kdig = self.in_client(lab.customer.kdig_argv(domain))
+        published = time.monotonic()
+        try:
+            lab.customer.publish(records)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            self.record(title, False, f"publishing failed: {exc}", [lab.customer.gdnsd.reload_argv()], lines)
+            return
+        answer = dns_answer.DnsAnswer(dns_answer.TIMEOUT)
+        by_ip = {g.public_ip: g for g in lab.plan.gateways}
+        body, curl = "", None
+        while time.monotonic() - published < CUSTOM_DOMAIN_WAIT:
+            answer = dns_answer.parse(_run(kdig).stdout)
+            gw = next((by_ip[ip] for ip in answer.addresses if ip in by_ip), None)
+            if gw is not None:
+                curl = self.curl_argv(domain, gw, https=False)
+                out = _run(curl)
+                body = (out.stdout.strip() or out.stderr.strip())[:160]
+                if out.returncode == 0 and "hello from hello instance" in body:
+                    break
+            time.sleep(0.2)
+        took = time.monotonic() - published
+        ok = "hello from hello instance" in body
+        where = "/".join(f"{ip} ({self.ip_to_region.get(ip, '?')})" for ip in answer.addresses) or answer.status
+        detail = (f"{domain} -> CNAME hello.{lab.plan.zone} -> {where}; answered {took:.2f} s after the TXT appeared "
+                  f"(target <= 5 s), over plain HTTP (no certificates on demand yet): {body or 'no answer'}")
+        commands = [lab.customer.gdnsd.reload_argv(), kdig, *([curl] if curl else [])]
+        self.record(title, ok, detail, commands, lines)
 
     def step_failover(self) -> None:
         eu = self.vantages["EU"]
@@ -241,9 +342,11 @@ class Walkthrough:
 
     def run(self) -> bool:
         self.step_dns_continents()
+        self.step_zone_certificate()
         self.step_local_request()
         if self.lab.plan.netns:
             self.step_cross_region()
+        self.step_custom_domain()
         self.step_failover()
         if self.lab.plan.netns:
             self.step_link_cut()

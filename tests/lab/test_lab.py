@@ -1,4 +1,7 @@
-"""The main job end to end: `geomesh lab --check` runs the whole walkthrough and leaves nothing behind."""
+"""The main job end to end: `geomesh lab --check` runs the whole walkthrough and leaves nothing behind.
+
+The walkthrough includes the zone certificate obtained from the lab's pebble and trusted by curl
+with pebble's root only, and a custom domain published by TXT record in the customer's gdnsd."""
 
 from __future__ import annotations
 
@@ -62,6 +65,17 @@ def assert_steps_ok(out: str, expected: list[str]) -> None:
     assert "[FAIL]" not in out, out[-4000:]
 
 
+TLS_STEP = "TLS: the zone certificate from the ACME CA"
+CUSTOM_DOMAIN_STEP = "custom domain by TXT: www.shop.example.net reaches the app hello"
+
+
+def assert_custom_domain_shown(text: str) -> None:
+    """The zone lines the customer publishes, and the domain answered by the app through a gateway."""
+    assert '_geomesh-app-address.www.shop.example.net. 30 TXT "app=hello"' in text
+    assert "www.shop.example.net. 30 CNAME hello.lab.geomesh.test." in text
+    assert "reload-zones" in text and "www.shop.example.net -> CNAME hello.lab.geomesh.test -> " in text
+
+
 def test_lab_in_namespaces_walkthrough_then_nothing_left(tmp_path):
     reason = netns_unavailable_reason()
     if reason:
@@ -72,8 +86,10 @@ def test_lab_in_namespaces_walkthrough_then_nothing_left(tmp_path):
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     assert_steps_ok(text, ["DNS from three continents (EDNS Client Subnet) picks three regions",
+                           TLS_STEP,
                            "a request through the eu-central gateway reaches a local instance",
                            "'solo' lives only in us-east: the ap-northeast gateway forwards over the mesh",
+                           CUSTOM_DOMAIN_STEP,
                            "kill gw-eu-central-1: DNS stops returning it",
                            "restart gw-eu-central-1: it comes back",
                            "the mesh heals: gw-ap-northeast-1 reaches gw-eu-central-1 over WireGuard",
@@ -85,6 +101,11 @@ def test_lab_in_namespaces_walkthrough_then_nothing_left(tmp_path):
     assert "ip route replace default via 192.0.2.1 dev eth0" in text
     assert "the EU client is sent to" in text and "192.0.2.21 is answered again" in text
     assert "hello from solo instance" in text and "in us-east" in text
+    # the HTTPS request a person repeats: from the client namespace, trusting pebble's root only
+    assert (f"ip netns exec {prefix_of(text)}-client curl -sS --max-time 5 --resolve "
+            f"hello.lab.geomesh.test:443:192.0.2.21 --cacert {state}/pebble-root.pem https://hello.lab.geomesh.test/") in text
+    assert "obtained from pebble" in text and "served by all 3 gateways" in text
+    assert_custom_domain_shown(text)
     prefix = lab_prefix(text)
     assert not namespaces(prefix), "the lab left network namespaces behind"
     assert not {s for s in wg_sockets() - socks_before if s.startswith(prefix[:-1])}, "the lab left WireGuard interfaces behind"
@@ -99,8 +120,10 @@ def test_lab_loopback_mode_answers_dns(tmp_path):
     assert out.returncode == 0, text[-4000:]
     assert "LOOPBACK MODE: --loopback was given" in text
     assert "computed and shown but not created" in text
-    assert_steps_ok(text, ["DNS from three continents (EDNS Client Subnet) picks three regions",
-                           "kill gw-eu-central-1: DNS stops returning it"])
+    assert_steps_ok(text, ["DNS from three continents (EDNS Client Subnet) picks three regions", TLS_STEP,
+                           CUSTOM_DOMAIN_STEP, "kill gw-eu-central-1: DNS stops returning it"])
+    assert f"--cacert {state}/pebble-root.pem https://hello.lab.geomesh.test:8443/" in text
+    assert_custom_domain_shown(text)
     assert not processes_mentioning(str(state))
 
 

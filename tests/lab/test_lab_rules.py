@@ -1,11 +1,14 @@
 """The lab's pure parts, table-tested: reading kdig's answer, the fault commands, the plan with
 two gateways in a region, the reachability matrix of the live view, its handshake ages (from GetOverview, so shared
 `geomesh/` imports no service package), and the gateway config's
-[reach] table (accepted by the agent's own config loader)."""
+[reach] table (accepted by the agent's own config loader), the curl commands the TLS steps print,
+the customer's records, and the customer's DNS (real gdnsd + unbound) with the gateway config
+that names its resolver."""
 
 from __future__ import annotations
 
 import ast
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,11 @@ from rich.console import Console
 
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.lab import dns_answer, faults
+from geomesh.lab.customer_zone import CustomerDns, records_for, zone_text
 from geomesh.lab.display import handshakes, reachability_table
 from geomesh.lab.plan import make_plan
-from geomesh.lab.runner import REACH
+from geomesh.lab.runner import REACH, Lab, RunningGateway
+from geomesh.lab.zone_certificate import curl_argv
 from geomesh.model import Region
 from geomesh.regions_file import GatewaySpec, RegionFile
 
@@ -148,3 +153,58 @@ def test_shared_code_imports_no_service_package():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             bad += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in services]
     assert not bad
+
+
+@pytest.mark.parametrize(("port", "https", "url"), [
+    (443, True, "https://hello.lab.geomesh.test/"),
+    (8443, True, "https://hello.lab.geomesh.test:8443/"),
+    (8080, False, "http://hello.lab.geomesh.test:8080/"),
+])
+def test_curl_argv_resolves_at_the_gateway_and_trusts_only_the_root(port, https, url):
+    argv = curl_argv("hello.lab.geomesh.test", "192.0.2.21", port, "root.pem", https=https)
+    assert argv[-1] == url
+    assert argv[argv.index("--resolve") + 1] == f"hello.lab.geomesh.test:{port}:192.0.2.21"
+    assert ("--cacert" in argv) is https and ("-k" not in argv and "--insecure" not in argv)
+    if https:
+        assert argv[argv.index("--cacert") + 1] == "root.pem"
+
+
+def test_the_customers_records_are_the_documented_pair():
+    assert records_for("www.shop.example.net", "hello", "lab.geomesh.test") == (
+        '_geomesh-app-address.www.shop.example.net. 30 TXT "app=hello"',
+        "www.shop.example.net. 30 CNAME hello.lab.geomesh.test.")
+    text = zone_text(("x 30 A 192.0.2.1",), serial=7)
+    assert "@ SOA ns1 hostmaster 7 7200 1800 259200 5\n" in text  # negative answers cached 5 s at most
+    assert text.endswith("x 30 A 192.0.2.1\n")
+
+
+def test_customer_dns_publishes_and_the_labs_gateway_config_names_its_resolver(tmp_path: Path):
+    """Real gdnsd + unbound on loopback: a published TXT is what the resolver answers; the gateway
+    config the lab writes (TLS listener, [custom_domains] resolver) is what the agent accepts."""
+    from regional_gateway.agent_config import load
+
+    regions = [_region("ap-northeast", 35, "10.90.3.0/24", ("gw-ap-1", "192.0.2.31")),
+               _region("eu-central", 50, "10.90.2.0/24", ("gw-eu-1", "192.0.2.21")),
+               _region("us-east", 39, "10.90.1.0/24", ("gw-us-1", "192.0.2.11"))]
+    plan = make_plan(regions, netns=False)
+    customer = CustomerDns.start(tmp_path / "dns", plan.customer_zone, plan.zone, geodns_port=9)
+    try:
+        assert customer.unbound.ask(f"_geomesh-app-address.{plan.custom_domain}").rr == []
+        customer.publish(records_for(plan.custom_domain, "hello", plan.zone))
+        deadline = time.monotonic() + 20  # unbound keeps the earlier negative answer up to 1 s
+        while not (reply := customer.unbound.ask(f"_geomesh-app-address.{plan.custom_domain}")) or not reply.rr:
+            assert time.monotonic() < deadline, f"never answered the published TXT: {reply}"
+            time.sleep(0.2)
+        assert [str(rr.rdata) for rr in reply.rr] == ['"app=hello"']
+        assert set(customer.pids) == {"gdnsd", "unbound"}
+        (tmp_path / "lab").mkdir()
+        in_netns = make_plan(regions, netns=True)  # its gateways reach the coordinator by unix socket
+        lab = Lab(tmp_path / "lab", regions, in_netns, say=lambda _line: None)
+        lab.cp.pki.init()
+        lab.customer = customer
+        rg = RunningGateway(in_netns.gateways[1], tmp_path / "gw.toml")
+        config = load(lab._gateway_config(rg))
+        assert (config.https_port, config.proxy_port, config.public_ip) == (443, 8080, "192.0.2.21")
+        assert config.custom_domains == {"resolver": customer.resolver}
+    finally:
+        customer.stop()
