@@ -13,6 +13,10 @@ under the replicas' secrets key, and the challenge is withdrawn. Each attempt's 
 `certstatus/<zone>`: failures in a row, the last error and the next attempt (exponential
 backoff). The certificate held keeps serving while renewals fail. Gateways get the certificate
 over their sessions, its key sealed to each (`coordinator.cert_records.bundles_for`).
+
+`order_http01(names)` is the other way in, for names outside the zone (custom domains): ACME
+HTTP-01 answered by every gateway's plain HTTP listener (`coordinator.http01`), stored and
+recorded the same way under the first name; any replica may call it, leader or not.
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
 
-from coordinator.acme_client import AcmeClient, AcmeError, Issued, new_key_pem
+from coordinator.acme_client import AcmeClient, AcmeError, Issued, check_names, new_key_pem
 from coordinator.cert_records import (
     ACME_DIR,
     CERTS_DIR,
@@ -40,6 +44,7 @@ from coordinator.cert_records import (
     key_context,
 )
 from coordinator.dns_check import wait_all_serve
+from coordinator.http01 import Http01Challenges
 from coordinator.renewal import RenewalPolicy, after_failure, after_success, due_at
 from coordinator.state import State, key
 from coordinator.store import EtcdStore, ReplicaLease, Txn
@@ -70,6 +75,7 @@ class AcmeSettings:
     propagation_deadline: float = 30.0  # how long to wait for every GeoDNS server to serve it
     order_deadline: float = 90.0
     check_interval: float = 5.0         # how often a replica checks leadership and the schedule
+    http01_grace: float = 1.0           # HTTP-01: the wait for gateways whose session is on another replica
 
     def __post_init__(self) -> None:
         if not self.directory.startswith(("https://", "http://")):
@@ -77,6 +83,8 @@ class AcmeSettings:
         object.__setattr__(self, "zone", validate.fqdn("acme_zone", self.zone))
         if not 0.2 <= self.check_interval <= 3600:
             raise ValidationError("acme_check_interval", "must be 0.2..3600 seconds")
+        if not 0 <= self.http01_grace <= 60:
+            raise ValidationError("acme_http01_grace", "must be 0..60 seconds")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -99,6 +107,7 @@ class ZoneCertificates:
         self.replica = f"{socket.gethostname()}/{os.getpid()}/{os.urandom(3).hex()}"
         self.leading = False
         self._client: AcmeClient | None = None
+        self.http01: Http01Challenges | None = None  # set by the server: HTTP-01 through every gateway
 
     async def run(self) -> None:
         while True:
@@ -153,13 +162,42 @@ class ZoneCertificates:
         try:
             issued, key_pem = await self._order()
         except (AcmeError, SealError, StoreUnavailableError, OSError) as exc:
-            failed = after_failure(name, status, self.clock(), str(exc), self.settings.policy)
-            ORDERS.labels(name, "failed").inc()
-            event(log, "certificate order failed, the certificate held keeps serving", logging.ERROR,
-                  name=name, failures=failed.failures, retry_in=round(failed.renew_at - self.clock(), 1),
-                  error=str(exc)[:300])
-            await self.store.put(key(STATUS_DIR, name), failed.to_json())
+            await self._failed(name, status, exc)
             return False
+        await self._store(name, issued, key_pem)
+        return True
+
+    async def order_http01(self, names: Sequence[str]) -> CertificateRecord:
+        """A certificate for `names` (no wildcard) by ACME HTTP-01, answered by every gateway
+        (`coordinator.http01`), stored as `certs/<first name>` with its key sealed and its
+        `certstatus/` set, exactly as the zone's; the sessions then send it to every gateway.
+        Raises AcmeError (after recording the failure in `certstatus/`) when the order fails."""
+        if self.http01 is None:
+            raise AcmeError("http-01 orders need the gateways' challenge sets (coordinator.http01)")
+        name = check_names(names)[0]  # AcmeError naming the field for a bad name
+        status = self.state.snapshot().cert_status.get(name)
+        try:
+            client = await self._account()
+            key_pem = new_key_pem()
+            issued = await client.order_http01(names, key_pem, self.http01.publish, self.http01.withdraw,
+                                               deadline=self.settings.order_deadline)
+        except (AcmeError, SealError, StoreUnavailableError, OSError) as exc:
+            await self._failed(name, status, exc)
+            if isinstance(exc, AcmeError):
+                raise
+            raise AcmeError(f"ACME order for {name}: {exc}") from exc
+        return await self._store(name, issued, key_pem)
+
+    async def _failed(self, name: str, status: RenewalStatus | None, exc: Exception) -> None:
+        failed = after_failure(name, status, self.clock(), str(exc), self.settings.policy)
+        ORDERS.labels(name, "failed").inc()
+        event(log, "certificate order failed, the certificate held keeps serving", logging.ERROR,
+              name=name, failures=failed.failures, retry_in=round(failed.renew_at - self.clock(), 1),
+              error=str(exc)[:300])
+        await self.store.put(key(STATUS_DIR, name), failed.to_json())
+
+    async def _store(self, name: str, issued: Issued, key_pem: bytes) -> CertificateRecord:
+        """The chain in `certs/<name>` with its key sealed, and the schedule in `certstatus/<name>`."""
         new = CertificateRecord(name, issued.names, issued.chain_pem, issued.not_after, issued.serial,
                                 base64.b64encode(self.box.seal(key_pem, key_context(name, issued.serial))).decode())
         del key_pem
@@ -168,7 +206,7 @@ class ZoneCertificates:
         ORDERS.labels(name, "issued").inc()
         event(log, "certificate obtained", name=name, serial=new.serial, not_after=int(new.not_after),
               renew_at=int(ok.renew_at), names=",".join(new.dns_names))
-        return True
+        return new
 
     async def _account(self) -> AcmeClient:
         if self._client is not None:

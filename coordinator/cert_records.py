@@ -10,6 +10,9 @@ Three records, JSON under `/geomesh/v1/`:
   (context `acme-account:<directory>`), so a new leader keeps the account.
 - `certstatus/<name>` — `RenewalStatus`: the leader's schedule (next attempt, failures in a
   row, the last error), so every replica's `GetOverview` shows whether a renewal is failing.
+- `http01/<token>` — `Http01Record`: an ACME HTTP-01 challenge in flight (token, key
+  authorization: public values), bound to the ordering replica's lease; every session sends the
+  set to its gateway, whose plain HTTP listener answers it (`coordinator.http01`).
 
 The ordering leader (`acme/leader`, bound to its replica's lease) is elected in `coordinator.acme_orders`.
 """
@@ -24,12 +27,14 @@ from typing import Any, Self
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from geomesh import validate
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.sealing import SealError, SecretBox, seal
 
 CERTS_DIR = "certs"             # certs/<name>
 STATUS_DIR = "certstatus"       # certstatus/<name>
 ACME_DIR = "acme"               # acme/leader (the ordering replica), acme/account
+HTTP01_DIR = "http01"           # http01/<token>: HTTP-01 challenges every gateway answers
 
 
 def key_context(name: str, serial: str) -> bytes:
@@ -90,6 +95,21 @@ class RenewalStatus(_Json):
     def to_proto(self) -> pb.CertificateStatus:
         return pb.CertificateStatus(name=self.name, renew_at=int(self.renew_at), failures=self.failures,
                                     last_error=self.last_error)
+
+
+@dataclass(frozen=True, slots=True)
+class Http01Record(_Json):
+    """An ACME HTTP-01 challenge: GET /.well-known/acme-challenge/<token> answers key_authorization."""
+
+    token: str
+    key_authorization: str
+
+    def __post_init__(self) -> None:
+        validate.acme_token("token", self.token)
+        validate.key_authorization("key_authorization", self.key_authorization, self.token)
+
+    def to_proto(self) -> pb.HttpChallenge:
+        return pb.HttpChallenge(token=self.token, key_authorization=self.key_authorization)
 
 
 def matches(chain_pem: str, key_pem: bytes) -> bool:

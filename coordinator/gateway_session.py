@@ -201,6 +201,7 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         try:
             have = hello.last_revision if hello.last_revision > 0 else -1
             certs_sent: object = None  # what the gateway has of the certificate set
+            http01_sent = -1  # the revision of the http01/ directory the gateway has the set of
             while True:
                 delta = self.feed.changes_since(have)
                 # memoised per revision range (and region): N sessions share one computation
@@ -212,7 +213,8 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
                 if routing.snapshot or routing.upserts or routing.removals:
                     msg.routing.CopyFrom(routing)
                 certs_sent = self._add_certificates(name, msg, certs_sent)
-                if msg.HasField("mesh") or msg.HasField("routing") or msg.certificates_set:
+                http01_sent = self._add_http_challenges(msg, http01_sent)
+                if msg.HasField("mesh") or msg.HasField("routing") or msg.certificates_set or msg.http_challenges_set:
                     SENT.labels("gateway", "snapshot" if delta.routing is None else "delta").inc()
                     SENT_BYTES.labels("gateway").inc(msg.ByteSize())
                     live.sending = True
@@ -263,6 +265,18 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         msg.certificates.extend(bundles)
         msg.certificates_set = True
         return have
+
+    def _add_http_challenges(self, msg: pb.SessionDown, sent: int) -> int:
+        """Put the whole ACME HTTP-01 challenge set into `msg` when the `http01/` directory changed
+        since the set the gateway has (`sent`: the directory's revision then); every write counts,
+        even one that leaves the set the same, so each publish gets an ack at its revision."""
+        changed = self.state.dir_revision.get("http01", 0)
+        if changed == sent:
+            return sent
+        records = sorted(self.feed.snapshot().http01.values(), key=lambda r: r.token)
+        msg.http_challenges.extend(r.to_proto() for r in records)
+        msg.http_challenges_set = True
+        return changed
 
     def _reader_done(self, live: _Liveness, reader: asyncio.Task) -> None:
         if not live.sending or live.cleanup is not None:
@@ -418,6 +432,7 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         if entry is None:
             return
         entry.load, entry.active_connections = report.load, report.active_connections
+        entry.http01_revision = heartbeat.http_challenges_revision  # its ack (coordinator.http01)
         if heartbeat.peers:
             gateways = self.state.gateways
             accepted, ignored = check_handshakes(name, heartbeat.peers, gateways, limit=len(gateways))

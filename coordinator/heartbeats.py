@@ -18,7 +18,8 @@ its region, one vote per target, at most `MAX_VOTES_PER_HEARTBEAT`, a finite RTT
 ignored and counted, never an error) and merged into the prober's vote map by `merge_votes`.
 
 What a gateway reports about itself (load, connections, `SessionHello.version`, its peers'
-WireGuard handshake ages in `Heartbeat.peers`) is kept by `GatewayStats`, in memory on the
+WireGuard handshake ages in `Heartbeat.peers`, the ACME HTTP-01 challenge set it applied in
+`Heartbeat.http_challenges_revision`) is kept by `GatewayStats`, in memory on the
 replica holding the session, never in etcd (one write per heartbeat per gateway would be too
 chatty): with several replicas, each replica's GetOverview shows what its own sessions reported.
 `check_handshakes` keeps the valid handshake entries (a known peer, not the gateway itself, one
@@ -256,6 +257,7 @@ class GatewayReport:
     version: str = ""
     handshakes: dict[str, float] = field(default_factory=dict)
     handshakes_at: float = 0.0  # clock time the handshakes were reported (ages grow from there)
+    http01_revision: int = 0  # the revision of the last HTTP-01 challenge set it applied (its ack)
 
 
 @dataclass(slots=True)
@@ -275,6 +277,11 @@ class GatewayStats:
     def close(self, gateway: str, report: GatewayReport) -> None:
         if self.reports.get(gateway) is report:
             del self.reports[gateway]
+
+    def unacked(self, revision: int) -> list[str]:
+        """The gateways with a session here that have not applied an HTTP-01 challenge set of at
+        least `revision` (`Heartbeat.http_challenges_revision`), by name."""
+        return sorted(g for g, report in self.reports.items() if report.http01_revision < revision)
 
     def handshakes(self, gateway: str, now: float) -> dict[str, float]:
         """The gateway's peers' handshake ages now (0 = never): reported age + time since."""

@@ -86,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
                       help="longest wait between retries (default %(default)s)")
     acme.add_argument("--acme-check-interval", type=float, default=5.0, metavar="SECONDS",
                       help="how often each replica checks who orders and whether an order is due (default %(default)s)")
+    acme.add_argument("--acme-http01-grace", type=float, default=1.0, metavar="SECONDS",
+                      help="HTTP-01 orders (custom domains): after the gateways with a session on this replica "
+                           "acked the challenges, wait this long for those on other replicas (default %(default)s)")
     acme.add_argument("--secrets-key", type=Path, metavar="PATH",
                       help="32-byte key every replica shares, sealing what rests in etcd (the ACME account and "
                            "certificate keys); made with mode 0600 when absent (default <pki-dir>/secrets.key)")
@@ -106,7 +109,7 @@ def acme_settings(args: argparse.Namespace) -> AcmeSettings | None:
     return AcmeSettings(args.acme_directory, args.acme_zone, email=args.acme_email, ca_bundle=args.acme_ca_bundle,
                         policy=RenewalPolicy(renew_before=args.acme_renew_before * DAY, retry_base=args.acme_retry,
                                              retry_max=args.acme_retry_max),
-                        check_interval=args.acme_check_interval)
+                        check_interval=args.acme_check_interval, http01_grace=args.acme_http01_grace)
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ from coordinator.access import Access
 from coordinator.acme_orders import AcmeSettings, ZoneCertificates
 from coordinator.dns_servers import Announcer
 from coordinator.fanout import Fanout
+from coordinator.http01 import Http01Challenges
 from coordinator.operations import Operations
 from coordinator.reach_decider import ReachDecider
 from coordinator.reachability import DEFAULT_MAX_SHARE
@@ -201,6 +202,10 @@ class Coordinator:
             lease_ttl=cfg.lease_ttl, mesh_cidr=cfg.mesh_cidr,
             health_interval=cfg.health_write_interval,
             heartbeat_rate=cfg.heartbeat_rate, vote_write_rate=cfg.reach_vote_write_rate, secrets=secrets)
+        if self.certificates is not None and cfg.acme is not None:  # HTTP-01 through every gateway
+            self.certificates.http01 = Http01Challenges(self.store, self.state, self.lease, self.gateway_control.stats,
+                                                        grace=cfg.acme.http01_grace,
+                                                        deadline=cfg.acme.propagation_deadline)
         add_services(server, AdminService(self.feed, self.ops, self.access, stats=self.gateway_control.stats),
                      RoutingFeedService(self.feed, self.ops, self.access, send_timeout=cfg.watch_send_timeout,
                                         announcer=Announcer(self.store, self.lease)),

@@ -221,3 +221,32 @@ def text(field: str, value: str, *, max_len: int = MAX_TEXT) -> str:
     if any(ord(c) < 32 for c in value):
         raise ValidationError(field, "contains control characters")
     return value
+
+
+_B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
+MAX_ACME_TOKEN = 256       # ACME tokens are 43 characters (RFC 8555 8.1: >= 128 bits, base64url)
+MAX_KEY_AUTHORIZATION = 512
+
+
+def acme_token(field: str, value: str) -> str:
+    """An ACME challenge token: base64url without padding, 1-256 characters (it is a URL path
+    segment, /.well-known/acme-challenge/<token>)."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "is required")
+    if len(value) > MAX_ACME_TOKEN:
+        raise ValidationError(field, f"is longer than {MAX_ACME_TOKEN} characters")
+    if not _B64URL.match(value):
+        raise ValidationError(field, f"{value[:80]!r} is not base64url (A-Z, a-z, 0-9, '-', '_')")
+    return value
+
+
+def key_authorization(field: str, value: str, token: str) -> str:
+    """An HTTP-01 key authorization for `token`: `<token>.<base64url account key thumbprint>`."""
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, "is required")
+    if len(value) > MAX_KEY_AUTHORIZATION:
+        raise ValidationError(field, f"is longer than {MAX_KEY_AUTHORIZATION} characters")
+    head, dot, thumbprint = value.partition(".")
+    if head != token or not dot or not _B64URL.match(thumbprint):
+        raise ValidationError(field, "is not <token>.<base64url thumbprint> for its token")
+    return value
