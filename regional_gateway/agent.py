@@ -23,7 +23,9 @@ Certificates (docs/certificates.md, "On the gateway"): the agent keeps an X25519
 (`AgentConfig.sealing_key_file`, 0600) and sends its public half at Register. A session message
 with `certificates_set` hands the whole set to the `CertificateIntake` (off the event loop), which
 opens and checks each bundle and keeps it on disk; the resulting set goes to the data plane. The
-certificates saved by an earlier run are in service before any coordinator is reached.
+certificates saved by an earlier run are in service before any coordinator is reached. The ACME
+HTTP-01 challenges in flight (`http_challenges_set`) go to the data plane's plain listener and
+the revision of the set is acked in every heartbeat (`http_challenges_revision`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from regional_gateway.mesh_view import (
     MeshPeerInfo,
     apply_mesh_update,
     desired_peers,
+    handshake_ages,
     probe_regions,
     probe_targets,
 )
@@ -94,6 +97,7 @@ class DataPlane(Protocol):
     def backend_health(self) -> list[tuple[str, str, bool]]: ...
     def active_connections(self) -> int: ...
     def update_certificates(self, certificates: list[ManagedCertificate]) -> None: ...
+    def update_http_challenges(self, challenges: dict[str, str]) -> None: ...
 
 
 class Agent:
@@ -114,6 +118,8 @@ class Agent:
         self.sealing_public_key = public_bytes(sealing_key)
         self.certificates = CertificateIntake(sealing_key, config.certs_dir)
         self._certificates_lock = asyncio.Lock()
+        self.http_challenges: dict[str, str] = {}  # ACME HTTP-01 token -> key authorization
+        self.http01_revision = 0  # the revision of the challenge set applied (acked in every heartbeat)
         self.mesh_ip = ""
         self.mesh_cidr = ""
         self.revision = 0
@@ -252,7 +258,7 @@ class Agent:
         complete = True  # the first heartbeat of every session carries every verdict
         self._handshakes_sent = -1.0  # and, once observed, the handshake ages
         while True:
-            hb = pb.Heartbeat(load=host_load())
+            hb = pb.Heartbeat(load=host_load(), http_challenges_revision=self.http01_revision)
             self._add_handshakes(hb)
             if self.dataplane is not None:
                 hb.active_connections = self.dataplane.active_connections()
@@ -363,6 +369,12 @@ class Agent:
             self.update_probe_targets()
         if msg.certificates_set:
             await self.apply_certificates(list(msg.certificates))
+        if msg.http_challenges_set:  # answered on the plain listener, acked with the next heartbeat (now)
+            self.http_challenges = {c.token: c.key_authorization for c in msg.http_challenges}
+            if self.dataplane is not None:
+                self.dataplane.update_http_challenges(self.http_challenges)
+            self.http01_revision = msg.revision
+            self._wake.set()
         self.revision = max(self.revision, msg.revision)
         REVISION.set(self.revision)
         self.current_at = time.time()
@@ -429,6 +441,7 @@ class Agent:
 
         self.proxy, self.dataplane = await start_dataplane(self.config, self.mesh_ip)
         self.dataplane.update_certificates(self.certificates.in_service())
+        self.dataplane.update_http_challenges(self.http_challenges)
 
     def start_prober(self) -> None:
         c = self.config
@@ -522,18 +535,6 @@ def host_load() -> float:
         return min(1.0, max(0.0, os.getloadavg()[0] / (os.cpu_count() or 1)))
     except OSError:
         return 0.0
-
-
-def handshake_ages(actual: dict, mesh: dict[str, MeshPeerInfo], now: float) -> dict[str, float]:
-    """Mesh peer name -> seconds since its last handshake (0 = never), for the interface's peers
-    (`actual`: public key -> Peer with `last_handshake` in unix time) that are mesh peers."""
-    names = {p.public_key: p.name for p in mesh.values()}
-    out: dict[str, float] = {}
-    for key, peer in actual.items():
-        name = names.get(key)
-        if name is not None:
-            out[name] = 0.0 if peer.last_handshake is None else round(max(0.1, now - peer.last_handshake), 1)
-    return out
 
 
 async def _main(config: AgentConfig, stop: asyncio.Event) -> None:

@@ -9,6 +9,7 @@ Example (`deploy/gateway.example.toml` documents every field)::
     zone = "apps.example.com"
     proxy_port = 80
     https_port = 443
+    https_redirect = true            # plain HTTP for a host with a certificate: 301 to https://
     [[certificates]]
     cert = "/etc/geomesh/apps.example.com.pem"
     key = "/etc/geomesh/apps.example.com.key"
@@ -73,6 +74,7 @@ class AgentConfig:
     proxy_listen: str = ""              # bind address of the client-facing listener ("" = public_ip)
     https_port: int = 0                 # TLS listener on proxy_listen (SNI termination, `s`, `g`); 0 = none
     certificates: tuple[CertificateSpec, ...] = ()  # served by SNI on https_port
+    https_redirect: bool = True         # plain HTTP for a host with a TLS certificate: 301 to https://
     g_mode: str = "streams"             # `g` names: streams (per-call balancing) or tunnel
     tls_ca: Path | None = None
     tls_cert: Path | None = None
@@ -140,6 +142,8 @@ class AgentConfig:
             validate.port("https_port", self.https_port)
             if self.https_port == self.proxy_port:
                 raise ValidationError("https_port", "must differ from proxy_port (plain HTTP listens there)")
+        if not isinstance(self.https_redirect, bool):
+            raise ValidationError("https_redirect", f"{self.https_redirect!r} is not true or false")
         for i, spec in enumerate(self.certificates):
             load_certificate(spec, f"certificates[{i}]")  # readable, a certificate, the key matches
         if self.g_mode not in G_MODES:
@@ -201,7 +205,7 @@ def load(path: Path) -> AgentConfig:
     tls = data.get("tls", {})
     wg = data.get("wireguard", {})
     known = {"name", "region", "coordinators", "public_ip", "public_ipv6", "zone", "proxy_port", "proxy_listen",
-             "https_port", "certificates", "g_mode", "insecure", "heartbeat_interval", "metrics_host", "metrics_port",
+             "https_port", "https_redirect", "certificates", "g_mode", "insecure", "heartbeat_interval", "metrics_host", "metrics_port",
              "dataplane", "tls", "wireguard", "reach", "routes", "state", "custom_domains"}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -238,6 +242,7 @@ def load(path: Path) -> AgentConfig:
         public_ip=data.get("public_ip", ""), public_ipv6=data.get("public_ipv6", ""),
         zone=data.get("zone", "geomesh.test"), proxy_port=data.get("proxy_port", 8080),
         proxy_listen=data.get("proxy_listen", ""), https_port=data.get("https_port", 0),
+        https_redirect=data.get("https_redirect", True),
         certificates=tuple(certificates), g_mode=data.get("g_mode", "streams"), insecure=bool(data.get("insecure", False)),
         tls_ca=rel(tls.get("ca")), tls_cert=rel(tls.get("cert")), tls_key=rel(tls.get("key")),
         wg_interface=wg.get("interface", "gm0"), wg_listen_port=wg.get("listen_port", 51820),

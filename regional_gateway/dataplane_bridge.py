@@ -11,7 +11,9 @@ forwarding skips unreachable gateways while their region has a reachable one
 (`proxy.cross_region.forwarding_order`). The data plane also answers the reserved health path
 that other gateways' outside-in probes ask for (docs/reachability.md). The certificates the
 coordinator sends, once opened and checked by the agent's `CertificateIntake`, go to the proxy's
-certificate store with `update_certificates` (docs/certificates.md, "On the gateway").
+certificate store with `update_certificates` (docs/certificates.md, "On the gateway"), and the
+ACME HTTP-01 challenges in flight to the plain listener with `update_http_challenges`
+(`proxy.port80`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ class ProxyDataPlane:
         self.server.certs.set_managed(certificates)
         event(log, "managed certificates in service", names=[c.name for c in certificates])
 
+    def update_http_challenges(self, challenges: dict[str, str]) -> None:
+        """Answer these ACME HTTP-01 challenges (token -> key authorization) on the plain listener."""
+        refused = self.server.set_http_challenges(challenges.items())
+        if refused:
+            event(log, "ACME challenges refused", logging.ERROR, count=len(refused), first=refused[0])
+
     def backend_health(self) -> list[tuple[str, str, bool]]:
         out = []
         for name, app in list(self.server.state.apps.items()):
@@ -68,7 +76,7 @@ async def start_dataplane(config: AgentConfig, mesh_ip: str) -> tuple[ProxyServe
     mesh = (f"{mesh_ip}:{config.proxy_port}",) if mesh_ip and config.wg_backend != "none" else ()
     https = (f"{listen}:{config.https_port}",) if config.https_port else ()
     settings = ProxySettings(http=(f"{listen}:{config.proxy_port}",), https=https, mesh=mesh, g_mode=config.g_mode,
-                             **config.custom_domains)
+                             https_redirect=config.https_redirect, **config.custom_domains)
     server = ProxyServer(settings, Routes(zone=config.zone, self_name=config.name, region=config.region,
                                           certificates=config.certificates))
     await server.start()

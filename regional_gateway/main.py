@@ -94,6 +94,9 @@ SETTING_HELP = {
     "custom_domain_rate": "TXT look-ups per second for all clients together; beyond, 503",
     "custom_domain_burst": "TXT look-ups all clients together may save up (the shared bucket size)",
     "custom_domain_cache_entries": "custom-domain hosts whose look-up answer is kept (the oldest dropped first)",
+    "https_redirect": "do not redirect plain HTTP requests to HTTPS (by default a request on a plain listener for a "
+                      "host with a TLS listener and a certificate gets 301 to https://; ACME HTTP-01 paths, the mesh "
+                      "listener and trusted peers never are redirected)",
 }
 
 
@@ -134,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.type.startswith("tuple"):
             p.add_argument(flag, action="append", metavar="IP" if f.name == "trusted_peers" else "HOST:PORT",
+                           default=None, help=SETTING_HELP[f.name])
+        elif f.type == "bool":
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
                            default=None, help=SETTING_HELP[f.name])
         elif f.name == "g_mode":
             p.add_argument(flag, choices=G_MODES, default=None,

@@ -6,7 +6,8 @@ Pure. The coordinator sends a snapshot of every other gateway as a `MeshPeer`, t
 key, which the applier diffs against the interface. Each peer also carries what the reachability
 probes need (`public_ip`, `proxy_port`, `https_port`: where clients reach it, never the mesh) and
 the coordinator's verdict (`unreachable`); `probe_targets` turns the view and the probe plan into
-the targets of this gateway's `ReachProber`.
+the targets of this gateway's `ReachProber`; `handshake_ages` names the interface's peers'
+handshake ages by gateway for the heartbeats.
 """
 
 from __future__ import annotations
@@ -85,4 +86,16 @@ def probe_targets(view: Mapping[str, MeshPeerInfo], plan: ProbePlan, self_name: 
             continue
         out[name] = ProbeTarget(name=name, region=info.region, host=info.public_ip, http_port=info.proxy_port,
                                 https_port=info.https_port)
+    return out
+
+
+def handshake_ages(actual: dict, mesh: dict[str, MeshPeerInfo], now: float) -> dict[str, float]:
+    """Mesh peer name -> seconds since its last handshake (0 = never), for the interface's peers
+    (`actual`: public key -> Peer with `last_handshake` in unix time) that are mesh peers."""
+    names = {p.public_key: p.name for p in mesh.values()}
+    out: dict[str, float] = {}
+    for key, peer in actual.items():
+        name = names.get(key)
+        if name is not None:
+            out[name] = 0.0 if peer.last_handshake is None else round(max(0.1, now - peer.last_handshake), 1)
     return out

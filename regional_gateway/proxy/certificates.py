@@ -99,6 +99,7 @@ class CertificateStore:
     def __init__(self, loaded: list[LoadedCertificate] | None = None) -> None:
         self._certs: list[LoadedCertificate] = list(loaded or [])
         self._managed: dict[str, ManagedCertificate] = {}
+        self.generation = 0  # bumped by every change of the set (memos of `covers` key on it)
         self._index()
 
     @classmethod
@@ -117,6 +118,7 @@ class CertificateStore:
                     exact.setdefault(n, c)
         default = self._certs[0] if self._certs else managed[0] if managed else None
         self._exact, self._wild, self._default = exact, wild, default  # one swap: handshakes see old or new
+        self.generation += 1
 
     @property
     def empty(self) -> bool:
@@ -125,6 +127,10 @@ class CertificateStore:
     def names(self) -> list[str]:
         every = (*self._certs, *(m.loaded for m in self._managed.values()))
         return sorted({n for c in every for n in c.names})
+
+    def covers(self, name: str) -> bool:
+        """A certificate in service names `name` exactly or by its `*.` wildcard (not the default)."""
+        return name in self._exact or ("." in name and name.split(".", 1)[1] in self._wild)
 
     def context_for(self, server_name: str, *, h2: bool = False) -> ssl.SSLContext | None:
         exact, wild, default = self._exact, self._wild, self._default

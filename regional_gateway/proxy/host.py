@@ -3,9 +3,10 @@
 `ConnectionHost` is what a connection (HTTP/1.1 `downstream`, HTTP/2 `h2proxy`, byte `tunnel`,
 the `prober`) may ask of the server that accepted it: the settings, the live routing state, the
 upstream pool, the metrics, the coarse clock (`now`, ticked by the sweeper), the gateway's name
-for `X-Geomesh-Forwarded` (`mark`), which peers are trusted, the custom-domain directory, a way
-to run a background task (`spawn`), and the callbacks for bookkeeping (`conn_opened`/`conn_closed`, `health_changed`,
-`penalise_ip`, `hand_over`). `ListenerHost` adds what the TLS listener needs for admission at
+for `X-Geomesh-Forwarded` (`mark`), which peers are trusted, the custom-domain directory, the
+ACME challenges and the HTTPS redirect (`port80`), a way to run a background task (`spawn`), and
+the callbacks for bookkeeping (`conn_opened`/`conn_closed`, `health_changed`, `penalise_ip`,
+`hand_over`). `ListenerHost` adds what the TLS listener needs for admission at
 accept. `ServedConnection` is what the server may ask of every connection it counts: its `kind`,
 its `deadline` (the sweeper calls `timed_out` past it), `drain` on shutdown and `abort` at the
 drain deadline. `ProxyServer` meets both host Protocols; the connection modules import this
@@ -15,7 +16,7 @@ host a connection with a small fake.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # types of the modules below the connections (none imports this one)
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # types of the modules below the connections (none imports th
     from regional_gateway.proxy.certificates import CertificateStore
     from regional_gateway.proxy.custom_domains import CustomDomains
     from regional_gateway.proxy.metrics import ProxyMetrics
+    from regional_gateway.proxy.port80 import HttpsRedirect
     from regional_gateway.proxy.route_state import BackendRuntime, RouteState
     from regional_gateway.proxy.settings import ProxySettings
     from regional_gateway.proxy.upstream import Pool
@@ -58,6 +60,8 @@ class ConnectionHost(Protocol):
     trusted_peers: frozenset[str]
     mesh_local_ips: frozenset[str]
     custom_domains: CustomDomains | None  # custom domains by TXT record (None: no resolver configured)
+    acme_challenges: Mapping[bytes, bytes]  # ACME HTTP-01: token -> key authorization (`port80`)
+    https_redirect: HttpsRedirect | None  # plain requests for hosts with a certificate go to https:// (`port80`)
 
     def spawn(self, coro: Coroutine) -> None:
         """Run `coro` as a task the server cancels on shutdown."""

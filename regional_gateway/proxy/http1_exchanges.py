@@ -1,9 +1,10 @@
 """The exchanges of one HTTP/1.1 client connection: routing, the backend, the answer, in order.
 
 `Http1Exchanges` is the half of `downstream.ClientConnection` that drives each request's
-`Exchange` once its head is parsed: `_dispatch` answers it locally (an error, the health path)
-or routes it (the fast path of `route_state`, else `targets.choose`); `_send` takes a pooled
-upstream connection or opens one, writes the head and the body bytes held meanwhile; the
+`Exchange` once its head is parsed: `_dispatch` answers it locally (an error, the health path,
+an ACME HTTP-01 challenge or the redirect to HTTPS: `port80`) or routes it (the fast path of
+`route_state`, else `targets.choose`); `_send` takes a pooled upstream connection or opens
+one, writes the head and the body bytes held meanwhile; the
 upstream connection calls back (`response_done`, `upstream_lost`, `upstream_broken`, and the
 `upstream.ExchangeOwner` rest) and `_finish` moves to the next pipelined exchange. Retries
 (`_retry`, as `attempt.HTTP1` allows) avoid the backends that failed; the health of a
@@ -50,6 +51,7 @@ from regional_gateway.proxy.http_errors import (
     render,
 )
 from regional_gateway.proxy.lookup_budget import Refusal
+from regional_gateway.proxy.port80 import ACME_GET, challenge_answer, redirect_answer
 from regional_gateway.proxy.request_head import with_host
 from regional_gateway.proxy.route_state import BackendRuntime
 from regional_gateway.proxy.routes import RemoteRegion
@@ -66,6 +68,8 @@ class Http1Exchanges(asyncio.Protocol):
 
     trusted = False  # a mesh or trusted-peer connection (`downstream` sets both)
     client_ip = ""
+    kind = "http"  # the listener: "http" (plain, public), "mesh" or "https" (`downstream` sets both)
+    scheme = "http"
 
     def __init__(self, server: ConnectionHost, sni: bytes | None) -> None:
         self.server = server
@@ -115,6 +119,14 @@ class Http1Exchanges(asyncio.Protocol):
             self._health(ex)
             return
         server = self.server
+        if ex.head.startswith(ACME_GET) and self.scheme == "http":  # any Host: ACME HTTP-01 (`port80`)
+            self._answer(ex, *challenge_answer(ex.head, server.acme_challenges, close=not ex.keep_alive or self.closing))
+            return
+        if server.https_redirect is not None and self.kind == "http" and not self.trusted:
+            location = server.https_redirect.location(ex.host, ex.head, ex.method)
+            if location is not None:  # a host served over TLS: to https:// (`port80`)
+                self._answer(ex, *redirect_answer(location, ex.method, close=not ex.keep_alive or self.closing))
+                return
         state = server.state
         host = ex.host if ex.host is not None else self.sni
         fast = state.fast.get(host)  # type: ignore[arg-type]
@@ -441,12 +453,16 @@ class Http1Exchanges(asyncio.Protocol):
     def _health(self, ex: Exchange) -> None:
         """Answer `GET /.well-known/geomesh/health` from the gateway itself: 200 naming it
         (`reach_prober.health_response`), in its turn like any local answer."""
-        close = not ex.keep_alive or self.closing
         answer = health_response(self.server.mark.decode())
-        if close:
+        if not ex.keep_alive or self.closing:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
+        self._answer(ex, 200, answer)
+
+    def _answer(self, ex: Exchange, status: int, answer: bytes) -> None:
+        """Write a complete answer of the gateway's own (no backend) for the active exchange."""
+        close = not ex.keep_alive or self.closing
         self.transport.write(answer)
-        ex.status = 200
+        ex.status = status
         ex.resp_done = True
         ex.discard = True
         ex.backend_label = "-"

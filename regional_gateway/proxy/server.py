@@ -38,7 +38,7 @@ import errno
 import logging
 import resource
 import socket
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from geomesh.logs import event
@@ -50,6 +50,7 @@ from regional_gateway.proxy.fd_pressure import RESERVED_FDS, AcceptBackoff, conn
 from regional_gateway.proxy.host import ServedConnection
 from regional_gateway.proxy.http_errors import ProxyError, render
 from regional_gateway.proxy.metrics import ProxyMetrics
+from regional_gateway.proxy.port80 import HttpsRedirect, challenge_table
 from regional_gateway.proxy.prober import Prober
 from regional_gateway.proxy.route_state import BackendRuntime, RouteState
 from regional_gateway.proxy.routes import Routes
@@ -97,6 +98,9 @@ class ProxyServer:
         self._next_cert_check = 0.0
         # custom domains by TXT record (None without --resolver): docs/custom-domains.md
         self.custom_domains = CustomDomains.from_settings(settings, clock=lambda: self.now)
+        # port 80 (`port80`): the ACME HTTP-01 challenges to answer, the redirect to HTTPS (set at start)
+        self.acme_challenges: dict[bytes, bytes] = {}
+        self.https_redirect: HttpsRedirect | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -133,6 +137,8 @@ class ProxyServer:
             await self.shutdown()
             raise
         self._fit_connection_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        if self.settings.https_redirect and self.addresses["https"]:
+            self.https_redirect = HttpsRedirect(self.certs, self.addresses["https"][0][1])
         self._background = [asyncio.create_task(self._sweep(), name="proxy-sweeper"),
                             asyncio.create_task(Prober(self).run(), name="proxy-prober")]
         event(log, "proxy listening", **{k: " ".join(f"{h}:{p}" for h, p in v) for k, v in self.addresses.items()},
@@ -213,6 +219,12 @@ class ProxyServer:
         self.metrics.reload("applied")
         event(log, "routes updated", version=routes.version, apps=len(routes.apps),
               regions=len(routes.regions), certificates=len(routes.certificates))
+
+    def set_http_challenges(self, challenges: Iterable[tuple[str, str]]) -> list[str]:
+        """Answer exactly these ACME HTTP-01 challenges (token, key authorization) from now on;
+        returns the refused ones, each named with its reason."""
+        self.acme_challenges, refused = challenge_table(challenges)
+        return refused
 
     # ---------------------------------------------------------------- connection bookkeeping
 

@@ -87,6 +87,10 @@ class ProxySettings:
     custom_domain_rate: int = 100  # look-ups per second for all clients together...
     custom_domain_burst: int = 200  # ...with this many saved up (beyond: 503)
     custom_domain_cache_entries: int = 10000  # hosts whose answer is kept
+    # a plain listener's request for a host served over TLS (a TLS listener and a certificate for the
+    # name) is redirected to https:// (301; 308 for methods other than GET/HEAD); ACME HTTP-01
+    # paths, the mesh listener and trusted peers never are (`port80`)
+    https_redirect: bool = True
 
     def __post_init__(self) -> None:
         for name in ("http", "https", "mesh"):
@@ -124,6 +128,8 @@ class ProxySettings:
         if self.penalty_cooldown_max < self.penalty_cooldown or self.penalty_cooldown_max > 86400:
             raise ValidationError("penalty_cooldown_max", f"{self.penalty_cooldown_max:g} is outside "
                                   f"{self.penalty_cooldown:g}-86400 seconds (at least penalty_cooldown)")
+        if not isinstance(self.https_redirect, bool):
+            raise ValidationError("https_redirect", f"{self.https_redirect!r} is not true or false")
         if self.g_mode not in G_MODES:
             raise ValidationError("g_mode", f"{self.g_mode!r} is not one of: {', '.join(G_MODES)}")
         if self.resolver:

@@ -40,7 +40,8 @@ def routes_of(data: dict[str, Any], base: Path | None = None):
 class RunningGateway:
     def __init__(self, data: dict[str, Any], base: Path, settings: dict[str, Any]) -> None:
         self.base = base
-        opts = {"http": ("127.0.0.1:0",), **FAST, **settings}
+        # plain HTTP to hosts with certificates is routed here (the redirect to HTTPS: tests/proxy/test_port80.py)
+        opts = {"http": ("127.0.0.1:0",), "https_redirect": False, **FAST, **settings}
         self.settings = ProxySettings(**opts)
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway", daemon=True)

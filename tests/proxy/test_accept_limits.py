@@ -202,7 +202,8 @@ def test_descriptor_limited_gateway_caps_connections_and_serves_through_a_flood(
     log_path = tmp_path / "gateway.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "regional_gateway.main", "--routes", str(routes),
-                                 "--http", "127.0.0.1:0", "--https", "127.0.0.1:0", "--header-timeout", "20",
+                                 "--http", "127.0.0.1:0", "--https", "127.0.0.1:0", "--no-https-redirect",
+                                 "--header-timeout", "20",
                                  "--metrics-port", "0", *([] if share else ["--max-connections-per-client", "0"]),
                                  *(["--no-uvloop"] if loop == "asyncio" else [])],
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_limit_fds,
