@@ -11,6 +11,7 @@ from pathlib import Path
 import uvloop
 
 from coordinator.acme_orders import AcmeSettings
+from coordinator.pinned_domains import VerifyPolicy
 from coordinator.renewal import DAY, RenewalPolicy
 from coordinator.server import Coordinator, CoordinatorConfig
 from geomesh import logs, metrics
@@ -92,6 +93,19 @@ def parser() -> argparse.ArgumentParser:
     acme.add_argument("--secrets-key", type=Path, metavar="PATH",
                       help="32-byte key every replica shares, sealing what rests in etcd (the ACME account and "
                            "certificate keys); made with mode 0600 when absent (default <pki-dir>/secrets.key)")
+    domains = p.add_argument_group("custom domains (TXT records; docs/custom-domains.md)")
+    domains.add_argument("--resolver", default="", metavar="IP:PORT",
+                         help="recursive resolver that looks up custom domains' TXT records "
+                              "(_geomesh-app-address.<domain>); without it pinned domains (AddDomain) stay pending "
+                              "and no certificate is ordered for a custom domain")
+    domains.add_argument("--resolver-timeout", type=float, default=1.0, metavar="SECONDS",
+                         help="seconds per UDP try (two tries, then one TCP try when truncated) (default %(default)s)")
+    domains.add_argument("--domain-verify-interval", type=float, default=600.0, metavar="SECONDS",
+                         help="a verified pinned domain's TXT record is checked again this often; gone or naming "
+                              "another app, the domain is pending again (default %(default)s)")
+    domains.add_argument("--domain-pending-interval", type=float, default=30.0, metavar="SECONDS",
+                         help="a pending domain is checked again after this, doubling per check up to "
+                              "--domain-verify-interval (default %(default)s)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
     p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
@@ -124,7 +138,10 @@ async def run(args: argparse.Namespace) -> None:
                                reach_max_unreachable_share=args.reach_max_unreachable_share,
                                reach_vote_write_rate=args.reach_vote_write_rate, audit_log=args.audit_log,
                                allow_loopback_instances=args.allow_loopback_instances,
-                               acme=acme_settings(args), secrets_key=args.secrets_key)
+                               acme=acme_settings(args), secrets_key=args.secrets_key,
+                               resolver=args.resolver, resolver_timeout=args.resolver_timeout,
+                               domain_policy=VerifyPolicy(interval=args.domain_verify_interval,
+                                                          pending=args.domain_pending_interval))
     coordinator = Coordinator(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

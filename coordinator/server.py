@@ -30,9 +30,11 @@ from coordinator import audit
 from coordinator.access import Access
 from coordinator.acme_orders import AcmeSettings, ZoneCertificates
 from coordinator.dns_servers import Announcer
+from coordinator.domain_txt import DomainTxt, resolver_address
 from coordinator.fanout import Fanout
 from coordinator.http01 import Http01Challenges
 from coordinator.operations import Operations
+from coordinator.pinned_domains import PinnedDomains, VerifyPolicy
 from coordinator.reach_decider import ReachDecider
 from coordinator.reachability import DEFAULT_MAX_SHARE
 from coordinator.rpc_common import quiet_client_gone
@@ -79,6 +81,9 @@ class CoordinatorConfig:
     etcd_key: Path | None = None
     acme: AcmeSettings | None = None  # obtain the zone's certificate by ACME DNS-01 (docs/certificates.md)
     secrets_key: Path | None = None  # the replicas' shared key for what rests sealed in etcd (default <pki-dir>/secrets.key)
+    resolver: str = ""  # recursive resolver ip:port for custom domains' TXT records ("": pinned domains stay pending)
+    resolver_timeout: float = 1.0  # seconds per UDP try (two tries, one TCP try when truncated)
+    domain_policy: VerifyPolicy = VerifyPolicy()  # when pinned domains' TXT records are checked
 
     @property
     def secrets_path(self) -> Path | None:
@@ -120,6 +125,10 @@ class CoordinatorConfig:
             raise ValidationError("reach_max_unreachable_share", "must be 0..1")
         if not 0.5 <= self.reach_vote_write_rate <= 100:
             raise ValidationError("reach_vote_write_rate", "must be 0.5..100 per second")
+        if self.resolver:
+            resolver_address(self.resolver)
+        if not 0.1 <= self.resolver_timeout <= 30:
+            raise ValidationError("resolver_timeout", "must be 0.1..30 seconds")
 
 
 def return_large_blocks_on_free() -> bool:
@@ -154,6 +163,8 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self._loaded = asyncio.Event()
         self.certificates: ZoneCertificates | None = None
+        self.domain_txt: DomainTxt | None = None  # custom domains' TXT records (--resolver)
+        self.pinned: PinnedDomains | None = None
 
     async def start(self) -> int:
         cfg = self.config
@@ -185,6 +196,14 @@ class Coordinator:
                 raise ValidationError("secrets_key", f"{cfg.secrets_path}: {exc}") from None
             self.certificates = ZoneCertificates(cfg.acme, self.store, self.state, self.lease, secrets)
             self._tasks.append(asyncio.create_task(self.certificates.run(), name="zone-certificate"))
+        if cfg.resolver:
+            self.domain_txt = DomainTxt.at(cfg.resolver, timeout=cfg.resolver_timeout)
+            self.pinned = PinnedDomains(self.store, self.state, self.ops, self.lease, self.domain_txt,
+                                        cfg.domain_policy)
+            self._tasks.append(asyncio.create_task(self.pinned.run(), name="pinned-domains"))
+        else:
+            log.warning("no --resolver: pinned domains (AddDomain) stay pending and are not routed, and no "
+                        "certificate is ordered for a custom domain")
 
         server = grpc.aio.server(options=[
             ("grpc.keepalive_time_ms", 5000),

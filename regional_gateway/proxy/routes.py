@@ -433,7 +433,8 @@ def checked_routes_from_table(table: RoutingTable, *, region: str, zone: str, se
 
     Local apps: every app of the table with this region's instances as backends (the gateway's own
     probes decide their health; the table's `healthy` flag only steers other regions). Custom
-    domains: every domain of the table. Remote regions: every other region with at least one
+    domains: every verified domain of the table (a pinned domain is pending until the coordinator
+    has seen its TXT record name its app: `coordinator.pinned_domains`). Remote regions: every other region with at least one
     routable gateway (each with the coordinator's reachability verdict), with the apps it hosts (healthy instances, pinning respected, as
     `RoutingTable.hosting_regions`) and its instance ids, nearest first from this region.
     Ports: each app's declared `ports` (Admin API `App.ports`); each other region carries the
@@ -501,8 +502,9 @@ def checked_routes_from_table(table: RoutingTable, *, region: str, zone: str, se
                                   spec.ports if spec else (), proxy_protocol=name in pp, health=health)
         except ValidationError as exc:
             skipped.append(SkippedEntry("app", name, "invalid", str(exc)))
+    pinned = [d for d in table.domains.values() if d.verified]  # pending ones wait for their TXT check
     domain_ports: dict[str, set[int]] = {}
-    for d in table.domains.values():
+    for d in pinned:
         if d.port:
             domain_ports.setdefault(d.app, set()).add(d.port)
     regions = []
@@ -532,7 +534,7 @@ def checked_routes_from_table(table: RoutingTable, *, region: str, zone: str, se
     me = table.regions.get(region)
     known = set(apps) | {a for r in regions for a in r.apps}
     domains = {}
-    for d in table.domains.values():
+    for d in pinned:
         if d.app not in known or d.fqdn == zone or d.fqdn.endswith("." + zone):
             continue
         try:

@@ -29,7 +29,8 @@ def _table(*extra: object) -> RoutingTable:
         Instance("web", "w1", "eu", "10.1.0.1", 8000),
         Instance("shop", "s1", "eu", "10.1.0.5", 8000),
         Instance("shop", "s2", "us", "10.2.0.5", 8000),
-        Domain("www.shop.example", "shop"),
+        Domain("www.shop.example", "shop", verified=True),
+        Domain("pending.shop.example", "shop"),  # its TXT record not seen yet: not routed
         *extra,  # type: ignore[list-item]
     ])
 
@@ -62,6 +63,7 @@ def test_bad_entries_are_skipped_and_the_rest_applies():
     assert {i: r.app for i, r in routes.instances.items()} == {"w1": "shop", "w2": "web", "s1": "shop"}
     assert [b.instance_id for b in routes.apps["web"].backends] == ["w2"]
     assert routes.domains["www.shop.example"].app == "shop"
+    assert "pending.shop.example" not in routes.domains
     assert routes.regions[0].name == "us" and "s1" in routes.regions[0].instances
     assert all(isinstance(s, SkippedEntry) and s.detail for s in skipped)
 

@@ -143,7 +143,8 @@ def test_routes_from_the_coordinator_table():
         Instance("pinned", "pinned-ap-1", "ap", "10.3.0.2", 8000),
         Instance("solo", "solo-sa-1", "sa", "10.4.0.1", 8000),
         Instance("solo", "solo-ap-1", "ap", "10.3.0.9", 8000, healthy=False),
-        Domain("www.shop.example", "shop"),
+        Domain("www.shop.example", "shop", verified=True),
+        Domain("pending.shop.example", "shop"),  # pinned, its TXT record not seen yet: not routed
     ])
     r = routes_from_table(table, region="eu", zone=ZONE, self_name="gw-eu", health=HealthCheck(check="http"))
     assert (r.latitude, r.longitude, r.self_name, r.version) == (48.86, 2.35, "gw-eu", "rev7")
@@ -158,7 +159,7 @@ def test_routes_from_the_coordinator_table():
     assert (us.gateways[0].mesh_ip, us.gateways[0].proxy_port) == ("10.9.0.2", 8080)
     assert r.regions[1].apps == {"pinned"}  # solo's ap instance is unhealthy
     assert "shop-us-1" in r.remote_instances and "shop-eu-1" in r.instances
-    assert r.domains["www.shop.example"].app == "shop"
+    assert r.domains["www.shop.example"].app == "shop" and "pending.shop.example" not in r.domains
     assert candidate_regions(r, NameMatch("solo")) == ()
     public = routes_from_table(table, region="eu", zone=ZONE, self_name="gw-eu", forward_via="public")
     assert public.regions[0].gateways[0].mesh_ip == "192.0.2.2"
