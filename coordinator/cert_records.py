@@ -10,6 +10,9 @@ Three records, JSON under `/geomesh/v1/`:
   (context `acme-account:<directory>`), so a new leader keeps the account.
 - `certstatus/<name>` — `RenewalStatus`: the leader's schedule (next attempt, failures in a
   row, the last error), so every replica's `GetOverview` shows whether a renewal is failing.
+- `certrequests/<name>` — `CertRequest`: a gateway asked for a custom domain's certificate and
+  the coordinator found its TXT record naming an app (`coordinator.cert_requests`); the ordering
+  leader orders it and removes it (`coordinator.on_demand_orders`).
 - `http01/<token>` — `Http01Record`: an ACME HTTP-01 challenge in flight (token, key
   authorization: public values), bound to the ordering replica's lease; every session sends the
   set to its gateway, whose plain HTTP listener answers it (`coordinator.http01`).
@@ -35,6 +38,7 @@ CERTS_DIR = "certs"             # certs/<name>
 STATUS_DIR = "certstatus"       # certstatus/<name>
 ACME_DIR = "acme"               # acme/leader (the ordering replica), acme/account
 HTTP01_DIR = "http01"           # http01/<token>: HTTP-01 challenges every gateway answers
+REQUESTS_DIR = "certrequests"   # certrequests/<name>: custom domains' certificates to order on demand
 
 
 def key_context(name: str, serial: str) -> bytes:
@@ -95,6 +99,20 @@ class RenewalStatus(_Json):
     def to_proto(self) -> pb.CertificateStatus:
         return pb.CertificateStatus(name=self.name, renew_at=int(self.renew_at), failures=self.failures,
                                     last_error=self.last_error)
+
+
+@dataclass(frozen=True, slots=True)
+class CertRequest(_Json):
+    """A custom domain's certificate to order: its TXT record named `app` when `gateway` asked."""
+
+    name: str
+    app: str
+    gateway: str
+    requested_at: float  # unix seconds
+
+    def __post_init__(self) -> None:
+        validate.fqdn("name", self.name)
+        validate.dns_label("app", self.app)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from prometheus_client import Counter
 
 from coordinator.access import Access, end_stream
 from coordinator.cert_records import bundles_for
+from coordinator.cert_requests import CertificateRequests
 from coordinator.enrollment import check_region, check_registration, fits
 from coordinator.fanout import Fanout
 from coordinator.heartbeats import (
@@ -70,6 +71,7 @@ from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.errors import (
     NotFoundError,
     PermissionDeniedError,
+    PreconditionError,
     StoreUnavailableError,
     UnauthenticatedError,
     ValidationError,
@@ -118,6 +120,7 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
         self.mesh_cidr = mesh_cidr
         self.planned_stop = False  # set by Coordinator.stop: sessions end, alive keys stay to their lease
         self.stats = GatewayStats()  # what this replica's sessions report (load, version, handshakes)
+        self.cert_requests: CertificateRequests | None = None  # set by the server: certificates on demand
 
     @unary("gateway", write=True)
     async def Register(self, request: pb.RegisterRequest, context, caller: Caller) -> pb.RegisterResponse:
@@ -135,6 +138,14 @@ class GatewayControlService(ServicerBase, pbg.GatewayControlServicer):
             gw, guard=(state_key("enrollments", gw.name), enrollment.mod_revision))
         log.info("gateway registered", extra={"fields": {"gateway": gw.name, "mesh_ip": registered.mesh_ip}})
         return pb.RegisterResponse(gateway=registered.to_proto(), mesh_cidr=self.mesh_cidr)
+
+    @unary("gateway", write=True)
+    async def RequestCertificate(self, request: pb.CertificateRequest, context,
+                                 caller: Caller) -> pb.CertificateRequestResponse:
+        """A custom domain's certificate, on demand (`coordinator.cert_requests` decides)."""
+        if self.cert_requests is None:
+            raise PreconditionError("no certificates on demand on this coordinator")
+        return await self.cert_requests.request(caller.name, request.name)
 
     def _own_instance(self, caller: Caller, region: str, what: str) -> None:
         """A gateway identity changes instances only in its enrolled region (not the region its

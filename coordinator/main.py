@@ -11,6 +11,7 @@ from pathlib import Path
 import uvloop
 
 from coordinator.acme_orders import AcmeSettings
+from coordinator.cert_requests import RequestLimits
 from coordinator.pinned_domains import VerifyPolicy
 from coordinator.renewal import DAY, RenewalPolicy
 from coordinator.server import Coordinator, CoordinatorConfig
@@ -106,6 +107,13 @@ def parser() -> argparse.ArgumentParser:
     domains.add_argument("--domain-pending-interval", type=float, default=30.0, metavar="SECONDS",
                          help="a pending domain is checked again after this, doubling per check up to "
                               "--domain-verify-interval (default %(default)s)")
+    domains.add_argument("--cert-request-rate", type=float, default=1.0, metavar="PER_SECOND",
+                         help="certificates on demand: requests per second one gateway may make that reach the TXT "
+                              "check, burst twice that; beyond, RESOURCE_EXHAUSTED (default %(default)s)")
+    domains.add_argument("--cert-request-global-rate", type=float, default=10.0, metavar="PER_SECOND",
+                         help="the same for all gateways together, per replica (default %(default)s)")
+    domains.add_argument("--cert-request-max-pending", type=int, default=100, metavar="N",
+                         help="certificate requests waiting for their order at most (default %(default)s)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="Prometheus metrics bind address (default %(default)s)")
     p.add_argument("--metrics-port", type=int, default=-1, help="Prometheus metrics port; -1 disables, 0 picks one (default %(default)s)")
     p.add_argument("--port-file", type=Path, help="write the bound gRPC port to this file once serving")
@@ -141,7 +149,10 @@ async def run(args: argparse.Namespace) -> None:
                                acme=acme_settings(args), secrets_key=args.secrets_key,
                                resolver=args.resolver, resolver_timeout=args.resolver_timeout,
                                domain_policy=VerifyPolicy(interval=args.domain_verify_interval,
-                                                          pending=args.domain_pending_interval))
+                                                          pending=args.domain_pending_interval),
+                               cert_requests=RequestLimits(gateway_rate=args.cert_request_rate,
+                                                           global_rate=args.cert_request_global_rate,
+                                                           max_pending=args.cert_request_max_pending))
     coordinator = Coordinator(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -29,10 +29,12 @@ from prometheus_client import Gauge
 from coordinator import audit
 from coordinator.access import Access
 from coordinator.acme_orders import AcmeSettings, ZoneCertificates
+from coordinator.cert_requests import CertificateRequests, RequestLimits
 from coordinator.dns_servers import Announcer
 from coordinator.domain_txt import DomainTxt, resolver_address
 from coordinator.fanout import Fanout
 from coordinator.http01 import Http01Challenges
+from coordinator.on_demand_orders import OnDemandOrders
 from coordinator.operations import Operations
 from coordinator.pinned_domains import PinnedDomains, VerifyPolicy
 from coordinator.reach_decider import ReachDecider
@@ -84,6 +86,7 @@ class CoordinatorConfig:
     resolver: str = ""  # recursive resolver ip:port for custom domains' TXT records ("": pinned domains stay pending)
     resolver_timeout: float = 1.0  # seconds per UDP try (two tries, one TCP try when truncated)
     domain_policy: VerifyPolicy = VerifyPolicy()  # when pinned domains' TXT records are checked
+    cert_requests: RequestLimits = RequestLimits()  # gateways' requests for certificates on demand
 
     @property
     def secrets_path(self) -> Path | None:
@@ -165,6 +168,7 @@ class Coordinator:
         self.certificates: ZoneCertificates | None = None
         self.domain_txt: DomainTxt | None = None  # custom domains' TXT records (--resolver)
         self.pinned: PinnedDomains | None = None
+        self.on_demand: OnDemandOrders | None = None  # custom domains' certificates (ACME and --resolver)
 
     async def start(self) -> int:
         cfg = self.config
@@ -225,6 +229,14 @@ class Coordinator:
             self.certificates.http01 = Http01Challenges(self.store, self.state, self.lease, self.gateway_control.stats,
                                                         grace=cfg.acme.http01_grace,
                                                         deadline=cfg.acme.propagation_deadline)
+        # certificates on demand for custom domains: the gateways ask, the ordering leader orders
+        self.gateway_control.cert_requests = CertificateRequests(
+            self.store, self.state, zone=cfg.acme.zone if cfg.acme is not None else None, txt=self.domain_txt,
+            limits=cfg.cert_requests)
+        if self.certificates is not None and self.domain_txt is not None:
+            self.on_demand = OnDemandOrders(self.certificates, self.state, self.domain_txt,
+                                            verify_interval=cfg.domain_policy.interval)
+            self._tasks.append(asyncio.create_task(self.on_demand.run(), name="on-demand-certificates"))
         add_services(server, AdminService(self.feed, self.ops, self.access, stats=self.gateway_control.stats),
                      RoutingFeedService(self.feed, self.ops, self.access, send_timeout=cfg.watch_send_timeout,
                                         announcer=Announcer(self.store, self.lease)),

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from coordinator.cert_records import CertificateRecord, Http01Record, RenewalStatus
+from coordinator.cert_records import CertificateRecord, CertRequest, Http01Record, RenewalStatus
 from coordinator.reach_keys import ReachRecord
 from geomesh.model import App, Domain, Gateway, Instance, Region, SessionState, TxtRecord
 
@@ -57,6 +57,7 @@ class Snapshot:
     reach: Mapping[str, ReachRecord] = field(default_factory=_empty)       # reach/<g>: the decision (absent: reachable)
     dns_servers: Mapping[str, str] = field(default_factory=_empty)  # dns/<name>: live GeoDNS servers -> "ip:port"
     http01: Mapping[str, Http01Record] = field(default_factory=_empty)  # http01/<token>: HTTP-01 challenges
+    cert_requests: Mapping[str, CertRequest] = field(default_factory=_empty)  # certrequests/<name>: on demand
     cut_off_regions: tuple[str, ...] = ()  # the reachability decider's last round
     panic_held: tuple[str, ...] = ()
     memo: dict[object, object] = field(default_factory=dict, repr=False)  # pure derived values

@@ -21,7 +21,9 @@ for the decider (`coordinator.reach_decider`), which is woken through `reach_epo
 GeoDNS servers (`dns/<name>`, written while their feed is open: `coordinator.dns_servers`) are
 mirrored as `dns_servers` (name -> answer address); they are in no feed. ACME HTTP-01 challenges
 (`http01/<token>`, `coordinator.http01`) are mirrored as `http01`: in no feed either, the gateway
-sessions send the whole set when the directory changes (`dir_revision["http01"]`).
+sessions send the whole set when the directory changes (`dir_revision["http01"]`). Custom domains'
+certificate requests (`certrequests/<name>`, `coordinator.cert_requests`) are mirrored as
+`cert_requests`, for the ordering leader; in no feed.
 
 Everything here is synchronous and pure apart from the asyncio future used to wake waiters.
 """
@@ -36,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from coordinator.cert_records import CertificateRecord, Http01Record, RenewalStatus
+from coordinator.cert_records import CertificateRecord, CertRequest, Http01Record, RenewalStatus
 from coordinator.heartbeats import VoteMap, health_owner
 from coordinator.reach_keys import ReachRecord, session_of, votes_from_json
 from coordinator.snapshot import Delta, Snapshot
@@ -69,6 +71,7 @@ DECODERS: dict[str, tuple[str, Callable[[bytes, int], object]]] = {
     "certs": ("certs", lambda v, _rev: CertificateRecord.from_json(v)),
     "certstatus": ("cert_status", lambda v, _rev: RenewalStatus.from_json(v)),
     "http01": ("http01", lambda v, _rev: Http01Record.from_json(v)),
+    "certrequests": ("cert_requests", lambda v, _rev: CertRequest.from_json(v)),
     "ipam": ("ipam", lambda v, _rev: v.decode()),
     "alive": ("sessions", lambda v, _rev: session_of(v)),
     "votes": ("votes", lambda v, _rev: votes_from_json(v)),
@@ -79,7 +82,7 @@ DECODERS: dict[str, tuple[str, Callable[[bytes, int], object]]] = {
 _SNAPSHOT_DIRS = {"regions": "regions", "gateways": "gateways", "apps": "apps", "instances": "instances",
                   "domains": "domains", "txt": "txt", "sessions": "alive", "reach": "reach",
                   "certs": "certs", "cert_status": "certstatus", "dns_servers": "dns",
-                  "http01": "http01"}
+                  "http01": "http01", "cert_requests": "certrequests"}
 
 
 def dns_address(value: bytes) -> str:
@@ -106,7 +109,7 @@ class State:
         self.revision = 0
         self.floor = 0  # we know every change after this revision
         self.raw: dict[str, dict[str, KV]] = {d: {} for d in (*_KIND_OF_DIR, "ipam", "votes", "certs", "certstatus",
-                                                               "dns", "http01", *ACCESS_DIRS)}
+                                                               "dns", "http01", "certrequests", *ACCESS_DIRS)}
         self.dir_revision: dict[str, int] = {}  # directory -> revision of its last change (or load)
         self.regions: dict[str, Region] = {}
         self.gateways: dict[str, Gateway] = {}  # stored records (alive filled in by Snapshot.gateway)
@@ -117,6 +120,7 @@ class State:
         self.certs: dict[str, CertificateRecord] = {}      # certificates obtained (coordinator.acme_orders)
         self.cert_status: dict[str, RenewalStatus] = {}
         self.http01: dict[str, Http01Record] = {}          # http01/<token>: challenges every gateway answers
+        self.cert_requests: dict[str, CertRequest] = {}    # certrequests/<name>: on-demand orders to make
         self.ipam: dict[str, str] = {}  # mesh ip -> gateway
         self.sessions: dict[str, SessionState] = {}   # alive/<g>: open or timed out (absent: closed)
         self.votes: dict[str, VoteMap] = {}           # votes/<prober>: target -> (up, rtt_ms)
