@@ -10,7 +10,7 @@ coordinator never takes the gateway's word: `CertificateRequests.request` checks
 3. a certificate held for the name (not expired): accepted at once (`held`); a request recorded
    already: accepted (`pending`). Neither costs any budget;
 4. the budget: requests that reach the TXT check are rate-limited per gateway
-   (`--cert-request-rate`, burst twice that) and for all gateways (`--cert-request-global-rate`),
+   (`--cert-request-rate`, burst twice that, at least 5) and for all gateways (`--cert-request-global-rate`),
    per replica: RESOURCE_EXHAUSTED naming which; at most `--cert-request-max-pending` requests
    wait at once (RESOURCE_EXHAUSTED);
 5. the TXT record, looked up by the coordinator itself (`coordinator.domain_txt`): missing,
@@ -51,7 +51,7 @@ MAX_GATEWAY_BUCKETS = 10_000
 
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
-    gateway_rate: float = 1.0    # TXT-checked requests per second and gateway (burst: twice that, at least 2)
+    gateway_rate: float = 1.0    # TXT-checked requests per second and gateway (burst: twice that, at least 5)
     global_rate: float = 10.0    # for all gateways together (burst: twice that)
     max_pending: int = 100       # requests recorded and not yet done
 
@@ -65,7 +65,7 @@ class RequestLimits:
 
 
 def _bucket(rate: float) -> TokenBucket:
-    return TokenBucket(rate, max(2.0, 2 * rate))
+    return TokenBucket(rate, max(5.0, 2 * rate))
 
 
 def _answer(result: str, accepted: bool = True) -> pb.CertificateRequestResponse:

@@ -104,12 +104,12 @@ def parser() -> argparse.ArgumentParser:
     domains.add_argument("--domain-verify-interval", type=float, default=600.0, metavar="SECONDS",
                          help="a verified pinned domain's TXT record is checked again this often; gone or naming "
                               "another app, the domain is pending again (default %(default)s)")
-    domains.add_argument("--domain-pending-interval", type=float, default=30.0, metavar="SECONDS",
+    domains.add_argument("--domain-pending-interval", type=float, metavar="SECONDS",
                          help="a pending domain is checked again after this, doubling per check up to "
-                              "--domain-verify-interval (default %(default)s)")
+                              "--domain-verify-interval (default 30, or --domain-verify-interval when shorter)")
     domains.add_argument("--cert-request-rate", type=float, default=1.0, metavar="PER_SECOND",
                          help="certificates on demand: requests per second one gateway may make that reach the TXT "
-                              "check, burst twice that; beyond, RESOURCE_EXHAUSTED (default %(default)s)")
+                              "check, burst twice that (at least 5); beyond, RESOURCE_EXHAUSTED (default %(default)s)")
     domains.add_argument("--cert-request-global-rate", type=float, default=10.0, metavar="PER_SECOND",
                          help="the same for all gateways together, per replica (default %(default)s)")
     domains.add_argument("--cert-request-max-pending", type=int, default=100, metavar="N",
@@ -149,7 +149,9 @@ async def run(args: argparse.Namespace) -> None:
                                acme=acme_settings(args), secrets_key=args.secrets_key,
                                resolver=args.resolver, resolver_timeout=args.resolver_timeout,
                                domain_policy=VerifyPolicy(interval=args.domain_verify_interval,
-                                                          pending=args.domain_pending_interval),
+                                                          pending=args.domain_pending_interval
+                                                          if args.domain_pending_interval is not None
+                                                          else min(30.0, args.domain_verify_interval)),
                                cert_requests=RequestLimits(gateway_rate=args.cert_request_rate,
                                                            global_rate=args.cert_request_global_rate,
                                                            max_pending=args.cert_request_max_pending))

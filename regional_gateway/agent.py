@@ -58,6 +58,7 @@ from geomesh.sealing import load_or_create_sealing_key, public_bytes
 from regional_gateway import saved_state
 from regional_gateway.agent_config import AgentConfig
 from regional_gateway.certificate_intake import CertificateIntake
+from regional_gateway.certificate_requests import request_certificate
 from regional_gateway.mesh_view import (
     MeshPeerInfo,
     apply_mesh_update,
@@ -67,6 +68,7 @@ from regional_gateway.mesh_view import (
     probe_targets,
 )
 from regional_gateway.proxy.certificates import ManagedCertificate
+from regional_gateway.proxy.on_demand import Answer
 from regional_gateway.reach_prober import ProbeSettings, ReachProber
 from regional_gateway.wireguard import keys
 
@@ -439,9 +441,14 @@ class Agent:
             return
         from regional_gateway.dataplane_bridge import start_dataplane
 
-        self.proxy, self.dataplane = await start_dataplane(self.config, self.mesh_ip)
+        self.proxy, self.dataplane = await start_dataplane(self.config, self.mesh_ip, ask=self.request_certificate)
         self.dataplane.update_certificates(self.certificates.in_service())
         self.dataplane.update_http_challenges(self.http_challenges)
+
+    async def request_certificate(self, name: str) -> Answer:
+        """A custom domain's certificate on demand, asked of the current coordinator."""
+        wait = float(self.config.custom_domains.get("on_demand_wait", 10.0))
+        return await request_certificate(self._channel, self._metadata(), name, wait)
 
     def start_prober(self) -> None:
         c = self.config

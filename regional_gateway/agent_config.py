@@ -59,7 +59,8 @@ CUSTOM_DOMAIN_KEYS = {"resolver": "resolver", "resolver_timeout": "resolver_time
                       "min_ttl": "custom_domain_min_ttl", "max_ttl": "custom_domain_max_ttl",
                       "negative_ttl": "custom_domain_negative_ttl", "client_rate": "custom_domain_client_rate",
                       "client_burst": "custom_domain_client_burst", "rate": "custom_domain_rate",
-                      "burst": "custom_domain_burst", "cache_entries": "custom_domain_cache_entries"}
+                      "burst": "custom_domain_burst", "cache_entries": "custom_domain_cache_entries",
+                      "on_demand_wait": "on_demand_wait"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ that other gateways' outside-in probes ask for (docs/reachability.md). The certi
 coordinator sends, once opened and checked by the agent's `CertificateIntake`, go to the proxy's
 certificate store with `update_certificates` (docs/certificates.md, "On the gateway"), and the
 ACME HTTP-01 challenges in flight to the plain listener with `update_http_challenges`
-(`proxy.port80`).
+(`proxy.port80`). The agent's way to ask the coordinator for a custom domain's certificate
+(`certificate_requests`) becomes the TLS listener's certificates on demand (`proxy.on_demand`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from geomesh.routing_table import RoutingTable
 from regional_gateway.agent_config import AgentConfig
 from regional_gateway.mesh_view import MeshPeerInfo
 from regional_gateway.proxy.certificates import ManagedCertificate
+from regional_gateway.proxy.on_demand import Ask, OnDemandCertificates
 from regional_gateway.proxy.routes import Routes, routes_from_table
 from regional_gateway.proxy.server import ProxyServer
 from regional_gateway.proxy.settings import ProxySettings
@@ -70,8 +72,10 @@ class ProxyDataPlane:
         return len(self.server.connections)
 
 
-async def start_dataplane(config: AgentConfig, mesh_ip: str) -> tuple[ProxyServer, ProxyDataPlane]:
-    """Start the proxy (empty routes until the first table arrives)."""
+async def start_dataplane(config: AgentConfig, mesh_ip: str,
+                          ask: Ask | None = None) -> tuple[ProxyServer, ProxyDataPlane]:
+    """Start the proxy (empty routes until the first table arrives); with `ask` (the agent's way to
+    the coordinator's RequestCertificate) custom domains get certificates on demand."""
     listen = config.proxy_listen or config.public_ip
     mesh = (f"{mesh_ip}:{config.proxy_port}",) if mesh_ip and config.wg_backend != "none" else ()
     https = (f"{listen}:{config.https_port}",) if config.https_port else ()
@@ -79,6 +83,8 @@ async def start_dataplane(config: AgentConfig, mesh_ip: str) -> tuple[ProxyServe
                              https_redirect=config.https_redirect, **config.custom_domains)
     server = ProxyServer(settings, Routes(zone=config.zone, self_name=config.name, region=config.region,
                                           certificates=config.certificates))
+    if ask is not None and https:
+        server.on_demand = OnDemandCertificates(server.certs, ask, wait=settings.on_demand_wait)
     await server.start()
     event(log, "data plane listening", http=f"{listen}:{config.proxy_port}", https=list(https), mesh=list(mesh))
     return server, ProxyDataPlane(config, server)

@@ -94,6 +94,9 @@ SETTING_HELP = {
     "custom_domain_rate": "TXT look-ups per second for all clients together; beyond, 503",
     "custom_domain_burst": "TXT look-ups all clients together may save up (the shared bucket size)",
     "custom_domain_cache_entries": "custom-domain hosts whose look-up answer is kept (the oldest dropped first)",
+    "on_demand_wait": "seconds a TLS handshake for a custom domain without a certificate waits while the "
+                      "coordinator obtains one on demand, then a TLS unrecognized_name alert (coordinator mode: "
+                      "[custom_domains] on_demand_wait; a standalone gateway has no coordinator to ask)",
     "https_redirect": "do not redirect plain HTTP requests to HTTPS (by default a request on a plain listener for a "
                       "host with a TLS listener and a certificate gets 301 to https://; ACME HTTP-01 paths, the mesh "
                       "listener and trusted peers never are redirected)",

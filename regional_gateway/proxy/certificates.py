@@ -17,6 +17,7 @@ keeps the context it was accepted with.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -100,6 +101,7 @@ class CertificateStore:
         self._certs: list[LoadedCertificate] = list(loaded or [])
         self._managed: dict[str, ManagedCertificate] = {}
         self.generation = 0  # bumped by every change of the set (memos of `covers` key on it)
+        self._changed: asyncio.Future[None] | None = None  # resolved at the next change (`changed`)
         self._index()
 
     @classmethod
@@ -119,6 +121,15 @@ class CertificateStore:
         default = self._certs[0] if self._certs else managed[0] if managed else None
         self._exact, self._wild, self._default = exact, wild, default  # one swap: handshakes see old or new
         self.generation += 1
+        waiting, self._changed = self._changed, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future resolved at the next change of the set (shared by every waiter; on the event loop)."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
 
     @property
     def empty(self) -> bool:

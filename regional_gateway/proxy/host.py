@@ -7,7 +7,7 @@ for `X-Geomesh-Forwarded` (`mark`), which peers are trusted, the custom-domain d
 ACME challenges and the HTTPS redirect (`port80`), a way to run a background task (`spawn`), and
 the callbacks for bookkeeping (`conn_opened`/`conn_closed`, `health_changed`, `penalise_ip`,
 `hand_over`). `ListenerHost` adds what the TLS listener needs for admission at
-accept. `ServedConnection` is what the server may ask of every connection it counts: its `kind`,
+accept and for certificates on demand. `ServedConnection` is what the server may ask of every connection it counts: its `kind`,
 its `deadline` (the sweeper calls `timed_out` past it), `drain` on shutdown and `abort` at the
 drain deadline. `ProxyServer` meets both host Protocols; the connection modules import this
 module, never `server.py`, so the server sits at the top of the proxy and a test or bench can
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # types of the modules below the connections (none imports th
     from regional_gateway.proxy.certificates import CertificateStore
     from regional_gateway.proxy.custom_domains import CustomDomains
     from regional_gateway.proxy.metrics import ProxyMetrics
+    from regional_gateway.proxy.on_demand import OnDemandCertificates
     from regional_gateway.proxy.port80 import HttpsRedirect
     from regional_gateway.proxy.route_state import BackendRuntime, RouteState
     from regional_gateway.proxy.settings import ProxySettings
@@ -83,10 +84,11 @@ class ConnectionHost(Protocol):
 
 
 class ListenerHost(ConnectionHost, Protocol):
-    """What the TLS listener needs in addition: admission before the handshake."""
+    """What the TLS listener needs in addition: admission before the handshake, certificates on demand."""
 
     admission: Admission
     pending_tls: int
+    on_demand: OnDemandCertificates | None  # certificates on demand (None: no coordinator to ask)
 
     def admit(self, key: str | None) -> Refusal | None:
         """Why a new connection of client `key` (None: exempt) is refused at accept, or None."""

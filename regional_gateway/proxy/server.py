@@ -50,6 +50,7 @@ from regional_gateway.proxy.fd_pressure import RESERVED_FDS, AcceptBackoff, conn
 from regional_gateway.proxy.host import ServedConnection
 from regional_gateway.proxy.http_errors import ProxyError, render
 from regional_gateway.proxy.metrics import ProxyMetrics
+from regional_gateway.proxy.on_demand import OnDemandCertificates
 from regional_gateway.proxy.port80 import HttpsRedirect, challenge_table
 from regional_gateway.proxy.prober import Prober
 from regional_gateway.proxy.route_state import BackendRuntime, RouteState
@@ -100,6 +101,8 @@ class ProxyServer:
         self.custom_domains = CustomDomains.from_settings(settings, clock=lambda: self.now)
         # port 80 (`port80`): the ACME HTTP-01 challenges to answer, the redirect to HTTPS (set at start)
         self.acme_challenges: dict[bytes, bytes] = {}
+        # certificates on demand for custom domains (`on_demand`): set by the agent, which can ask
+        self.on_demand: OnDemandCertificates | None = None
         self.https_redirect: HttpsRedirect | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -200,6 +203,8 @@ class ProxyServer:
             task.cancel()
         if self.custom_domains is not None:
             self.custom_domains.close()
+        if self.on_demand is not None:
+            self.on_demand.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)

@@ -87,6 +87,9 @@ class ProxySettings:
     custom_domain_rate: int = 100  # look-ups per second for all clients together...
     custom_domain_burst: int = 200  # ...with this many saved up (beyond: 503)
     custom_domain_cache_entries: int = 10000  # hosts whose answer is kept
+    # certificates on demand (coordinator mode): how long a TLS handshake for a custom domain with no
+    # certificate waits while the coordinator obtains one (`on_demand`); then an unrecognized_name alert
+    on_demand_wait: float = 10.0
     # a plain listener's request for a host served over TLS (a TLS listener and a certificate for the
     # name) is redirected to https:// (301; 308 for methods other than GET/HEAD); ACME HTTP-01
     # paths, the mesh listener and trusted peers never are (`port80`)
@@ -138,6 +141,8 @@ class ProxySettings:
         if self.custom_domain_min_ttl > self.custom_domain_max_ttl:
             raise ValidationError("custom_domain_min_ttl", f"{self.custom_domain_min_ttl:g} is over "
                                   f"custom_domain_max_ttl ({self.custom_domain_max_ttl:g})")
+        if not 0.5 <= self.on_demand_wait <= 60:
+            raise ValidationError("on_demand_wait", f"{self.on_demand_wait:g} is not 0.5..60 seconds")
         if self.resolver_timeout > 30:
             raise ValidationError("resolver_timeout", f"{self.resolver_timeout:g} is over 30 seconds")
         if self.max_header_bytes < 1024:

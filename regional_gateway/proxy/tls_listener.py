@@ -12,7 +12,10 @@ name. Then the socket is handed to the event loop as one of:
   and answered `421` (connect with ALPN h2);
 - everything else: terminated with the certificate for that name (`CertificateStore`) and served
   by a `ClientConnection` like plain HTTP (unknown names get a 404 over TLS when a default
-  certificate exists, else a TLS `unrecognized_name` alert).
+  certificate exists, else a TLS `unrecognized_name` alert). A custom domain (its TXT record names
+  an app here) or a verified pinned domain that no certificate covers waits, alone, for one
+  obtained on demand (`on_demand`), then its handshake goes on; refused or not in time, it gets
+  the `unrecognized_name` alert.
 
 Plain HTTP sent to this port gets a 400 saying so. A ClientHello that does not arrive within
 `header_timeout` ends the connection.
@@ -42,6 +45,7 @@ from regional_gateway.proxy.downstream import ClientConnection
 from regional_gateway.proxy.fd_pressure import NO_FD_ERRNOS, TRANSIENT_ERRNOS, AcceptBackoff
 from regional_gateway.proxy.h2proxy import H2Downstream
 from regional_gateway.proxy.host import ListenerHost
+from regional_gateway.proxy.hostnames import NameMatch, UnknownName, custom_candidate
 from regional_gateway.proxy.http_errors import BadRequest, render
 from regional_gateway.proxy.mesh_intake import AsH2, AsHttp1, AsTunnel, Origin, plan_connection
 from regional_gateway.proxy.tunnel import (
@@ -258,18 +262,68 @@ class _Sniffer:
             protocol = lambda: H2Downstream(server, match, client, local, name, may_forward=True)  # noqa: E731
         else:
             protocol = lambda: ClientConnection(server, "https", "https", trusted=False, sni=name)  # noqa: E731
-        # TLS terminated here (the name is lower-cased already, client_hello.parse: a far gateway
-        # resolves it as is); a `g` name gets the certificate with h2 in its ALPN
-        ctx = server.certs.context_for(name, h2=type(plan) is not AsHttp1)
-        if ctx is None:
-            self._late_refuse(sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
+        if type(plan) is AsHttp1 and on_demand_candidate(server, match, name):  # a custom domain's first handshake
+            server.spawn(listener.handed_over(_on_demand(server, sock, name, match, protocol, key), key))
             return
-        server.spawn(listener.handed_over(loop.connect_accepted_socket(
-            protocol, sock, ssl=ctx, ssl_handshake_timeout=server.settings.header_timeout), key))
+        start = _start_tls(server, sock, name, protocol, h2=type(plan) is not AsHttp1)
+        if start is not None:
+            server.spawn(listener.handed_over(start, key))
 
-    def _late_refuse(self, sock: socket.socket, alert: int, cause: str) -> None:
-        self.listener.server.metrics.error(cause)
-        _answer_and_close(sock, tls_alert(alert))
+
+def _start_tls(server: ListenerHost, sock: socket.socket, name: str, protocol: Any, *, h2: bool) -> Coroutine | None:
+    """The TLS handshake with the certificate for `name` (to await), or None: refused with an alert."""
+    # TLS terminated here (the name is lower-cased already, client_hello.parse: a far gateway
+    # resolves it as is); a `g` name gets the certificate with h2 in its ALPN
+    ctx = server.certs.context_for(name, h2=h2)
+    if ctx is None:
+        _late_refuse(server, sock, ALERT_UNRECOGNIZED_NAME, "no-certificate")
+        return None
+    return asyncio.get_running_loop().connect_accepted_socket(
+        protocol, sock, ssl=ctx, ssl_handshake_timeout=server.settings.header_timeout)
+
+
+def on_demand_candidate(server: ListenerHost, match: NameMatch | UnknownName | None, name: str) -> bool:
+    """Worth a certificate on demand: no certificate in service covers `name`, and it is a verified
+    pinned domain or a possible custom domain (its TXT record is looked up next)."""
+    if server.on_demand is None or not name or server.certs.covers(name):
+        return False
+    routes = server.state.routes
+    if name in routes.domains:
+        return True
+    return server.custom_domains is not None and type(match) is UnknownName and custom_candidate(routes, name)
+
+
+async def _on_demand(server: ListenerHost, sock: socket.socket, name: str, match: NameMatch | UnknownName | None,
+                     protocol: Any, key: str | None) -> None:
+    """The connection waits (only it) while its TXT record is checked and its certificate obtained
+    (`on_demand`); then the handshake, or an `unrecognized_name` alert (the reason is logged)."""
+    assert server.on_demand is not None
+    try:
+        if name not in server.state.routes.domains:
+            assert server.custom_domains is not None
+            found = await server.custom_domains.verify(server.state.routes, name, key)
+            if type(found) is not NameMatch:  # no record naming an app here: as any unknown name
+                start = _start_tls(server, sock, name, protocol, h2=False)
+                if start is not None:
+                    await start
+                return
+        reason = await server.on_demand.obtain(name)
+    except asyncio.CancelledError:
+        _late_refuse(server, sock, ALERT_UNRECOGNIZED_NAME, "on-demand-cancelled")
+        raise
+    if reason:
+        # `on_demand` logged the reason once per refusal; each handshake is counted here
+        event(log, "TLS refused: no certificate on demand", logging.DEBUG, name=name, reason=reason[:300])
+        _late_refuse(server, sock, ALERT_UNRECOGNIZED_NAME, "on-demand-no-certificate")
+        return
+    start = _start_tls(server, sock, name, protocol, h2=False)
+    if start is not None:
+        await start
+
+
+def _late_refuse(server: ListenerHost, sock: socket.socket, alert: int, cause: str) -> None:
+    server.metrics.error(cause)
+    _answer_and_close(sock, tls_alert(alert))
 
 
 def _answer_and_close(sock: socket.socket, payload: bytes) -> None:
