@@ -12,6 +12,7 @@ What a round does is decided by `plan` (pure, clock passed in):
   backoff of `certstatus/<name>` when earlier attempts failed). The TXT record is looked up again
   first unless the request is younger than `RECHECK_AFTER` (the replica that recorded it has just
   looked). A record that is gone or names no existing app drops the request, nothing is ordered.
+  A look-up that fails holds the name off for `HOLD_OFF` (30 s); the certificate held serves on.
   A success stores `certs/<name>` (the sessions bring it to every gateway) and removes the
   request; a failure is in `certstatus/<name>` (failures in a row, last error, next attempt) and
   the request stays, up to `max_failures` failed attempts in a row, then it is dropped (a gateway
@@ -53,6 +54,8 @@ from geomesh.logs import event
 log = logging.getLogger("geomesh.coordinator.acme")
 
 RECHECK_AFTER = 60.0  # seconds: a request older than this has its TXT record looked up again before the order
+HOLD_OFF = 30.0  # seconds: no order for a name whose TXT look-up failed (the resolver is not asked in a loop)
+LOOKUPS_AT_ONCE = 16  # TXT look-ups of the re-checks and orders at once
 DROPPED = Counter("geomesh_certificate_on_demand_dropped", "Custom domains' certificate requests or certificates "
                   "dropped, by reason", ["what", "reason"])
 for _w, _r in (("request", "txt"), ("request", "failures"), ("certificate", "txt")):
@@ -93,6 +96,7 @@ class Memory:
 
     running: set[str] = field(default_factory=set)
     checked: dict[str, float] = field(default_factory=dict)  # name -> unix time of its last TXT check
+    held_off: dict[str, float] = field(default_factory=dict)  # name -> no order before (its TXT look-up failed)
 
 
 def plan(snap: Snapshot, zone: str, memory: Memory, now: float, policy: RenewalPolicy, *,
@@ -106,6 +110,9 @@ def plan(snap: Snapshot, zone: str, memory: Memory, now: float, policy: RenewalP
     free = parallel - len(memory.running)
     for name, req in sorted(snap.cert_requests.items()):
         if name in memory.running:
+            continue
+        if memory.held_off.get(name, 0.0) > now:
+            wake = min(wake, memory.held_off[name])
             continue
         status = snap.cert_status.get(name)
         if status is not None and status.failures >= max_failures and name not in snap.certs:
@@ -122,7 +129,7 @@ def plan(snap: Snapshot, zone: str, memory: Memory, now: float, policy: RenewalP
     for name, rec in sorted(snap.certs.items()):
         if name == zone or name in memory.running or name in snap.cert_requests:
             continue
-        when = due_at(rec, snap.cert_status.get(name), rec.dns_names, policy)
+        when = max(due_at(rec, snap.cert_status.get(name), rec.dns_names, policy), memory.held_off.get(name, 0.0))
         checked = memory.checked.get(name)
         if when <= now:
             if free > 0:  # else: a job ending wakes the loop
@@ -165,6 +172,7 @@ class OnDemandOrders:
         self.tasks: set[asyncio.Task] = set()
         self.wake_at = 0.0
         self.kick = asyncio.Event()
+        self.gate = asyncio.Semaphore(LOOKUPS_AT_ONCE)
 
     async def run(self) -> None:
         try:
@@ -174,6 +182,7 @@ class OnDemandOrders:
                         await self.round_once()
                     else:
                         self.memory.checked.clear()
+                        self.memory.held_off.clear()
                 except StoreUnavailableError as exc:
                     event(log, "on-demand round skipped: etcd unavailable", logging.WARNING, error=str(exc))
                 except asyncio.CancelledError:
@@ -231,9 +240,14 @@ class OnDemandOrders:
         self.kick.set()  # a slot is free: look again now
 
     async def _verdict(self, name: str, purpose: str) -> bool | None:
-        verdict = await self.txt.check(name, purpose)
+        async with self.gate:
+            verdict = await self.txt.check(name, purpose)
         self.memory.checked[name] = self.clock()
         ok = keeps(verdict, self.state.snapshot().apps)
+        if ok is None:
+            self.memory.held_off[name] = self.clock() + HOLD_OFF
+        else:
+            self.memory.held_off.pop(name, None)
         if ok is None:
             event(log, "custom domain TXT look-up failed, nothing changed", logging.WARNING, name=name,
                   reason=verdict.explain())

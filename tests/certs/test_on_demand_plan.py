@@ -93,3 +93,12 @@ def test_what_keeps_a_certificate() -> None:
     assert keeps(TxtVerdict("a.example", AppAddress("gone")), apps) is False
     assert keeps(TxtVerdict("a.example", None), apps) is False
     assert keeps(TxtVerdict("a.example", None, "timeout"), apps) is None
+
+
+def test_a_name_whose_txt_look_up_failed_is_held_off() -> None:
+    memory = Memory(held_off={"shop.example": NOW + 30, "old.example": NOW + 20})
+    r = run(snap([request("shop.example")], certs=[cert("old.example", expires_in=DAY)]), memory)
+    assert r.orders == () and r.wake_at == NOW + 20
+    later = plan(snap([request("shop.example")]), ZONE, memory, NOW + 31, POLICY, verify_interval=600,
+                 max_failures=5, parallel=4)
+    assert [o.name for o in later.orders] == ["shop.example"]
