@@ -12,7 +12,8 @@ coordinator never takes the gateway's word: `CertificateRequests.request` checks
 4. the budget: requests that reach the TXT check are rate-limited per gateway
    (`--cert-request-rate`, burst twice that, at least 5) and for all gateways (`--cert-request-global-rate`),
    per replica: RESOURCE_EXHAUSTED naming which; at most `--cert-request-max-pending` requests
-   wait at once (RESOURCE_EXHAUSTED);
+   wait at once, and at most `MAX_CERTIFICATES` (500) are held and requested in all, what a
+   gateway takes in one certificate set (RESOURCE_EXHAUSTED);
 5. the TXT record, looked up by the coordinator itself (`coordinator.domain_txt`): missing,
    garbage, failing to resolve, or naming an app that does not exist is FAILED_PRECONDITION,
    "no order without a matching TXT record: ...";
@@ -47,6 +48,7 @@ ANSWERS = Counter("geomesh_certificate_requests", "Gateways' requests for a cust
 for _r in RESULTS:
     ANSWERS.labels(_r)
 MAX_GATEWAY_BUCKETS = 10_000
+MAX_CERTIFICATES = 500  # certificates held and requested at most: a gateway takes 512 in one set (certificate_intake)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,10 @@ class CertificateRequests:
         if name in snap.cert_requests:
             return _answer("pending")
         self._spend(gateway)
+        if len(snap.certs) + len(snap.cert_requests) >= MAX_CERTIFICATES:
+            raise _refuse("too_many_pending", ExhaustedError(
+                f"{len(snap.certs)} certificates are held and {len(snap.cert_requests)} requested (the most is "
+                f"{MAX_CERTIFICATES}, what a gateway takes in one set): {name} was not recorded"))
         if len(snap.cert_requests) >= self.limits.max_pending:
             raise _refuse("too_many_pending", ExhaustedError(
                 f"{len(snap.cert_requests)} certificate requests are pending (the most is "

@@ -51,7 +51,8 @@ FAILURES = Counter("geomesh_gateway_certificate_intake_failures",
                    "certificates from the coordinator (or saved ones at start) not put in service, by reason",
                    ["reason"])
 
-MAX_BUNDLES = 64              # certificates in one set; the rest are refused ("too_many")
+MAX_BUNDLES = 512             # certificates in one set (the zone's and custom domains'); the rest are refused
+                              # ("too_many"); 512 of ~4 KB stay well under grpc's 4 MB message limit
 MAX_CHAIN_BYTES = 64 * 1024   # a chain in PEM
 MAX_SEALED_KEY_BYTES = 16 * 1024
 _SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
