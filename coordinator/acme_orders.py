@@ -195,6 +195,7 @@ class ZoneCertificates:
               name=name, failures=failed.failures, retry_in=round(failed.renew_at - self.clock(), 1),
               error=str(exc)[:300])
         await self.store.put(key(STATUS_DIR, name), failed.to_json())
+        FAILING.labels(name).set(failed.failures)  # now, not when the mirror catches up
 
     async def _store(self, name: str, issued: Issued, key_pem: bytes) -> CertificateRecord:
         """The chain in `certs/<name>` with its key sealed, and the schedule in `certstatus/<name>`."""
@@ -204,6 +205,8 @@ class ZoneCertificates:
         ok = after_success(name, new, self.settings.policy)
         await self.store.txn(Txn().put(key(CERTS_DIR, name), new.to_json()).put(key(STATUS_DIR, name), ok.to_json()))
         ORDERS.labels(name, "issued").inc()
+        NOT_AFTER.labels(name).set(new.not_after)
+        FAILING.labels(name).set(0)
         event(log, "certificate obtained", name=name, serial=new.serial, not_after=int(new.not_after),
               renew_at=int(ok.renew_at), names=",".join(new.dns_names))
         return new

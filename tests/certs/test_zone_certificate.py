@@ -121,8 +121,8 @@ async def test_zone_certificate_from_pebble_through_geomesh_dns_to_the_gateway(
             lambda: asyncio.to_thread(try_served, https_port, root), lambda v: v is not None, timeout=20)
         assert (format(serial, "x"), status, who) == (first.serial.lstrip("0"), 200, "hello-1")
         print(f"zone certificate from an empty lab in {took:.1f} s")
-        text = await asyncio.to_thread(metrics, metrics_port)
-        assert f'geomesh_certificate_not_after_seconds{{name="{ZONE}"}}' in text
+        text = await until_value(lambda: asyncio.to_thread(metrics, metrics_port),
+                                 lambda t: f'geomesh_certificate_not_after_seconds{{name="{ZONE}"}}' in t, timeout=10)
         assert "geomesh_acme_leader 1.0" in text
 
         # renewed ahead of expiry: a new serial reaches the gateway
@@ -136,10 +136,12 @@ async def test_zone_certificate_from_pebble_through_geomesh_dns_to_the_gateway(
         failing = await until_value(lambda: overview_cert(admin), lambda c: c is not None and c.failures >= 2,
                                     timeout=90)
         assert "connection refused" in failing.last_error and failing.serial == renewed.serial
-        text = await asyncio.to_thread(metrics, metrics_port)
-        failures = [line for line in text.splitlines()
-                    if line.startswith(f'geomesh_certificate_renewal_failures{{name="{ZONE}"}}')]
-        assert failures and float(failures[0].split()[-1]) >= 2
+        def failures_in_a_row(text: str) -> float:
+            lines = [line for line in text.splitlines()
+                     if line.startswith(f'geomesh_certificate_renewal_failures{{name="{ZONE}"}}')]
+            return float(lines[0].split()[-1]) if lines else 0.0
+        await until_value(lambda: asyncio.to_thread(metrics, metrics_port), lambda t: failures_in_a_row(t) >= 2,
+                          timeout=10)
         serial, status, _ = await asyncio.to_thread(served, https_port, root)
         assert format(serial, "x") == renewed.serial.lstrip("0") and status == 200
     finally:
