@@ -97,9 +97,9 @@ SETTING_HELP = {
     "on_demand_wait": "seconds a TLS handshake for a custom domain without a certificate waits while the "
                       "coordinator obtains one on demand, then a TLS unrecognized_name alert (coordinator mode: "
                       "[custom_domains] on_demand_wait; a standalone gateway has no coordinator to ask)",
-    "https_redirect": "do not redirect plain HTTP requests to HTTPS (by default a request on a plain listener for a "
-                      "host with a TLS listener and a certificate gets 301 to https://; ACME HTTP-01 paths, the mesh "
-                      "listener and trusted peers never are redirected)",
+    "https_redirect": "redirect plain HTTP requests to HTTPS: a request on a plain listener for a host with a TLS "
+                      "listener and a certificate gets 301 to https:// (--no-https-redirect turns it off; ACME "
+                      "HTTP-01 paths, the mesh listener and trusted peers never are redirected)",
 }
 
 
@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="append", metavar="IP" if f.name == "trusted_peers" else "HOST:PORT",
                            default=None, help=SETTING_HELP[f.name])
         elif f.type == "bool":
-            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
-                           default=None, help=SETTING_HELP[f.name])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{SETTING_HELP[f.name]} (default {'on' if getattr(defaults, f.name) else 'off'})")
         elif f.name == "g_mode":
             p.add_argument(flag, choices=G_MODES, default=None,
                            help=f"{SETTING_HELP[f.name]} (default {getattr(defaults, f.name)})")
