@@ -117,7 +117,8 @@ def start_gateway(work: Path, procs: Procs, cpu: int | None, nofile: int | None)
     http_port, https_port = free_port(), free_port()
     argv = [sys.executable, "-m", "regional_gateway.main", "--routes", str(work / "routes.toml"),
             "--http", f"127.0.0.1:{http_port}", "--https", f"127.0.0.1:{https_port}",
-            "--log-level", "warning", "--metrics-port", "0"]
+            "--log-level", "warning", "--metrics-port", "0",
+            "--no-https-redirect"]  # the HTTP/1.1 scenarios speak plain HTTP to a host the zone certificate covers
     if nofile is not None:
         argv = ["prlimit", f"--nofile={nofile}:{nofile}", *argv]
     proc = procs.start(argv, cpu, work / "gateway.log", dict(os.environ, PYTHONPATH=str(ROOT)))
