@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from geomesh import validate
-from geomesh.app_address import OWNERS, AppAddress, Garbage, owner_name, read_records
+from geomesh.app_address import OWNERS, AppAddress, Garbage, read_records
 from geomesh.errors import ValidationError
-from geomesh.txt_resolver import NoTxt, ResolverError, TxtRecords, TxtResolver
+from geomesh.txt_resolver import Answer, ResolverError, TxtRecords, TxtResolver, ask_owners
 
 CHECKS = Counter("geomesh_coordinator_domain_txt_checks", "Custom-domain TXT look-ups by the coordinator, by "
                  "purpose (pinned, certificate, renewal) and result (app, none, error)", ["purpose", "result"])
@@ -36,7 +36,6 @@ REJECTED = Counter("geomesh_coordinator_domain_txt_rejected", "Custom-domain TXT
 for _g in Garbage:
     REJECTED.labels(_g.value)
 
-Answer = TxtRecords | NoTxt | ResolverError
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,19 +120,10 @@ class DomainTxt:
         return verdict
 
     async def _look_up(self, host: str) -> TxtVerdict:
-        names = [(owner, owner_name(owner, host)) for owner in OWNERS]
-
-        async def ask(name: str) -> Answer:
-            try:
-                return await self.resolver.query(name)
-            except ResolverError as exc:
-                return exc
-
-        asked = [(owner, name) for owner, name in names if name is not None]
-        if not asked:
+        answers = await ask_owners(self.resolver, host)
+        if not answers:
             return TxtVerdict(host, None, garbage=())
-        got = await asyncio.gather(*(ask(name) for _, name in asked))
-        verdict = read_answers(host, dict(zip((owner for owner, _ in asked), got, strict=True)))
+        verdict = read_answers(host, answers)
         for reason in verdict.garbage:
             REJECTED.labels(reason.value).inc()
         return verdict

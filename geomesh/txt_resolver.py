@@ -26,6 +26,8 @@ from typing import Any
 
 from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
+from geomesh.app_address import OWNERS, owner_name
+
 EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation
 UDP_RECEIVE = 4096
 MAX_CHAIN = 8  # CNAME links followed inside one answer
@@ -112,6 +114,25 @@ def read_reply(name: str, qid: int, wire: bytes) -> TxtRecords | NoTxt | _Trunca
             negative = min(rr.ttl, rr.rdata.times[4])
             break
     return NoTxt(h.rcode == RCODE.NXDOMAIN, negative)
+
+
+Answer = TxtRecords | NoTxt | ResolverError  # one record name's outcome
+
+
+async def ask_owners(resolver: TxtResolver, host: str) -> dict[str, Answer]:
+    """The app-address records of `host` (`geomesh.app_address.OWNERS`: geomesh's and the seed's
+    names), asked at once; a failed query is its `ResolverError`, never raised. An owner whose name
+    would be too long for DNS is not asked (absent from the result)."""
+    names = [(owner, name) for owner in OWNERS if (name := owner_name(owner, host)) is not None]
+
+    async def ask(name: str) -> Answer:
+        try:
+            return await resolver.query(name)
+        except ResolverError as exc:
+            return exc
+
+    got = await asyncio.gather(*(ask(name) for _, name in names))
+    return dict(zip((owner for owner, _ in names), got, strict=True))
 
 
 class TxtResolver:

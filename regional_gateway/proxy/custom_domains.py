@@ -41,9 +41,9 @@ from prometheus_client import Counter
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from geomesh.app_address import OWNERS, AppAddress, Garbage, owner_name, read_records
+from geomesh.app_address import OWNERS, AppAddress, Garbage, read_records
 from geomesh.logs import event
-from geomesh.txt_resolver import NoTxt, ResolverError, TxtRecords, TxtResolver
+from geomesh.txt_resolver import Answer, NoTxt, ResolverError, TxtRecords, TxtResolver, ask_owners
 from regional_gateway.proxy.hostnames import NameMatch, UnknownName, custom_candidate, resolve_custom
 from regional_gateway.proxy.http_errors import LookupFailed, LookupRateLimited, LookupsBusy, ProxyError
 from regional_gateway.proxy.lookup_budget import LookupBudget, Refusal
@@ -62,7 +62,6 @@ for _g in Garbage:
     REJECTED.labels(_g.value)
 FAILURE_LOG_INTERVAL = 60.0  # seconds: failed look-ups are logged at most this often
 
-Answer = TxtRecords | NoTxt | ResolverError
 
 
 class Resolver(Protocol):
@@ -222,20 +221,11 @@ class CustomDomains:
             task.cancel()
 
     async def _look_up(self, host: str) -> Lookup:
-        names = [(owner, owner_name(owner, host)) for owner in OWNERS]
-
-        async def ask(name: str) -> Answer:
-            try:
-                return await self.resolver.query(name)
-            except ResolverError as exc:
-                return exc
-
         try:
-            got = await asyncio.gather(*(ask(name) for _, name in names if name is not None))
+            answers: dict[str, Answer] = await ask_owners(self.resolver, host)
         except Exception as exc:  # a bug must not leave requests waiting: it is a failed look-up
             log.exception("custom domain look-up crashed", extra={"fields": {"host": host}})
-            got = [ResolverError("internal", f"internal error: {exc}")]
-        answers = dict(zip((owner for owner, name in names if name is not None), got, strict=False))
+            answers = {OWNERS[0]: ResolverError("internal", f"internal error: {exc}")}
         found = decide(answers, self.clock(), self.limits)
         if found.failure:
             now = self.clock()
