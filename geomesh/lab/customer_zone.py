@@ -8,8 +8,13 @@ in netns mode inside a host namespace of its own on the lab's internet (gdnsd on
 namespace's loopback, unbound on its public address, port 53); on loopback both on 127.0.0.1.
 unbound knows only two stub zones: the customer's (gdnsd) and the lab's zone (geomesh-dns on the
 host's 127.0.0.1; from the namespace through a TCP relay, asked over TCP), so a CNAME into the
-lab's zone resolves to the gateways GeoDNS picks. `publish` rewrites the zone file and has gdnsd
-reload it; `publish_argv` is the same as commands a person can run.
+lab's zone resolves to the gateways GeoDNS picks; it is also the lab's pebble's `-dnsserver`.
+The coordinator checks custom domains' TXT records itself (`--resolver`), from the host's
+namespace, which must never send to the lab's documentation ranges: in netns mode it gets a
+second unbound of its own on the host's 127.0.0.1 (`coordinator_resolver`) whose only stub zone,
+the customer's, is asked over TCP through a relay into the namespace (`expose_tcp` to gdnsd); on
+loopback it shares the one unbound. `publish` rewrites the zone file and has gdnsd reload it;
+`publish_argv` is the same as commands a person can run.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class CustomerDns:
     zone: str
     gdnsd: Gdnsd
     unbound: Unbound
+    host_unbound: Unbound | None = None  # the coordinator's, on the host's 127.0.0.1 (netns mode)
     serial: int = 1
 
     @property
@@ -50,8 +56,15 @@ class CustomerDns:
         return f"{host}:{port}"
 
     @property
+    def coordinator_resolver(self) -> str:
+        """The resolver the coordinator's `--resolver` names, reachable from the host's namespace."""
+        host, port = (self.host_unbound or self.unbound).address
+        return f"{host}:{port}"
+
+    @property
     def pids(self) -> dict[str, int]:
-        return {d.name: d.proc.pid for d in (self.gdnsd, self.unbound) if d.proc is not None}
+        named = {"gdnsd": self.gdnsd, "unbound": self.unbound, "unbound-host": self.host_unbound}
+        return {k: d.proc.pid for k, d in named.items() if d is not None and d.proc is not None}
 
     @classmethod
     def start(cls, directory: Path, zone: str, lab_zone: str, geodns_port: int,
@@ -66,15 +79,20 @@ class CustomerDns:
                 gdnsd.stop()
                 raise
         gdnsd = Gdnsd(directory / "gdnsd", {zone: zone_text()}, netns=host)
+        unbound = None
         try:
             relay = host.forward_tcp(("127.0.0.1", geodns_port))  # closed by the topology's teardown
             unbound = Unbound(directory / "unbound", {zone: gdnsd.address, lab_zone: ("127.0.0.1", relay.port)},
                               tcp_stubs=(lab_zone,), allow=("127.0.0.0/8", *PUBLIC_NETWORKS),
                               listen=host.public_ip, port=53, netns=host)
+            inward = host.expose_tcp(gdnsd.address)  # the host's 127.0.0.1:<any> -> gdnsd in the namespace
+            host_unbound = Unbound(directory / "unbound-host", {zone: ("127.0.0.1", inward.port)}, tcp_stubs=(zone,))
         except Exception:
+            if unbound is not None:
+                unbound.stop()
             gdnsd.stop()
             raise
-        return cls(zone, gdnsd, unbound)
+        return cls(zone, gdnsd, unbound, host_unbound)
 
     def publish(self, records: tuple[str, ...]) -> None:
         """The zone with these records (and a new serial), live once this returns."""
@@ -92,5 +110,7 @@ class CustomerDns:
         return ["kdig", f"@{host}", "-p", str(port), name, qtype, "+timeout=2", "+retry=1"]
 
     def stop(self) -> None:
+        if self.host_unbound is not None:
+            self.host_unbound.stop()
         self.unbound.stop()
         self.gdnsd.stop()

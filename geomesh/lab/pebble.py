@@ -11,8 +11,12 @@ HTTP-01) through `dns_server` only, and connects to HTTP-01 challenges on `http_
 renewal can be exercised with certificates that expire within minutes. `root_pem()` fetches the
 root that signs this run's certificates from the management endpoint (it is new on every start).
 `stop()` ends only the process started here, by its PID; `start()` again restarts it on the same
-ports with the same listener CA (pebble itself forgets its accounts, orders and root). No pytest
-in this module.
+ports with the same listener CA (pebble itself forgets its accounts, orders and root). Given
+`netns` (a `geomesh.netns.Namespace`), pebble runs inside that namespace, where its validation
+reaches addresses the host's own namespace must never send to (the lab's gateways on
+documentation ranges), and its ACME and management listeners (the namespace's 127.0.0.1) are
+relayed to the same port numbers on the host's 127.0.0.1 (`expose_tcp`, closed with the
+topology): `directory` and `management` are the same URLs on both sides. No pytest in this module.
 """
 
 from __future__ import annotations
@@ -36,14 +40,46 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from geomesh.netns import Namespace
+
 LISTENER_HOSTS = ("127.0.0.1", "::1", "localhost")
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+class PebbleError(RuntimeError):
+    """Pebble did not start, died, or its management endpoint did not answer."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def free_port_both(netns: Namespace, host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` both in the host's namespace and inside `netns` right now."""
+    for _ in range(50):
+        port = free_port(host)
+        if netns.call(_bindable, host, port):
+            return port
+    raise PebbleError(f"no TCP port free on {host} both here and in {netns.name}")
 
 
 def write_listener_tls(directory: Path) -> tuple[Path, Path, Path]:
@@ -98,20 +134,17 @@ def write_listener_tls(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
-class PebbleError(RuntimeError):
-    """Pebble did not start, died, or its management endpoint did not answer."""
-
-
 class PebbleProcess:
     """One pebble on free loopback ports (see the module's docstring)."""
 
     def __init__(self, directory: Path, *, dns_server: str, http_port: int | None = None,
                  tls_port: int | None = None, validity_seconds: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, netns: Namespace | None = None) -> None:
         self.dir = Path(directory)
         self.dns_server = dns_server
-        self.http_port = http_port if http_port is not None else free_port()
-        self.tls_port = tls_port if tls_port is not None else free_port()
+        self.netns = netns
+        self.http_port = http_port if http_port is not None else self._free_port()
+        self.tls_port = tls_port if tls_port is not None else self._free_port()
         self.validity_seconds = validity_seconds
         self.extra_env = dict(env or {})
         self.port = 0
@@ -119,6 +152,10 @@ class PebbleProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.listener_ca = self.dir / "listener_ca.pem"
         self.log_path = self.dir / "pebble.log"
+        self._relayed = False
+
+    def _free_port(self) -> int:
+        return free_port_both(self.netns) if self.netns is not None else free_port()
 
     @property
     def directory(self) -> str:
@@ -136,8 +173,8 @@ class PebbleProcess:
         cert, key = self.dir / "listener.pem", self.dir / "listener.key"
         if not (self.listener_ca.is_file() and cert.is_file() and key.is_file()):  # a restart keeps them
             self.listener_ca, cert, key = write_listener_tls(self.dir)
-        self.port = self.port or free_port()
-        self.management_port = self.management_port or free_port()
+        self.port = self.port or self._free_port()
+        self.management_port = self.management_port or self._free_port()
         body: dict[str, object] = {
             "listenAddress": f"127.0.0.1:{self.port}",
             "managementListenAddress": f"127.0.0.1:{self.management_port}",
@@ -163,9 +200,15 @@ class PebbleProcess:
         env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
         env.update({"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"})
         env.update(self.extra_env)
+        argv = [binary, "-config", str(config), "-dnsserver", self.dns_server]
+        if self.netns is not None:
+            argv = self.netns.argv(argv)  # `ip netns exec` execs in place: the PID is pebble's
+            if not self._relayed:  # the host's 127.0.0.1:<port> -> the namespace's, same numbers
+                for port in (self.port, self.management_port):
+                    self.netns.expose_tcp(("127.0.0.1", port), listen=("127.0.0.1", port))
+                self._relayed = True
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([binary, "-config", str(config), "-dnsserver", self.dns_server],
-                                         stdout=log, stderr=log, env=env, cwd=self.dir,
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, cwd=self.dir,
                                          start_new_session=True)
         self.wait_ready(timeout)
         return self
@@ -193,6 +236,9 @@ class PebbleProcess:
             if not self.alive():
                 raise PebbleError(f"pebble exited with {self.proc.returncode if self.proc else None}:\n"
                                   f"{self.log_tail()}")
+            if self.netns is not None and not self.netns.call(_accepts, "127.0.0.1", self.port):
+                time.sleep(0.1)  # not listening yet: asking through the relay would only log its failure
+                continue
             try:
                 if "newOrder" in json.loads(self._get(self.directory)):
                     return
