@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from geomesh import netns
+from geomesh.errors import ValidationError
 from geomesh.lab.control_plane import STATE_FILE, LabRecord, stop_pid
 from geomesh.lab.plan import make_plan
 from geomesh.regions_file import load_dir
@@ -92,8 +93,13 @@ def run(args: argparse.Namespace) -> int:
     if reason:
         print(f"LOOPBACK MODE: {reason}. Gateways run as plain processes on 127.0.1.x; WireGuard mesh links "
               "are computed and shown but not created; cross-region forwarding is not demonstrated.")
-    regions = load_dir(args.regions)
-    lab = Lab(state_dir, regions, make_plan(regions, netns=reason is None), timers=args.timers)
+    try:
+        regions = load_dir(args.regions)
+        plan = make_plan(regions, netns=reason is None)
+    except (ValidationError, ValueError) as exc:
+        print(f"geomesh lab: {args.regions}: {exc}", file=sys.stderr)
+        return 2
+    lab = Lab(state_dir, regions, plan, timers=args.timers)
     interrupted = False
     ok = True
     try:

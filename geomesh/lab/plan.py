@@ -10,7 +10,9 @@ loopback mode (no root or no wireguard-go) public and instance addresses move to
 Every gateway has a TLS listener (`https_port`: 443 in namespaces, 8443 on loopback) serving the
 zone certificate the coordinator obtains from the lab's pebble. The customer's zone
 (`customer_zone`, a documentation name of RFC 2606) is served by the lab's gdnsd; its owner points
-`custom_domain` at the app `hello` by TXT record in the walkthrough.
+`custom_domain` at the app `hello` by TXT record in the walkthrough, and its certificate is
+obtained on demand by ACME HTTP-01, which pebble validates at one port for every gateway
+(`http01_port`): every gateway's plain `proxy_port` must be the same, or the plan is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from geomesh.errors import ValidationError
 from geomesh.regions_file import GatewaySpec, RegionFile
 
 ZONE = "lab.geomesh.test"
@@ -73,6 +76,11 @@ class LabPlan:
     def regions(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(g.region for g in self.gateways))
 
+    @property
+    def http01_port(self) -> int:
+        """The gateways' plain port, where the lab's pebble validates HTTP-01 (one for all)."""
+        return self.gateways[0].proxy_port
+
 
 def make_plan(regions: list[RegionFile], *, netns: bool) -> LabPlan:
     if len(regions) < 3:
@@ -97,4 +105,10 @@ def make_plan(regions: list[RegionFile], *, netns: bool) -> LabPlan:
         if rf.region.name == solo_region:
             instances += [LabInstance("solo", f"solo-{short}-{k + 1}", rf.region.name, addrs[2 + k], APP_PORT)
                           for k in range(2)]
+    ports = {g.proxy_port for g in gateways}
+    if len(ports) > 1:
+        odd = next(g for g in gateways if g.proxy_port != gateways[0].proxy_port)
+        raise ValidationError("gateways.proxy_port", f"{odd.name} has {odd.proxy_port}, {gateways[0].name} "
+                              f"{gateways[0].proxy_port}: the lab's pebble validates HTTP-01 at one port, so every "
+                              "gateway's proxy_port must be the same")
     return LabPlan(ZONE, netns, tuple(gateways), tuple(instances), solo_region)

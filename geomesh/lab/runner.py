@@ -1,14 +1,21 @@
 """The lab's orchestration: start every piece in order, show it, walk through it, tear it down.
 
-`Lab.up()` starts pebble (the lab's ACME CA, validating through geomesh-dns; its root in
-`<state>/pebble-root.pem`), the control plane (embedded etcd, PKI, coordinator ordering the zone
-certificate from pebble), creates regions, apps and
-instances with `geomesh apply` (`declared_state`), starts geodns on loopback, the customer's DNS
-(`customer_zone.py`: gdnsd and the unbound resolver the gateways ask about custom domains), then per region a gateway: in netns
-mode a network namespace joined to an "internet" namespace, with the sample app instances on
-addresses of its loopback and the gateway agent (wireguard-go mesh + proxy) inside; in loopback mode plain
-processes on 127.0.0.0/8 with the mesh computed but not created. Every PID, namespace and
-interface is recorded before it is made, so `geomesh lab down` cleans up after a crash too.
+`Lab.up()` builds, in netns mode, the namespaces (an "internet", one host per gateway, the
+customer's DNS host, a client); starts the customer's DNS (`customer_zone.py`: gdnsd and the
+unbound resolver the gateways ask about custom domains, and the coordinator's own resolver) and
+pebble, the lab's ACME CA (its root in `<state>/pebble-root.pem`): in netns mode inside the DNS
+host's namespace, validating through that unbound (DNS-01 of the zone certificate at
+geomesh-dns, HTTP-01 of custom domains at the gateways' public addresses and shared plain port)
+with its ACME and management listeners relayed to the host's 127.0.0.1; on loopback beside the
+rest. Then the control plane (embedded etcd, PKI, a coordinator ordering the zone certificate
+from pebble and custom domains' certificates on demand, checking their TXT records through
+`--resolver`), regions, apps and instances with `geomesh apply` (`declared_state`), geodns on
+loopback, then per region a gateway: in netns mode in its namespace, with the sample app
+instances on addresses of its loopback and the gateway agent (wireguard-go mesh + proxy)
+inside; in loopback mode plain processes on 127.0.0.0/8 with the mesh computed but not created.
+No process in the host's own namespace sends to the documentation ranges of the gateways. Every
+PID, namespace and interface is recorded before it is made, so `geomesh lab down` cleans up
+after a crash too.
 
 Timers: `timers="lab"` (the default) runs the coordinator with `--lease-ttl 2` and gateways
 with `heartbeat_interval = 0.5`, so the walkthrough is quick; `timers="default"` keeps every
@@ -52,9 +59,11 @@ LAB_HEARTBEAT = 0.5         # heartbeat_interval of the lab's gateways (timers="
 # the gateways' [reach] table: the shipped defaults (they meet the issue's targets)
 REACH = {"interval": 0.5, "timeout": 0.5, "fall": 3, "rise": 2, "prober_regions": 3}
 # the coordinator's ACME flags beside --acme-directory/--acme-zone/--acme-ca-bundle: look at the
-# schedule twice a second, and retry a failed order (geomesh-dns not announced yet) after 1 s
-ACME_FLAGS = ["--acme-check-interval", "0.5", "--acme-retry", "1", "--acme-retry-max", "10"]
+# schedule twice a second, and retry a failed order (geomesh-dns not following the feed yet) after
+# 0.5 s, then every 2 s at most (the lab's CA is local)
+ACME_FLAGS = ["--acme-check-interval", "0.5", "--acme-retry", "0.5", "--acme-retry-max", "2"]
 CERT_WAIT = 30.0  # seconds up() waits for the zone certificate after the gateways are alive
+ON_DEMAND_WAIT = 10.0  # [custom_domains] on_demand_wait: a custom domain's first handshake waits this long at most
 
 
 def netns_unavailable_reason() -> str | None:
@@ -107,32 +116,34 @@ class Lab:
     def up(self) -> None:
         steps = 6
         self.started = time.monotonic()
-        self.dns_port = free_port()  # chosen first: pebble validates through geomesh-dns
-        self.say(f"[1/{steps}] the ACME CA: pebble on 127.0.0.1, validating through geomesh-dns ...")
-        self._start_pebble()
-        self.say(f"[2/{steps}] control plane: embedded etcd, PKI, coordinator (ordering the zone certificate) ...")
-        assert self.pebble is not None
-        self.cp.start(lease_ttl=LAB_LEASE_TTL if self.timers == "lab" else 3,
-                      extra=["--listen-unix", str(self.unix_socket), "--allow-loopback-instances",
-                             "--acme-directory", self.pebble.directory, "--acme-zone", self.plan.zone,
-                             "--acme-ca-bundle", str(self.pebble.listener_ca), *ACME_FLAGS])
-        self.cert_watch = CertificateWatch(self.cp.address, self.cp.pki.identity("admin", "lab-admin"),
-                                           self.plan.zone, since=self.started).start()
-        self.say(f"        coordinator {self.cp.address} (and {self.unix_socket}), etcd {self.cp.etcd.endpoint}")
-        self.say(f"[3/{steps}] regions, enrollments, apps and instances: geomesh apply ...")
-        asyncio.run(self._apply_state())
-        self.say(f"[4/{steps}] geodns and the status page on 127.0.0.1 ...")
-        self._start_dns()
-        self._start_status_page()
+        self.dns_port = free_port()  # chosen first: the customer's unbound (and so pebble) asks geomesh-dns there
         if self.plan.netns:
-            self.say(f"[5/{steps}] network namespaces: an internet, {len(self.plan.gateways)} gateway hosts, "
+            self.say(f"[1/{steps}] network namespaces: an internet, {len(self.plan.gateways)} gateway hosts, "
                      "the customer's DNS, a client ...")
             self._start_topology()
             assert self.topology is not None
             self.say(f"        namespaces {self.topology.prefix}-* (see `ip netns list`)")
         else:
-            self.say(f"[5/{steps}] loopback mode: no namespaces")
+            self.say(f"[1/{steps}] loopback mode: no namespaces")
+        self.say(f"[2/{steps}] the customer's DNS and the ACME CA (pebble, validating through the customer's unbound) ...")
         self._start_customer_dns()
+        self._start_pebble()
+        self.say(f"[3/{steps}] control plane: embedded etcd, PKI, coordinator (ordering the zone certificate) ...")
+        assert self.pebble is not None and self.customer is not None
+        self.cp.start(lease_ttl=LAB_LEASE_TTL if self.timers == "lab" else 3,
+                      extra=["--listen-unix", str(self.unix_socket), "--allow-loopback-instances",
+                             "--acme-directory", self.pebble.directory, "--acme-zone", self.plan.zone,
+                             "--acme-ca-bundle", str(self.pebble.listener_ca), *ACME_FLAGS,
+                             "--resolver", self.customer.coordinator_resolver])
+        self.cert_watch = CertificateWatch(self.cp.address, self.cp.pki.identity("admin", "lab-admin"),
+                                           self.plan.zone, since=self.started).start()
+        self.say(f"        coordinator {self.cp.address} (and {self.unix_socket}), etcd {self.cp.etcd.endpoint}; "
+                 f"it checks custom domains' TXT records through unbound {self.customer.coordinator_resolver}")
+        self.say(f"[4/{steps}] geodns and the status page on 127.0.0.1 ...")
+        self._start_dns()  # first: the zone certificate's order waits for a GeoDNS server to follow the feed
+        self._start_status_page()
+        self.say(f"[5/{steps}] regions, enrollments, apps and instances: geomesh apply ...")
+        asyncio.run(self._apply_state())
         self.say(f"[6/{steps}] app instances and gateways (agent + WireGuard + proxy) ...")
         for g in self.plan.gateways:
             self._start_apps(g)
@@ -178,14 +189,22 @@ class Lab:
         return proc
 
     def _start_pebble(self) -> None:
-        """pebble on free loopback ports; its root (new on every start) in `pebble_root`."""
-        self.pebble = PebbleProcess(self.dir / "pebble", dns_server=f"127.0.0.1:{self.dns_port}")
+        """pebble validating through the customer's unbound (which knows the lab's zone and the
+        customer's), HTTP-01 at the gateways' plain port; in netns mode inside the customer's DNS
+        namespace, its listeners relayed to the same ports on the host's 127.0.0.1. Its root (new
+        on every start) in `pebble_root`."""
+        assert self.customer is not None
+        host = self.customer.unbound.netns
+        self.pebble = PebbleProcess(self.dir / "pebble", dns_server=self.customer.resolver,
+                                    http_port=self.plan.http01_port, netns=host)
         self.pebble.start()
         assert self.pebble.proc is not None
         self.record.pids["pebble"] = self.pebble.proc.pid
         self.record.save()
         self.pebble_root.write_text(self.pebble.root_pem())
-        self.say(f"        pebble {self.pebble.directory}, its root CA in {self.pebble_root}")
+        where = f"in {host.name}, relayed to the host's 127.0.0.1" if host is not None else "on 127.0.0.1"
+        self.say(f"        pebble {self.pebble.directory} ({where}; validating through {self.customer.resolver}, "
+                 f"HTTP-01 at port {self.plan.http01_port}), its root CA in {self.pebble_root}")
 
     def _say_certificate(self) -> None:
         assert self.cert_watch is not None
@@ -208,7 +227,8 @@ class Lab:
         self.record.pids.update({f"customer-{k}": v for k, v in self.customer.pids.items()})
         self.record.save()
         self.say(f"        customer zone {self.plan.customer_zone} on gdnsd {':'.join(map(str, self.customer.gdnsd.address))}"
-                 f"{' (in ' + host.name + ')' if host else ''}; the gateways' resolver: unbound {self.customer.resolver}")
+                 f"{' (in ' + host.name + ')' if host else ''}; the gateways' and pebble's resolver: unbound "
+                 f"{self.customer.resolver}")
 
     def _start_dns(self) -> None:
         ident = self.cp.pki.identity("dns", "lab-dns")
@@ -258,7 +278,8 @@ class Lab:
         backend = "userspace" if self.plan.netns else "none"
         heartbeat = f"heartbeat_interval = {LAB_HEARTBEAT}\n" if self.timers == "lab" else ""
         reach = "".join(f"{k} = {v}\n" for k, v in REACH.items())
-        custom = f'[custom_domains]\nresolver = "{self.customer.resolver}"\n' if self.customer else ""
+        custom = (f'[custom_domains]\nresolver = "{self.customer.resolver}"\non_demand_wait = {ON_DEMAND_WAIT}\n'
+                  if self.customer else "")
         rg.config.write_text(f"""# written by geomesh lab
 name = "{g.name}"
 region = "{g.region}"

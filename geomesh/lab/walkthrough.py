@@ -9,8 +9,9 @@ past `CERT_STEP_WAIT`); a request through the chosen gateway
 reaches a local instance (over HTTPS, as the lab's requests to `<app>.<zone>` are: a plain HTTP
 request for a name with a certificate is redirected); an app living only in one region answers through another region's
 gateway over the mesh; the customer publishes a TXT and a CNAME for their
-domain in their own zone (gdnsd) and the domain answers through the gateways (looked up through
-the lab's unbound; plain HTTP: no certificates on demand yet); a gateway is killed and DNS stops returning it within a second; it comes
+domain in their own zone (gdnsd) and `curl --cacert <pebble root> https://<domain>/` gets the app
+through a gateway (looked up through the lab's unbound; the certificate obtained on demand by
+HTTP-01 during that first request, the time from the TXT record printed); a gateway is killed and DNS stops returning it within a second; it comes
 back and the mesh heals; gw-eu-central-1's public link is cut (its coordinator session stays up)
 and DNS moves the EU client away once the other regions' probes find it unreachable, then the
 link is restored and DNS sends the client back (both times printed; the step fails past
@@ -35,7 +36,7 @@ from geomesh.lab import dns_answer
 from geomesh.lab.customer_zone import records_for
 from geomesh.lab.faults import time_until
 from geomesh.lab.plan import LabGateway
-from geomesh.lab.runner import Lab
+from geomesh.lab.runner import ON_DEMAND_WAIT, Lab
 from geomesh.lab.vantage import Vantage, find
 from geomesh.lab.zone_certificate import curl_argv, served_serial
 
@@ -43,7 +44,8 @@ LINK_GATEWAY = "gw-eu-central-1"  # whose public link the walkthrough cuts
 LINK_OUT_LIMIT = 10.0             # seconds: the link-cut step fails if DNS takes longer to move the EU client
 LINK_BACK_LIMIT = 15.0            # seconds: ... or longer to send it back once the link is restored
 CERT_STEP_WAIT = 30.0             # seconds the TLS step waits for the certificate, listed and served
-CUSTOM_DOMAIN_WAIT = 15.0         # seconds the custom-domain step waits for the domain to answer
+CUSTOM_DOMAIN_WAIT = 30.0         # seconds the custom-domain step waits for the domain to answer over HTTPS
+ON_DEMAND_CURL = ON_DEMAND_WAIT + 5  # curl's --max-time there: the first handshake may wait on_demand_wait
 
 
 @dataclass
@@ -83,10 +85,11 @@ class Walkthrough:
         """`argv` as run from the client namespace (as is on loopback)."""
         return self.lab.client.argv(argv) if self.lab.client is not None else argv
 
-    def curl_argv(self, host: str, gw: LabGateway, *, https: bool = True) -> list[str]:
+    def curl_argv(self, host: str, gw: LabGateway, *, https: bool = True, max_time: float = 5) -> list[str]:
         """curl `host` at gateway `gw` from the client: over HTTPS trusting only pebble's root."""
         port = gw.https_port if https else gw.proxy_port
-        return self.in_client(curl_argv(host, gw.public_ip, port, str(self.lab.pebble_root), https=https))
+        return self.in_client(curl_argv(host, gw.public_ip, port, str(self.lab.pebble_root), https=https,
+                                        max_time=max_time))
 
     def connect(self, ip: str, port: int) -> Callable[[], socket.socket]:
         """Opens a TCP connection from the client (its namespace in netns mode)."""
@@ -177,17 +180,20 @@ class Walkthrough:
                     f"started (target <= 10 s), serial {got.serial}, {served}; curl: {body}", [argv])
 
     def step_custom_domain(self) -> None:
-        """The customer publishes TXT + CNAME for their domain; it resolves to the gateways and the
-        app answers for it (plain HTTP: no certificates on demand yet)."""
+        """The customer publishes TXT + CNAME for their domain; it resolves to the gateways, and the
+        first HTTPS request, trusting only pebble's root, gets the app: the gateway's handshake
+        waits while the coordinator checks the TXT record and obtains the certificate on demand
+        (HTTP-01, validated by pebble at a gateway's plain port). Timed from the record's publication."""
         lab = self.lab
         domain = lab.plan.custom_domain
-        title = f"custom domain by TXT: {domain} reaches the app hello"
+        title = f"custom domain by TXT: {domain} over HTTPS reaches the app hello (certificate on demand)"
         if lab.customer is None:
             self.record(title, False, "the lab started no customer DNS", [])
             return
         records = records_for(domain, "hello", lab.plan.zone)
         lines = [f"zone {lab.customer.zone} ({lab.customer.gdnsd.zone_path(lab.customer.zone)}) gets:",
                  *(f"  {r}" for r in records)]
+        kdig_txt = self.in_client(lab.customer.kdig_argv(f"_geomesh-app-address.{domain}", "TXT"))
         kdig = self.in_client(lab.customer.kdig_argv(domain))
         published = time.monotonic()
         try:
@@ -197,23 +203,33 @@ class Walkthrough:
             return
         answer = dns_answer.DnsAnswer(dns_answer.TIMEOUT)
         by_ip = {g.public_ip: g for g in lab.plan.gateways}
-        body, curl = "", None
+        body, curl, gw = "", None, None
         while time.monotonic() - published < CUSTOM_DOMAIN_WAIT:
             answer = dns_answer.parse(_run(kdig).stdout)
             gw = next((by_ip[ip] for ip in answer.addresses if ip in by_ip), None)
             if gw is not None:
-                curl = self.curl_argv(domain, gw, https=False)
-                out = _run(curl)
+                curl = self.curl_argv(domain, gw, max_time=ON_DEMAND_CURL)
+                out = _run(curl, timeout=ON_DEMAND_CURL + 10)
                 body = (out.stdout.strip() or out.stderr.strip())[:160]
                 if out.returncode == 0 and "hello from hello instance" in body:
                     break
             time.sleep(0.2)
         took = time.monotonic() - published
         ok = "hello from hello instance" in body
+        txt = [line.split("TXT", 1)[1].strip() for line in _run(kdig_txt).stdout.splitlines()
+               if not line.startswith(";") and "TXT" in line.split()]
+        ok = ok and '"app=hello"' in txt  # what the client's resolver answers for the record
+        serial = ""
+        if ok and gw is not None:
+            try:
+                serial = served_serial(self.connect(gw.public_ip, gw.https_port), domain, lab.pebble_root.read_text())
+            except OSError as exc:  # ssl.SSLError included
+                ok, serial = False, f"not served afterwards: {exc}"
         where = "/".join(f"{ip} ({self.ip_to_region.get(ip, '?')})" for ip in answer.addresses) or answer.status
-        detail = (f"{domain} -> CNAME hello.{lab.plan.zone} -> {where}; answered {took:.2f} s after the TXT appeared "
-                  f"(target <= 5 s), over plain HTTP (no certificates on demand yet): {body or 'no answer'}")
-        commands = [lab.customer.gdnsd.reload_argv(), kdig, *([curl] if curl else [])]
+        detail = (f"TXT {', '.join(txt) or 'not answered'}; {domain} -> CNAME hello.{lab.plan.zone} -> {where}; "
+                  f"the first HTTPS answer {took:.2f} s after the TXT appeared (target <= 5 s), certificate "
+                  f"obtained on demand from pebble{', serial ' + serial if serial else ''}: {body or 'no answer'}")
+        commands = [lab.customer.gdnsd.reload_argv(), kdig_txt, kdig, *([curl] if curl else [])]
         self.record(title, ok, detail, commands, lines)
 
     def step_failover(self) -> None:

@@ -125,11 +125,12 @@ def https_url(host: str, port: int, path: str = "/") -> str:
     return f"https://{host}{'' if port == 443 else f':{port}'}{path}"
 
 
-def curl_argv(host: str, address: str, port: int, root: str, *, https: bool = True) -> list[str]:
+def curl_argv(host: str, address: str, port: int, root: str, *, https: bool = True,
+              max_time: float = 5) -> list[str]:
     """curl `host` at the gateway `address`:`port` without asking DNS (`--resolve`); over HTTPS
-    trusting only the CA file `root`."""
+    trusting only the CA file `root`; giving up after `max_time` seconds."""
     url = https_url(host, port) if https else f"http://{host}{'' if port == 80 else f':{port}'}/"
-    argv = ["curl", "-sS", "--max-time", "5", "--resolve", f"{host}:{port}:{address}"]
+    argv = ["curl", "-sS", "--max-time", f"{max_time:g}", "--resolve", f"{host}:{port}:{address}"]
     if https:
         argv += ["--cacert", root]
     return [*argv, url]

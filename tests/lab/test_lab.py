@@ -1,11 +1,14 @@
 """The main job end to end: `geomesh lab --check` runs the whole walkthrough and leaves nothing behind.
 
 The walkthrough includes the zone certificate obtained from the lab's pebble and trusted by curl
-with pebble's root only, and a custom domain published by TXT record in the customer's gdnsd."""
+with pebble's root only, and a custom domain published by TXT record in the customer's gdnsd,
+then fetched over HTTPS with its certificate obtained on demand (HTTP-01, pebble validating from
+inside the lab's namespaces)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,14 +69,22 @@ def assert_steps_ok(out: str, expected: list[str]) -> None:
 
 
 TLS_STEP = "TLS: the zone certificate from the ACME CA"
-CUSTOM_DOMAIN_STEP = "custom domain by TXT: www.shop.example.net reaches the app hello"
+CUSTOM_DOMAIN_STEP = "custom domain by TXT: www.shop.example.net over HTTPS reaches the app hello (certificate on demand)"
 
 
-def assert_custom_domain_shown(text: str) -> None:
-    """The zone lines the customer publishes, and the domain answered by the app through a gateway."""
+def assert_custom_domain_shown(text: str, state: Path, url: str) -> None:
+    """The zone lines the customer publishes, the kdig of its TXT, and the domain answered by the
+    app through a gateway over HTTPS, trusting only pebble's root (the certificate obtained on
+    demand), with the time from the TXT record."""
     assert '_geomesh-app-address.www.shop.example.net. 30 TXT "app=hello"' in text
     assert "www.shop.example.net. 30 CNAME hello.lab.geomesh.test." in text
     assert "reload-zones" in text and "www.shop.example.net -> CNAME hello.lab.geomesh.test -> " in text
+    assert "_geomesh-app-address.www.shop.example.net TXT +timeout=2" in text and 'TXT "app=hello";' in text
+    step = text[text.index(CUSTOM_DOMAIN_STEP):]
+    curl = next(line for line in step.splitlines() if "curl" in line)
+    assert "--resolve www.shop.example.net:" in curl and curl.endswith(f"--cacert {state}/pebble-root.pem {url}")
+    assert re.search(r"the first HTTPS answer \d+\.\d\d s after the TXT appeared \(target <= 5 s\), certificate "
+                     r"obtained on demand from pebble, serial [0-9a-f]+: hello from hello instance", step), step[:2000]
 
 
 def test_lab_in_namespaces_walkthrough_then_nothing_left(tmp_path):
@@ -105,7 +116,9 @@ def test_lab_in_namespaces_walkthrough_then_nothing_left(tmp_path):
     assert (f"ip netns exec {prefix_of(text)}-client curl -sS --max-time 5 --resolve "
             f"hello.lab.geomesh.test:443:192.0.2.21 --cacert {state}/pebble-root.pem https://hello.lab.geomesh.test/") in text
     assert "obtained from pebble" in text and "served by all 3 gateways" in text
-    assert_custom_domain_shown(text)
+    assert_custom_domain_shown(text, state, "https://www.shop.example.net/")
+    assert f"ip netns exec {prefix_of(text)}-client curl -sS --max-time 15 --resolve www.shop.example.net:443:" in text
+    assert "pebble https://127.0.0.1:" in text and f"(in {prefix_of(text)}-dns, relayed to the host's 127.0.0.1" in text
     prefix = lab_prefix(text)
     assert not namespaces(prefix), "the lab left network namespaces behind"
     assert not {s for s in wg_sockets() - socks_before if s.startswith(prefix[:-1])}, "the lab left WireGuard interfaces behind"
@@ -123,7 +136,7 @@ def test_lab_loopback_mode_answers_dns(tmp_path):
     assert_steps_ok(text, ["DNS from three continents (EDNS Client Subnet) picks three regions", TLS_STEP,
                            CUSTOM_DOMAIN_STEP, "kill gw-eu-central-1: DNS stops returning it"])
     assert f"--cacert {state}/pebble-root.pem https://hello.lab.geomesh.test:8443/" in text
-    assert_custom_domain_shown(text)
+    assert_custom_domain_shown(text, state, "https://www.shop.example.net:8443/")  # HTTP-01 at the shared 8080
     assert not processes_mentioning(str(state))
 
 

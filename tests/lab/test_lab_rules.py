@@ -2,8 +2,8 @@
 two gateways in a region, the reachability matrix of the live view, its handshake ages (from GetOverview, so shared
 `geomesh/` imports no service package), and the gateway config's
 [reach] table (accepted by the agent's own config loader), the curl commands the TLS steps print,
-the customer's records, and the customer's DNS (real gdnsd + unbound) with the gateway config
-that names its resolver."""
+the customer's records, the one plain port pebble validates HTTP-01 at, and the customer's DNS
+(real gdnsd + unbound) with the gateway config that names its resolver and on-demand wait."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from geomesh.api import geomesh_pb2 as pb
+from geomesh.errors import ValidationError
 from geomesh.lab import dns_answer, faults
 from geomesh.lab.customer_zone import CustomerDns, records_for, zone_text
 from geomesh.lab.display import handshakes, reachability_table
@@ -104,6 +105,20 @@ def test_plan_with_two_gateways_in_a_region_puts_the_instances_beside_the_first(
     assert {i.address for i in plan.instances if i.region == "eu-central"} == {"10.90.2.11", "10.90.2.12"}
     loop = make_plan(regions, netns=False)
     assert [g.public_ip for g in loop.gateways] == ["127.0.1.11", "127.0.1.12", "127.0.1.13", "127.0.1.14"]
+    assert plan.http01_port == loop.http01_port == 8080  # where the lab's pebble validates HTTP-01
+
+
+def test_plan_refuses_gateways_whose_plain_ports_differ():
+    """The lab's pebble validates HTTP-01 at one port: a region file giving one gateway another
+    plain port is refused, naming the field and the gateway."""
+    regions = [_region("ap-northeast", 35, "10.90.3.0/24", ("gw-ap-1", "192.0.2.31")),
+               RegionFile(Region(name="eu-central", latitude=50, longitude=0.0, instance_subnet="10.90.2.0/24"),
+                          (GatewaySpec("gw-eu-1", "eu-central", "192.0.2.21", proxy_port=8081),)),
+               _region("us-east", 39, "10.90.1.0/24", ("gw-us-1", "192.0.2.11"))]
+    with pytest.raises(ValidationError) as err:
+        make_plan(regions, netns=True)
+    assert err.value.field == "gateways.proxy_port"
+    assert "gw-eu-1 has 8081, gw-ap-1 8080" in err.value.message
 
 
 def test_reachability_matrix_shows_session_verdict_regions_rtt_cut_off_and_panic_held():
@@ -162,7 +177,9 @@ def test_shared_code_imports_no_service_package():
 ])
 def test_curl_argv_resolves_at_the_gateway_and_trusts_only_the_root(port, https, url):
     argv = curl_argv("hello.lab.geomesh.test", "192.0.2.21", port, "root.pem", https=https)
-    assert argv[-1] == url
+    assert argv[-1] == url and argv[argv.index("--max-time") + 1] == "5"
+    # a custom domain's first request may wait while its certificate is obtained on demand
+    assert curl_argv("www.shop.example.net", "192.0.2.21", port, "root.pem", max_time=15)[3] == "15"
     assert argv[argv.index("--resolve") + 1] == f"hello.lab.geomesh.test:{port}:192.0.2.21"
     assert ("--cacert" in argv) is https and ("-k" not in argv and "--insecure" not in argv)
     if https:
@@ -205,6 +222,7 @@ def test_customer_dns_publishes_and_the_labs_gateway_config_names_its_resolver(t
         rg = RunningGateway(in_netns.gateways[1], tmp_path / "gw.toml")
         config = load(lab._gateway_config(rg))
         assert (config.https_port, config.proxy_port, config.public_ip) == (443, 8080, "192.0.2.21")
-        assert config.custom_domains == {"resolver": customer.resolver}
+        assert config.custom_domains == {"resolver": customer.resolver, "on_demand_wait": 10.0}
+        assert customer.coordinator_resolver == customer.resolver  # on loopback the coordinator shares it
     finally:
         customer.stop()
