@@ -546,13 +546,18 @@ def _teardown_state(state: dict[str, Any], reap: Callable[[], None] = lambda: No
     event(log, "netns topology removed", prefix=prefix, namespaces=sorted(existing))
 
 
-def sweep(state_dir: Path = DEFAULT_STATE_DIR, *, include_live_owners: bool = False) -> list[str]:
-    """Tear down every recorded topology whose owner process is gone (or all, if asked).
-    Returns the prefixes removed. Call it at the start of a test session or the lab."""
-    removed = []
+def sweep(state_dir: Path = DEFAULT_STATE_DIR, *, include_live_owners: bool = False,
+          prefixes: Iterable[str] | None = None) -> list[str]:
+    """Tear down every recorded topology whose owner process is gone (or all, if asked), only
+    those of `prefixes` when given. Returns the prefixes removed. Call it at the start of a test
+    session or the lab."""
+    removed: list[str] = []
+    only = None if prefixes is None else set(prefixes)
     if not Path(state_dir).exists():
         return removed
     for path in sorted(Path(state_dir).glob("*.json")):
+        if only is not None and path.stem not in only:
+            continue
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -58,8 +58,9 @@ def down(state_dir: Path, quiet: bool = False) -> int:
             print(f"stopped {name} (pid {pid})")
     from geomesh.lab.runner import NETNS_STATE_DIR
 
-    if NETNS_STATE_DIR.exists():
-        for prefix in netns.sweep(NETNS_STATE_DIR, include_live_owners=True):
+    if NETNS_STATE_DIR.exists():  # this lab's namespaces, and those of labs whose process died, never another live lab's
+        removed = netns.sweep(NETNS_STATE_DIR, include_live_owners=True, prefixes=record.namespaces)
+        for prefix in removed + netns.sweep(NETNS_STATE_DIR):
             if not quiet:
                 print(f"removed namespaces and interfaces {prefix}-*")
     shutil.rmtree(state_dir, ignore_errors=True)

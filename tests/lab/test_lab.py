@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from geomesh import netns
 from geomesh.lab.runner import netns_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,3 +170,21 @@ def test_lab_down_cleans_up_after_a_crashed_lab(tmp_path):
     if prefix is not None:
         assert not namespaces(prefix), "lab down left namespaces"
     assert not state.exists()
+
+
+def test_lab_down_leaves_another_running_lab_alone(tmp_path):
+    """`geomesh lab down` removes its own lab's namespaces and those of labs whose process died,
+    never the namespaces of another lab that is still running (two labs, or a test beside a lab)."""
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from geomesh.lab.runner import NETNS_STATE_DIR
+
+    other = netns.Topology(state_dir=NETNS_STATE_DIR)  # a live lab's topology: its owner is this process
+    with other:
+        other.add_host("gw", address="192.0.2.11")
+        out = lab(tmp_path / "lab", "down", timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert namespaces(other.prefix) == {f"{other.prefix}-inet", f"{other.prefix}-gw"}, out.stdout
+        assert other.state_file.exists()
+    assert not namespaces(other.prefix)
