@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from geomesh import netns
 from geomesh.errors import ValidationError
+from geomesh.lab import netns
 from geomesh.lab.control_plane import STATE_FILE, LabRecord, stop_pid
 from geomesh.lab.plan import make_plan
 from geomesh.regions_file import load_dir

@@ -10,7 +10,7 @@ are asked over TCP, e.g. through a TCP relay into a network namespace), caching 
 `cache_max_ttl` seconds (negative answers too), answering the networks in `allow`, and logging
 every query it receives (`log-queries`) so a test can count what a client asked
 (`queries(name)`). Both listen on 127.0.0.1 and a free port unless given `listen` and `port`;
-given `netns` (a `geomesh.netns.Namespace`) they run inside that namespace, where the lab's
+given `netns` (a `geomesh.lab.netns.Namespace`) they run inside that namespace, where the lab's
 gateways reach them. No pytest here.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from dnslib import DNSRecord
 
-from geomesh.netns import Namespace
+from geomesh.lab.netns import Namespace
 
 START_DEADLINE = 20.0  # seconds for a server to answer after it is started
 

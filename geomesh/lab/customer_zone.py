@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geomesh.lab.customer_dns import Gdnsd, Unbound
-from geomesh.netns import PUBLIC_NETWORKS, Host
+from geomesh.lab.netns import PUBLIC_NETWORKS, Host
 
 RECORD_TTL = 30  # seconds, the customer's records
 SOA = "$TTL {ttl}\n@ SOA ns1 hostmaster {serial} 7200 1800 259200 5\n@ NS ns1\nns1 A 127.0.0.1\n"

@@ -12,7 +12,7 @@ renewal can be exercised with certificates that expire within minutes. `root_pem
 root that signs this run's certificates from the management endpoint (it is new on every start).
 `stop()` ends only the process started here, by its PID; `start()` again restarts it on the same
 ports with the same listener CA (pebble itself forgets its accounts, orders and root). Given
-`netns` (a `geomesh.netns.Namespace`), pebble runs inside that namespace, where its validation
+`netns` (a `geomesh.lab.netns.Namespace`), pebble runs inside that namespace, where its validation
 reaches addresses the host's own namespace must never send to (the lab's gateways on
 documentation ranges), and its ACME and management listeners (the namespace's 127.0.0.1) are
 relayed to the same port numbers on the host's 127.0.0.1 (`expose_tcp`, closed with the
@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from geomesh.netns import Namespace
+from geomesh.lab.netns import Namespace
 
 LISTENER_HOSTS = ("127.0.0.1", "::1", "localhost")
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")

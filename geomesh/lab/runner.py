@@ -38,12 +38,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from geomesh import apply, netns
+from geomesh import apply
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
 from geomesh.etcd_process import free_port
-from geomesh.lab import faults
+from geomesh.lab import faults, netns
 from geomesh.lab.control_plane import ControlPlane, LabRecord, stop_pid
 from geomesh.lab.customer_zone import CustomerDns
 from geomesh.lab.pebble import PebbleProcess

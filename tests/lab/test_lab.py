@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from geomesh import netns
+from geomesh.lab import netns
 from geomesh.lab.runner import netns_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]

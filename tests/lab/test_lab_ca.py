@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from geomesh import netns
+from geomesh.lab import netns
 from geomesh.lab.customer_dns import ask
 from geomesh.lab.customer_zone import CustomerDns, records_for
 from geomesh.lab.pebble import PebbleProcess

@@ -2,7 +2,7 @@
 
 `needs_netns` / `needs_wireguard_go`  skip markers with the reason (not root, no iproute2, no
                                       wireguard-go, no /dev/net/tun); CI runs as root with them.
-`topology`        a started `geomesh.netns.Topology` (fresh random prefix, state record in the
+`topology`        a started `geomesh.lab.netns.Topology` (fresh random prefix, state record in the
                   default state dir, so a crashed run is swept by the next session); after the
                   test it is torn down and the test fails if a namespace, UAPI socket or host
                   link of it is left.
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from geomesh import netns
+from geomesh.lab import netns
 
 _NETNS_REASON = netns.unavailable_reason()
 _WG = shutil.which("wireguard-go")

@@ -1,4 +1,4 @@
-"""geomesh.netns: topologies of namespaces, processes inside them, relays, and crash cleanup."""
+"""geomesh.lab.netns: topologies of namespaces, processes inside them, relays, and crash cleanup."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from geomesh import netns
+from geomesh.lab import netns
 from tests.mesh.conftest import needs_netns, needs_wireguard_go
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ CRASHER = """
 import json, os, signal, subprocess, sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from geomesh.netns import Topology
+from geomesh.lab.netns import Topology
 from regional_gateway.wireguard.keys import PrivateKey
 from regional_gateway.wireguard.userspace import UserspaceBackend
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from geomesh import netns
+from geomesh.lab import netns
 from regional_gateway.wireguard.applier import MeshApplier
 from regional_gateway.wireguard.backend import WireGuardError
 from regional_gateway.wireguard.keys import PrivateKey, load_or_create

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from geomesh import netns
 from geomesh.api import geomesh_pb2 as pb
+from geomesh.lab import netns
 from regional_gateway.wireguard.userspace import SOCKET_DIR, UapiClient
 
 from ..coordinator.test_admin import seed

@@ -26,9 +26,8 @@ import pytest
 from coordinator.heartbeats import health_owner
 from coordinator.state import key
 from coordinator.store import EtcdStore
-from geomesh import netns
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.lab import dns_answer
+from geomesh.lab import dns_answer, netns
 from geomesh.lab.faults import time_until
 from geomesh.lab.plan import make_plan
 from geomesh.lab.runner import Lab, netns_unavailable_reason

@@ -11,8 +11,8 @@ import time
 import pytest
 from selenium.webdriver.common.by import By
 
-from geomesh import netns
 from geomesh.api import geomesh_pb2 as pb
+from geomesh.lab import netns
 from geomesh.service_process import ServiceProcess
 
 from ..coordinator.test_admin import seed
