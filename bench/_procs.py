@@ -2,7 +2,7 @@
 
 Benchmarks on the 2-core project machine put the server under test on one CPU and the load
 generator on the other (`taskset`), so a ratio measured in one run compares like with like.
-This module starts etcd (`geomesh.etcd_process.EtcdProcess`) and pins it after the fact, starts
+This module starts etcd (`geomesh.lab.processes.EtcdProcess`) and pins it after the fact, starts
 a coordinator (`python -m coordinator.main`, or any module speaking the same flags) under
 `taskset` and waits for its port file, reads a process's CPU time from /proc, and stops only
 the processes it started, by PID. Nothing here measures; `bench/_stats.py` does the arithmetic.
@@ -19,9 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from geomesh.etcd_process import EtcdProcess
+from geomesh.lab.processes import EtcdProcess, ServiceProcess
 from geomesh.pki import Pki
-from geomesh.service_process import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")

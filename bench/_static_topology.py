@@ -22,9 +22,8 @@ from bench._procs import CoordinatorProc
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
-from geomesh.etcd_process import EtcdProcess, free_port
+from geomesh.lab.processes import EtcdProcess, ServiceProcess, free_port
 from geomesh.pki import Pki
-from geomesh.service_process import ServiceProcess
 
 if TYPE_CHECKING:
     from bench.faults import Settings

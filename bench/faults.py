@@ -6,7 +6,7 @@ plane riding out control-plane outages (static stability).
     .venv/bin/python bench/faults.py --quick        # shorter runs, 2,000 ops (what tests/bench runs)
 
 Every scenario starts a fresh cluster from `deploy/etcd/etcd-cluster.env.example` (all members on
-127.0.0.1, TLS with client certificates; `geomesh.etcd_process.EtcdCluster`) and, where it needs
+127.0.0.1, TLS with client certificates; `geomesh.lab.processes.EtcdCluster`) and, where it needs
 one, a coordinator listing all three members over TLS at its shipped defaults (lease TTL 3 s,
 etcd call deadline 2 s). Scenarios are one list (`SCENARIOS`); each returns one table row:
 
@@ -74,7 +74,7 @@ from geomesh.api import geomesh_pb2 as pb  # noqa: E402
 from geomesh.api import geomesh_pb2_grpc as pbg  # noqa: E402
 from geomesh.channel import client_channel  # noqa: E402
 from geomesh.errors import StoreUnavailableError  # noqa: E402
-from geomesh.etcd_process import EtcdCluster, free_port  # noqa: E402
+from geomesh.lab.processes import EtcdCluster, free_port  # noqa: E402
 from geomesh.pki import Pki  # noqa: E402
 from geomesh.register_history import Read, Write, check  # noqa: E402
 

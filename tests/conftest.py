@@ -17,9 +17,8 @@ import pytest
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
-from geomesh.etcd_process import EtcdProcess
+from geomesh.lab.processes import EtcdProcess, ServiceProcess
 from geomesh.pki import Identity, Pki
-from geomesh.service_process import ServiceProcess
 
 
 def _need(binary: str) -> None:

@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geomesh.etcd_process import EtcdProcess
+from geomesh.lab.processes import EtcdProcess, ServiceProcess
 from geomesh.pki import Pki
-from geomesh.service_process import ServiceProcess
 
 STATE_FILE = "lab-state.json"
 

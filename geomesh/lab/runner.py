@@ -42,12 +42,12 @@ from geomesh import apply
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
-from geomesh.etcd_process import free_port
 from geomesh.lab import faults, netns
 from geomesh.lab.control_plane import ControlPlane, LabRecord, stop_pid
 from geomesh.lab.customer_zone import CustomerDns
 from geomesh.lab.pebble import PebbleProcess
 from geomesh.lab.plan import LabGateway, LabPlan
+from geomesh.lab.processes import free_port
 from geomesh.lab.zone_certificate import CertificateWatch
 from geomesh.model import App, Instance, LbPolicy
 from geomesh.regions_file import RegionFile

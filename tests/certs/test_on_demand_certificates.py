@@ -29,8 +29,8 @@ from cryptography import x509
 from prometheus_client import REGISTRY
 
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.etcd_process import free_port
 from geomesh.lab.customer_dns import Gdnsd, Unbound
+from geomesh.lab.processes import free_port
 from regional_gateway.agent import Agent
 from tests.proxy.backends import Backend
 from tests.proxy.client import Conn

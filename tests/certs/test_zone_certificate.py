@@ -24,7 +24,7 @@ from cryptography import x509
 from coordinator.store import EtcdStore
 from geodns.nearest import default_database
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.etcd_process import free_port
+from geomesh.lab.processes import free_port
 from regional_gateway.agent import Agent
 from tests.proxy.backends import Backend
 from tests.proxy.client import Conn

@@ -20,7 +20,7 @@ from coordinator.store import Event
 from coordinator.views import overview
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.errors import PermissionDeniedError, ValidationError
-from geomesh.etcd_process import EtcdProcess
+from geomesh.lab.processes import EtcdProcess
 
 DNS1 = Caller("dns", "dns1")
 

@@ -28,10 +28,9 @@ from coordinator.state import PREFIX, key
 from coordinator.store import Compacted, EtcdConfig, EtcdStore
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.errors import StoreUnavailableError
-from geomesh.etcd_process import DEPLOY_EXAMPLE, EtcdCluster, free_port, read_env_file
+from geomesh.lab.processes import DEPLOY_EXAMPLE, ROOT, EtcdCluster, free_port, read_env_file
 from geomesh.pki import Pki
 from geomesh.register_history import check
-from geomesh.service_process import ROOT
 
 from ..conftest import CoordinatorProcess
 from .test_reach import mesh

@@ -12,7 +12,7 @@ from coordinator.main import parser
 from coordinator.server import CoordinatorConfig
 from coordinator.store import EtcdConfig, EtcdEndpoint, never_sent, parse_endpoints, unavailable
 from geomesh.errors import ValidationError
-from geomesh.etcd_process import DEPLOY_EXAMPLE, cluster_member_env, read_env_file
+from geomesh.lab.processes import DEPLOY_EXAMPLE, cluster_member_env, read_env_file
 
 GOOD = [
     ("127.0.0.1:2379", [EtcdEndpoint("127.0.0.1", 2379)]),

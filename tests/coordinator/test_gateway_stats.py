@@ -11,7 +11,7 @@ import pytest
 
 from coordinator.heartbeats import GatewayStats, check_handshakes, checked_version
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.etcd_process import free_port
+from geomesh.lab.processes import free_port
 
 from .test_reach import REGIONS, SimGateway, health, metrics, until
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.etcd_process import free_port
+from geomesh.lab.processes import free_port
 
 
 async def test_metrics_count_requests_by_method_and_code(coordinator_factory):

@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.etcd_process import free_port
 from geomesh.lab.customer_dns import Gdnsd, Unbound
+from geomesh.lab.processes import free_port
 
 from .test_admin import seed
 

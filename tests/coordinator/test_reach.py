@@ -25,7 +25,7 @@ from coordinator.heartbeats import health_owner
 from coordinator.state import key
 from coordinator.store import EtcdStore
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.etcd_process import free_port
+from geomesh.lab.processes import free_port
 
 from .test_liveness import gw_key
 

@@ -300,7 +300,7 @@ async def test_every_write_is_an_audit_line_and_counted(coordinator_factory, tmp
 
     from cryptography import x509
 
-    from geomesh.etcd_process import free_port
+    from geomesh.lab.processes import free_port
     from geomesh.pki import serial_hex
 
     port = free_port()

@@ -16,7 +16,7 @@ from signal import SIGTERM
 import pytest
 from dnslib import EDNS0, QTYPE, DNSHeader, DNSQuestion, DNSRecord, EDNSOption
 
-from geomesh.service_process import ServiceProcess
+from geomesh.lab.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 

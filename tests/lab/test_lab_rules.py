@@ -1,6 +1,6 @@
 """The lab's pure parts, table-tested: reading kdig's answer, the fault commands, the plan with
 two gateways in a region, the reachability matrix of the live view, its handshake ages (from GetOverview, so shared
-`geomesh/` imports no service package), and the gateway config's
+`geomesh/` imports no service package, and no service imports the lab), and the gateway config's
 [reach] table (accepted by the agent's own config loader), the curl commands the TLS steps print,
 the customer's records, the one plain port pebble validates HTTP-01 at, and the customer's DNS
 (real gdnsd + unbound) with the gateway config that names its resolver and on-demand wait."""
@@ -167,6 +167,28 @@ def test_shared_code_imports_no_service_package():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             bad += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in services]
+    assert not bad
+
+
+def _imported(node: ast.AST) -> list[str]:
+    """The modules an import statement names (`from a import b` names a and a.b: b may be a module)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return []
+
+
+def test_no_service_package_imports_the_lab():
+    """The lab is a wing that starts the services as processes: no service reaches into it (nor
+    into its namespace and process helpers, which live there)."""
+    root = Path(__file__).resolve().parents[2]
+    bad = []
+    for service in ("coordinator", "regional_gateway", "geodns", "status_page"):
+        for path in (root / service).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                bad += [f"{path.relative_to(root)}: {n}" for n in _imported(node)
+                        if n == "geomesh.lab" or n.startswith("geomesh.lab.")]
     assert not bad
 
 

@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.service_process import ServiceProcess
+from geomesh.lab.processes import ServiceProcess
 from tests.coordinator.test_reach import mesh
 
 from .conftest import PageServer, console_errors, make_overview

@@ -13,7 +13,7 @@ from selenium.webdriver.common.by import By
 
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.lab import netns
-from geomesh.service_process import ServiceProcess
+from geomesh.lab.processes import ServiceProcess
 
 from ..coordinator.test_admin import seed
 from ..mesh_e2e.test_mesh_agents import Gateways, wait_until

@@ -1,14 +1,21 @@
-"""Real `etcd` servers as child processes: one embedded member, or a TLS cluster on loopback.
+"""The lab's child processes: real `etcd` servers, and geomesh services started with --port-file.
 
-Used by the lab (its "embedded default"), the tests and the benchmarks. `EtcdProcess` spawns one
-etcd on free loopback ports with a private data dir: from flags (the default single plaintext
-member) or from `ETCD_*` settings, the way Debian's etcd-server reads `/etc/default/etcd`.
-`start()` waits until etcd answers its health endpoint; `stop()` ends only the process we started
-(by PID), `kill()` SIGKILLs it; `restart()` keeps the data dir, so an outage can be simulated
-without losing state. `EtcdCluster` runs N members from the shipped deploy example
-(`deploy/etcd/etcd-cluster.env.example`): `cluster_member_env` is the pure translation of that
-file to member i on 127.0.0.1 with its own ports and files, so a test of the cluster is a test of
-the file. `make_tls_files` makes a throwaway CA, a member certificate and a client certificate.
+Used by the lab (its "embedded default"), the tests and the benchmarks; each stops only the
+process it started, by PID. `EtcdProcess` spawns one etcd on free loopback ports with a private
+data dir: from flags (the default single plaintext member) or from `ETCD_*` settings, the way
+Debian's etcd-server reads `/etc/default/etcd`. `start()` waits until etcd answers its health
+endpoint; `stop()` ends it, `kill()` SIGKILLs it; `restart()` keeps the data dir, so an outage
+can be simulated without losing state. `EtcdCluster` runs N members from the shipped deploy
+example (`deploy/etcd/etcd-cluster.env.example`): `cluster_member_env` is the pure translation of
+that file to member i on 127.0.0.1 with its own ports and files, so a test of the cluster is a
+test of the file. `make_tls_files` makes a throwaway CA, a member certificate and a client
+certificate.
+
+`ServiceProcess` runs a geomesh server (`coordinator.main`, `geodns.main`, ...; optionally under a
+command prefix such as `taskset -c 1`) from the repository root (`ROOT`). Every geomesh server
+writes its bound port to the file named by `--port-file` once it serves, so a caller can bind
+port 0 and still learn the port: `start()` waits for that file; `stop()` sends SIGTERM, then
+SIGKILL after a deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -30,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (geomesh/lab/processes.py)
 DEPLOY_EXAMPLE = ROOT / "deploy" / "etcd" / "etcd-cluster.env.example"
 
 
@@ -376,3 +384,71 @@ class EtcdCluster:
     def stop(self) -> None:
         for m in self.members:
             m.stop()
+
+
+# -- geomesh services ---------------------------------------------------------------------------
+
+class ServiceProcess:
+    def __init__(self, module: str, args: Sequence[str], workdir: Path, *, name: str | None = None,
+                 prefix: Sequence[str] = (), python: Sequence[str] | None = None) -> None:
+        self.module = module
+        self.args = list(args)
+        self.workdir = Path(workdir)
+        self.name = name or module.split(".")[0]
+        self.prefix = list(prefix)
+        self.python = list(python) if python is not None else [sys.executable]
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log_path = self.workdir / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 30.0) -> int:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        port_file = self.workdir / f"{self.name}.port"
+        port_file.unlink(missing_ok=True)
+        cmd = [*self.prefix, *self.python, "-m", self.module, *self.args, "--port-file", str(port_file)]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                     start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log()[-2000:]}")
+            if port_file.exists() and port_file.read_text().strip():
+                self.port = int(port_file.read_text())
+                return self.port
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"{self.name} did not start in {timeout}s: {self.log()[-2000:]}")
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Stop the process (SIGKILL after `timeout`); returns its exit code (None: not running)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
