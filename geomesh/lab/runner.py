@@ -37,12 +37,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from geomesh import apply
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
-from geomesh.lab import faults, netns
+from geomesh.lab import faults, netns, toml_writer
 from geomesh.lab.control_plane import ControlPlane, LabRecord, stop_pid
 from geomesh.lab.customer_zone import CustomerDns
 from geomesh.lab.pebble import PebbleProcess
@@ -272,36 +273,28 @@ class Lab:
                 "--region", inst.region, "--listen", f"{inst.address}:{inst.port}"], host))
 
     def _gateway_config(self, rg: RunningGateway) -> Path:
+        """Write the gateway's config (the agent's TOML, `regional_gateway/agent_config.py`) to `rg.config`."""
         g = rg.spec
         ident = self.cp.pki.identity("gateway", g.name)
-        target = f"unix:{self.unix_socket}" if self.plan.netns else self.cp.address
-        backend = "userspace" if self.plan.netns else "none"
-        heartbeat = f"heartbeat_interval = {LAB_HEARTBEAT}\n" if self.timers == "lab" else ""
-        reach = "".join(f"{k} = {v}\n" for k, v in REACH.items())
-        custom = (f'[custom_domains]\nresolver = "{self.customer.resolver}"\non_demand_wait = {ON_DEMAND_WAIT}\n'
-                  if self.customer else "")
-        rg.config.write_text(f"""# written by geomesh lab
-name = "{g.name}"
-region = "{g.region}"
-coordinators = ["{target}"]
-public_ip = "{g.public_ip}"
-zone = "{self.plan.zone}"
-proxy_port = {g.proxy_port}
-https_port = {g.https_port}
-proxy_listen = "{g.public_ip}"
-{heartbeat}metrics_port = -1
-[tls]
-ca = "{ident.ca}"
-cert = "{ident.cert}"
-key = "{ident.key}"
-[wireguard]
-interface = "{rg.ifname or 'gm' + g.short}"
-listen_port = {g.wg_port}
-key_file = "{self.dir / (g.name + '.wgkey')}"
-backend = "{backend}"
-persistent_keepalive = 5
-[reach]
-{reach}{custom}""")
+        config: dict[str, Any] = {
+            "name": g.name, "region": g.region,
+            "coordinators": [f"unix:{self.unix_socket}" if self.plan.netns else self.cp.address],
+            "public_ip": g.public_ip, "zone": self.plan.zone, "proxy_port": g.proxy_port,
+            "https_port": g.https_port, "proxy_listen": g.public_ip,
+        }
+        if self.timers == "lab":
+            config["heartbeat_interval"] = LAB_HEARTBEAT
+        config["metrics_port"] = -1
+        config["tls"] = {"ca": ident.ca, "cert": ident.cert, "key": ident.key}
+        config["wireguard"] = {
+            "interface": rg.ifname or f"gm{g.short}", "listen_port": g.wg_port,
+            "key_file": self.dir / f"{g.name}.wgkey", "backend": "userspace" if self.plan.netns else "none",
+            "persistent_keepalive": 5,
+        }
+        config["reach"] = dict(REACH)
+        if self.customer:
+            config["custom_domains"] = {"resolver": self.customer.resolver, "on_demand_wait": ON_DEMAND_WAIT}
+        rg.config.write_text(toml_writer.dumps(config, comment="written by geomesh lab"))
         return rg.config
 
     def start_gateway(self, name: str) -> None:
