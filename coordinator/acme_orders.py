@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ from coordinator.cert_records import (
 )
 from coordinator.dns_check import wait_all_serve
 from coordinator.http01 import Http01Challenges
+from coordinator.leadership import Leadership
 from coordinator.renewal import RenewalPolicy, after_failure, after_success, due_at
 from coordinator.state import State, key
 from coordinator.store import EtcdStore, ReplicaLease, Txn
@@ -104,7 +103,7 @@ class ZoneCertificates:
         self.lease = lease
         self.box = box
         self.clock = clock
-        self.replica = f"{socket.gethostname()}/{os.getpid()}/{os.urandom(3).hex()}"
+        self.leadership = Leadership(store, lease, f"{ACME_DIR}/leader")
         self.leading = False
         self._client: AcmeClient | None = None
         self.http01: Http01Challenges | None = None  # set by the server: HTTP-01 through every gateway
@@ -142,15 +141,7 @@ class ZoneCertificates:
 
     async def elect(self) -> bool:
         """Hold `acme/leader` (under this replica's lease) or see who does."""
-        lease_id = await self.lease.ensure()
-        leader_key = key(ACME_DIR, "leader")
-        result = await self.store.txn(Txn().absent(leader_key).put(leader_key, self.replica.encode(), lease_id)
-                                      .else_get(leader_key))
-        if result.succeeded:
-            event(log, "ordering certificates: this replica leads", replica=self.replica)
-            return True
-        held = result.ranges[0][0] if result.ranges and result.ranges[0] else None
-        return held is not None and held.value == self.replica.encode() and held.lease == lease_id
+        return await self.leadership.hold()
 
     async def round_once(self) -> bool:
         """One look at the schedule; orders when due. True when a certificate was obtained."""

@@ -1,11 +1,11 @@
 """One replica at a time for a background duty, elected through etcd on the replica's lease.
 
-A duty (checking pinned domains' TXT records, `coordinator.pinned_domains`) must run on one
-replica only. `Leadership(store, lease, name).hold()` puts `<name>` (a key under `/geomesh/v1/`)
-only when it is absent, bound to this replica's lease, and answers whether this replica holds it:
+A duty (ordering certificates, `coordinator.acme_orders` with `acme/leader`; checking pinned
+domains' TXT records, `coordinator.pinned_domains`) must run on one replica only.
+`Leadership(store, lease, name).hold()` puts `<name>` (a key under `/geomesh/v1/`) only when it is
+absent, bound to this replica's lease, and answers whether this replica holds it:
 when the holder dies or is cut from etcd for longer than the lease TTL the key goes with its lease
-and another replica takes it at its next call. The same scheme as the certificate orderer's
-`acme/leader` (`coordinator.acme_orders`).
+and another replica takes it at its next call.
 """
 
 from __future__ import annotations
