@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,18 @@ def _count(name: str, value: object, low: int, high: int) -> None:
         raise ValidationError(name, f"{value!r} is not an integer in {low}..{high}")
 
 
+def _table(data: dict, name: str, keys: Iterable[str]) -> dict:
+    """`data[name]` (empty when absent), which must be a table of known `keys` only (else a
+    ValidationError naming the table or the unknown key)."""
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        raise ValidationError(name, "must be a table")
+    unknown = sorted(set(table) - set(keys))
+    if unknown:
+        raise ValidationError(f"{name}.{unknown[0]}", f"is not a known setting (known: {', '.join(keys)})")
+    return table
+
+
 def load(path: Path) -> AgentConfig:
     try:
         data = tomllib.loads(Path(path).read_text())
@@ -211,25 +224,9 @@ def load(path: Path) -> AgentConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValidationError(unknown[0], "is not a known setting")
-    reach = data.get("reach", {})
-    if not isinstance(reach, dict):
-        raise ValidationError("reach", "must be a table")
-    unknown = sorted(set(reach) - set(REACH_KEYS))
-    if unknown:
-        raise ValidationError(f"reach.{unknown[0]}", f"is not a known setting (known: {', '.join(REACH_KEYS)})")
-    state = data.get("state", {})
-    if not isinstance(state, dict):
-        raise ValidationError("state", "must be a table")
-    unknown = sorted(set(state) - set(STATE_KEYS))
-    if unknown:
-        raise ValidationError(f"state.{unknown[0]}", f"is not a known setting (known: {', '.join(STATE_KEYS)})")
-    custom = data.get("custom_domains", {})
-    if not isinstance(custom, dict):
-        raise ValidationError("custom_domains", "must be a table")
-    unknown = sorted(set(custom) - set(CUSTOM_DOMAIN_KEYS))
-    if unknown:
-        raise ValidationError(f"custom_domains.{unknown[0]}",
-                              f"is not a known setting (known: {', '.join(CUSTOM_DOMAIN_KEYS)})")
+    reach = _table(data, "reach", REACH_KEYS)
+    state = _table(data, "state", STATE_KEYS)
+    custom = _table(data, "custom_domains", CUSTOM_DOMAIN_KEYS)
     coordinators = data.get("coordinators", [])
     if isinstance(coordinators, str):
         coordinators = [coordinators]
