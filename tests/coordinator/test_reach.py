@@ -266,7 +266,9 @@ async def test_panic_threshold_holds_gateways_past_the_share(coordinator_factory
         # 5 gateways x 0.25: one may be unreachable; gw-b's quorum is held, gw-a stays out
         for prober in ("gw-c", "gw-d", "gw-e"):
             await gw[prober].vote({"gw-b": False})
-        overview = await until(lambda: _overview_if(admin, lambda o: list(o.panic_held) == ["gw-b"]), "gw-b held")
+        # the held list is the decider's last round; down_by comes from its reach/ record in etcd a moment later
+        overview = await until(lambda: _overview_if(admin, lambda o: list(o.panic_held) == ["gw-b"] and any(
+            h.name == "gw-b" and list(h.down_by) == ["af", "ap", "sa"] for h in o.gateways)), "gw-b held")
         by_name = {h.name: h for h in overview.gateways}
         assert (by_name["gw-a"].reachable, by_name["gw-b"].reachable) == (False, True)
         assert list(by_name["gw-b"].down_by) == ["af", "ap", "sa"] and by_name["gw-b"].in_dns
