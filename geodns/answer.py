@@ -262,7 +262,7 @@ class Responder:
             rmap = self.region_map
             assert rmap is not None
             rank, scope = rmap.locate(data[o + 8:end].ljust(width, b"\0"), source)
-            entry = current.get((base, rank, True))
+            entry = entry.by_rank[rank]
             if entry is None:
                 return None
         elif entry is None:
@@ -340,7 +340,7 @@ class Responder:
                 built = self._build(q, self._lookup(q, target), 0, True, limit)
                 templates.put_question(base, built)
                 return built, False, 0
-            geo = GeoMarker(target)
+            geo = GeoMarker(target, [None] * len(self.region_map.rankings) if self.region_map is not None else [])
             templates.put_question(base, geo)
         elif isinstance(found, Template):
             return found, True, found.scope
@@ -357,7 +357,7 @@ class Responder:
             if not reusable:
                 scope = 0
             where: tuple[object, object] = (rank, reusable)
-            entry = templates.for_place(base, *where)
+            entry = geo.by_rank[rank] if reusable else templates.for_place(base, *where)
             if entry is not None:
                 return entry, True, scope
             order = self.orders.for_rank(rank, rmap.rankings[rank])
@@ -378,7 +378,10 @@ class Responder:
             lookup = zonemod.records(self.view, geo.target, q.qtype, region)
             entry = self._build(q, lookup, 0, reusable, limit)
             templates.put_region(base, name, reusable, entry)
-        templates.put_place(base, *where, entry)
+        if rmap is not None and reusable:
+            geo.by_rank[where[0]] = entry  # type: ignore[index]
+        else:
+            templates.put_place(base, *where, entry)
         return entry, hit, scope
 
     def _target(self, q: Query) -> zonemod.Target | None:

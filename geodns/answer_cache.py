@@ -14,6 +14,8 @@ the first one before `Responder.answer` runs):
      EDNS shape). Holds the template itself when the answer is the same for every client, or a
      `GeoMarker` when it depends on where the client is;
    - `for_place`: by question and client place (the region map's ranking, or the GeoIP network);
+     answers to clients placed by their Client Subnet through the region map are kept in the
+     `GeoMarker`'s slot for their ranking instead (`GeoMarker.by_rank`);
    - `for_region`: by question and chosen region: places that end up in the same region share
      one packed answer (only the ECS scope differs).
 3. `RegionOrders` -- a memo, not bytes: the view's regions nearest first, per client location
@@ -36,6 +38,7 @@ SEEN_MAX = 65536  # query hashes the reply cache's doorkeeper remembers (emptied
 # accounted per entry on top of the octets it holds: object headers, the tuple, the dict slot
 EXACT_OVERHEAD = 176
 ANSWER_OVERHEAD = 560
+RANK_SLOT = 8  # a GeoMarker's slot per ranking of the region map
 ORDERS_MAX = 65536  # region orders memoised per location before the memo starts over
 
 Question = tuple  # (name lowercased, qtype, qclass, RD|CD, size limit, EDNS shape)
@@ -61,9 +64,16 @@ class Template:
 
 @dataclass(frozen=True, slots=True)
 class GeoMarker:
-    """`for_question` marker: this name's answer depends on where the client is."""
+    """`for_question` marker: this name's answer depends on where the client is.
+
+    `by_rank` holds, per ranking of the region map (its index), the template of the answers to
+    clients placed by their Client Subnet (reusable answers), filled as they are built: one list
+    index instead of a key tuple and a second dict look-up per query, and nothing to turn the
+    cache's generations over (the number of rankings times the number of names may be far more
+    entries than a generation holds). Empty without a region map; the list is accounted whole."""
 
     target: zonemod.AppName
+    by_rank: list[Template | None]
 
 
 def _reply_size(key: bytes, value: tuple[bytes, int]) -> int:
@@ -74,6 +84,8 @@ def _template_size(key: object, value: object) -> int:
     """Every key starts with the question tuple, whose first item is the name."""
     base = key[0] if isinstance(key, tuple) and isinstance(key[0], tuple) else key
     name = base[0] if isinstance(base, tuple) else b""
+    if isinstance(value, GeoMarker):
+        return len(name) + RANK_SLOT * len(value.by_rank) + ANSWER_OVERHEAD
     return len(name) + (len(value.body) if isinstance(value, Template) else 0) + ANSWER_OVERHEAD
 
 

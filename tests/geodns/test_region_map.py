@@ -369,3 +369,34 @@ def test_the_fast_path_keeps_a_reply_on_its_second_sight(region_map: RegionMap, 
     assert second is not None and r.exact[wire[2:]] == (second.wire[2:], second.index)
     again = r.answer(b"\xbe\xef" + wire[2:], b"\x7f\0\0\1")
     assert again.wire == b"\xbe\xef" + second.wire[2:] and b"ShOp" in again.wire
+
+
+def test_every_ranking_is_kept_without_turning_the_cache_over(region_map: RegionMap, locator: Locator,
+                                                               view: View) -> None:
+    """Clients from many rankings asking a few names: far more (name, ranking) pairs than a
+    cache generation of 16 entries holds. The answers are kept per ranking in the name's entry,
+    so nothing is evicted, the second pass is answered from the cache alone, and every answer
+    names the gateways a fresh server gives."""
+    rng = random.Random(11)
+    subnets: dict[int, bytes] = {}
+    while len(subnets) < 60:  # one /24 per ranking, 60 rankings
+        a = rng.getrandbits(24).to_bytes(3, "big")
+        rank, _ = region_map.locate(a + b"\0", 24)
+        if a[0] not in (0, 10, 127) and a[0] < 224:
+            subnets.setdefault(rank, a)
+    names = ["shop.geo.example.com", "blog.geo.example.com", "pinned.geo.example.com"]
+    r = Responder(view, locator, region_map=region_map, reply_cache=False, cache_size=32)
+    queries = [_ecs_query(n, 1, 24, a, qid=i) for i, (n, a) in enumerate((n, a) for n in names
+                                                                        for a in subnets.values())]
+    first = [r.answer(q, b"\x7f\0\0\1").wire for q in queries]
+    misses, hits = r.stats.cache_misses, r.stats.cache_hits
+    assert 0 < misses < len(subnets)  # built once per (name, region), not per ranking
+    second = [r.answer(q, b"\x7f\0\0\1").wire for q in queries]
+    assert r.stats.cache_misses == misses and r.stats.cache_hits == hits + len(queries)
+    assert r.templates.evictions == 0
+    fresh = [Responder(view, locator, region_map=region_map, reply_cache=False).answer(q, b"\x7f\0\0\1").wire
+             for q in queries]
+    def addresses(wires: list[bytes | None]) -> list[set[str]]:  # a region's gateways rotate
+        return [set(_addrs(DNSRecord.parse(w))) for w in wires if w is not None]
+
+    assert addresses(first) == addresses(second) == addresses(fresh) and len(addresses(first)) == len(queries)
