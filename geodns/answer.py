@@ -51,6 +51,7 @@ from geodns.wire import (
     CD,
     CLASS_ANY,
     CLASS_IN,
+    DO_BIT,
     HEADER_LEN,
     MAX_QUERY_OCTETS,
     OPCODE_MASK,
@@ -101,6 +102,10 @@ DROPPED = Answer(None, -1)
 # Python call per query, ~5% of a cold query's CPU in the server
 _new_answer = tuple.__new__
 _pack_header = struct.Struct("!6H").pack  # wire.pack_header
+_pack_head = struct.Struct("!5H").pack  # the header after the ID
+_pack_opt = struct.Struct("!BHHBBHH").pack  # the OPT record up to its options
+_OCTET = [bytes((i,)) for i in range(256)]
+MAX_ROTATIONS_KEPT = 16  # answers with more A/AAAA records than this are rotated per query
 
 
 class Responder:
@@ -213,18 +218,12 @@ class Responder:
         end = len(data)
         if flags & OPCODE_MASK or data[4:12] != _ONE_Q_ONE_AR:
             return None
-        i = HEADER_LEN
-        while True:
-            if i >= end:
-                return None
-            n = data[i]
-            if n == 0:
-                break
-            if n > 63:
-                return None
-            i += n + 1
-        i += 1
-        if i - HEADER_LEN > 255:
+        # the name ends at its first zero octet -- unless a label holds one, or the name is not
+        # well formed at all; then the name found here is no key of the template cache (every key
+        # is a well-formed name, its length octets <= 63 unchanged by lower()), and the full path
+        # answers
+        i = data.find(0, HEADER_LEN) + 1
+        if not i:
             return None
         qend = i + 4
         o = qend + 11  # the OPT's options
@@ -271,15 +270,22 @@ class Responder:
             scope = entry.scope
         if entry.ext_rcode:
             return None
-        body = entry.body
-        rot = entry.rotate
-        if rot:
+        bodies = entry.bodies
+        if bodies:
+            body = bodies[self._turn % len(bodies)]
+            self._turn += 1
+        elif entry.rotate:
+            rot = entry.rotate
             k = self._turn % len(rot)
             self._turn += 1
-            body = b"".join(rot[k:]) + b"".join(rot[:k]) + body
-        wire = (_pack_header(ident, entry.flags | (flags & _ECHO), 1, entry.an, entry.ns, entry.ar + 1)
-                + data[HEADER_LEN:qend] + body
-                + opt_record(self.udp_payload, 0, do, data[o:o + 7] + bytes((scope,)) + data[o + 8:end]))
+            body = b"".join(rot[k:]) + b"".join(rot[:k]) + entry.body
+        else:
+            body = entry.body
+        head, opt = entry.fast_head, entry.fast_opt
+        if not head or not opt:  # built for a question of another shape (not reached through the keys)
+            return None
+        wire = b"".join((data[:2], head, data[HEADER_LEN:qend], body, opt, data[o:o + 7], _OCTET[scope],
+                         data[o + 8:end]))
         self.stats.cache_hits += 1
         if entry.reusable and self.reply_cache:
             self.exact.keep_key(key, wire, entry.index)
@@ -437,6 +443,7 @@ class Responder:
             ecs = q.edns.ecs
             opt_len = 11 + (8 + len(ecs.address) if ecs is not None and rcode != RCODE_BADVERS else 0)
         rotate: tuple[bytes, ...] = ()
+        bodies: tuple[bytes, ...] = ()
         if HEADER_LEN + len(q.question) + len(body) + opt_len > limit:
             flags |= TC
             an = ns = ar = 0
@@ -444,8 +451,18 @@ class Responder:
         elif rotatable:
             rotate = tuple(data[a:b] for a, b in zip(cuts, cuts[1:], strict=False))
             body = data[cuts[-1]:]
+            if len(rotate) <= MAX_ROTATIONS_KEPT:
+                bodies = tuple(b"".join(rotate[k:] + rotate[:k]) + body for k in range(len(rotate)))
+        fast_head = fast_opt = b""
+        if q.edns is not None:
+            fast_head = _pack_head(flags | (q.flags & _ECHO), 1, an, ns, ar + 1)
+            ecs = q.edns.ecs
+            if ecs is not None and rcode != RCODE_BADVERS:
+                fast_opt = _pack_opt(0, TYPE_OPT, self.udp_payload, rcode >> 4, 0, DO_BIT if q.edns.do else 0,
+                                     8 + len(ecs.address))
         index = self.stats.index(RCODE_NAMES.get(rcode, str(rcode)), lookup.region, lookup.fail_open)
-        return Template(flags, an, ns, ar, body, rcode >> 4, scope, index, reusable, rcode, lookup.region, rotate)
+        return Template(flags, an, ns, ar, body, rcode >> 4, scope, index, reusable, rcode, lookup.region, rotate,
+                        fast_head, fast_opt, bodies)
 
     def _assemble(self, q: Query, e: Template, scope: int) -> bytes:
         """The template `e` with the query's ID, RD/CD and question (case kept) spliced in, the

@@ -60,6 +60,14 @@ class Template:
     rcode: int
     region: str
     rotate: tuple[bytes, ...] = ()  # the answer's A/AAAA records, rotated per answer (body holds the rest)
+    # for the fast path (`Responder._fast`), packed once: the header after the ID for the RD/CD
+    # bits of the question it was built for (they are part of every key that finds it), ARCOUNT
+    # counting the OPT; the OPT up to its options, for a reply echoing a Client Subnet option of
+    # that question's shape (also part of the key); and the answer section in each rotation
+    # followed by `body` (empty when there is one order or too many to keep)
+    fast_head: bytes = b""
+    fast_opt: bytes = b""
+    bodies: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +94,9 @@ def _template_size(key: object, value: object) -> int:
     name = base[0] if isinstance(base, tuple) else b""
     if isinstance(value, GeoMarker):
         return len(name) + RANK_SLOT * len(value.by_rank) + ANSWER_OVERHEAD
-    return len(name) + (len(value.body) if isinstance(value, Template) else 0) + ANSWER_OVERHEAD
+    if isinstance(value, Template):
+        return len(name) + len(value.body) + sum(map(len, value.bodies)) + ANSWER_OVERHEAD
+    return len(name) + ANSWER_OVERHEAD
 
 
 class ReplyCache(BoundedCache[bytes, tuple[bytes, int]]):

@@ -400,3 +400,17 @@ def test_every_ranking_is_kept_without_turning_the_cache_over(region_map: Region
         return [set(_addrs(DNSRecord.parse(w))) for w in wires if w is not None]
 
     assert addresses(first) == addresses(second) == addresses(fresh) and len(addresses(first)) == len(queries)
+
+
+def test_a_zero_octet_inside_a_label_is_left_to_the_full_path(region_map: RegionMap, locator: Locator,
+                                                                view: View) -> None:
+    """The fast path takes a name to end at its first zero octet; a label holding one makes that
+    a name no cache key can be, so the full path answers it, and the same way every time."""
+    r = Responder(view, locator, region_map=region_map, reply_cache=False)
+    odd = _ecs_query("sh\0p.geo.example.com", 1, 24, bytes([193, 0, 6]))
+    first = r.answer(odd, b"\x7f\0\0\1")
+    assert r._fast(odd, 7, 0x0100, odd[2:]) is None
+    again = r.answer(odd, b"\x7f\0\0\1")
+    assert first.wire is not None and again.wire == first.wire
+    reply = DNSRecord.parse(first.wire)
+    assert reply.header.rcode == 3 and reply.q.qname.label[0] == b"sh\0p"  # NXDOMAIN, the name as asked
