@@ -8,6 +8,7 @@ samples answers, and geomesh-dns's metrics (cache hits, region map readiness and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -283,3 +284,75 @@ def map_build(metrics: dict[str, float]) -> dict[str, float]:
         if f"geodns_region_map_{name}" in metrics:
             out[name] = metrics[f"geodns_region_map_{name}"]
     return out
+
+
+def rebuild_gap(port: int, proc: subprocess.Popen, log: Path, state: Path, moved: str, wires: list[bytes], *,
+                rate: int = 5000, before: float = 1.0, after: float = 1.0, timeout: float = 60.0) -> dict[str, float]:
+    """A region moves while queries keep coming: `wires` (distinct queries, one each) are sent at
+    `rate` q/s from one socket; `before` s in, `state` gets the `moved` text and the server a
+    SIGHUP; sending goes on until the log says a new region map is built, then `after` s more.
+    Returns the rebuild time (signal -> "region map built" in the log, and the build's own
+    seconds), the largest gap between consecutive answers, the worst answer latency, and the
+    queries left unanswered. Bounded by `timeout` and by len(wires)."""
+    builds_before = log.read_text(errors="replace").count('"region map built"')
+    sent: dict[int, float] = {}
+    got: list[tuple[float, float]] = []  # (answer time, latency)
+    interval = 1.0 / rate
+    signalled = built = 0.0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        start = time.monotonic()
+        n = 0
+        next_log_check = start
+        while n < len(wires):
+            now = time.monotonic()
+            if now - start > timeout or (built and now - built > after):
+                break
+            if not signalled and now - start >= before:
+                state.write_text(moved)
+                proc.send_signal(signal.SIGHUP)
+                signalled = time.monotonic()
+            if signalled and not built and now >= next_log_check:
+                next_log_check = now + 0.005
+                if log.read_text(errors="replace").count('"region map built"') > builds_before:
+                    built = time.monotonic()
+            while n < len(wires) and start + n * interval <= now:
+                qid = n & 0xFFFF
+                s.send(struct.pack("!H", qid) + wires[n][2:])
+                sent[n] = time.monotonic()
+                n += 1
+            while True:
+                try:
+                    reply = s.recv(4096)
+                except BlockingIOError:
+                    break
+                t = time.monotonic()
+                qid = struct.unpack_from("!H", reply)[0]
+                k = n - 1 - ((n - 1 - qid) & 0xFFFF)  # the newest query with this ID (they repeat every 65,536)
+                if k in sent:
+                    got.append((t, t - sent.pop(k)))
+            time.sleep(interval / 4)
+        deadline = time.monotonic() + 1.0
+        while sent and time.monotonic() < deadline:  # the last answers
+            try:
+                reply = s.recv(4096)
+            except BlockingIOError:
+                time.sleep(0.001)
+                continue
+            t = time.monotonic()
+            qid = struct.unpack_from("!H", reply)[0]
+            k = n - 1 - ((n - 1 - qid) & 0xFFFF)
+            if k in sent:
+                got.append((t, t - sent.pop(k)))
+    times = sorted(t for t, _ in got)
+    gap = max((b - a for a, b in zip(times, times[1:], strict=False)), default=float("nan"))
+    build_s = float("nan")
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if '"region map built"' in line:
+            with contextlib.suppress(ValueError, KeyError):
+                build_s = float(json.loads(line)["seconds"])
+            break
+    return {"rebuild_s": (built - signalled) if built else float("nan"), "build_s": build_s,
+            "largest_gap_ms": 1e3 * gap, "worst_latency_ms": 1e3 * max((lat for _, lat in got), default=float("nan")),
+            "queries": n, "unanswered": len(sent), "rate": rate}

@@ -148,6 +148,16 @@ def write_state(path: Path, apps: int) -> None:
     path.write_text("\n".join(lines))
 
 
+def moved_state(text: str) -> tuple[str, str]:
+    """The state file text with its last region moved to Paris (what the rebuild-under-load run
+    switches to), and that region's name."""
+    name, lat, lon, _ = REGIONS[-1]
+    old = f'name = "{name}"\nlatitude = {lat}\nlongitude = {lon}'
+    if old not in text:
+        raise ValueError(f"region {name} not found as written by write_state")
+    return text.replace(old, f'name = "{name}"\nlatitude = 48.86\nlongitude = 2.35'), name
+
+
 def write_gdnsd(d: Path, port: int, mmdb: Path, apps: int) -> None:
     (d / "zones").mkdir(parents=True)
     (d / "geoip").mkdir()

@@ -31,6 +31,10 @@ server chose (agreement with gdnsd, differences listed with their reason) and th
 each answer (its distribution). Also reported: each server's RSS (now and peak), its start-up time (to the first
 answer; geomesh-dns: also until its region map is ready and the map's build time from its
 metrics, when it has one), and geomesh-dns's cache hit ratio in each run (from its metrics).
+Last, a region moves under load: while the Python client sends further hostile queries at
+--rebuild-qps, the state file moves the last region to Paris and geomesh-dns gets a SIGHUP; the
+bench prints how long until the new map served (and the build's own time), the largest gap
+between consecutive answers and the worst latency meanwhile.
 
 Loopback only, every run bounded. Results (raw dnsperf output, summary.json) go to --results.
 Run:  .venv/bin/python bench/dns.py            (about 10 minutes)
@@ -69,6 +73,7 @@ from bench._dns_servers import (  # noqa: E402
     ours_flags,
     parse_latency,
     parse_tput,
+    rebuild_gap,
     sample_answers,
     scrape_metrics,
     stop,
@@ -85,6 +90,7 @@ from bench._dns_workload import (  # noqa: E402
     draw_subnets,
     draw_uniform,
     explain,
+    moved_state,
     scope_summary,
     write_gdnsd,
     write_query_file,
@@ -108,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
                     help="further distinct hostile /24s (in no dnsperf file) each server answers once to the "
                          "Python client: its cold rate, the regions chosen, the ECS scopes")
     ap.add_argument("--apps", type=int, default=100, help="app names the queries ask for")
+    ap.add_argument("--rebuild-qps", type=int, default=5000,
+                    help="rate of the hostile queries sent while a region moves (rebuild time and largest gap)")
     ap.add_argument("--clients", type=int, default=8, help="dnsperf -c")
     ap.add_argument("--outstanding", type=int, default=200, help="dnsperf -q")
     ap.add_argument("--server-cpu", type=int, default=1, help="CPU the DNS servers under test are pinned to")
@@ -138,6 +146,7 @@ def main() -> int:
         args.subnets, args.hot_subnets, args.rounds = min(args.subnets, 20000), min(args.hot_subnets, 2000), 1
         args.sample = min(args.sample, 10000)
         args.duration, args.lat_duration, args.lat_qps = 2.0, 2.0, min(args.lat_qps, 5000)
+        args.rebuild_qps = min(args.rebuild_qps, 2000)
         args.start_together = True
     if args.duration > 15 or args.lat_duration > 15:
         ap.error("runs are bounded to 15 s")
@@ -314,6 +323,14 @@ def main() -> int:
                     if a[0] != b[0]:
                         net = sampled[i][0]
                         f.write(f"{socket.inet_ntoa(net)}/24 ours={a[0]} gdnsd={b[0]} {explain(db, net, a[0], b[0])}\n")
+        # a region moves under load (the state file changes, SIGHUP): how long until the new map
+        # serves, and the largest gap between answers meanwhile (gdnsd compiles its map at start:
+        # its start-up time is in the table below)
+        original = state.read_text()
+        moved, moved_region = moved_state(original)
+        rebuild = rebuild_gap(ports[OURS], procs[OURS], logs[OURS], state, moved, sample, rate=args.rebuild_qps)
+        state.write_text(original)
+        rebuild["moved_region"] = moved_region
         nocache_agrees = None
         if NOCACHE in answers:
             nocache_agrees = sum(1 for a, b in zip(answers[OURS], answers[NOCACHE], strict=True) if a == b) / len(sample)
@@ -379,13 +396,18 @@ def main() -> int:
                 reasons[why] = reasons.get(why, 0) + 1
             if reasons:
                 print(f"differences by reason: {reasons}")
+        print(f"rebuild after a region change ({moved_region} moved to Paris, SIGHUP) under {args.rebuild_qps:,} q/s of "
+              f"hostile queries: the new map served {rebuild['rebuild_s']:.2f} s after the signal (build "
+              f"{rebuild['build_s']:.2f} s in the map builder); largest gap between answers "
+              f"{rebuild['largest_gap_ms']:.1f} ms, worst latency {rebuild['worst_latency_ms']:.1f} ms, "
+              f"{rebuild['unanswered']} unanswered of {rebuild['queries']:,}")
         if nocache_agrees is not None:
             print(f"{NOCACHE} gives the same region and scope as {OURS} for {100 * nocache_agrees:.3f}% of them")
         if any(unanswered.values()):
             print(f"unanswered in the Python pass: {unanswered}")
         summary.update({"rows": rows, "median": med, "ratios": ratios, "servers": info, "scopes": scopes,
                         "agreement": agreement, "nocache_agreement": nocache_agrees, "unanswered": unanswered,
-                        "nocache_flag": nocache_text, "dnsperf_ids": ids, "command": cmd_text,
+                        "nocache_flag": nocache_text, "rebuild": rebuild, "dnsperf_ids": ids, "command": cmd_text,
                         "loads": {"hostile": {"queries": len(hostile), "distinct_24s": len({n for n, _ in hostile}),
                                               "latency_queries_per_round": lat_n, "continents": mix,
                                               "sample": len(sample), "distinct_24s_all_files": distinct},

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import multiprocessing
-import multiprocessing.connection
 import socket
 from array import array
 from bisect import bisect_left, bisect_right
@@ -256,43 +254,6 @@ def read_networks(path: str | Path) -> Networks:
                         tuple(aliases), meta.build_epoch, meta.database_type, path, leaves)
     finally:
         reader.close()
-
-
-def read_networks_apart(path: str | Path, timeout: float = 600.0) -> Networks:
-    """`read_networks` in a child process (spawned, so nothing of the caller's threads or
-    sockets is inherited): the walk's temporaries (a few hundred MB at peak) live and die
-    there, and only the compact arrays come back. Blocks the calling thread until done; the
-    child is a daemon, so the caller's exit ends it."""
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_networks_child, args=(str(path), send), name="geodns-geoip-walk", daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if not recv.poll(timeout):
-            raise TimeoutError(f"walking {path} took longer than {timeout:.0f} s")
-        kind, payload = recv.recv()
-    except EOFError:
-        proc.join(5)
-        raise RuntimeError(f"the GeoIP walk exited with status {proc.exitcode}") from None
-    finally:
-        recv.close()
-        if proc.is_alive():
-            proc.join(5)
-        if proc.is_alive():
-            proc.terminate()
-    if kind == "error":
-        raise ValueError(payload)
-    return payload
-
-
-def _networks_child(path: str, conn: multiprocessing.connection.Connection) -> None:
-    try:
-        result: tuple[str, object] = ("ok", read_networks(path))
-    except Exception as exc:
-        result = ("error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
-    conn.send(result)
-    conn.close()
 
 
 def _location(record: object) -> tuple[float, float] | None:

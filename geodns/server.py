@@ -7,10 +7,11 @@ picks one), starts the feed or the SIGHUP reload, and runs until SIGTERM/SIGINT 
 Shutdown order: stop reading UDP and accepting TCP -> close open TCP connections (a grace
 period for replies in flight) -> cancel the feed -> close sockets.
 
-The region map (`geodns.region_map`) is built off the data path by `_maintain_map`: the
-database is walked in a child process (its temporaries never weigh on the server) at start and whenever its file changes (`--geoip-poll`),
-and the map is recompiled in that thread whenever the regions, their coordinates or the default
-region change. Until the first map is ready, and while a new one is built, answers keep coming
+The region map (`geodns.region_map`) is built off the data path by `_maintain_map`, in the map
+builder process (`geodns.map_builder`: the serving process's interpreter never runs a build,
+so answers do not pause for one): the database is walked there at start and whenever its file
+changes (`--geoip-poll`), and the map is compiled there whenever the regions, their
+coordinates or the default region change. Until the first map is ready, and while a new one is built, answers keep coming
 from what is in service (at start: a City look-up per client); the finished map is swapped in
 with one assignment. Each build is logged with its time and the process's memory, and counted
 in the metrics.
@@ -42,9 +43,10 @@ from prometheus_client import REGISTRY
 from geodns import static_state
 from geodns.answer import Responder
 from geodns.config import Config
+from geodns.map_builder import DatabaseInfo, MapBuilder
 from geodns.metrics import GeoDnsCollector
 from geodns.nearest import Locator
-from geodns.region_map import Networks, RegionMap, compile_map, read_networks_apart, sites_of
+from geodns.region_map import RegionMap, sites_of
 from geodns.rrl import RateLimiter
 from geodns.stats import Stats
 from geodns.tcp import DnsTcpProtocol, TcpConnections
@@ -61,6 +63,7 @@ log = logging.getLogger("geodns.server")
 
 SHUTDOWN_GRACE = 2.0
 STATS_INTERVAL = 1.0
+MAP_RETRY = 5.0  # seconds before a failed database load or map build is tried again
 
 
 def bind_pair(host: str, port: int, reuse_port: bool, attempts: int = 50) -> tuple[socket.socket, socket.socket]:
@@ -296,56 +299,62 @@ class Server:
 
     async def _maintain_map(self) -> None:
         """Keep the region map in step with the database file and the view's regions (see the
-        module's docstring). Builds run in a worker thread; a failed build keeps what serves."""
+        module's docstring). The database is walked and each map compiled in the builder process
+        (`geodns.map_builder`, awaited from a worker thread); a failed build keeps what serves and
+        is tried again after `MAP_RETRY` seconds (a builder that died is started again)."""
         assert self.responder is not None and self.config.geoip_db is not None and self._map_wake is not None
         loop = asyncio.get_running_loop()
         path = self.config.geoip_db
-        networks: Networks | None = None
+        builder = MapBuilder()
         file_id: tuple[int, int, int] | None = None
         built_for: tuple | None = None
         poll = self.config.geoip_poll
-        while True:
-            self._map_wake.clear()
-            try:
-                st = os.stat(path)
-                now_id = (st.st_ino, st.st_size, st.st_mtime_ns)
-                if now_id != file_id and (file_id is None or poll > 0):
-                    started = time.monotonic()
-                    networks = await _in_thread(loop, read_networks_apart, path)
-                    seconds = time.monotonic() - started
-                    if file_id is not None:
-                        self.locator = Locator(path)
-                        self.responder.locator = self.locator
-                    file_id, built_for = now_id, None
-                    self._map_built("database", seconds)
-                    self.map_stats["geoip_build_epoch"] = networks.build_epoch
-                    event(log, "geoip database loaded", path=str(path), type=networks.database_type,
-                          build_epoch=networks.build_epoch, age_days=round(_age(networks.build_epoch) / 86400, 1),
-                          networks=networks.leaves, places=len(networks.latitudes) - 1,
-                          arrays_mb=round(networks.nbytes() / 1e6, 1), seconds=round(seconds, 3),
-                          rss_mb=round(_rss() / 1e6, 1))
-                view = self.responder.view
-                want = (sites_of(view.regions.values()), view.zone.default_region)
-                if networks is not None and want != built_for:
-                    started = time.monotonic()
-                    rmap: RegionMap = await _in_thread(loop, compile_map, networks, *want)
-                    seconds = time.monotonic() - started
-                    self.responder.set_map(rmap)  # one assignment: the old map served until now
-                    built_for = want
-                    self._map_built("regions", seconds)
-                    self.map_stats.update(bytes=rmap.nbytes(), blocks=rmap.blocks, rankings=len(rmap.rankings),
-                                          ready=1)
-                    event(log, "region map built", regions=len(want[0]), default_region=want[1] or None,
-                          blocks=rmap.blocks, rankings=len(rmap.rankings), map_mb=round(rmap.nbytes() / 1e6, 1),
-                          seconds=round(seconds, 3), rss_mb=round(self.map_stats["rss"] / 1e6, 1))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.map_stats["failures"] += 1
-                event(log, "region map build failed, keeping what serves", logging.ERROR,
-                      error=f"{type(exc).__name__}: {exc}")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._map_wake.wait(), poll if poll > 0 else None)
+        try:
+            while True:
+                self._map_wake.clear()
+                wait: float | None = poll if poll > 0 else None
+                try:
+                    st = os.stat(path)
+                    now_id = (st.st_ino, st.st_size, st.st_mtime_ns)
+                    if builder.loaded is None or (now_id != file_id and poll > 0):
+                        started = time.monotonic()
+                        db: DatabaseInfo = await _in_thread(loop, builder.load, path)
+                        seconds = time.monotonic() - started
+                        if file_id is not None and now_id != file_id:
+                            self.locator = Locator(path)
+                            self.responder.locator = self.locator
+                        file_id, built_for = now_id, None
+                        self._map_built("database", seconds)
+                        self.map_stats["geoip_build_epoch"] = db.build_epoch
+                        event(log, "geoip database loaded", path=str(path), type=db.database_type,
+                              build_epoch=db.build_epoch, age_days=round(_age(db.build_epoch) / 86400, 1),
+                              networks=db.leaves, places=db.places, arrays_mb=round(db.nbytes / 1e6, 1),
+                              seconds=round(seconds, 3), rss_mb=round(_rss() / 1e6, 1), builder_pid=builder.pid)
+                    view = self.responder.view
+                    want = (sites_of(view.regions.values()), view.zone.default_region)
+                    if want != built_for:
+                        started = time.monotonic()
+                        rmap: RegionMap = await _in_thread(loop, builder.compile, *want)
+                        seconds = time.monotonic() - started
+                        self.responder.set_map(rmap)  # one assignment: the old map served until now
+                        built_for = want
+                        self._map_built("regions", seconds)
+                        self.map_stats.update(bytes=rmap.nbytes(), blocks=rmap.blocks, rankings=len(rmap.rankings),
+                                              ready=1)
+                        event(log, "region map built", regions=len(want[0]), default_region=want[1] or None,
+                              blocks=rmap.blocks, rankings=len(rmap.rankings), map_mb=round(rmap.nbytes() / 1e6, 1),
+                              seconds=round(seconds, 3), rss_mb=round(self.map_stats["rss"] / 1e6, 1))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.map_stats["failures"] += 1
+                    wait = MAP_RETRY if wait is None else min(wait, MAP_RETRY)
+                    event(log, "region map build failed, keeping what serves", logging.ERROR,
+                          error=f"{type(exc).__name__}: {exc}", retry_in_s=wait)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._map_wake.wait(), wait)
+        finally:
+            builder.close()
 
     def _map_built(self, stage: str, seconds: float) -> None:
         self.map_stats["builds"][stage] += 1

@@ -56,6 +56,9 @@ def test_dns_bench_quick(tmp_path: Path) -> None:
         assert info["rss_peak_mb"] >= info["rss_mb"] > 0 and info["first_answer_s"] > 0, (server, info)
     assert result["agreement"] >= 0.99
     assert isinstance(result["dnsperf_ids"]["randomised"], bool)
+    rebuild = result["rebuild"]  # a region moved under load: the new map served, every query answered
+    assert 0 < rebuild["build_s"] <= rebuild["rebuild_s"] < 60, rebuild
+    assert rebuild["unanswered"] == 0 and rebuild["queries"] > 1000 and rebuild["largest_gap_ms"] > 0, rebuild
 
 
 def test_parse_answer_reads_the_region_and_the_ecs_scope() -> None:

@@ -4,8 +4,11 @@ rebuilt never answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -19,6 +22,7 @@ from dnslib import DNSRecord
 
 from geodns import static_state
 from geodns.answer import Responder
+from geodns.map_builder import BuilderGone, MapBuilder
 from geodns.nearest import Locator, region_order
 from geodns.region_map import (
     ALIAS,
@@ -414,3 +418,31 @@ def test_a_zero_octet_inside_a_label_is_left_to_the_full_path(region_map: Region
     assert first.wire is not None and again.wire == first.wire
     reply = DNSRecord.parse(first.wire)
     assert reply.header.rcode == 3 and reply.q.qname.label[0] == b"sh\0p"  # NXDOMAIN, the name as asked
+
+
+def test_the_builder_process_compiles_the_map_the_server_would(mmdb: Path, networks: Networks, view: View,
+                                                               region_map: RegionMap, tmp_path: Path) -> None:
+    """The map builder (a child process) walks the database and compiles the same map as the
+    stages run here; a failed load keeps the database it had; a builder that died says so and the
+    next load starts a new one."""
+    builder = MapBuilder(timeout=120)
+    want = (sites_of(view.regions.values()), view.zone.default_region)
+    try:
+        info = builder.load(mmdb)
+        assert (info.leaves, info.build_epoch, info.places) == (networks.leaves, networks.build_epoch,
+                                                                len(networks.latitudes) - 1)
+        built = builder.compile(*want)
+        for f in dataclasses.fields(RegionMap):
+            assert getattr(built, f.name) == getattr(region_map, f.name), f.name
+        with pytest.raises(ValueError):
+            builder.load(tmp_path / "missing.mmdb")
+        assert builder.compile(*want).v4_ranks == region_map.v4_ranks  # the database loaded before
+        pid = builder.pid
+        assert pid is not None and pid != os.getpid()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(BuilderGone):
+            builder.compile(*want)
+        assert builder.pid is None and builder.loaded is None
+        assert builder.load(mmdb).leaves == networks.leaves and builder.pid not in (None, pid)
+    finally:
+        builder.close()
