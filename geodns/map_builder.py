@@ -7,12 +7,15 @@ of the server they stalled its event loop (answers under load paused for up to ~
 one-second rebuild). Here they run in a spawned process (nothing of the caller's threads or
 sockets is inherited) that lives as long as the server, at a lower scheduling priority (`NICE`):
 
-- `load(path)` walks the database there (`read_networks`, seconds, a few hundred MB of
-  temporaries at peak that die there) and keeps the compact runs; only a summary
-  (`DatabaseInfo`) comes back. A failed load keeps the database loaded before.
+- `load(path)` walks the database (`read_networks`, seconds) in a process of its own that the
+  builder starts and that exits after the walk, so its few hundred MB of temporaries are gone
+  with it; the builder keeps the compact runs (about 22 MB for GeoLite2 City) and sends back a
+  summary (`DatabaseInfo`). A failed load keeps the database loaded before.
 - `compile(sites, default_region)` ranks and merges there (`compile_map`) and sends the finished
   `RegionMap` back: its small fields pickled, then each of its arrays (about 10 MB in all) as raw
-  bytes, copied into arrays in the server a few MB at a time.
+  bytes, copied into arrays in the server a few MB at a time. The compile's temporaries are
+  handed back to the system after each build (`malloc_trim`), so the builder's memory between
+  builds is the runs plus an interpreter.
 
 Calls block the calling thread until the answer (or `timeout`): the server makes them from a
 worker thread, one at a time. A builder whose process died (killed, out of memory) raises
@@ -22,6 +25,8 @@ worker thread, one at a time. A builder whose process died (killed, out of memor
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -124,7 +129,9 @@ class MapBuilder:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=_serve, args=(theirs,), name="geodns-map-builder", daemon=True)
+        # not a daemon: it starts the walk's process (daemons may not have children); it exits
+        # when its pipe closes, and the server's exit closes it
+        proc = ctx.Process(target=_serve, args=(theirs,), name="geodns-map-builder", daemon=False)
         proc.start()
         theirs.close()
         self._proc, self._conn = proc, ours
@@ -159,7 +166,7 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
             return
         try:
             if command == "load":
-                fresh = read_networks(argument)  # a failure keeps the database loaded before
+                fresh = _walk_apart(argument)  # a failure keeps the database loaded before
                 networks = fresh
                 result: object = DatabaseInfo.of(fresh)
             elif command == "compile":
@@ -173,6 +180,8 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
                 conn.send(("ok", head))
                 for _, a in arrays:
                     conn.send_bytes(a)
+                del rmap, parts, arrays, head
+                _trim()
                 continue
             else:
                 raise ValueError(f"unknown request {command!r}")
@@ -183,3 +192,47 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
             conn.send(reply)
         except (EOFError, OSError):
             return
+
+
+def _walk_apart(path: str) -> Networks:
+    """`read_networks(path)` in a spawned process that exits after the walk."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_walk, args=(path, send), name="geodns-geoip-walk", daemon=True)
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(DEFAULT_TIMEOUT):
+            raise TimeoutError(f"walking {path} took longer than {DEFAULT_TIMEOUT:.0f} s")
+        kind, payload = recv.recv()
+    except EOFError:
+        proc.join(5)
+        raise RuntimeError(f"the GeoIP walk exited with status {proc.exitcode}") from None
+    finally:
+        recv.close()
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+    if kind == "error":
+        raise ValueError(payload)
+    assert isinstance(payload, Networks)
+    return payload
+
+
+def _walk(path: str, conn: multiprocessing.connection.Connection) -> None:
+    try:
+        result: tuple[str, object] = ("ok", read_networks(path))
+    except Exception as exc:
+        result = ("error", str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+    conn.send(result)
+    conn.close()
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc's malloc_trim; nothing elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
