@@ -4,10 +4,10 @@
 deltas tagged with etcd revisions, each applied with `RoutingTable.apply` and handed to
 `on_table`. When the stream breaks (coordinator restarted, network gone, etcd away behind the
 coordinator) it reconnects with exponential backoff and jitter, rotating through the configured
-coordinator replicas, and resumes from the last revision it applied, so it receives only what it
-missed (or a fresh snapshot when that history is gone). Meanwhile nothing is handed over: the
-server keeps answering from the last table it had (static stability). The data path never
-waits on this loop.
+coordinator replicas (`geomesh.follow`, the loop the gateway's session uses too), and resumes from
+the last revision it applied, so it receives only what it missed (or a fresh snapshot when that
+history is gone). Meanwhile nothing is handed over: the server keeps answering from the last table
+it had (static stability). The data path never waits on this loop.
 
 Static stability across restarts (docs/static-stability.md): with a state file (`--state-dir`)
 every applied table is saved (debounced, atomically, `geomesh.state_file`, kind "geodns", owner
@@ -32,7 +32,6 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from geomesh import state_file
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import Targets, client_channel, insecure_metadata
+from geomesh.follow import Backoff, Retry, follow
 from geomesh.logs import event
 from geomesh.pki import Identity
 from geomesh.routing_table import RoutingTable
@@ -54,6 +54,7 @@ log = logging.getLogger("geodns.feed")
 
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 5.0
+BACKOFF_JITTER = (0.5, 1.0)  # the pause is the delay times a factor drawn from this range
 DEFAULT_HOLD = 15.0  # seconds a snapshot's dropped region keeps its previous gateways
 STATE_KIND = "geodns"
 
@@ -146,8 +147,7 @@ class RoutingFeedClient:
         self.insecure = insecure
         self.name = name
         self.on_table = on_table
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
+        self.backoff = Backoff(backoff_initial, backoff_max, jitter=BACKOFF_JITTER)
         self.table = saved if saved is not None else RoutingTable()
         self.have_snapshot = saved is not None  # resume from the saved revision
         self.served = self.table  # what on_table last got (the table, or it with held gateways)
@@ -167,24 +167,14 @@ class RoutingFeedClient:
 
     async def run(self) -> None:
         """Follow the feed until cancelled."""
-        delay = self.backoff_initial
-        while True:
-            target = self.targets.current
-            started = time.monotonic()
-            got_any = await self._follow(target)
-            got_any = got_any or time.monotonic() - started > 5.0  # a long quiet stream was fine too
-            self.status.connected = False
-            self.status.reconnects += 1
-            if got_any:
-                delay = self.backoff_initial
-            if len(self.targets) > 1:
-                self.targets.advance()
-            sleep = delay * (0.5 + random.random() / 2)
-            event(log, "routing feed reconnecting", logging.INFO if got_any else logging.WARNING,
-                  target=target, retry_in_s=round(sleep, 3), error=self.status.last_error,
-                  revision=self.table.revision)
-            await asyncio.sleep(sleep)
-            delay = min(self.backoff_max, delay * 2)
+        await follow(self._follow, targets=self.targets, backoff=self.backoff, on_retry=self._retrying)
+
+    def _retrying(self, retry: Retry) -> None:
+        self.status.connected = False
+        self.status.reconnects += 1
+        event(log, "routing feed reconnecting", logging.INFO if retry.healthy else logging.WARNING,
+              target=retry.target, retry_in_s=round(retry.pause, 3), error=self.status.last_error,
+              revision=self.table.revision)
 
     async def _follow(self, target: str) -> bool:
         """One Watch stream; True when at least one update arrived on it."""

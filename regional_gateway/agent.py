@@ -7,8 +7,8 @@ handshake ages as the WireGuard interface shows them; none with backend=none; th
 version goes in the hello), mesh + routing deltas down. Each mesh delta
 is folded into the local view and the applier changes only the peers that differ; each routing
 delta gives a new immutable RoutingTable handed to the data plane. On any stream failure the
-agent moves to the next coordinator address and resumes from the last revision it applied
-(a replica without that history answers with snapshots). The data path never waits on any of
+agent moves to the next coordinator address (`geomesh.follow`) and resumes from the last revision it
+applied (a replica without that history answers with snapshots). The data path never waits on any of
 this: it reads whatever table it was last given.
 
 Reachability (docs/reachability.md): from the mesh view plus itself the agent computes the probe
@@ -49,6 +49,7 @@ from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import Targets, client_channel, insecure_metadata
 from geomesh.errors import GeomeshError, ValidationError
+from geomesh.follow import Backoff, follow
 from geomesh.logs import event
 from geomesh.model import GatewayState
 from geomesh.pki import Identity
@@ -90,6 +91,8 @@ PEER_REPORT_INTERVAL = 5.0  # seconds between two heartbeats carrying the peers'
 MIN_HEARTBEAT_GAP = 0.1  # seconds between two heartbeats when verdict changes wake the loop
 NOT_SERVING_LOG_INTERVAL = 10.0  # seconds between "no saved state and no coordinator" lines
 SAVE_DELAY = 0.5  # seconds: changes within this are saved as one write
+SESSION_BACKOFF = Backoff(0.1, 2.0, jitter=(0.5, 1.5))  # between sessions (geomesh.follow)
+REGISTER_BACKOFF = Backoff(0.2, 5.0, jitter=(0.5, 1.5))  # between Register attempts
 
 
 class DataPlane(Protocol):
@@ -201,7 +204,7 @@ class Agent:
     async def register(self, *, serving: bool = True) -> None:
         """Register (idempotent: a known gateway keeps its mesh IP), trying each coordinator.
         `serving` False: nothing is served meanwhile (no saved state), said plainly and often."""
-        backoff = 0.2
+        backoff = REGISTER_BACKOFF
         attempts = 0
         while True:
             target = self.targets.current
@@ -236,8 +239,8 @@ class Agent:
                 event(log, "not serving: no saved state and no coordinator answers; retrying", logging.ERROR,
                       state_file=str(self.config.state_file), coordinators=list(self.config.coordinators),
                       attempts=attempts)
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 5.0)
+            pause, backoff = backoff.next(random.random)
+            await asyncio.sleep(pause)
 
     async def setup_mesh(self) -> None:
         if self.config.wg_backend == "none":
@@ -435,6 +438,22 @@ class Agent:
                 beats.cancel()
                 call.cancel()
 
+    async def _session(self, _target: str) -> bool:
+        """Register if needed, then one session; False: it counts as working by how long it lived."""
+        try:
+            if not self.registered:
+                await self.register()
+            await self.session_once()
+        except grpc.aio.AioRpcError as exc:
+            event(log, "session failed", logging.WARNING, coordinator=self.targets.current,
+                  code=exc.code().name, error=exc.details())
+            if exc.code() == grpc.StatusCode.NOT_FOUND:  # removed by an admin: register again
+                self.revision = 0
+                await self.register()
+        except (ConnectionError, OSError) as exc:
+            event(log, "session ended", logging.WARNING, coordinator=self.targets.current, error=str(exc))
+        return False
+
     async def start_dataplane(self) -> None:
         """The proxy, started once the mesh address exists (its mesh listener binds to it)."""
         if self.dataplane is not None or not self.config.dataplane:
@@ -494,28 +513,9 @@ class Agent:
             await self.apply_mesh()
         self.start_prober()
         observer = asyncio.create_task(self._observe_mesh()) if self.applier is not None else None
-        backoff = 0.1
         try:
-            while True:
-                started = time.monotonic()
-                try:
-                    if not self.registered:
-                        await self.register()
-                    await self.session_once()
-                except grpc.aio.AioRpcError as exc:
-                    event(log, "session failed", logging.WARNING, coordinator=self.targets.current,
-                          code=exc.code().name, error=exc.details())
-                    if exc.code() == grpc.StatusCode.NOT_FOUND:  # removed by an admin: register again
-                        self.revision = 0
-                        await self.register()
-                except (ConnectionError, OSError) as exc:
-                    event(log, "session ended", logging.WARNING, coordinator=self.targets.current, error=str(exc))
-                RECONNECTS.inc()
-                if time.monotonic() - started > 5:
-                    backoff = 0.1
-                self.targets.advance()
-                await asyncio.sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 2.0)
+            await follow(self._session, targets=self.targets, backoff=SESSION_BACKOFF,
+                         on_retry=lambda _retry: RECONNECTS.inc())
         finally:
             if observer is not None:
                 observer.cancel()
