@@ -299,6 +299,19 @@ def rebuild_gap(port: int, proc: subprocess.Popen, log: Path, state: Path, moved
     got: list[tuple[float, float]] = []  # (answer time, latency)
     interval = 1.0 / rate
     signalled = built = 0.0
+
+    def drain(s: socket.socket, n: int) -> None:
+        """Take every answer waiting; each is matched to the newest query with its ID (IDs
+        repeat every 65,536 queries)."""
+        while True:
+            try:
+                reply = s.recv(4096)
+            except BlockingIOError:
+                return
+            t = time.monotonic()
+            k = n - 1 - ((n - 1 - struct.unpack_from("!H", reply)[0]) & 0xFFFF)
+            if k in sent:
+                got.append((t, t - sent.pop(k)))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect(("127.0.0.1", port))
         s.setblocking(False)
@@ -322,29 +335,12 @@ def rebuild_gap(port: int, proc: subprocess.Popen, log: Path, state: Path, moved
                 s.send(struct.pack("!H", qid) + wires[n][2:])
                 sent[n] = time.monotonic()
                 n += 1
-            while True:
-                try:
-                    reply = s.recv(4096)
-                except BlockingIOError:
-                    break
-                t = time.monotonic()
-                qid = struct.unpack_from("!H", reply)[0]
-                k = n - 1 - ((n - 1 - qid) & 0xFFFF)  # the newest query with this ID (they repeat every 65,536)
-                if k in sent:
-                    got.append((t, t - sent.pop(k)))
+            drain(s, n)
             time.sleep(interval / 4)
         deadline = time.monotonic() + 1.0
         while sent and time.monotonic() < deadline:  # the last answers
-            try:
-                reply = s.recv(4096)
-            except BlockingIOError:
-                time.sleep(0.001)
-                continue
-            t = time.monotonic()
-            qid = struct.unpack_from("!H", reply)[0]
-            k = n - 1 - ((n - 1 - qid) & 0xFFFF)
-            if k in sent:
-                got.append((t, t - sent.pop(k)))
+            drain(s, n)
+            time.sleep(0.001)
     times = sorted(t for t, _ in got)
     gap = max((b - a for a, b in zip(times, times[1:], strict=False)), default=float("nan"))
     build_s = float("nan")
