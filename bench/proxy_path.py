@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository, no
 from httptools import HttpRequestParser, HttpResponseParser  # noqa: E402
 
 from bench._relay_floor import RequestCallbacks, ResponseCallbacks  # noqa: E402
+from regional_gateway.proxy.conn_state import IDLE  # noqa: E402
 from regional_gateway.proxy.downstream import ClientConnection  # noqa: E402
 from regional_gateway.proxy.routes_file import parse_routes  # noqa: E402
 from regional_gateway.proxy.server import ProxyServer  # noqa: E402
@@ -111,7 +112,7 @@ def gateway_exchange(policy: str, request: bytes = REQUEST):
 
     def check() -> None:
         one()
-        if transport.writes < 1 or client.active is not None or client.closed:
+        if transport.writes < 1 or client.active is not None or client.state is not IDLE:
             raise RuntimeError("the gateway did not complete an exchange in the harness")
     return one, check
 

@@ -15,10 +15,12 @@ Errors the gateway answers itself (`http_errors`) take their place in that order
 that end the connection (400, 408, 413, 431, ...) half-close it after the response and discard
 what the client still sends for a moment, so the client reads the answer instead of a reset.
 
-Timeouts come from one coarse clock (`server.now`, ticked by the server's sweeper): each
-connection carries a `deadline` the sweeper checks; what happens on expiry depends on the state
-(idle -> close, head incomplete -> 408, body silent or trickling -> 408, waiting for the backend
--> 504, stalled -> close).
+The connection's lifecycle is one `conn_state.ConnState` (NEW, SNIFFING, IDLE, HEAD, BODY, ...,
+CLOSED) whose moves are the table in `conn_state`. Timeouts come from one coarse clock
+(`server.now`, ticked by the server's sweeper): each connection carries a `deadline` the sweeper
+checks; what happens on expiry depends on the state and on the exchange in flight (idle -> close,
+head incomplete -> 408, body silent or trickling -> 408, waiting for the backend -> 504, stalled
+-> close; `conn_state.DEADLINES`).
 
 Against hostile clients (request smuggling and the like; the rules are in `request_head` and
 `hostnames.parse_authority`): the backend gets exactly the request the gateway parsed. The
@@ -40,8 +42,24 @@ from typing import Any
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from regional_gateway.proxy import client_hello, flow_control, mesh_intake, proxy_protocol
-from regional_gateway.proxy.client_address import (
-    public_headers,
+from regional_gateway.proxy.client_address import public_headers
+from regional_gateway.proxy.conn_state import (
+    BODY,
+    CLOSED,
+    CLOSING,
+    DONE,
+    HEAD,
+    IDLE,
+    LAST_BODY,
+    LINGERING,
+    NEW,
+    READING,
+    SNIFFING,
+    TUNNEL,
+    TUNNEL_CLIENT_EOF,
+    TUNNEL_UPSTREAM_EOF,
+    TUNNELS,
+    UPGRADING,
 )
 from regional_gateway.proxy.exchange import Exchange
 from regional_gateway.proxy.host import ConnectionHost
@@ -59,7 +77,7 @@ from regional_gateway.proxy.http_errors import (
     UpstreamTimeout,
     render,
 )
-from regional_gateway.proxy.request_head import HeadBuilder
+from regional_gateway.proxy.request_head import HeadBuilder, ParserCallbacks
 from regional_gateway.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger("geomesh.gateway.proxy")
@@ -67,30 +85,24 @@ log = logging.getLogger("geomesh.gateway.proxy")
 MAX_PENDING = 256 * 1024  # body bytes held for a request whose upstream is not connected yet
 
 
-
-
-
 class ClientConnection(Http1Exchanges):
     """A client connection on an HTTP listener (plain, TLS-terminated, or mesh)."""
 
     def __init__(self, server: ConnectionHost, kind: str, scheme: str, trusted: bool, sni: str = "") -> None:
         super().__init__(server, sni.encode() if sni else None)
-        self.max_header_bytes = server.settings.max_header_bytes
         self.kind = kind
         self.scheme = scheme
         self.trusted = trusted
         self.parser: HttpRequestParser | None = None
         self.client_ip = ""
         self.client_port = 0
-        self.addr_headers = b""
         self.head_bytes = 0  # bytes of the reads a head in progress spans (an upper bound of its size)
         self.head_low = 0  # bytes it holds for sure (`_partial_head`)
         self.feed_len = 0  # bytes of the read being parsed
         self.cl_ended = False  # a Content-Length body ended (in the current read, or since the last look)
-        self.stop_after = False  # stop once the request being read is complete (Connection: close + body)
-        self.tunnel_client_eof = False
-        self.tunnel_upstream_eof = False
-        self.sniffing: bytearray | None = bytearray() if kind == "mesh" else None
+        self.sniffed = bytearray()  # what was read while SNIFFING
+        if kind == "mesh":
+            self.state = SNIFFING
         self.head: HeadBuilder | None = None  # the request head in progress (`request_head`)
 
     # ---------------------------------------------------------------- asyncio.Protocol
@@ -108,15 +120,14 @@ class ClientConnection(Http1Exchanges):
             if self.client_ip in server.trusted_peers:
                 self.trusted = True
                 if self.kind == "http":  # the peer's forwarded tunnels (PROXY v2 first) arrive here too
-                    self.sniffing = bytearray()
+                    self.state = SNIFFING
             elif server.mesh_local_ips and self.kind == "http":
                 local = transport.get_extra_info("sockname")
                 if isinstance(local, tuple) and local and local[0] in server.mesh_local_ips:
                     self.trusted = True  # reached on our mesh address through a wildcard listener
                     self.kind = "mesh"
-                    self.sniffing = bytearray()
-        if not self.trusted:
-            self.addr_headers = public_headers(self.client_ip, self.scheme)
+                    self.state = SNIFFING
+        addr_headers = b"" if self.trusted else public_headers(self.client_ip, self.scheme)
         if not server.conn_opened(self):
             err = ShuttingDown("the gateway is shutting down") if server.draining else \
                 Overloaded(f"the gateway has reached its connection limit ({server.settings.max_connections})")
@@ -126,23 +137,26 @@ class ClientConnection(Http1Exchanges):
             return
         settings = server.settings
         self.head = HeadBuilder(trusted=self.trusted, sni=self.sni, client_ip=self.client_ip, scheme=self.scheme,
-                                addr_headers=self.addr_headers, max_headers=settings.max_headers,
+                                addr_headers=addr_headers, max_headers=settings.max_headers,
                                 max_header_bytes=settings.max_header_bytes, max_body_bytes=settings.max_body_bytes)
-        self.parser = HttpRequestParser(_ParserCallbacks(self, self.head))
+        self.parser = HttpRequestParser(ParserCallbacks(self, self.head))
         self.deadline = server.now + settings.header_timeout
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.transport.write(data)
-            self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
-            return
-        if self.dead_parser:
-            if self.upgrading:
+        state = self.state
+        if state is not IDLE:  # IDLE: the next request of a keep-alive connection, the common case
+            if state is TUNNEL or state is TUNNEL_UPSTREAM_EOF:
+                self.tunnel.transport.write(data)  # type: ignore[union-attr]
+                self.deadline = self.server.now + self.server.settings.tunnel_idle_timeout
+                return
+            if state is SNIFFING:
+                data = self._sniff(data)
+                if not data:
+                    return
+            elif state is UPGRADING:
                 self._hold(data)
-            return
-        if self.sniffing is not None:
-            data = self._sniff(data)
-            if not data:
+                return
+            elif state not in READING:  # DONE, LINGERING, CLOSING, CLOSED: dropped
                 return
         self.feed_len = len(data)
         try:
@@ -153,15 +167,15 @@ class ClientConnection(Http1Exchanges):
         except HttpParserError as exc:
             self._parse_error(exc)
             return
-        if self.in_head:  # the read ended inside a head (rare): bound it before it completes
+        if self.state is HEAD:  # the read ended inside a head (rare): bound it before it completes
             n = len(data)
             if not self.head_bytes:  # it began in this read, maybe after other requests
                 self.head_low = self._partial_head(data)
             else:  # it began in an earlier read: all of this one is head
                 self.head_low += n
             self.head_bytes += n
-            if self.head_low > self.max_header_bytes:  # too large for sure (else measured when complete)
-                self._fail_head(HeadersTooLarge(f"request head over {self.max_header_bytes} bytes"))
+            if self.head_low > self.settings.max_header_bytes:  # too large for sure (else measured when complete)
+                self._fail_head(HeadersTooLarge(f"request head over {self.settings.max_header_bytes} bytes"))
 
     def _partial_head(self, data: bytes) -> int:
         """A lower bound of the bytes of the head in progress that `data` (the read it began in) holds.
@@ -177,11 +191,14 @@ class ClientConnection(Http1Exchanges):
         return low
 
     def eof_received(self) -> bool | None:
-        if self.tunnel is not None:
-            self.tunnel_client_eof = True
-            # else both directions finished: close (connection_lost closes the upstream)
-            return True if flow_control.pass_eof(self.tunnel.transport, self.tunnel_upstream_eof) else None
-        if self.lingering:
+        state = self.state
+        if state in TUNNELS:
+            if flow_control.pass_eof(self.tunnel.transport, state is not TUNNEL):  # type: ignore[union-attr]
+                self.state = TUNNEL_CLIENT_EOF
+                return True
+            self._end()  # both directions finished: close (connection_lost closes the upstream)
+            return None
+        if state is LINGERING:
             return None
         cur = self.cur
         if cur is not None and not cur.req_done and cur.error is None:
@@ -190,18 +207,18 @@ class ClientConnection(Http1Exchanges):
             return self._cut_short(cur, IncompleteRequest(
                 f"the client closed its side of the connection after {cur.body_len} bytes of the request "
                 "body, before its end"))
-        if self.in_head and not self.dead_parser:
+        if state is HEAD:
             self._fail_head(IncompleteRequest("the client closed its side of the connection inside a request head"))
-            return None if self.lingering else True
+            return None if self.state is LINGERING else True
         ex = self.active
         if ex is not None:
-            self.closing = True
+            self.keep_alive = False
             return True
         return None
 
     def _cut_short(self, ex: Exchange, err: ProxyError) -> bool | None:
         """`ex`'s request cannot complete (client EOF): answer `err` in its turn, release its upstream."""
-        self.dead_parser = True
+        self._stop_reading()
         self.cur = None
         ex.keep_alive = False
         if ex is not self.active:
@@ -223,9 +240,9 @@ class ClientConnection(Http1Exchanges):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.closed:
+        if self.state is CLOSED:
             return
-        self.closed = True
+        self.state = CLOSED
         self.flow.stop()
         self.server.conn_closed(self)
         if self.tunnel is not None:
@@ -254,12 +271,13 @@ class ClientConnection(Http1Exchanges):
 
     def on_message_begin(self) -> None:
         # the head fields were reset when the previous head completed (`HeadBuilder.complete`)
-        self.in_head = True
+        state = self.state
+        if state is IDLE or state is NEW:  # else reading stopped earlier in this read: it stays stopped
+            self.state = HEAD
         if self.active is None:
-            self.deadline = self.server.now + self.header_timeout
+            self.deadline = self.server.now + self.settings.header_timeout
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
         parser = self.parser
         ex = Exchange()
         method = parser.get_method()  # type: ignore[union-attr]
@@ -273,11 +291,11 @@ class ClientConnection(Http1Exchanges):
         if ex.upgrade:
             self.up_ex = ex  # the exchange whose upgrade request ends the parsing
         self.cur = ex
-        if not keep or not ex.keep_alive or (ex.error is not None and ex.error.closes):
-            if ex.has_body and ex.error is None:
-                self.stop_after = True  # Connection: close with a body: read the body, then stop
-            else:
-                self.dead_parser = True
+        if keep and ex.keep_alive:  # (`complete` returns False for an error that closes)
+            if self.state is HEAD:  # else reading stopped earlier in this read
+                self.state = BODY if ex.has_body else IDLE
+        elif self.state is HEAD:  # Connection: close (or a closing error): with a body, read it, then stop
+            self.state = LAST_BODY if ex.has_body and ex.error is None else DONE
         if self.active is None:
             self.active = ex
             self._dispatch(ex)
@@ -289,7 +307,7 @@ class ClientConnection(Http1Exchanges):
         ex = self.cur
         if ex is None or ex.discard or ex.error is not None:
             if ex is not None and ex is self.active:  # dropped as it comes, for as long as it keeps coming
-                self.deadline = self.server.now + self.body_timeout
+                self.deadline = self.server.now + self.settings.body_timeout
             return
         ex.body_len += len(data)
         limit = self.server.settings.max_body_bytes
@@ -304,7 +322,7 @@ class ClientConnection(Http1Exchanges):
             now = self.server.now
             self.body_last = now
             self.body_win_bytes += len(data)
-            self.deadline = self.body_win_start + self.body_timeout
+            self.deadline = self.body_win_start + self.settings.body_timeout
 
     def on_message_complete(self) -> None:
         ex = self.cur
@@ -317,10 +335,13 @@ class ClientConnection(Http1Exchanges):
                 self._forward(ex, b"0\r\n\r\n")
             if not ex.chunked:
                 self.cl_ended = True
-            if self.stop_after:
-                self.dead_parser = True
+            state = self.state
+            if state is BODY:
+                self.state = IDLE
+            elif state is LAST_BODY:
+                self.state = DONE
             if ex is self.active and not ex.resp_done:  # the whole request is out: wait for the answer
-                self.deadline = self.server.now + self.upstream_timeout
+                self.deadline = self.server.now + self.settings.upstream_timeout
         if ex.resp_done and ex is self.active:
             self._finish(ex)
 
@@ -332,12 +353,12 @@ class ClientConnection(Http1Exchanges):
         Those bytes are held, not sent: a backend that does not answer 101 would read them as its
         next request (a request smuggled past the gateway's routing and header rules). They go out
         when the 101 arrives (`upstream_upgraded`) and are dropped on any other answer."""
-        self.dead_parser = True
-        self.upgrading = True
         ex = self.up_ex
         if ex is None or ex.error is not None:
-            self.upgrading = False  # refused: nothing will be forwarded after it
+            self._stop_reading()  # refused: nothing will be forwarded after it
             return
+        if self.state is DONE:  # an upgrade request is never keep-alive (`request_head`): reading stopped at it
+            self.state = UPGRADING
         ex.req_done = True
         if rest:
             self._hold(rest)
@@ -376,7 +397,7 @@ class ClientConnection(Http1Exchanges):
         up.ex = None
         up.tunnel = self
         self.tunnel = up
-        self.upgrading = False
+        self.state = TUNNEL
         self.up_ex = None
         for chunk in ex.held or ():
             up.transport.write(chunk)
@@ -390,21 +411,22 @@ class ClientConnection(Http1Exchanges):
 
     def tunnel_eof(self) -> bool:
         """The upstream finished sending; True if its transport should stay open (half-close)."""
-        self.tunnel_upstream_eof = True
-        if flow_control.pass_eof(self.transport, self.tunnel_client_eof):
+        state = self.state
+        if state in TUNNELS and flow_control.pass_eof(self.transport, state is not TUNNEL):
+            self.state = TUNNEL_UPSTREAM_EOF
             return True
-        self.transport.close()
+        self._end()
         return False
 
     def tunnel_closed(self) -> None:
         self.tunnel = None
-        self.transport.close()
+        self._end()
 
     # ---------------------------------------------------------------- errors and timeouts
 
     def _parse_error(self, exc: HttpParserError) -> None:
-        self.dead_parser = True
-        if self.lingering:
+        self._stop_reading()
+        if self.state is LINGERING:
             return
         detail = str(exc) or type(exc).__name__
         if exc.__context__ is not None:
@@ -427,18 +449,17 @@ class ClientConnection(Http1Exchanges):
                 self._finish(ex)  # the backend's answer went out already: just end the connection
                 return
             if ex.upstream is not None and ex.upstream.got:
-                self.closing = True  # the answer is on its way: close after it
+                self.keep_alive = False  # the answer is on its way: close after it
                 return
             self._local(ex, err)
             return
-        if self.closing and self.active is None:
+        if not self.keep_alive and self.active is None:
             return
         self._fail_head(err)
 
     def _fail_head(self, err: ProxyError) -> None:
         """A request that cannot be parsed or is too large: answer in order, then close."""
-        self.dead_parser = True
-        self.in_head = False
+        self._stop_reading()
         ex = Exchange()
         ex.error = err
         ex.keep_alive = False
@@ -449,14 +470,12 @@ class ClientConnection(Http1Exchanges):
             self.queue.append(ex)
 
     def _body_too_large(self, ex: Exchange, limit: int) -> None:
-        self.dead_parser = True
-        if ex is self.active and ex.upstream is not None and ex.upstream.got == 0:
-            self._local(ex, BodyTooLarge(f"request body over the limit of {limit} bytes"))
-        elif ex is self.active and ex.upstream is None:
+        self._stop_reading()
+        if ex is self.active and (ex.upstream is None or ex.upstream.got == 0):
             self._local(ex, BodyTooLarge(f"request body over the limit of {limit} bytes"))
         else:
             self.server.metrics.error("body-too-large")
-            self.transport.close()
+            self._end()
 
     def _body_stalled(self, ex: Exchange) -> None:
         """The active request's body is incomplete at its deadline: the end of a rate window, or
@@ -464,49 +483,51 @@ class ClientConnection(Http1Exchanges):
         (backend not reading, connecting) are not held against it, up to `upstream_timeout`."""
         now = self.server.now
         last = self.body_last
+        settings = self.settings
         if self.flow.reasons or self.flow.paused_in_window:
-            if now - last < self.upstream_timeout:
+            if now - last < settings.upstream_timeout:
                 self._body_window(now)
                 self.body_last = last  # the time of the last progress stays
                 return
             label = ex.backend.label if ex.backend is not None else "the backend"
             self._local(ex, UpstreamTimeout(f"{label} did not take the request body for "
-                                            f"{self.upstream_timeout:g}s"))
+                                            f"{settings.upstream_timeout:g}s"))
             self._close_after_write()
             return
-        timeout = self.body_timeout
+        timeout = settings.body_timeout
         if now - last >= timeout - 0.001:
             err = BodyTimeout(f"no request body bytes for {timeout:g}s ({ex.body_len} received)")
-        elif self.body_min_rate and self.body_win_bytes < self.body_min_rate * (now - self.body_win_start):
+        elif settings.body_min_rate and self.body_win_bytes < settings.body_min_rate * (now - self.body_win_start):
             rate = self.body_win_bytes / max(now - self.body_win_start, 0.001)
             err = BodyTimeout(f"request body arriving at {rate:.0f} bytes/s, under the minimum of "
-                              f"{self.body_min_rate} bytes/s")
+                              f"{settings.body_min_rate} bytes/s")
         else:  # fine: a new window
             self._body_window(now)
             self.body_last = last
             self.deadline = min(last + timeout, now + timeout)
             return
-        self.dead_parser = True
+        self._stop_reading()
         self._local(ex, err)
 
     def timed_out(self) -> None:
         """The sweeper found this connection past its deadline."""
         settings = self.server.settings
-        if self.lingering or self.tunnel is not None:
-            self.transport.close()
+        state = self.state
+        if state is LINGERING or state is CLOSING or state in TUNNELS:
+            self._end()
             return
         ex = self.active
         if ex is None:
-            if self.in_head or self.head_bytes:
+            if state is HEAD or self.head_bytes:
                 err = RequestTimeout(f"request head not received within {settings.header_timeout:g}s")
                 self._fail_head(err)
             else:
-                self.transport.close()  # idle keep-alive connection
+                self._end()  # idle keep-alive connection
             return
         up = ex.upstream
         if up is not None and up.got:
             self.server.metrics.error("response-stalled")
-            self.transport.close()
+            self._end()
             return
         if ex.req_done and (up is not None or ex.backend is not None):
             label = ex.backend.label if ex.backend is not None else "the backend"
@@ -517,13 +538,14 @@ class ClientConnection(Http1Exchanges):
         if not ex.resp_done:
             self._body_stalled(ex)
         else:
-            self.transport.close()
+            self._end()
 
     def drain(self) -> None:
         """Server shutdown: close now if idle, else after the exchange in flight."""
-        self.closing = True
-        if self.tunnel is None and self.active is None and not self.in_head:
-            self.transport.close()
+        self.keep_alive = False
+        state = self.state
+        if self.active is None and state is not HEAD and state not in TUNNELS:
+            self._end()
 
     def abort(self) -> None:
         if self.tunnel is not None:
@@ -539,16 +561,14 @@ class ClientConnection(Http1Exchanges):
         (waited for). With one it is a `g` connection the sender already decrypted: clear HTTP/2
         follows, maybe not yet (the client speaks when it likes), so nothing more is waited for.
         """
-        buf = self.sniffing
-        assert buf is not None
+        buf = self.sniffed
         if not buf and not proxy_protocol.could_be_v2(data[:12]):
-            self.sniffing = None
+            self.state = NEW
             return data
         buf += data
         try:
             header = proxy_protocol.parse_v2(bytes(buf))
         except proxy_protocol.ProxyProtocolError as exc:
-            self.sniffing = None
             self.server.metrics.error("bad-proxy-header")
             self.transport.write(render(BadRequest(f"bad PROXY protocol header: {exc}"), close=True))
             self._linger()
@@ -559,29 +579,18 @@ class ClientConnection(Http1Exchanges):
         hello = None if header.authority is not None else client_hello.parse(rest)
         if hello is client_hello.NEED_MORE:
             return b""
-        self.sniffing = None
-        self.dead_parser = True
+        self.state = DONE
         mesh_intake.from_mesh(self.server, self, header, hello, rest)  # type: ignore[arg-type]
         return b""
 
     def handed_over(self) -> None:
         """The transport went to the protocol that serves the forwarded connection (`mesh_intake`)."""
-        self.closed = True
+        self.state = CLOSED
         self.flow.stop()
 
+    def _stop_reading(self) -> None:
+        """No more requests are read (an error, the client's EOF inside a request): DONE, unless
+        reading stopped already (UPGRADING, LINGERING, a tunnel, ...)."""
+        if self.state in READING:
+            self.state = DONE
 
-class _ParserCallbacks:
-    """What httptools calls: the head callbacks go to the `HeadBuilder`, the rest to the connection.
-
-    httptools looks each callback up once, when the parser is made, so routing them through this
-    object costs nothing per call."""
-
-    __slots__ = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete")
-
-    def __init__(self, conn: ClientConnection, head: HeadBuilder) -> None:
-        self.on_message_begin = conn.on_message_begin
-        self.on_url = head.on_url
-        self.on_header = head.on_header
-        self.on_headers_complete = conn.on_headers_complete
-        self.on_body = conn.on_body
-        self.on_message_complete = conn.on_message_complete

@@ -11,7 +11,8 @@ upstream connection calls back (`response_done`, `upstream_lost`, `upstream_brok
 backend is told by its connect failures and 5xx answers; in-flight counts and metrics are kept
 here. Answers the gateway writes itself (`http_errors`) take their turn like any other; one that
 ends the connection lingers (`_linger`) so the client reads it. The reading side (parsing,
-pipelining, body and head timeouts, upgrades, the mesh hand-over) is `downstream`.
+pipelining, body and head timeouts, upgrades, the mesh hand-over) is `downstream`; the
+connection's lifecycle state (`state`) and its moves are `conn_state`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from regional_gateway.proxy import flow_control
 from regional_gateway.proxy.admission import client_key
 from regional_gateway.proxy.attempt import HTTP1, Failure, may_retry
 from regional_gateway.proxy.client_address import FORWARDED_MARK
+from regional_gateway.proxy.conn_state import CLOSED, CLOSING, DONE, HEAD, LINGERING, NEW, UPGRADING
 from regional_gateway.proxy.custom_domains import Lookup, failure_error, refusal_error
 from regional_gateway.proxy.exchange import LINGER, Exchange
 from regional_gateway.proxy.flow_control import FlowControl
@@ -72,13 +74,11 @@ class Http1Exchanges(asyncio.Protocol):
     scheme = "http"
 
     def __init__(self, server: ConnectionHost, sni: bytes | None) -> None:
+        # At most 29 attributes here and in `ClientConnection` together: CPython 3.11 keeps that many
+        # in the instance itself; one more and every attribute access on the hot path is a dict
+        # lookup, about 30% slower (tests/proxy/test_conn_lifecycle.py holds the line).
         self.server = server
-        settings = server.settings
-        self.header_timeout = settings.header_timeout
-        self.idle_timeout = settings.idle_timeout
-        self.upstream_timeout = settings.upstream_timeout
-        self.body_timeout = settings.body_timeout
-        self.body_min_rate = settings.body_min_rate
+        self.settings = server.settings  # timeouts and limits (one slotted value, not a copy of each)
         self.sni = sni  # the TLS server name: routes a request without Host
         self.transport: Any = None
         self.client_key = b""  # the client's address, for the balancers
@@ -86,16 +86,12 @@ class Http1Exchanges(asyncio.Protocol):
         self.active: Exchange | None = None  # the exchange being answered
         self.cur: Exchange | None = None  # the exchange whose request is being read
         self.queue: deque[Exchange] = deque()  # pipelined exchanges waiting for their turn
-        self.in_head = False  # a request head is being read
+        self.state = NEW  # where the connection is in its lifecycle (`conn_state`)
+        self.keep_alive = True  # False: close once the exchange being answered is done
         self.flow = FlowControl()  # why reading is paused (`flow_control`)
         self.body_last = 0.0  # when the active exchange's body last made progress
         self.body_win_start = 0.0  # the body-rate window: since when, and bytes received in it
         self.body_win_bytes = 0
-        self.closed = False
-        self.closing = False  # close once the current exchange is done
-        self.dead_parser = False  # stop reading requests (after an error or Connection: close)
-        self.lingering = False
-        self.upgrading = False
         self.up_ex: Exchange | None = None  # the exchange whose upgrade request ended the parsing
         self.tunnel: UpstreamConnection | None = None  # after a 101: the backend end of the byte tunnel
 
@@ -120,12 +116,12 @@ class Http1Exchanges(asyncio.Protocol):
             return
         server = self.server
         if ex.head.startswith(ACME_GET) and self.scheme == "http":  # any Host: ACME HTTP-01 (`port80`)
-            self._answer(ex, *challenge_answer(ex.head, server.acme_challenges, close=not ex.keep_alive or self.closing))
+            self._answer(ex, *challenge_answer(ex.head, server.acme_challenges, close=not (ex.keep_alive and self.keep_alive)))
             return
         if server.https_redirect is not None and self.kind == "http" and not self.trusted:
             location = server.https_redirect.location(ex.host, ex.head, ex.method)
             if location is not None:  # a host served over TLS: to https:// (`port80`)
-                self._answer(ex, *redirect_answer(location, ex.method, close=not ex.keep_alive or self.closing))
+                self._answer(ex, *redirect_answer(location, ex.method, close=not (ex.keep_alive and self.keep_alive)))
                 return
         state = server.state
         host = ex.host if ex.host is not None else self.sni
@@ -180,12 +176,12 @@ class Http1Exchanges(asyncio.Protocol):
         if ex.has_body and not ex.req_done:  # as for a connect: the gateway's pause is not the client's fault
             self._body_window(now)
         else:  # the look-up ends (answer or failure) within max_wait
-            self.deadline = now + max(self.upstream_timeout, domains.max_wait)  # type: ignore[union-attr]
+            self.deadline = now + max(self.settings.upstream_timeout, domains.max_wait)  # type: ignore[union-attr]
         pending.add_done_callback(lambda f: self._custom_landed(ex, host, f))
 
     def _custom_landed(self, ex: Exchange, host: str, done: asyncio.Future) -> None:
         self.flow.resume(flow_control.CONNECT)
-        if self.closed or ex is not self.active or ex.resp_done:
+        if self.state is CLOSED or ex is not self.active or ex.resp_done:
             return
         if done.cancelled() or done.exception() is not None:
             self._local(ex, ShuttingDown("the gateway is shutting down") if done.cancelled()
@@ -238,7 +234,7 @@ class Http1Exchanges(asyncio.Protocol):
         if ex.has_body and not ex.req_done:  # the body is still coming: body_timeout / body_min_rate apply
             self._body_window(server.now)
         else:
-            self.deadline = server.now + self.upstream_timeout
+            self.deadline = server.now + self.settings.upstream_timeout
         up = server.pool.take(addr)
         if up is not None:
             ex.upstream = up
@@ -269,7 +265,7 @@ class Http1Exchanges(asyncio.Protocol):
             self._connect_failed(ex, rt, f"cannot connect to {rt.label}: {why}")
             return
         rt.health.connected()
-        if self.closed or ex is not self.active or ex.resp_done:
+        if self.state is CLOSED or ex is not self.active or ex.resp_done:
             server.pool.put(up)  # type: ignore[arg-type]
             return
         self.flow.resume(flow_control.CONNECT)
@@ -314,7 +310,7 @@ class Http1Exchanges(asyncio.Protocol):
             server.health_changed(rt)
         self._uncount(ex)
         self.flow.resume(flow_control.CONNECT)
-        if self.closed or ex is not self.active:
+        if self.state is CLOSED or ex is not self.active:
             return
         ex.tried += (rt.key,)
         if may_retry(HTTP1, ex.attempts, Failure.CONNECT, body_sent=bool(ex.pending_len and not ex.req_done)):
@@ -377,7 +373,7 @@ class Http1Exchanges(asyncio.Protocol):
                 self._drop_held(ex)
             up.detach(ex.req_done and not ex.upgrade)
         metrics = server.metrics
-        if not ex.req_done or self.queue or self.closing or not ex.keep_alive or self.closed:
+        if not ex.req_done or self.queue or not self.keep_alive or not ex.keep_alive:  # (a CLOSED one has no active)
             if took >= 0.0:
                 metrics.observe(ex.app, took)
             if not ex.req_done:  # the backend answered before the whole body arrived: drain the rest, then go on
@@ -391,16 +387,17 @@ class Http1Exchanges(asyncio.Protocol):
         if ex.counted:
             ex.counted = False
             rt.inflight -= 1  # type: ignore[union-attr]
-        self.deadline = server.now + (self.header_timeout if self.in_head else self.idle_timeout)
+        settings = self.settings
+        self.deadline = server.now + (settings.header_timeout if self.state is HEAD else settings.idle_timeout)
 
     def response_progress(self) -> None:
         """Part of the active exchange's response went out: the client is reading, wait on."""
-        self.deadline = self.server.now + self.idle_timeout
+        self.deadline = self.server.now + self.settings.idle_timeout
 
     def response_overrun(self, count: bool = True) -> None:
         """The backend sent more after the complete response (a second one: counted; junk): the
         client got those bytes too, so its connection ends after this exchange."""
-        self.closing = True
+        self.keep_alive = False
         if count:
             self.server.metrics.error("upstream-extra-response")
 
@@ -410,9 +407,9 @@ class Http1Exchanges(asyncio.Protocol):
         if ex.counted:
             ex.counted = False
             ex.backend.inflight -= 1  # type: ignore[union-attr]
-        if self.closed:
+        if self.state is CLOSED:
             return
-        if self.closing or not ex.keep_alive:
+        if not self.keep_alive or not ex.keep_alive:
             self._close_after_write()
             return
         if self.queue:
@@ -422,14 +419,15 @@ class Http1Exchanges(asyncio.Protocol):
                 self.flow.resume(flow_control.PIPELINE)
             self._dispatch(nxt)
             return
-        self.deadline = self.server.now + (self.header_timeout if self.in_head else self.idle_timeout)
+        settings = self.settings
+        self.deadline = self.server.now + (settings.header_timeout if self.state is HEAD else settings.idle_timeout)
 
     def _local(self, ex: Exchange, err: ProxyError) -> None:
         """Answer the active exchange from the gateway itself."""
         server = self.server
         server.metrics.error(err.cause)
         ex.status = err.status
-        close = err.closes or not ex.keep_alive or self.closing
+        close = err.closes or not ex.keep_alive or not self.keep_alive
         if ex.upstream is not None:
             up, ex.upstream = ex.upstream, None
             up.close()
@@ -443,35 +441,35 @@ class Http1Exchanges(asyncio.Protocol):
             self._linger()
             return
         if close:
-            self.closing = True
+            self.keep_alive = False
         if ex.req_done:
             ex.backend_label = "-"
             self._finish(ex)
         else:  # the rest of the body is read and dropped, as long as it keeps coming
-            self.deadline = server.now + self.body_timeout
+            self.deadline = server.now + self.settings.body_timeout
 
     def _health(self, ex: Exchange) -> None:
         """Answer `GET /.well-known/geomesh/health` from the gateway itself: 200 naming it
         (`reach_prober.health_response`), in its turn like any local answer."""
         answer = health_response(self.server.mark.decode())
-        if not ex.keep_alive or self.closing:
+        if not ex.keep_alive or not self.keep_alive:
             answer = answer.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n", 1)
         self._answer(ex, 200, answer)
 
     def _answer(self, ex: Exchange, status: int, answer: bytes) -> None:
         """Write a complete answer of the gateway's own (no backend) for the active exchange."""
-        close = not ex.keep_alive or self.closing
+        close = not ex.keep_alive or not self.keep_alive
         self.transport.write(answer)
         ex.status = status
         ex.resp_done = True
         ex.discard = True
         ex.backend_label = "-"
         if close:
-            self.closing = True
+            self.keep_alive = False
         if ex.req_done:
             self._finish(ex)
         else:  # a body is read and dropped
-            self.deadline = self.server.now + self.body_timeout
+            self.deadline = self.server.now + self.settings.body_timeout
 
     def _uncount(self, ex: Exchange) -> None:
         if ex.counted:
@@ -537,7 +535,8 @@ class Http1Exchanges(asyncio.Protocol):
             self.server.metrics.error("upgrade-data-dropped")
         ex.held = None
         self.up_ex = None
-        self.upgrading = False
+        if self.state is UPGRADING:  # reading stopped at the upgrade request
+            self.state = DONE
 
     # ---------------------------------------------------------------- body deadlines and the end of a connection
 
@@ -546,14 +545,13 @@ class Http1Exchanges(asyncio.Protocol):
         self.body_last = self.body_win_start = now
         self.body_win_bytes = 0
         self.flow.new_window()
-        self.deadline = now + self.body_timeout
+        self.deadline = now + self.settings.body_timeout
 
 
     def _linger(self) -> None:
         """After a closing error: stop sending, discard input for a moment, then close."""
-        self.lingering = True
-        self.dead_parser = True
-        self.closing = True
+        self.state = LINGERING
+        self.keep_alive = False
         self.flow.resume(flow_control.ALL)
         self.deadline = self.server.now + LINGER
         transport = self.transport
@@ -561,13 +559,18 @@ class Http1Exchanges(asyncio.Protocol):
             try:
                 transport.write_eof()
             except (OSError, RuntimeError):
-                transport.close()
+                self._end()
         else:
-            transport.close()
+            self._end()
 
     def _close_after_write(self) -> None:
-        self.closing = True
-        if not self.closed:
+        self.keep_alive = False
+        self._end()
+
+    def _end(self) -> None:
+        """Close the transport: the last answer flushes, then `connection_lost` (CLOSING, then CLOSED)."""
+        if self.state is not CLOSED:
+            self.state = CLOSING
             self.transport.close()
 
     def _abandon(self, ex: Exchange) -> None:

@@ -133,7 +133,7 @@ class HeadParser(Protocol):
 class HeadBuilder:
     """One connection's request head under construction, and the rules that complete it.
 
-    The parser's `on_url` and `on_header` callbacks are this object's methods (the connection
+    The parser's `on_url` and `on_header` callbacks are this object's methods (`ParserCallbacks`
     hands them to httptools, which binds them once); `complete` turns the head into the bytes to
     forward, or a `ProxyError` on the exchange. No I/O: the connection decides what to do with
     the result. The rarely used fields are reset only when `h_special` (a head with a header the
@@ -439,3 +439,29 @@ def _drop_named(parts: list[bytes], names: set[bytes] | frozenset[bytes]) -> lis
 
 def _show(value: bytes) -> str:
     return repr(value[:80].decode("latin-1"))
+
+
+class MessageEvents(Protocol):
+    """The parser callbacks a connection takes itself (`downstream.ClientConnection`)."""
+
+    def on_message_begin(self) -> None: ...
+    def on_headers_complete(self) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_message_complete(self) -> None: ...
+
+
+class ParserCallbacks:
+    """What httptools calls: the head callbacks go to the `HeadBuilder`, the rest to the connection.
+
+    httptools looks each callback up once, when the parser is made, so routing them through this
+    object costs nothing per call."""
+
+    __slots__ = ("on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body", "on_message_complete")
+
+    def __init__(self, conn: MessageEvents, head: HeadBuilder) -> None:
+        self.on_message_begin = conn.on_message_begin
+        self.on_url = head.on_url
+        self.on_header = head.on_header
+        self.on_headers_complete = conn.on_headers_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete

@@ -6,6 +6,8 @@
                       127.0.0.1 port 0; `.http`, `.https`, `.mesh` addresses, `.update(data)`
 `gateway_process(routes_path, *flags)`  `geomesh-gateway --routes` as a subprocess; waits for its
                       "proxy listening" log line and parses the bound addresses
+Every test: each state an in-process HTTP/1.1 client connection enters is checked against the
+                      table of `conn_state` (tests/proxy/state_watch.py); a move it lacks fails the test
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import uvloop
 from regional_gateway.proxy.routes_file import parse_routes
 from regional_gateway.proxy.server import ProxyServer
 from regional_gateway.proxy.settings import ProxySettings
+from tests.proxy import state_watch
 from tests.proxy.backends import Backend
 
 FAST = dict(header_timeout=1.0, idle_timeout=5.0, connect_timeout=1.0, upstream_timeout=3.0, drain_timeout=2.0)
@@ -85,6 +88,15 @@ class RunningGateway:
             self.call(self.server.shutdown(0.5))
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
+
+
+@pytest.fixture(autouse=True)
+def connection_state_moves():
+    watch = state_watch.install()
+    watch.take_illegal()
+    yield watch
+    illegal = watch.take_illegal()
+    assert not illegal, "client connection state moves not in conn_state's table:\n" + "\n".join(illegal[:5])
 
 
 @pytest.fixture
