@@ -42,6 +42,7 @@ from typing import Any
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from regional_gateway.proxy import client_hello, flow_control, mesh_intake, proxy_protocol
+from regional_gateway.proxy.attempt import end
 from regional_gateway.proxy.client_address import public_headers
 from regional_gateway.proxy.conn_state import (
     BODY,
@@ -232,7 +233,7 @@ class ClientConnection(Http1Exchanges):
                 up.close()
             self.server.metrics.error(err.cause)
             self.server.metrics.request(ex.app, ex.backend_label, ex.status or 502)
-            self._uncount(ex)
+            end(ex)
             self.active = None
             self._close_after_write()
             return None
@@ -386,12 +387,12 @@ class ClientConnection(Http1Exchanges):
         self.server.metrics.request(ex.app, ex.backend_label, status)
         if status != 101 or not ex.upgrade:
             self._drop_held(ex)
-            self._uncount(ex)
+            end(ex)
             up.close()
             self.active = None
             self._close_after_write()
             return
-        self._uncount(ex)
+        end(ex)
         self.active = None
         up.client = None
         up.ex = None

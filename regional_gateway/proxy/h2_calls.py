@@ -24,7 +24,7 @@ import h2.errors
 import h2.exceptions
 
 from regional_gateway.proxy import proxy_protocol
-from regional_gateway.proxy.attempt import HTTP2, Failure, may_retry
+from regional_gateway.proxy.attempt import HTTP2, Failure, begin, connect_failed, end, failed
 from regional_gateway.proxy.h2_guard import RateBudget, data_credit
 from regional_gateway.proxy.h2_streams import (
     GRPC_DEADLINE_EXCEEDED,
@@ -80,10 +80,8 @@ class H2Calls(asyncio.Protocol):
             self.answer(st, failed or target)
             return
         st.target = target
-        st.attempts += 1
         rt = target.backend
-        rt.inflight += 1
-        st.counted = True
+        begin(st, rt)
         if target.region is not None:
             server.metrics.forward(target.app, target.region.name)
         up = self.upstreams.get(target.addr)
@@ -106,17 +104,16 @@ class H2Calls(asyncio.Protocol):
         rt = up.backend
         if self.upstreams.get(up.addr) is up:
             del self.upstreams[up.addr]
-        if before_connect and rt.health.connect_failed(server.now, why):
-            server.health_changed(rt)
+        if before_connect:
+            connect_failed(server, rt, why)
         server.metrics.error("upstream-connect" if before_connect else "upstream-reset")
         for st in list(up.pending) + list(up.active.values()):
             if st.finished or self.streams.get(st.sid) is not st:
                 continue
-            self._uncount(st)
             st.up, st.up_sid = None, 0
             err = UpstreamTimeout(why) if timeout else UpstreamFailed(why)
             untouched = before_connect or (not st.response_started and not st.t_sent)
-            if may_retry(HTTP2, st.attempts, Failure.CONNECT if untouched else Failure.RESET_BEFORE_ANSWER):
+            if failed(st, HTTP2, Failure.CONNECT if untouched else Failure.RESET_BEFORE_ANSWER):
                 st.tried += (rt.key,)
                 self._route(st, err)
                 continue
@@ -200,9 +197,8 @@ class H2Calls(asyncio.Protocol):
         if self.gone or st.finished or self.streams.get(st.sid) is not st:
             return
         if not st.response_started and code == h2.errors.ErrorCodes.REFUSED_STREAM and \
-                may_retry(HTTP2, st.attempts, Failure.REFUSED_STREAM):
+                failed(st, HTTP2, Failure.REFUSED_STREAM):
             # the backend did not process it (RFC 9113 8.7): safe to send elsewhere
-            self._uncount(st)
             st.tried += (st.target.backend.key,) if st.target else ()
             self._route(st)
             return
@@ -292,16 +288,11 @@ class H2Calls(asyncio.Protocol):
             self.transport.close()
 
     def _end_stream_state(self, st: Stream) -> None:
-        self._uncount(st)
+        end(st)
         up = st.up
         if up is not None:
             up.detach(st)
         st.up = None
-
-    def _uncount(self, st: Stream) -> None:
-        if st.counted and st.target is not None:
-            st.counted = False
-            st.target.backend.inflight -= 1
 
     def ack_down(self, length: int, sid: int) -> None:
         if length and not self.closed:

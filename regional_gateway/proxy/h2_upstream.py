@@ -38,7 +38,7 @@ class Stream:
 
     __slots__ = ("sid", "headers", "grpc", "up", "up_sid", "target", "attempts", "tried", "to_up", "up_end",
                  "up_trailers", "to_down", "down_end", "down_trailers", "client_done", "response_started", "status", "t_sent",
-                 "counted", "finished")
+                 "counted", "backend", "finished")
 
     def __init__(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.sid = sid
@@ -59,7 +59,8 @@ class Stream:
         self.response_started = False
         self.status = 0
         self.t_sent = 0.0
-        self.counted = False
+        self.counted = False  # counted in `backend.inflight` (`attempt.begin` .. `attempt.end`)
+        self.backend: BackendRuntime | None = None  # of the current try
         self.finished = False
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from geomesh.logs import event
 from regional_gateway.proxy import proxy_protocol
-from regional_gateway.proxy.attempt import TUNNEL
+from regional_gateway.proxy.attempt import TUNNEL, connect_failed
 from regional_gateway.proxy.exchange import LINGER
 from regional_gateway.proxy.flow_control import pass_eof
 from regional_gateway.proxy.host import ConnectionHost
@@ -137,8 +137,7 @@ class TunnelClient(asyncio.Protocol):
                 why = f"cannot connect to {rt.label}: {getattr(exc, 'strerror', None) or exc or 'timeout'}"
                 last = why
                 server.metrics.error("upstream-connect")
-                if rt.health.connect_failed(server.now, why):
-                    server.health_changed(rt)
+                connect_failed(server, rt, why)
                 continue
             rt.health.connected()
             if self.closed:
