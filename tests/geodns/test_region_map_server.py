@@ -3,6 +3,7 @@ rebuilt when a region moves while answers keep coming (from the old map, then th
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -53,3 +54,47 @@ def test_the_map_is_built_exported_and_rebuilt_without_a_gap(static_dns, clients
     assert _answer(static_dns.port, sydney, qid) == gateway_ip("ap-southeast")
     assert metric(scrape(static_dns), "geodns_region_map_builds_total", stage="regions") == 2
     static_dns.state.write_text(state_toml())
+
+
+def _builders(pid: int) -> list[int]:
+    """The server's map builder processes (spawned children running multiprocessing's spawn_main)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def test_a_builder_that_died_is_started_again_and_the_map_in_service_stays(static_dns, clients) -> None:
+    """The map builder killed: the next build fails and says so, answers keep coming from the map
+    in service, and a few seconds later a new builder walks the database and the new map serves."""
+    static_dns.state.write_text(state_toml())  # a known map to start from (an earlier test moved a region)
+    builds = static_dns.log().count('"region map built"')
+    static_dns.signal(signal.SIGHUP)
+    static_dns.wait_map(builds + 1)
+    builders = _builders(static_dns.proc.pid)
+    assert len(builders) == 1, builders
+    os.kill(builders[0], signal.SIGKILL)
+    sydney = clients["au-east"][0].subnet
+    moved = dict(REGIONS)
+    moved["au-east"] = (48.86, 2.35, REGIONS["au-east"][2])
+    failures = static_dns.log().count('"region map build failed, keeping what serves"')
+    static_dns.state.write_text(state_toml(moved))
+    static_dns.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while static_dns.log().count('"region map build failed, keeping what serves"') == failures:
+        assert time.monotonic() < deadline, "the build with a dead builder did not fail"
+        time.sleep(0.1)
+    assert _answer(static_dns.port, sydney, 1) == gateway_ip("au-east")  # the map in service
+    static_dns.wait_map(builds + 2)  # a new builder, the database walked again, the moved map
+    assert _answer(static_dns.port, sydney, 2) == gateway_ip("ap-southeast")
+    assert _builders(static_dns.proc.pid) not in ([], builders)
+    assert metric(scrape(static_dns), "geodns_region_map_failures_total") >= 1
+    static_dns.state.write_text(state_toml())
+    static_dns.signal(signal.SIGHUP)
+    static_dns.wait_map(builds + 3)
