@@ -24,6 +24,7 @@ worker thread, one at a time. A builder whose process died (killed, out of memor
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import gc
@@ -113,6 +114,7 @@ class MapBuilder:
         return rmap
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         conn, proc = self._conn, self._proc
         self._conn = self._proc = None
         self.loaded = None
@@ -135,6 +137,9 @@ class MapBuilder:
         proc.start()
         theirs.close()
         self._proc, self._conn = proc, ours
+        # before multiprocessing's own exit handler, which joins non-daemon children: closed
+        # first, the builder reads EOF and exits, so an exit that skipped close() cannot hang
+        atexit.register(self.close)
 
     def _call(self, command: str, argument: object) -> object:
         conn = self._conn
