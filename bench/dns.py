@@ -98,6 +98,17 @@ from bench._dns_workload import (  # noqa: E402
 )
 from geodns.nearest import default_database  # noqa: E402
 
+AIM = 0.9  # issue 18: q/s on the hostile load >= 0.9x gdnsd
+
+
+def cpu_budget(peer_us: float, floor_us: float, aim: float) -> dict[str, float]:
+    """The aim as server CPU per query: a server that is CPU-bound on one core reaches `aim` x the
+    peer's rate when it spends at most the peer's CPU per query / `aim`. `headroom_us` is what that
+    leaves above `floor_us` (a reply-cache hit: a query read, an ID patched, a reply sent, no answer
+    built) for the work of a cold answer; <= 0 means the aim sits below the floor."""
+    allowed = peer_us / aim
+    return {"peer_us": peer_us, "floor_us": floor_us, "allowed_us": allowed, "headroom_us": allowed - floor_us}
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -372,6 +383,13 @@ def main() -> int:
             print(f"floor: {OURS} hostile {med['hostile'][OURS]['cpu_us_per_query']:.2f} us/query, ratio "
                   f"{ratios['hostile'][OURS]:.2f}; its reply-cache hit row (hot), the floor for a Python server on "
                   f"this stack: {med['hot'][OURS]['cpu_us_per_query']:.2f} us/query, ratio {ratios['hot'][OURS]:.2f}")
+            budget = cpu_budget(med["hostile"][GDNSD]["cpu_us_per_query"], med["hot"][OURS]["cpu_us_per_query"], AIM)
+            summary["budget"] = budget
+            print(f"the aim in CPU: {AIM}x gdnsd on the hostile load leaves {budget['allowed_us']:.2f} us of server "
+                  f"CPU per query (gdnsd {budget['peer_us']:.2f} / {AIM}); a reply-cache hit alone (no answer "
+                  f"built) costs {budget['floor_us']:.2f}, which leaves {budget['headroom_us']:.2f} us to parse, "
+                  "place and assemble a cold answer" + (" -- the aim sits below the floor" if budget["headroom_us"] <= 0
+                                                        else ""))
         print()
         print("| server | RSS after (peak) | first answer | region map ready | map build | Python pass | "
               "ECS scope: mean, share broader than /24, commonest |")

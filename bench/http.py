@@ -48,10 +48,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: import from the repository, not from bench/
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from bench import _perf_split as perf_split  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BODY = "anchor-benchmark-body-" + "0" * 78  # 100 bytes, as in the anchor scripts
 ZONE = "bench.test"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+AIM = 0.9  # issue 15: geomesh >= 0.9x HAProxy's req/s
 POLICIES = {"rr": ("roundrobin", "round_robin"), "lc": ("leastconn", "least_connections"),
             "hash": ("source\n  hash-type consistent", "ip_hash")}
 
@@ -166,6 +172,7 @@ class System:
     pid: int
     host: str
     runs: list[dict] = field(default_factory=list)
+    perf: dict | None = None  # round 1's profile (--perf): bench/_perf_split.split
 
 
 def to_ms(text: str) -> float:
@@ -204,6 +211,49 @@ def med(values: list[float]) -> float:
     return statistics.median(clean) if clean else float("nan")
 
 
+def cpu_budget(haproxy: list[dict], floor: list[dict], geomesh: list[dict], aim: float) -> dict[str, float]:
+    """The aim as CPU per request (user + sys, medians over the runs): a proxy that is CPU-bound
+    on one core reaches `aim` x HAProxy's rate when it spends at most HAProxy's CPU per request
+    / `aim`. `headroom_us` is what that leaves above the floor relay (parsing both ways, copying,
+    nothing else) for all of the gateway's own work; negative means the aim is below the floor."""
+    def us(runs: list[dict]) -> float:
+        return med([r["user_us"] + r["sys_us"] for r in runs])
+    h, f, g = us(haproxy), us(floor), us(geomesh)
+    allowed = h / aim
+    return {"haproxy_us": h, "floor_us": f, "geomesh_us": g, "allowed_us": allowed,
+            "headroom_us": allowed - f, "over_floor_us": g - f}
+
+
+# perf's shared-object names, as the table's columns
+PERF_COLUMNS = (("libpython3.11", "CPython"), ("parser", "httptools"), ("loop", "uvloop"), ("libc", "libc"),
+                ("haproxy", "haproxy"))
+
+
+def print_perf(systems: list[System]) -> dict[str, dict]:
+    """Round 1's CPU per request of each profiled system, split by where perf found it."""
+    print("\nwhere the proxy's CPU per request goes (round 1, perf record -g; µs per request = share of the "
+          "samples x the run's user + sys CPU per request):")
+    print("| system | CPU | kernel | of it: waking the reader (sock_def_readable) | "
+          + " | ".join(label for _, label in PERF_COLUMNS) + " | other |")
+    print("|---|---:|---:|---:|" + "---:|" * (len(PERF_COLUMNS) + 1))
+    out: dict[str, dict] = {}
+    for s in systems:
+        if s.perf is None or not s.runs:
+            continue
+        run = s.runs[0]
+        cpu = run["user_us"] + run["sys_us"]
+        dso: dict[str, float] = s.perf["dso"]  # type: ignore[assignment]
+        row = {"cpu_us": cpu, "kernel_us": cpu * dso.get("kernel", 0.0),
+               "wakeups_us": cpu * s.perf["wakeups"]}  # type: ignore[operator]
+        named = {label: cpu * sum(v for k, v in dso.items() if k.startswith(key)) for key, label in PERF_COLUMNS}
+        row |= named
+        row["other_us"] = cpu - row["kernel_us"] - sum(named.values())
+        out[s.name] = row
+        print(f"| {s.name} | {cpu:.1f} | {row['kernel_us']:.1f} | {row['wakeups_us']:.1f} | "
+              + " | ".join(f"{named[label]:.1f}" for _, label in PERF_COLUMNS) + f" | {row['other_us']:.1f} |")
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (1-15)")
@@ -215,6 +265,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", type=Path, help="write the raw runs here")
     ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure bench/_relay_floor.py (the Python+uvloop+httptools ceiling) with rr")
+    ap.add_argument("--perf", action="store_true",
+                    help="in round 1, record each proxy with `perf record -g` during its run and print where its "
+                         "CPU per request goes: each library, the kernel, and the kernel's wake-ups of the peer "
+                         "reading the other end (bench/_perf_split.py; needs perf and the right to profile)")
     return ap
 
 
@@ -232,6 +286,9 @@ def main() -> int:
             print(f"bench/http.py: {tool} is not installed (scripts/install.sh installs wrk and haproxy; "
                   "nginx: apt-get install nginx-light)", file=sys.stderr)
             return 2
+    if args.perf and (why := perf_split.available()) is not None:
+        print(f"bench/http.py: --perf: {why}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="geomesh-http-bench-"))
     procs = Procs()
     try:
@@ -277,7 +334,11 @@ def main() -> int:
         for r in range(1, args.rounds + 1):
             # every other round runs in reverse, so no policy (or system) always runs first or last
             for s in (systems if r % 2 else list(reversed(systems))):
+                rec = (perf_split.Recording(s.pid, args.duration - 0.5, work / f"perf-{s.name}.data")
+                       if args.perf and r == 1 else None)
                 res = run_wrk(s, args)
+                if rec is not None:
+                    s.perf = perf_split.split(rec.path) if rec.wait() else None
                 res["round"] = r
                 s.runs.append(res)
                 print(f"round {r} {s.name:<14} {res['rps']:>10,.0f} req/s  p50 {res['p50_ms']:.2f} ms  "
@@ -312,6 +373,15 @@ def main() -> int:
             print(f"\nfloor (bench/_relay_floor.py: uvloop + httptools both ways, no gateway work): "
                   f"{summary['floor']['rps']:,.0f} req/s; floor/HAProxy {' '.join(f'{x:.2f}' for x in f_h)} "
                   f"(median {med(f_h):.2f}); geomesh/floor median {med(g_f):.2f}")
+            budget = cpu_budget(h.runs, floor.runs, g.runs, AIM)
+            summary["budget"] = budget
+            print(f"the aim in CPU: {AIM}x HAProxy's rate on one core leaves {budget['allowed_us']:.1f} µs of proxy "
+                  f"CPU per request (HAProxy {budget['haproxy_us']:.1f} / {AIM}); the floor spends "
+                  f"{budget['floor_us']:.1f}, which leaves {budget['headroom_us']:.1f} µs for everything the gateway "
+                  f"does per request; geomesh spends {budget['geomesh_us']:.1f} ({budget['over_floor_us']:.1f} over "
+                  "the floor)")
+        if args.perf:
+            summary["perf"] = print_perf(systems)
         print("\nratio = geomesh/HAProxy req/s in the same round (adjacent runs); the CPU-normalised ratio divides each")
         print("rate by the proxy's CPU share during its run, which discounts time stolen by other work on the machine.")
         if args.json:

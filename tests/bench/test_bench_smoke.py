@@ -87,6 +87,12 @@ def test_http_bench_runs_every_system(tmp_path: Path) -> None:
     rr = result["summary"]["rr"]
     assert rr["ratio"] == rr["geomesh_rps"] / rr["haproxy_rps"]
     assert result["summary"]["floor"]["rps"] == result["systems"]["floor-rr"][0]["rps"]
+    # the aim in CPU per request, from the same runs: HAProxy's CPU / 0.9, less the floor's
+    budget = result["summary"]["budget"]
+    cpu = {name: runs[0]["user_us"] + runs[0]["sys_us"] for name, runs in result["systems"].items()}
+    assert budget["allowed_us"] == pytest.approx(cpu["haproxy-rr"] / 0.9)
+    assert budget["headroom_us"] == pytest.approx(cpu["haproxy-rr"] / 0.9 - cpu["floor-rr"])
+    assert budget["over_floor_us"] == pytest.approx(cpu["geomesh-rr"] - cpu["floor-rr"])
 
 
 def test_proxy_path_bench_runs_the_real_exchange(tmp_path: Path) -> None:

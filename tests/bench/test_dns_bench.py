@@ -59,6 +59,10 @@ def test_dns_bench_quick(tmp_path: Path) -> None:
     rebuild = result["rebuild"]  # a region moved under load: the new map served, every query answered
     assert 0 < rebuild["build_s"] <= rebuild["rebuild_s"] < 60, rebuild
     assert rebuild["unanswered"] == 0 and rebuild["queries"] > 1000 and rebuild["largest_gap_ms"] > 0, rebuild
+    # the aim in CPU per query, from the same run: gdnsd's hostile CPU / 0.9, less our reply-cache hit's
+    med, budget = result["median"], result["budget"]
+    assert budget["allowed_us"] == pytest.approx(med["hostile"]["gdnsd"]["cpu_us_per_query"] / 0.9)
+    assert budget["headroom_us"] == pytest.approx(budget["allowed_us"] - med["hot"]["geomesh-dns"]["cpu_us_per_query"])
 
 
 def test_parse_answer_reads_the_region_and_the_ecs_scope() -> None:
