@@ -41,15 +41,7 @@ from typing import NamedTuple
 from dnslib import RR, DNSBuffer, DNSLabel
 
 from geodns import zone as zonemod
-from geodns.answer_cache import (
-    SEEN_MAX,
-    GeoMarker,
-    Question,
-    RegionOrders,
-    ReplyCache,
-    Template,
-    TemplateCache,
-)
+from geodns.answer_cache import GeoMarker, Question, RegionOrders, ReplyCache, Template, TemplateCache
 from geodns.nearest import Locator, Place, choose
 from geodns.region_map import RegionMap
 from geodns.stats import Stats
@@ -301,16 +293,8 @@ class Responder:
         wire = b"".join((data[:2], head, data[HEADER_LEN:qend], body, opt, data[o:o + 7], _OCTET[scope],
                          data[o + 8:end]))
         self.stats.cache_hits += 1
-        if entry.reusable and self.reply_cache:  # ReplyCache.keep_key inlined: its doorkeeper first
-            exact = self.exact
-            h = hash(key)  # cached in `key` by the look-ups before
-            seen = exact.seen
-            if h in seen:
-                exact.put(key, (wire[2:], entry.index))
-            else:
-                if len(seen) >= SEEN_MAX:
-                    seen.clear()
-                seen.add(h)
+        if entry.reusable and self.reply_cache:
+            self.exact.keep_key(key, wire, entry.index)
         return _new_answer(Answer, (wire, entry.index))
 
     def oversize(self, data: bytes, client: bytes) -> Answer:

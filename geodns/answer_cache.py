@@ -104,11 +104,11 @@ class ReplyCache(BoundedCache[bytes, tuple[bytes, int]]):
     index). `current.get(key)` is the cheapest look-up (the UDP pipeline's first stage); `get`
     also finds and promotes the previous generation. `keep` stores on the second sight."""
 
-    __slots__ = ("seen",)
+    __slots__ = ("_seen",)
 
     def __init__(self, max_bytes: int, max_entries: int) -> None:
         super().__init__(max_bytes, max_entries, _reply_size)
-        self.seen: set[int] = set()  # the doorkeeper: hashes of query bytes seen once (`Responder._fast` inlines `keep_key`)
+        self._seen: set[int] = set()
 
     def keep(self, data: bytes, wire: bytes, index: int) -> None:
         """Keep the reply `wire` to the query `data` on the second sight of the query bytes (a
@@ -119,7 +119,7 @@ class ReplyCache(BoundedCache[bytes, tuple[bytes, int]]):
     def keep_key(self, key: bytes, wire: bytes, index: int) -> None:
         """`keep` with the query's bytes after the ID already cut (`key`, whose hash the look-up
         before it has computed and the bytes object keeps)."""
-        seen = self.seen
+        seen = self._seen
         h = hash(key)
         if h in seen:
             self.put(key, (wire[2:], index))
@@ -130,7 +130,7 @@ class ReplyCache(BoundedCache[bytes, tuple[bytes, int]]):
 
     def reset(self) -> None:
         super().reset()
-        self.seen = set()
+        self._seen = set()
 
 
 class TemplateCache:
