@@ -10,7 +10,9 @@ transports run (reply cache, answer, stats, fit), fed the bytes of `bench/dns.py
 (distinct ECS /24s, random IDs, 0x20 names; every query new) and a hot load (10,000 of those
 queries looped, as bench/dns.py's hot file: reply-cache hits). Three rows: hostile with the reply cache (what a default server
 does with resolver traffic), hostile without it (`--no-reply-cache`), and hot (the floor: a
-reply-cache hit, the least a query costs in Python). Templates are warmed first (the first
+reply-cache hit, the least a query costs in Python); and a fourth, the first hostile queries
+after a routing update that moves one app of the hundred (what the feed hands over on a deploy:
+the templates of the other names should still serve). Templates are warmed first (the first
 queries of each name and ranking go through the full path), so the hostile rows measure the
 template path. Prints microseconds per query, best and median of --repeats runs.
 
@@ -21,6 +23,7 @@ Building the map walks the GeoLite2 database once (about 8 s).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -29,6 +32,7 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+from types import MappingProxyType
 
 if __package__ in (None, ""):  # run as a script: import from the repository, not from bench/
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -41,6 +45,7 @@ from geodns.answer import Responder  # noqa: E402
 from geodns.nearest import Locator, default_database  # noqa: E402
 from geodns.pipeline import UdpPipeline  # noqa: E402
 from geodns.region_map import compile_map, read_networks, sites_of  # noqa: E402
+from geodns.view import View  # noqa: E402
 
 APPS = 100
 HOT = 10_000  # distinct queries of the hot row, looped (bench/dns.py's hot file has 10,000 /24s)
@@ -56,6 +61,14 @@ def queries(mmdb: Path, n: int, seed: int) -> list[bytes]:
         subnets = draw_uniform(db, n, seed, set())
     return [query_wire(rng.getrandbits(16), mixed_case(f"app{i % APPS}.{ZONE}", rng), net)
             for i, (net, _) in enumerate(subnets)]
+
+
+def moved_view(view: View) -> View:
+    """`view` with app0 (1% of the load's names) pinned to one region: a routing update."""
+    first = sorted(view.regions)[0]
+    apps = dict(view.apps)
+    apps["app0"] = dataclasses.replace(apps["app0"], hosting=frozenset({first}), pinned=(first,))
+    return dataclasses.replace(view, apps=MappingProxyType(apps))
 
 
 def measure(reply, batch: list[bytes], repeats: int) -> list[float]:
@@ -112,6 +125,19 @@ def main() -> int:
             results["hot (reply-cache hits)"] = measure(reply, hot * loops, args.repeats)
             if sum(r.stats.fast) - before != args.repeats * len(hot) * loops:
                 raise RuntimeError("the hot row was not all answered from the reply cache")
+    # the first queries after a routing update that moves one app of the hundred (a new view, as
+    # the feed hands over on every update): what is still served from templates, what is rebuilt
+    r = Responder(view, Locator(mmdb), region_map=rmap, reply_cache=True)
+    reply = UdpPipeline(r, r.stats, None, lambda _: CLIENT, max_reply=4096).reply
+    for q in warm:
+        reply(q, 0)
+    views = [view, moved_view(view)]
+    after = queries(mmdb, args.queries * args.repeats, args.seed + 2)
+    runs = []
+    for i in range(args.repeats):
+        r.set_view(dataclasses.replace(views[(i + 1) % 2], revision=view.revision + 1 + i))
+        runs += measure(reply, after[i * args.queries:(i + 1) * args.queries], 1)
+    results["hostile, after an update"] = runs
     for row, runs in results.items():
         print(f"{row:<26} best {min(runs):6.2f} us/query   median {statistics.median(runs):6.2f}")
     print(f"{'template path over a hit':<26} {min(results['hostile']) - min(results['hot (reply-cache hits)']):6.2f} "

@@ -36,6 +36,7 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from dnslib import RR, DNSBuffer, DNSLabel
@@ -60,6 +61,7 @@ from geodns.wire import (
     RCODE_BADVERS,
     RCODE_FORMERR,
     RCODE_NAMES,
+    RCODE_NOERROR,
     RCODE_NOTIMP,
     RCODE_REFUSED,
     RCODE_SERVFAIL,
@@ -75,6 +77,7 @@ from geodns.wire import (
     Query,
     QueryTooLarge,
     header_of,
+    name_labels,
     opt_record,
     pack_header,
     parse_query,
@@ -88,6 +91,9 @@ DEFAULT_CACHE_SIZE = 200_000  # entries per cache
 DEFAULT_CACHE_BYTES = 32 << 20  # both caches together
 EXACT_QUERY_MAX = 512  # longer queries are answered but not kept in the exact cache
 TCP_LIMIT = 65535
+# templates checked one by one on a view change (on the serving thread, about 1 us each: 10 ms
+# at most); a cache holding more starts empty instead, as on a change of the regions
+RETAIN_MAX = 10_000
 _ECHO = RD | CD
 _ONE_Q_ONE_AR = b"\0\1\0\0\0\0\0\1"  # QDCOUNT 1, ANCOUNT 0, NSCOUNT 0, ARCOUNT 1
 
@@ -137,18 +143,31 @@ class Responder:
     # -- state ---------------------------------------------------------------------------------
 
     def set_view(self, view: View) -> None:
-        """Answer from `view` from now on; both caches start empty."""
+        """Answer from `view` from now on. The reply cache starts empty. When `view` changes
+        what every answer shares (the zone, the regions and their gateways, readiness), so do
+        the templates and the region orders; otherwise -- an update of apps, instances or TXT
+        records, the common one -- the templates that `view` would build alike stay
+        (`same_answer`), so the names it leaves as they were keep their fast answers (unless
+        the cache holds over `RETAIN_MAX` templates: checking them would pause the answers)."""
+        old = self.view
         self.view = view
         self._zone_len = len(view.zone.name.split("."))
         self.exact.reset()
-        self.templates.reset()
-        self.orders.reset(view)
+        if (old.zone == view.zone and old.ready == view.ready and old.regions == view.regions
+                and len(self.templates) <= RETAIN_MAX):
+            self.orders.rebind(view)
+            self.templates.retain(same_answer(old, view), has_records)
+        else:
+            self.templates.reset()
+            self.orders.reset(view)
 
     def set_map(self, region_map: RegionMap | None) -> None:
         """Place clients with `region_map` from now on (None: per-query GeoIP look-ups); the
         caches start empty. The map is swapped whole: no answer comes from a half-built one."""
         self.region_map = region_map
-        self.set_view(self.view)
+        self.exact.reset()
+        self.templates.reset()
+        self.orders.reset(self.view)
 
     def cache_stats(self) -> dict[str, dict[str, int]]:
         """Size and evictions of both caches, for the metrics."""
@@ -392,6 +411,8 @@ class Responder:
             templates.put_region(base, name, reusable, entry)
         if rmap is not None and reusable:
             geo.by_rank[where[0]] = entry  # type: ignore[index]
+            if not has_records(entry):
+                geo.negative.add(where[0])  # type: ignore[arg-type]
         else:
             templates.put_place(base, *where, entry)
         return entry, hit, scope
@@ -518,6 +539,36 @@ class Responder:
               qname=_name_text(q.qname), qtype=q.qtype,
               ecs=f"{_text(ecs.padded())}/{ecs.source}" if ecs is not None else None,
               rcode=RCODE_NAMES.get(rcode, str(rcode)), region=region or None, cached=hit)
+
+
+# names whose answer is made of their own records only (no SOA, whose serial is the view's
+# revision): a template for one of them stays right while the name is classified alike
+_OWN_RECORDS = (zonemod.AppName, zonemod.InstanceName, zonemod.RegionGateways, zonemod.NameServerHost,
+                zonemod.TxtName)
+
+
+def same_answer(old: View, new: View) -> Callable[[bytes], bool]:
+    """For two views with the same zone, regions and readiness: whether the answers with records
+    that `old` gives a name (lowercased wire form) are those `new` gives. True when both views
+    classify the name alike and its answer is made of its own records (the same app with the
+    same hosting and pinning, the same instance regions, the same TXT values, ...): `zone.records`
+    reads nothing else for those. Memoised per name."""
+    memo: dict[bytes, bool] = {}
+
+    def keeps(name: bytes) -> bool:
+        same = memo.get(name)
+        if same is None:
+            rel = zonemod.split(new, name_labels(name))
+            target = zonemod.classify(new, rel) if rel is not None else None
+            same = memo[name] = isinstance(target, _OWN_RECORDS) and target == zonemod.classify(old, rel)  # type: ignore[arg-type]
+        return same
+    return keeps
+
+
+def has_records(t: Template) -> bool:
+    """A template that answers with records (NOERROR, answers present): no SOA in it. Negative
+    answers carry the SOA, whose serial is the view's revision: they never outlive their view."""
+    return t.rcode == RCODE_NOERROR and t.an > 0
 
 
 def _text(packed: bytes) -> str:

@@ -22,12 +22,16 @@ the first one before `Responder.answer` runs):
    (GeoIP look-up) or per region-map ranking.
 
 The two byte-holding tiers are `geodns.cache.BoundedCache`s (the byte and entry bounds live
-there); all three start empty when the view or the region map changes.
+there). All three start empty when the region map changes, and when a new view changes what
+every answer shares (the zone, the regions and their gateways, readiness); a view that changes
+only apps, instances or TXT records keeps the templates of the names whose answers it leaves as
+they were (`Responder.set_view`), and the reply cache starts empty.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from geodns import zone as zonemod
 from geodns.cache import BoundedCache
@@ -82,6 +86,9 @@ class GeoMarker:
 
     target: zonemod.AppName
     by_rank: list[Template | None]
+    # the ranks whose slot holds an answer without records (NODATA: it carries the view's SOA),
+    # noted when the slot is filled, so that a view change drops them without a pass over every slot
+    negative: set[int] = field(default_factory=set)
 
 
 def _reply_size(key: bytes, value: tuple[bytes, int]) -> int:
@@ -166,6 +173,24 @@ class TemplateCache:
     def reset(self) -> None:
         self.store.reset()
 
+    def retain(self, keep_name: Callable[[bytes], bool], keep_template: Callable[[Template], bool]) -> int:
+        """Keep the entries of the names for which `keep_name(name)` is true (`name`: the
+        question's lowercased wire name), and of those only the templates for which
+        `keep_template` is true. A `GeoMarker` stays (its target is the name's) without its
+        `negative` slots: the caller notes there the slots whose template `keep_template`
+        refuses. Returns the number of entries dropped."""
+        def entry(key: object, value: object) -> object | None:
+            base = key[0] if isinstance(key[0], tuple) else key  # type: ignore[index]
+            if not keep_name(base[0]):  # type: ignore[index]
+                return None
+            if isinstance(value, GeoMarker):
+                for rank in value.negative:
+                    value.by_rank[rank] = None
+                value.negative.clear()
+                return value
+            return value if keep_template(value) else None  # type: ignore[arg-type]
+        return self.store.retain(entry)
+
     @property
     def bytes(self) -> int:
         return self.store.bytes
@@ -186,6 +211,10 @@ class RegionOrders:
 
     def __init__(self, view: View) -> None:
         self.reset(view)
+
+    def rebind(self, view: View) -> None:
+        """Answer for `view`, whose regions equal those of the current view: the memo stays."""
+        self.view = view
 
     def reset(self, view: View) -> None:
         self.view = view

@@ -12,7 +12,8 @@ asking for (a segmented LRU in its cheapest form, with nothing to do on a hit in
 
 Sizes are accounted, not measured: the caller passes `sizeof(key, value)`, the octets the entry
 holds plus an estimate of Python's per-object overhead. An entry larger than a generation is not
-kept. `reset()` empties the cache without counting evictions (the data it answered from changed).
+kept. `reset()` empties the cache without counting evictions (the data it answered from changed);
+`retain(keep)` drops (or replaces) only the entries that changed.
 No I/O.
 """
 
@@ -110,6 +111,26 @@ class BoundedCache(Generic[K, V]):
             self._cur_bytes = 0
         self.current[key] = value
         self._cur_bytes += size
+
+    def retain(self, keep: Callable[[K, V], V | None]) -> int:
+        """Keep only what `keep(key, value)` returns for each entry (None: drop it; a value:
+        hold that instead), each in its generation; the sizes are accounted anew. Returns how
+        many entries were dropped (not counted as evictions: what they held is no longer true)."""
+        dropped = 0
+        sizes = []
+        for gen in (self.current, self.previous):
+            kept: dict[K, V] = {}
+            size = 0
+            for key, value in gen.items():
+                new = keep(key, value)
+                if new is None:
+                    dropped += 1
+                    continue
+                kept[key] = new
+                size += self._sizeof(key, new)
+            sizes.append((kept, size))
+        (self.current, self._cur_bytes), (self.previous, self._prev_bytes) = sizes
+        return dropped
 
     def reset(self) -> None:
         """Empty both generations (not counted as evictions)."""

@@ -164,7 +164,8 @@ class Server:
               geoip=self.locator.database_type, geoip_build=self.locator.build_epoch)
 
     def set_table(self, table: RoutingTable) -> None:
-        """A new routing table from the feed: rebuild the view and drop the caches."""
+        """A new routing table from the feed: rebuild the view (`Responder.set_view` keeps the
+        templates it leaves right)."""
         assert self.responder is not None
         old = self.responder.view
         view = View.from_table(table, old.zone)

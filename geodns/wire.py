@@ -177,14 +177,19 @@ class Query:
 
     def labels(self) -> tuple[bytes, ...]:
         """The labels of the name as received (case kept), root excluded."""
-        out = []
-        i = 0
-        name = self.qname
-        while name[i]:
-            n = name[i]
-            out.append(name[i + 1:i + 1 + n])
-            i += 1 + n
-        return tuple(out)
+        return name_labels(self.qname)
+
+
+def name_labels(name: bytes) -> tuple[bytes, ...]:
+    """The labels of an uncompressed wire-format name that ends with the root (as `Query.qname`
+    holds it), root excluded."""
+    out = []
+    i = 0
+    while name[i]:
+        n = name[i]
+        out.append(name[i + 1:i + 1 + n])
+        i += 1 + n
+    return tuple(out)
 
 
 # -- parsing ----------------------------------------------------------------------------------

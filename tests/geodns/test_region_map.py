@@ -40,7 +40,7 @@ from geodns.region_map import (
 from geodns.view import View
 
 from .clients import query
-from .conftest import REGIONS, ZONE, gateway_ip, state_toml
+from .conftest import APPS, REGIONS, ZONE, gateway_ip, state_toml
 
 SAMPLES = 100_000
 
@@ -446,3 +446,30 @@ def test_the_builder_process_compiles_the_map_the_server_would(mmdb: Path, netwo
         assert builder.load(mmdb).leaves == networks.leaves and builder.pid not in (None, pid)
     finally:
         builder.close()
+
+
+def test_an_app_update_keeps_the_fast_path_of_the_other_names(region_map: RegionMap, locator: Locator,
+                                                              view: View, clients) -> None:
+    """With the map, a name's templates live in its `GeoMarker`'s slots: an update that moves
+    one app keeps the other names' slots (answered by the fast path straight away) and drops
+    the moved app's marker, whose target held its old hosting, and the slots of answers without
+    records (their SOA carries the old serial); every answer is the one a fresh server on the new
+    view gives."""
+    r = Responder(view, locator, region_map=region_map)
+    subnets = [c.subnet for picks in clients.values() for c in picks]
+    shop = [query(f"shop.{ZONE}", qtype, ecs=s) for qtype in ("A", "AAAA") for s in subnets]
+    blog = [query(f"blog.{ZONE}", qtype, ecs=s) for qtype in ("A", "AAAA") for s in subnets]
+    big_aaaa = [query(f"big.{ZONE}", "AAAA", ecs=s) for s in subnets]  # us-west has no IPv6 gateway: NODATA
+    for w in shop + blog + big_aaaa:
+        r.answer(w, b"\x7f\0\0\1")
+    moved = static_state.view_from(tomllib.loads(state_toml(apps={**APPS, "shop": ["au-east"]})), revision=8)
+    r.set_view(moved)
+    fresh = Responder(moved, locator, region_map=region_map)
+    assert all(r._fast(w, 4242, 0, w[2:]) is not None for w in blog), "blog's slots were dropped"
+    assert all(r._fast(w, 4242, 0, w[2:]) is None for w in shop), "shop kept a template of its old hosting"
+    assert all(r._fast(w, 4242, 0, w[2:]) is None for w in big_aaaa), "a NODATA slot outlived its view"
+    for w in shop + blog + big_aaaa:
+        mine, theirs = _ask(r, w), _ask(fresh, w)
+        assert set(_addrs(mine)) == set(_addrs(theirs)) and str(mine.auth) == str(theirs.auth), mine
+    assert all(" 8 " in str(_ask(r, w).auth) for w in big_aaaa)  # the SOA of the new view's revision
+    assert all(set(_addrs(_ask(r, w))) == gateway_ip("au-east") for w in shop[:len(subnets)])
