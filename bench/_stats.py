@@ -1,7 +1,8 @@
-"""The arithmetic of the coordinator benchmarks: percentiles, medians over rounds, cell formatting.
+"""The arithmetic of the benchmarks: percentiles, medians over rounds, cell formatting, an aim
+as a CPU budget.
 
-Pure functions over lists of numbers, shared by `bench/coordinator.py` and
-`bench/mesh_convergence.py`. Percentiles are nearest-rank on the sorted sample (no
+Pure functions over lists of numbers, shared by `bench/coordinator.py`,
+`bench/mesh_convergence.py`, `bench/http.py` and `bench/dns.py`. Percentiles are nearest-rank on the sorted sample (no
 interpolation), so p99 of fewer than 100 samples is the largest-but-one or the maximum.
 """
 
@@ -46,3 +47,13 @@ def ratio(a: float, b: float) -> float:
     if b == 0 or math.isnan(a) or math.isnan(b):
         return math.nan
     return a / b
+
+
+def cpu_budget(peer_us: float, floor_us: float, aim: float) -> dict[str, float]:
+    """An aim "`aim` x the peer's rate on one core" as CPU per operation (request, query): a
+    server that is CPU-bound reaches it when it spends at most the peer's CPU per operation /
+    `aim` (`allowed_us`). `headroom_us` is what that leaves above `floor_us`, the cost of the
+    least a server on our stack can do per operation, measured in the same run: what all of our
+    own work must fit in; <= 0 means the aim sits below the floor."""
+    allowed = peer_us / aim
+    return {"peer_us": peer_us, "floor_us": floor_us, "allowed_us": allowed, "headroom_us": allowed - floor_us}

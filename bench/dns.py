@@ -96,18 +96,11 @@ from bench._dns_workload import (  # noqa: E402
     write_query_file,
     write_state,
 )
+from bench._stats import cpu_budget  # noqa: E402
 from geodns.nearest import default_database  # noqa: E402
 
-AIM = 0.9  # issue 18: q/s on the hostile load >= 0.9x gdnsd
+AIM = 0.9  # issue 18: q/s on the hostile load >= 0.9x gdnsd; the floor: a reply-cache hit (no answer built)
 
-
-def cpu_budget(peer_us: float, floor_us: float, aim: float) -> dict[str, float]:
-    """The aim as server CPU per query: a server that is CPU-bound on one core reaches `aim` x the
-    peer's rate when it spends at most the peer's CPU per query / `aim`. `headroom_us` is what that
-    leaves above `floor_us` (a reply-cache hit: a query read, an ID patched, a reply sent, no answer
-    built) for the work of a cold answer; <= 0 means the aim sits below the floor."""
-    allowed = peer_us / aim
-    return {"peer_us": peer_us, "floor_us": floor_us, "allowed_us": allowed, "headroom_us": allowed - floor_us}
 
 # -- main --------------------------------------------------------------------------------------
 

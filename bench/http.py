@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a script: import from the repository, no
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from bench import _perf_split as perf_split  # noqa: E402
+from bench._stats import cpu_budget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = "anchor-benchmark-body-" + "0" * 78  # 100 bytes, as in the anchor scripts
@@ -211,21 +212,19 @@ def med(values: list[float]) -> float:
     return statistics.median(clean) if clean else float("nan")
 
 
-def cpu_budget(haproxy: list[dict], floor: list[dict], geomesh: list[dict], aim: float) -> dict[str, float]:
-    """The aim as CPU per request (user + sys, medians over the runs): a proxy that is CPU-bound
-    on one core reaches `aim` x HAProxy's rate when it spends at most HAProxy's CPU per request
-    / `aim`. `headroom_us` is what that leaves above the floor relay (parsing both ways, copying,
-    nothing else) for all of the gateway's own work; negative means the aim is below the floor."""
+def proxy_budget(haproxy: list[dict], floor: list[dict], geomesh: list[dict], aim: float) -> dict[str, float]:
+    """`_stats.cpu_budget` from the runs' CPU per request (user + sys, medians): HAProxy the
+    peer, the floor relay (parsing both ways, copying, nothing else) the floor; with the
+    gateway's own cost and how far it is over the floor."""
     def us(runs: list[dict]) -> float:
         return med([r["user_us"] + r["sys_us"] for r in runs])
-    h, f, g = us(haproxy), us(floor), us(geomesh)
-    allowed = h / aim
-    return {"haproxy_us": h, "floor_us": f, "geomesh_us": g, "allowed_us": allowed,
-            "headroom_us": allowed - f, "over_floor_us": g - f}
+    g = us(geomesh)
+    budget = cpu_budget(us(haproxy), us(floor), aim)
+    return budget | {"haproxy_us": budget["peer_us"], "geomesh_us": g, "over_floor_us": g - budget["floor_us"]}
 
 
 # perf's shared-object names, as the table's columns
-PERF_COLUMNS = (("libpython3.11", "CPython"), ("parser", "httptools"), ("loop", "uvloop"), ("libc", "libc"),
+PERF_COLUMNS = (("libpython", "CPython"), ("parser", "httptools"), ("loop", "uvloop"), ("libc", "libc"),
                 ("haproxy", "haproxy"))
 
 
@@ -373,7 +372,7 @@ def main() -> int:
             print(f"\nfloor (bench/_relay_floor.py: uvloop + httptools both ways, no gateway work): "
                   f"{summary['floor']['rps']:,.0f} req/s; floor/HAProxy {' '.join(f'{x:.2f}' for x in f_h)} "
                   f"(median {med(f_h):.2f}); geomesh/floor median {med(g_f):.2f}")
-            budget = cpu_budget(h.runs, floor.runs, g.runs, AIM)
+            budget = proxy_budget(h.runs, floor.runs, g.runs, AIM)
             summary["budget"] = budget
             print(f"the aim in CPU: {AIM}x HAProxy's rate on one core leaves {budget['allowed_us']:.1f} µs of proxy "
                   f"CPU per request (HAProxy {budget['haproxy_us']:.1f} / {AIM}); the floor spends "
