@@ -285,7 +285,10 @@ class Responder:
         if isinstance(entry, GeoMarker):
             rmap = self.region_map
             assert rmap is not None
-            rank, scope = rmap.locate(data[o + 8:end].ljust(width, b"\0"), source)
+            if width == 4:  # the address straight from the bytes (its missing octets are zero)
+                rank, scope = rmap.locate_v4(int.from_bytes(data[o + 8:end], "big") << ((4 - nbytes) << 3), source)
+            else:
+                rank, scope = rmap.locate(data[o + 8:end].ljust(16, b"\0"), source)
             entry = entry.by_rank[rank]
             if entry is None:
                 return None

@@ -409,26 +409,28 @@ class RegionMap:
         """(ranking index, scope) of `packed` taken as a /`prefix` network (default: the whole
         address)."""
         a = int.from_bytes(packed, "big")
-        if len(packed) == 4:  # _v4 and _scope inlined: this is the answer path's hot spot
-            if prefix is not None and prefix < 32:
-                a = a >> (32 - prefix) << (32 - prefix)
-            starts, index = self.v4_starts, self.v4_index
-            top = a >> V4_INDEX_SHIFT
-            i = bisect_right(starts, a, index[top], index[top + 1]) - 1
-            lo = starts[i]
-            hi = starts[i + 1] if i + 1 < len(starts) else 1 << 32
-            k = min((a ^ (lo - 1)).bit_length() - 1 if lo else 32, (a ^ hi).bit_length() - 1, 32)
-            return self.v4_ranks[i], 32 - k
+        if len(packed) == 4:
+            return self.locate_v4(a, 32 if prefix is None else prefix)
         if prefix is not None and prefix < 128:
             a = a >> (128 - prefix) << (128 - prefix)
         return self._v6(a)
 
-    def _v4(self, a: int) -> tuple[int, int]:
+    def locate_v4(self, a: int, prefix: int) -> tuple[int, int]:
+        """(ranking index, scope) of the IPv4 address `a` (an int) taken as a /`prefix` network:
+        the answer path's hot spot (`Responder._fast` calls it straight from the query's bytes),
+        `_scope` inlined."""
+        if prefix < 32:
+            a = a >> (32 - prefix) << (32 - prefix)
         starts, index = self.v4_starts, self.v4_index
         top = a >> V4_INDEX_SHIFT
         i = bisect_right(starts, a, index[top], index[top + 1]) - 1
-        end = starts[i + 1] if i + 1 < len(starts) else 1 << 32
-        return self.v4_ranks[i], _scope(a, starts[i], end, 32)
+        lo = starts[i]
+        k = (a ^ (lo - 1)).bit_length() - 1 if lo else 32
+        if i + 1 < len(starts):
+            hi = (a ^ starts[i + 1]).bit_length() - 1
+            if hi < k:
+                k = hi
+        return self.v4_ranks[i], 32 - k
 
     def _v6(self, a: int) -> tuple[int, int]:
         his, los = self.v6_hi, self.v6_lo
@@ -447,7 +449,7 @@ class RegionMap:
         if rank & ALIAS:
             depth = self.v6_aliases[rank & ~ALIAS]
             v4 = (a >> (96 - depth)) & 0xFFFFFFFF
-            rank, scope4 = self._v4(v4)
+            rank, scope4 = self.locate_v4(v4, 32)
             scope = max(scope, min(128, depth + scope4))
         return rank, scope
 
