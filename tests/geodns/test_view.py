@@ -140,3 +140,20 @@ def test_missing_state_file(tmp_path: Path) -> None:
 def test_view_from_parsed_data_uses_the_serial() -> None:
     data = tomllib.loads(state_toml(extra_zone="serial = 2024060101"))
     assert static_state.view_from(data, revision=5).serial == 2024060101
+
+
+def test_regions_compare_equal_across_an_update_that_leaves_the_gateways() -> None:
+    """`Responder.set_view` keeps templates only when the new view's regions equal the old one's:
+    views built from two tables that differ in instances and apps must compare equal there, and
+    a gateway's change must not."""
+    t = table()
+    before = View.from_table(t, ZONE)
+    resources = [*t.regions.values(), *t.gateways.values(), *t.apps.values(), App("new"),
+                 *(dataclasses.replace(i, healthy=True) for i in t.instances.values())]
+    apps_only = View.from_table(RoutingTable.from_resources(43, resources), ZONE)
+    assert apps_only.apps != before.apps and apps_only.regions == before.regions
+    drained = [dataclasses.replace(g, state=GatewayState.DRAINING) if g.name == "eu-a" else g
+               for g in t.gateways.values()]
+    gateway_changed = View.from_table(RoutingTable.from_resources(44, [*t.regions.values(), *drained,
+                                                                       *t.apps.values(), *t.instances.values()]), ZONE)
+    assert gateway_changed.regions != before.regions
