@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,14 @@ def test_popen_pid_is_the_process_and_teardown_stops_it(topology: netns.Topology
     host = topology.add_host("p")
     proc = host.popen(["sleep", "300"])
     assert host.pids() == [proc.pid]
-    assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
+    # `ip netns exec` joins the namespace, then execs: the PID is listed a moment before its
+    # command line reads "sleep" (mid-exec it reads "ip" or nothing). A wrapper that forked
+    # instead would never read "sleep" under this PID.
+    deadline = time.monotonic() + 5
+    while (argv0 := Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0]) != b"sleep" \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert argv0 == b"sleep"
     topology.remove_host("p")
     assert proc.wait(timeout=5) is not None
     assert netns.leftovers(topology.prefix)["namespaces"] == [topology.internet.name]
