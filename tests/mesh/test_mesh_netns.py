@@ -45,11 +45,13 @@ def test_hosts_on_two_networks_reach_each_other_and_host_namespace_is_untouched(
 def test_popen_pid_is_the_process_and_teardown_stops_it(topology: netns.Topology) -> None:
     host = topology.add_host("p")
     proc = host.popen(["sleep", "300"])
-    assert host.pids() == [proc.pid]
-    # `ip netns exec` joins the namespace, then execs: the PID is listed a moment before its
-    # command line reads "sleep" (mid-exec it reads "ip" or nothing). A wrapper that forked
+    # `ip netns exec` joins the namespace, then execs: for a moment the PID is not yet listed,
+    # then listed while its command line reads "ip" or nothing (mid-exec). A wrapper that forked
     # instead would never read "sleep" under this PID.
     deadline = time.monotonic() + 5
+    while host.pids() != [proc.pid] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert host.pids() == [proc.pid]
     while (argv0 := Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0]) != b"sleep" \
             and time.monotonic() < deadline:
         time.sleep(0.01)
