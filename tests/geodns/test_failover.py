@@ -104,7 +104,9 @@ async def open_session(stub, name: str):
     return call
 
 
-async def test_failover_follows_gateway_streams(coordinator, pki, mmdb: Path, tmp_path: Path) -> None:
+async def seed_gateways(coordinator) -> tuple[dict, dict]:
+    """Two regions, the app "shop" with an instance in each, GATEWAYS enrolled and registered, and
+    a session open for each: (their GatewayControl stubs, their sessions)."""
     admin = coordinator.admin()
     await admin.CreateRegion(pb.Region(name="eu-central", latitude=50.11, longitude=8.68))
     await admin.CreateRegion(pb.Region(name="us-east", latitude=39.04, longitude=-77.49))
@@ -117,6 +119,12 @@ async def test_failover_follows_gateway_streams(coordinator, pki, mmdb: Path, tm
         await controls[name].Register(pb.RegisterRequest(name=name, region=region, public_ip=ip, wg_port=51820,
                                                          wg_public_key=wg_key(i + 1), proxy_port=8080))
     sessions = {name: await open_session(controls[name], name) for name in GATEWAYS}
+    return controls, sessions
+
+
+async def test_failover_follows_gateway_streams(coordinator, pki, mmdb: Path, tmp_path: Path) -> None:
+    controls, sessions = await seed_gateways(coordinator)
+    admin = coordinator.admin()
     watcher = FeedWatcher(coordinator)
 
     dns_id = pki.identity("dns", "dns1")

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 
 from geodns.feed import hold_dropped
-from geomesh.api import geomesh_pb2 as pb
 from geomesh.model import Gateway, GatewayState, Region
 from geomesh.routing_table import RoutingTable
 
 from .clients import DnsProcess, dig
-from .test_failover import GATEWAYS, ZONE, answer_set, open_session, wait_answer, wg_key
+from .test_failover import GATEWAYS, ZONE, answer_set, seed_gateways, wait_answer, wg_key
 
 
 def table(revision: int, **alive: bool) -> RoutingTable:
@@ -73,22 +72,6 @@ def test_hold_off() -> None:
     assert routable(out) == set() and kept == {}
 
 
-async def _seed(coordinator) -> tuple[dict, dict]:
-    admin = coordinator.admin()
-    await admin.CreateRegion(pb.Region(name="eu-central", latitude=50.11, longitude=8.68))
-    await admin.CreateRegion(pb.Region(name="us-east", latitude=39.04, longitude=-77.49))
-    await admin.CreateApp(pb.App(name="shop"))
-    await admin.AddInstance(pb.Instance(app="shop", id="eu1", region="eu-central", address="10.90.2.7", port=80))
-    await admin.AddInstance(pb.Instance(app="shop", id="us1", region="us-east", address="10.90.3.7", port=80))
-    controls = {name: coordinator.gateway_control(name) for name in GATEWAYS}
-    for i, (name, (region, ip)) in enumerate(GATEWAYS.items()):
-        await coordinator.enroll(name, region, ip)
-        await controls[name].Register(pb.RegisterRequest(name=name, region=region, public_ip=ip, wg_port=51820,
-                                                         wg_public_key=wg_key(i + 1), proxy_port=8080))
-    sessions = {name: await open_session(controls[name], name) for name in GATEWAYS}
-    return controls, sessions
-
-
 def _dns(tmp_path: Path, coordinator_address: str, pki, mmdb: Path, state_dir: Path, *extra: str) -> DnsProcess:
     ident = pki.identity("dns", "dns-ss")
     return DnsProcess(tmp_path, "--coordinator", coordinator_address, "--zone", ZONE, "--ns", "ns1=192.0.2.53",
@@ -106,7 +89,7 @@ async def _wait_file(path: Path, timeout: float = 10.0) -> None:
 
 async def test_restart_with_no_coordinator_serves_the_saved_view(coordinator, pki, mmdb: Path,
                                                                  tmp_path: Path) -> None:
-    _controls, sessions = await _seed(coordinator)
+    _controls, sessions = await seed_gateways(coordinator)
     state_dir = tmp_path / "dns-state"
     dns = _dns(tmp_path, coordinator.address, pki, mmdb, state_dir).start()
     try:
@@ -142,7 +125,7 @@ async def test_restart_with_no_coordinator_serves_the_saved_view(coordinator, pk
 
 async def test_snapshot_before_gateways_reconnect_keeps_the_answers(coordinator, pki, mmdb: Path,
                                                                     tmp_path: Path) -> None:
-    _controls, sessions = await _seed(coordinator)
+    _controls, sessions = await seed_gateways(coordinator)
     dns = _dns(tmp_path, coordinator.address, pki, mmdb, tmp_path / "dns-state", "--resync-hold", "4").start()
     try:
         want = ("NOERROR", frozenset({"192.0.2.21", "192.0.2.22"}))
