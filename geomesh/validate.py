@@ -93,18 +93,26 @@ def port(field: str, value: int, *, allow_zero: bool = False) -> int:
     return value
 
 
-def ip_address(field: str, value: str, *, version: int | None = None, optional: bool = False) -> str:
-    """An IPv4 or IPv6 address in canonical form; no zone id (`%eth0`), at most 45 characters."""
+def _address_text(field: str, value: object, what: str, longest: int, optional: bool) -> bool:
+    """The checks an address and a network share before parsing: a string, present unless
+    `optional` (False: absent and allowed), at most `longest` characters, no zone id."""
     if not isinstance(value, str):
-        raise ValidationError(field, f"{value!r:.80} is not an IP address")
+        raise ValidationError(field, f"{value!r:.80} is not {what}")
     if not value:
         if optional:
-            return ""
+            return False
         raise ValidationError(field, "is required")
-    if len(value) > MAX_IP:
-        raise ValidationError(field, f"is longer than {MAX_IP} characters")
+    if len(value) > longest:
+        raise ValidationError(field, f"is longer than {longest} characters")
     if "%" in value:
         raise ValidationError(field, f"{value!r} has a zone id ('%'): not allowed")
+    return True
+
+
+def ip_address(field: str, value: str, *, version: int | None = None, optional: bool = False) -> str:
+    """An IPv4 or IPv6 address in canonical form; no zone id (`%eth0`), at most 45 characters."""
+    if not _address_text(field, value, "an IP address", MAX_IP, optional):
+        return ""
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
@@ -138,16 +146,8 @@ def query_address(field: str, value: str) -> str:
 
 def cidr(field: str, value: str, *, optional: bool = False) -> str:
     """A CIDR network with no host bits set, no zone id, at most 49 characters."""
-    if not isinstance(value, str):
-        raise ValidationError(field, f"{value!r:.80} is not a CIDR network")
-    if not value:
-        if optional:
-            return ""
-        raise ValidationError(field, "is required")
-    if len(value) > MAX_CIDR:
-        raise ValidationError(field, f"is longer than {MAX_CIDR} characters")
-    if "%" in value:
-        raise ValidationError(field, f"{value!r} has a zone id ('%'): not allowed")
+    if not _address_text(field, value, "a CIDR network", MAX_CIDR, optional):
+        return ""
     try:
         net = ipaddress.ip_network(value, strict=True)
     except ValueError as exc:

@@ -4,11 +4,16 @@
 `pki`           a geomesh CA in a temporary directory (per session)
 `coordinator_factory(**flags)`  starts a coordinator subprocess on that etcd; all stopped after
 `coordinator`   one coordinator from the factory (`enroll(name, region, *ips)` enrolls a gateway)
+`topology`      a started `geomesh.lab.netns.Topology` (fresh random prefix, state record in the
+                default state dir, so a crashed run is swept by the next session); skipped with
+                the reason where namespaces cannot be made; after the test it is torn down and
+                the test fails if a namespace, UAPI socket or host link of it is left
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,8 +22,22 @@ import pytest
 from geomesh.api import geomesh_pb2 as pb
 from geomesh.api import geomesh_pb2_grpc as pbg
 from geomesh.channel import client_channel
+from geomesh.lab import netns
 from geomesh.lab.processes import EtcdProcess, ServiceProcess
 from geomesh.pki import Identity, Pki
+
+
+@pytest.fixture
+def topology() -> Iterator[netns.Topology]:
+    reason = netns.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    topo = netns.Topology()
+    with topo:
+        yield topo
+    left = netns.leftovers(topo.prefix)
+    assert left == {"namespaces": [], "sockets": [], "links": []}, f"teardown left {left}"
+    assert not topo.state_file.exists()
 
 
 def _need(binary: str) -> None:

@@ -2,10 +2,7 @@
 
 `needs_netns` / `needs_wireguard_go`  skip markers with the reason (not root, no iproute2, no
                                       wireguard-go, no /dev/net/tun); CI runs as root with them.
-`topology`        a started `geomesh.lab.netns.Topology` (fresh random prefix, state record in the
-                  default state dir, so a crashed run is swept by the next session); after the
-                  test it is torn down and the test fails if a namespace, UAPI socket or host
-                  link of it is left.
+`topology`        (tests/conftest.py) a started `geomesh.lab.netns.Topology`, checked for leftovers.
 `wireguard_go`    the path of the wireguard-go binary.
 """
 
@@ -13,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 
 import pytest
 
@@ -44,15 +40,3 @@ def wireguard_go() -> str:
         pytest.skip(_WG_REASON)
     assert _WG is not None
     return _WG
-
-
-@pytest.fixture
-def topology() -> Iterator[netns.Topology]:
-    if _NETNS_REASON is not None:
-        pytest.skip(_NETNS_REASON)
-    topo = netns.Topology()
-    with topo:
-        yield topo
-    left = netns.leftovers(topo.prefix)
-    assert left == {"namespaces": [], "sockets": [], "links": []}, f"teardown left {left}"
-    assert not topo.state_file.exists()

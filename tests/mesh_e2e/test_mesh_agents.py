@@ -27,19 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-def topology():
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    topo = netns.Topology()
-    topo.start()
-    yield topo
-    topo.teardown()
-    left = netns.leftovers(topo.prefix)
-    assert not any(left.values()), f"left behind: {left}"
-
-
 class Gateways:
     """Agent processes in namespaces, by name."""
 

@@ -12,7 +12,6 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from geomesh.api import geomesh_pb2 as pb
-from geomesh.lab import netns
 from geomesh.lab.processes import ServiceProcess
 
 from ..coordinator.test_admin import seed
@@ -23,25 +22,12 @@ from .test_browser import _open, _texts, _wait
 pytestmark = pytest.mark.netns
 
 
-@pytest.fixture
-def namespaces():
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    topo = netns.Topology()
-    topo.start()
-    yield topo
-    topo.teardown()
-    left = netns.leftovers(topo.prefix)
-    assert not any(left.values()), f"left behind: {left}"
-
-
-async def test_the_page_shows_a_killed_gateway_within_2s(namespaces, coordinator_factory, pki, browser, tmp_path):
+async def test_the_page_shows_a_killed_gateway_within_2s(topology, coordinator_factory, pki, browser, tmp_path):
     c = coordinator_factory("--listen-unix", str(tmp_path / "c.sock"))
     c.sock = tmp_path / "c.sock"
     admin = c.admin()
     await seed(admin)
-    gws = Gateways(namespaces, [c], pki, tmp_path, regions={"gw-eu": "eu-central", "gw-us": "us-east"})
+    gws = Gateways(topology, [c], pki, tmp_path, regions={"gw-eu": "eu-central", "gw-us": "us-east"})
     for name in ("gw-eu", "gw-us"):
         await gws.start(name)
 
